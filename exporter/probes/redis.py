@@ -1,0 +1,269 @@
+"""Redis probe: exact queue depth the way kombu lays queues out in Redis.
+
+kombu stores a queue as one list per priority step (`queue` for step 0,
+`queue<sep><step>` for the others), LPUSHes new messages and BRPOPs from the
+right, keeps unacknowledged messages in one hash for all queues, and deletes
+a list when it empties. Counting only `queue` misses every prioritised
+message, so depth here is the sum over every step, and a missing key is 0.
+
+The hot path is one pipelined round trip however many queues there are:
+LLEN and LINDEX -1 (the next message to be consumed) for every sub-queue,
+HLEN of the unacked hash and INFO memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import redis
+from kombu.utils.url import url_to_parts
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from exporter.probes.base import BrokerSnapshot, NodeStats, ProbeError, ProbeOptions, QueueStats
+from exporter.redact import redact_url, scrub
+
+#: Header our instrumentation puts on every published task: the UNIX time
+#: the task became due, i.e. max(publish time, ETA).
+DUE_HEADER = "csx_due"
+DEFAULT_SEP = "\x06\x16"
+DEFAULT_PRIORITY_STEPS = (0, 3, 6, 9)
+DEFAULT_UNACKED_KEY = "unacked"
+BINDING_PREFIX = "_kombu.binding."
+DEFAULT_PORT = 6379
+DEFAULT_SENTINEL_PORT = 26379
+
+
+def _db_index(path: str | None) -> int:
+    """kombu's reading of the URL path: '' and '/' mean db 0."""
+    if not path or path == "/":
+        return 0
+    try:
+        return int(path.lstrip("/"))
+    except ValueError:
+        raise ValueError(f"Redis database must be an integer, not {path!r}") from None
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def due_time(raw: object) -> float | None:
+    """The due header of one raw kombu message, or None for anything else.
+
+    Lists may hold foreign or corrupt data; nothing here may raise.
+    """
+    if not isinstance(raw, (bytes, str)):
+        return None
+    try:
+        message = json.loads(raw)
+    except ValueError:  # also covers UnicodeDecodeError
+        return None
+    if not isinstance(message, dict):
+        return None
+    headers = message.get("headers")
+    if not isinstance(headers, dict):
+        return None
+    due = headers.get(DUE_HEADER)
+    if isinstance(due, bool) or not isinstance(due, (int, float)) or not math.isfinite(due):
+        return None
+    return float(due)
+
+
+def classify(exc: BaseException) -> str:
+    """Map a redis-py (or socket) exception to an error reason."""
+    if isinstance(exc, (redis.AuthenticationError, redis.exceptions.AuthorizationError)):
+        return "auth"
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return "auth"
+    if isinstance(exc, (redis.TimeoutError, TimeoutError)):
+        return "timeout"
+    if isinstance(exc, (redis.ConnectionError, OSError)):
+        return "connection"
+    if isinstance(exc, (redis.RedisError, ValueError)):
+        return "protocol"
+    return "other"
+
+
+class RedisProbe:
+    """Probe for `redis://`, `rediss://` and kombu's `sentinel://` URLs."""
+
+    schemes: tuple[str, ...] = ("redis", "rediss", "sentinel")
+
+    def __init__(self, url: str, options: ProbeOptions | None = None) -> None:
+        opts = options or ProbeOptions()
+        transport = opts.transport_options
+        self.url = url
+        self.label = redact_url(url)
+        steps = transport.get("priority_steps") or DEFAULT_PRIORITY_STEPS
+        self.priority_steps: tuple[int, ...] = tuple(sorted({int(s) for s in steps}))
+        self.sep = str(transport.get("sep") or DEFAULT_SEP)
+        self.prefix = str(transport.get("global_keyprefix") or "")
+        self.unacked_key = self.prefix + str(transport.get("unacked_key") or DEFAULT_UNACKED_KEY)
+        self.read_oldest_age = opts.read_oldest_age
+
+        alternates = url.split(";")
+        first = url_to_parts(alternates[0])
+        self.db = _db_index(first.path)
+        self.vhost = str(self.db)  # kombu's virtual_host for Redis
+        common: dict[str, Any] = {
+            "db": self.db,
+            "username": first.username,
+            "password": first.password,
+            "socket_timeout": opts.timeout,
+            "socket_connect_timeout": opts.timeout,
+            # One quick retry heals a pooled connection the server closed;
+            # the loop's next cycle is the real retry.
+            "retry": Retry(NoBackoff(), 1),
+            "client_name": "celery-signal-exporter",
+        }
+        self._sentinel: Sentinel | None = None
+        if first.scheme == "sentinel":
+            master = transport.get("master_name")
+            if not master:
+                raise ValueError("sentinel:// broker URLs need the transport option master_name")
+            nodes = [
+                (p.hostname or "127.0.0.1", p.port or DEFAULT_SENTINEL_PORT)
+                for p in (url_to_parts(u) for u in alternates)
+            ]
+            sentinel_kwargs = {
+                "socket_timeout": opts.timeout,
+                "socket_connect_timeout": opts.timeout,
+                **dict(transport.get("sentinel_kwargs") or {}),
+            }
+            self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                nodes,
+                min_other_sentinels=int(transport.get("min_other_sentinels") or 0),
+                sentinel_kwargs=sentinel_kwargs,
+            )
+            self.node = str(master)
+            self.client: redis.Redis = self._sentinel.master_for(str(master), **common)  # type: ignore[no-untyped-call]
+        else:
+            host = first.hostname or "127.0.0.1"
+            port = first.port or DEFAULT_PORT
+            self.node = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if first.scheme == "rediss":
+                common["ssl"] = True
+                common.update(_ssl_options(first.query))
+            self.client = redis.Redis(host=host, port=port, **common)
+
+    def _keys(self, queue: str) -> list[str]:
+        """Every list kombu may hold `queue`'s messages in (see `_q_for_pri`)."""
+        base = self.prefix + queue
+        return [f"{base}{self.sep}{step}" if step else base for step in self.priority_steps]
+
+    def _error(self, exc: BaseException) -> ProbeError:
+        return ProbeError(classify(exc), type(exc).__name__, scrub(str(exc), self.url))
+
+    def discover(self) -> set[str]:
+        """Queue names in kombu's binding sets (`_kombu.binding.<exchange>`,
+        members `routing_key<sep>pattern<sep>queue`)."""
+        try:
+            match = _glob_escape(self.prefix + BINDING_PREFIX) + "*"
+            keys = list(self.client.scan_iter(match=match, count=1000, _type="set"))
+            with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.smembers(key)
+                tables: list[Any] = pipe.execute()
+        except (redis.RedisError, OSError, ValueError) as exc:
+            raise self._error(exc) from None
+        found: set[str] = set()
+        for members in tables:
+            for member in members:
+                try:
+                    text = member.decode() if isinstance(member, bytes) else str(member)
+                except UnicodeDecodeError:
+                    continue
+                fields = text.split(self.sep)
+                if len(fields) >= 3 and fields[-1]:
+                    found.add(fields[-1])
+        return found
+
+    def snapshot(self, queues: set[str]) -> BrokerSnapshot:
+        """All queues, all priority sub-queues, unacked and memory: one round trip."""
+        names = sorted(queues)
+        per_key = 2 if self.read_oldest_age else 1
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    for key in self._keys(name):
+                        pipe.llen(key)
+                        if self.read_oldest_age:
+                            pipe.lindex(key, -1)
+                pipe.hlen(self.unacked_key)
+                pipe.info("memory")
+                replies: list[Any] = pipe.execute(raise_on_error=False)
+            now = time.time()
+            *per_queue, unacked, info = replies
+            for reply in (unacked, info):
+                if isinstance(reply, Exception):
+                    raise reply
+        except (redis.RedisError, OSError, ValueError) as exc:
+            raise self._error(exc) from None
+
+        stride = per_key * len(self.priority_steps)
+        stats = []
+        for i, name in enumerate(names):
+            chunk = per_queue[i * stride : (i + 1) * stride]
+            lengths = chunk[0::per_key]
+            heads = chunk[1::per_key] if self.read_oldest_age else []
+            stats.append(
+                QueueStats(
+                    name=name,
+                    vhost=self.vhost,
+                    length=sum(self._length(r) for r in lengths),
+                    oldest_message_age_seconds=_oldest_age(heads, now),
+                )
+            )
+        node = NodeStats(
+            node=self.node,
+            memory_used_bytes=float(info.get("used_memory", 0)),
+            memory_limit_bytes=float(info.get("maxmemory", 0)),
+        )
+        return BrokerSnapshot(queues=stats, nodes=[node], unacked_total=int(unacked))
+
+    def _length(self, reply: object) -> int:
+        """LLEN's answer; a key of another type (WRONGTYPE) is not a queue."""
+        if isinstance(reply, Exception):
+            if isinstance(reply, redis.ResponseError) and str(reply).startswith("WRONGTYPE"):
+                return 0
+            raise self._error(reply)
+        return int(reply)  # type: ignore[call-overload,no-any-return]
+
+    def close(self) -> None:
+        self.client.close()
+        if self._sentinel is not None:
+            for node in self._sentinel.sentinels:
+                node.close()
+
+
+def _oldest_age(heads: Iterable[object], now: float) -> float | None:
+    """Age of the longest-waiting head over every priority sub-queue.
+
+    A task not due yet (ETA in the future) counts as age 0.
+    """
+    dues = [d for d in (due_time(h) for h in heads) if d is not None]
+    if not dues:
+        return None
+    return max(0.0, now - min(dues))
+
+
+def _ssl_options(query: Mapping[str, str]) -> dict[str, Any]:
+    """kombu-style `?ssl_cert_reqs=required&ssl_ca_certs=...` for rediss://."""
+    out: dict[str, Any] = {}
+    for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if query.get(key):
+            out[key] = query[key]
+    reqs = query.get("ssl_cert_reqs")
+    if reqs:
+        out["ssl_cert_reqs"] = reqs.lower().removeprefix("cert_")
+    check = query.get("ssl_check_hostname")
+    if check:
+        out["ssl_check_hostname"] = check.lower() != "false"
+    return out
