@@ -1,0 +1,221 @@
+"""Merge every process's metric files into one set of metric families.
+
+Merge rules are prometheus-client's multiprocess rules (counters and
+histograms add up, gauges follow their mode), with three differences: a
+damaged file is skipped and counted instead of failing the scrape, the
+heartbeat gauge becomes `celery_worker_up`, and the queue names seen are
+remembered for the broker probes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import Metric
+from prometheus_client.samples import Sample
+
+from .metrics import HEARTBEAT, format_le
+
+log = logging.getLogger("celery_signal_exporter")
+
+_GAUGE_MODES = {"all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum",
+                "mostrecent", "livemostrecent"}
+
+
+@dataclass
+class MergeStats:
+    files_read: int = 0
+    files_unreadable: int = 0
+    queues_seen: set[str] = field(default_factory=set)
+
+
+def _parse_name(filename: str) -> tuple[str, str, str] | None:
+    """'gauge_livesum_123.db' -> ('gauge', 'livesum', '123'); None if not ours."""
+    if not filename.endswith(".db"):
+        return None
+    parts = filename[:-3].split("_")
+    if parts[0] == "gauge" and len(parts) >= 3 and parts[1] in _GAUGE_MODES:
+        return "gauge", parts[1], "_".join(parts[2:])
+    if parts[0] in ("counter", "histogram", "summary") and len(parts) >= 2:
+        return parts[0], "", "_".join(parts[1:])
+    return None
+
+
+class DirectoryCollector:
+    """A prometheus-client collector over one metrics directory."""
+
+    def __init__(self, directory: str, worker_timeout: float = 10.0) -> None:
+        self.directory = directory
+        self.worker_timeout = worker_timeout
+        self.last = MergeStats()
+        self._keys: dict[str, tuple[str, str, tuple[tuple[str, str], ...], str]] = {}
+        self._damaged_logged: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _key(self, key: str) -> tuple[str, str, tuple[tuple[str, str], ...], str]:
+        parsed = self._keys.get(key)
+        if parsed is None:
+            metric, sample, labels, help_text = json.loads(key)
+            parsed = (str(metric), str(sample), tuple(sorted((str(k), str(v)) for k, v in labels.items())),
+                      str(help_text))
+            if len(self._keys) < 200_000:
+                self._keys[key] = parsed
+        return parsed
+
+    def _read(self, path: str) -> list[tuple[str, float, float]]:
+        from .store import read_entries
+
+        with open(path, "rb") as f:
+            data = f.read(4096)  # files are preallocated: read only the used part
+            if len(data) >= 4:
+                used = int.from_bytes(data[:4], "little", signed=True)
+                if used > len(data):
+                    data += f.read(used - len(data))
+        return list(read_entries(data))
+
+    def merge(self) -> tuple[list[Metric], MergeStats]:
+        with self._lock:
+            return self._merge()
+
+    def _merge(self) -> tuple[list[Metric], MergeStats]:
+        stats = MergeStats()
+        try:
+            names = sorted(os.listdir(self.directory))
+        except OSError as exc:
+            if "missing-dir" not in self._damaged_logged:
+                self._damaged_logged.add("missing-dir")
+                log.error("metrics directory %s unreadable: %s", self.directory, exc.strerror or exc)
+            self.last = stats
+            return [], stats
+
+        # (metric, sample, labels) -> value, per merge rule
+        types: dict[str, str] = {}
+        helps: dict[str, str] = {}
+        modes: dict[str, str] = {}
+        values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
+        stamps: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+        for filename in names:
+            parsed = _parse_name(filename)
+            if parsed is None:
+                continue
+            kind, mode, pid = parsed
+            path = os.path.join(self.directory, filename)
+            try:
+                entries = self._read(path)
+            except FileNotFoundError:
+                continue  # reaped between listdir and open
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                stats.files_unreadable += 1
+                if filename not in self._damaged_logged:
+                    self._damaged_logged.add(filename)
+                    log.error("skipping damaged metrics file %s: %s", filename, exc)
+                continue
+            stats.files_read += 1
+            for raw_key, value, stamp in entries:
+                try:
+                    metric, sample, labels, help_text = self._key(raw_key)
+                except (ValueError, TypeError, AttributeError):
+                    continue
+                types[metric] = kind
+                helps.setdefault(metric, help_text)
+                if kind == "gauge":
+                    modes[metric] = mode
+                    if mode in ("all", "liveall"):
+                        labels = (*labels, ("pid", pid))
+                key = (metric, sample, labels)
+                if kind != "gauge" or mode in ("sum", "livesum", "all", "liveall"):
+                    values[key] += value
+                elif mode in ("min", "livemin"):
+                    values[key] = min(values[key], value) if key in values else value
+                elif mode in ("max", "livemax"):
+                    values[key] = max(values[key], value) if key in values else value
+                else:  # mostrecent
+                    if key not in stamps or stamp > stamps[key]:
+                        stamps[key] = stamp
+                        values[key] = value
+                if metric.startswith("celery_task_") and kind == "counter":
+                    queue = dict(labels).get("queue_name")
+                    if queue:
+                        stats.queues_seen.add(queue)
+
+        families = self._families(types, helps, values)
+        self.last = stats
+        return families, stats
+
+    def _families(
+        self, types: dict[str, str], helps: dict[str, str],
+        values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float],
+    ) -> list[Metric]:
+        by_metric: dict[str, list[tuple[str, tuple[tuple[str, str], ...], float]]] = defaultdict(list)
+        for (metric, sample, labels), value in values.items():
+            by_metric[metric].append((sample, labels, value))
+        families: list[Metric] = []
+        for metric in sorted(by_metric):
+            samples = by_metric[metric]
+            if metric == HEARTBEAT.name:
+                families.append(self._worker_up(samples))
+                continue
+            kind = types[metric]
+            family = Metric(metric, helps[metric], kind)
+            if kind == "histogram":
+                family.samples = list(_histogram_samples(metric, samples))
+            else:
+                family.samples = [Sample(s, dict(labels), v) for s, labels, v in sorted(samples)]
+            families.append(family)
+        return families
+
+    def _worker_up(self, samples: Iterable[tuple[str, tuple[tuple[str, str], ...], float]]) -> Metric:
+        now = time.time()
+        family = Metric("celery_worker_up", "1 if the worker's heartbeat is fresher than the timeout.", "gauge")
+        for _, labels, stamp in sorted(samples):
+            up = 1.0 if stamp > 0 and now - stamp <= self.worker_timeout else 0.0
+            family.add_sample("celery_worker_up", dict(labels), up)
+        return family
+
+    def collect(self) -> Iterator[Metric]:
+        families, _ = self.merge()
+        yield from families
+
+
+def _histogram_samples(
+    metric: str, samples: list[tuple[str, tuple[tuple[str, str], ...], float]],
+) -> Iterator[Sample]:
+    """Turn stored per-bucket counts into cumulative buckets, count and sum."""
+    buckets: dict[tuple[tuple[str, str], ...], dict[float, float]] = defaultdict(dict)
+    sums: dict[tuple[tuple[str, str], ...], float] = {}
+    for sample, labels, value in samples:
+        if sample.endswith("_sum"):
+            sums[labels] = value
+        elif sample.endswith("_bucket"):
+            label_map = dict(labels)
+            try:
+                bound = float(label_map.pop("le"))
+            except (KeyError, ValueError):
+                continue
+            base = tuple(sorted(label_map.items()))
+            buckets[base][bound] = buckets[base].get(bound, 0.0) + value
+    for labels in sorted(set(buckets) | set(sums)):
+        acc = 0.0
+        for bound in sorted(buckets.get(labels, {})):
+            acc += buckets[labels][bound]
+            yield Sample(metric + "_bucket", {**dict(labels), "le": format_le(bound)}, acc)
+        yield Sample(metric + "_count", dict(labels), acc)
+        yield Sample(metric + "_sum", dict(labels), sums.get(labels, 0.0))
+
+
+def merged_samples(collector: Any) -> dict[str, float]:
+    """Flatten a collector's output to 'name{a="b"}' -> value, for tests and tools."""
+    out: dict[str, float] = {}
+    for family in collector.collect():
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}"] = s.value
+    return out

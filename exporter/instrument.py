@@ -1,0 +1,284 @@
+"""Celery signal receivers: the task side of the metric catalogue.
+
+Every receiver runs inside our users' producers and workers, so each one is
+wrapped to never raise into Celery, does no network I/O, and only writes to
+this process's mmap file. Which process runs which receiver:
+
+- producer (any process that publishes): before/after_task_publish
+- worker main: task_received, task_rejected, task_unknown, task_revoked
+- pool process (prefork child, thread or solo): prerun, postrun, success,
+  failure, retry (and failure for lost workers in the main process)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import wraps
+from typing import Any
+
+from celery import Celery, signals
+
+from . import metrics as m
+from .queues import QueueResolver
+from .store import Store
+
+log = logging.getLogger("celery_signal_exporter")
+
+#: Message header carrying the UNIX time a task became due: its publish time,
+#: or its ETA when it has one. Queue wait and oldest-message age start there.
+DUE_HEADER = "csx_due"
+#: Added by the worker main process to the request it hands to the pool, so
+#: pool processes know the queue the message really came from.
+QUEUE_HEADER = "csx_queue"
+OVERFLOW = "__overflow__"
+METRICS_DIR_ENV = ("CELERY_EXPORTER_METRICS_DIR", "PROMETHEUS_MULTIPROC_DIR")
+
+
+@dataclass(frozen=True)
+class Options:
+    metrics_dir: str
+    runtime_buckets: tuple[float, ...] = m.DEFAULT_RUNTIME_BUCKETS
+    queue_wait_buckets: tuple[float, ...] = m.DEFAULT_QUEUE_WAIT_BUCKETS
+    max_task_names: int = 500
+    ignore_tasks: frozenset[str] = frozenset()
+    heartbeat_interval: float = 2.0
+
+
+class Instrumentation:
+    """The metrics of one process and the receivers that record them."""
+
+    def __init__(self, app: Celery, options: Options) -> None:
+        self.app = app
+        self.options = options
+        self.store = Store(options.metrics_dir)
+        s = self.store
+        self.sent = m.Metric(s, m.SENT)
+        self.received = m.Metric(s, m.RECEIVED)
+        self.started = m.Metric(s, m.STARTED)
+        self.succeeded = m.Metric(s, m.SUCCEEDED)
+        self.failed = m.Metric(s, m.FAILED)
+        self.retried = m.Metric(s, m.RETRIED)
+        self.revoked = m.Metric(s, m.REVOKED)
+        self.rejected = m.Metric(s, m.REJECTED)
+        self.runtime = m.Metric(s, m.RUNTIME, options.runtime_buckets)
+        self.queue_wait = m.Metric(s, m.QUEUE_WAIT, options.queue_wait_buckets)
+        self.in_progress = m.Metric(s, m.IN_PROGRESS)
+        self.last_success = m.Metric(s, m.LAST_SUCCESS)
+        self.dropped = m.Metric(s, m.DROPPED_LABELS)
+        self.handler_errors = m.Metric(s, m.HANDLER_ERRORS)
+        self.queues = QueueResolver(app)
+        self._names: set[str] = set()
+        # task id -> (start, name, queue), for runtime and in-progress.
+        self._running: dict[str, tuple[float, str, str]] = {}
+        self._logged_errors: set[str] = set()
+
+    # -- helpers -------------------------------------------------------------
+
+    def task_name(self, name: Any) -> str | None:
+        """The label value for a task name: None if ignored, folded past the cap."""
+        name = name if isinstance(name, str) else str(name)
+        if name in self._names:
+            return name
+        if name in self.options.ignore_tasks:
+            return None
+        if len(self._names) < self.options.max_task_names:
+            self._names.add(name)
+            return name
+        self.dropped.labels("name").inc()
+        return OVERFLOW
+
+    def handler_failed(self, signal: str, exc: BaseException) -> None:
+        try:
+            self.handler_errors.labels(signal).inc()
+        except Exception:  # noqa: BLE001 - the store itself may be what failed
+            pass
+        if signal not in self._logged_errors:
+            self._logged_errors.add(signal)
+            log.error("celery-signal-exporter: %s receiver failed, counting and going on: %s: %s",
+                      signal, type(exc).__name__, exc)
+
+    def guard(self, signal: str, fn: Callable[..., None]) -> Callable[..., None]:
+        """Wrap a receiver so nothing it does can raise into Celery."""
+
+        @wraps(fn)
+        def receiver(*args: Any, **kwargs: Any) -> None:
+            try:
+                fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - never raise into Celery
+                self.handler_failed(signal, exc)
+
+        return receiver
+
+    # -- producer side -------------------------------------------------------
+
+    def before_publish(self, headers: dict[str, Any] | None = None, **_: Any) -> None:
+        if headers is None:
+            return
+        due = time.time()
+        eta = headers.get("eta")
+        if eta:
+            due = max(due, _timestamp(eta))
+        headers[DUE_HEADER] = due
+
+    def after_publish(
+        self, sender: Any = None, headers: dict[str, Any] | None = None,
+        exchange: str | None = None, routing_key: str | None = None, **_: Any,
+    ) -> None:
+        name = self.task_name(headers.get("task", sender) if headers else sender)
+        if name is not None:
+            self.sent.labels(name, self.queues.for_publish(exchange, routing_key)).inc()
+
+    # -- worker main process -------------------------------------------------
+
+    def on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        queue = self.queues.for_message(sender, request.message)
+        request.request_dict[QUEUE_HEADER] = queue
+        name = self.task_name(request.name)
+        if name is not None:
+            self.received.labels(name, queue).inc()
+
+    def on_rejected(self, sender: Any = None, message: Any = None, **_: Any) -> None:
+        self.rejected.labels(self.queues.for_message(sender, message)).inc()
+
+    def on_revoked(
+        self, sender: Any = None, request: Any = None, terminated: bool = False,
+        expired: bool = False, **_: Any,
+    ) -> None:
+        name = self.task_name(getattr(sender, "name", None) or getattr(request, "task", "unknown"))
+        if name is None:
+            return
+        reason = "expired" if expired else "terminated" if terminated else "revoked"
+        self.revoked.labels(name, self.queue_of(request), reason).inc()
+
+    # -- pool process --------------------------------------------------------
+
+    def queue_of(self, request: Any) -> str:
+        queue = getattr(request, QUEUE_HEADER, None)
+        if isinstance(queue, str):
+            return queue
+        info = getattr(request, "delivery_info", None) or {}
+        return self.queues.for_publish(info.get("exchange"), info.get("routing_key"))
+
+    def on_prerun(self, task_id: str = "", task: Any = None, **_: Any) -> None:
+        name = self.task_name(task.name)
+        if name is None:
+            return
+        request = task.request
+        queue = self.queue_of(request)
+        now = time.time()
+        self._running[task_id] = (time.perf_counter(), name, queue)
+        self.started.labels(name, queue).inc()
+        self.in_progress.labels(name, queue).inc()
+        due = getattr(request, DUE_HEADER, None)
+        if isinstance(due, (int, float)) and math.isfinite(due):
+            self.queue_wait.labels(name, queue).observe(max(0.0, now - due))
+
+    def on_postrun(self, task_id: str = "", **_: Any) -> None:
+        started = self._running.pop(task_id, None)
+        if started is None:
+            return
+        begin, name, queue = started
+        self.runtime.labels(name, queue).observe(time.perf_counter() - begin)
+        self.in_progress.labels(name, queue).inc(-1)
+
+    def on_success(self, sender: Any = None, **_: Any) -> None:
+        name = self.task_name(sender.name)
+        if name is not None:
+            self.succeeded.labels(name, self.queue_of(sender.request)).inc()
+            self.last_success.labels(name).set(time.time())
+
+    def on_failure(self, sender: Any = None, exception: BaseException | None = None, **_: Any) -> None:
+        name = self.task_name(sender.name)
+        if name is not None:
+            kind = type(exception).__name__ if exception is not None else "unknown"
+            self.failed.labels(name, self.queue_of(sender.request), kind).inc()
+
+    def on_retry(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        name = self.task_name(sender.name)
+        if name is not None:
+            self.retried.labels(name, self.queue_of(request)).inc()
+
+    def connect(self) -> None:
+        """Connect every receiver once; dispatch_uid makes a second call a no-op."""
+        pairs: Iterable[tuple[Any, str, Callable[..., None]]] = (
+            (signals.before_task_publish, "before_task_publish", self.before_publish),
+            (signals.after_task_publish, "after_task_publish", self.after_publish),
+            (signals.task_received, "task_received", self.on_received),
+            (signals.task_rejected, "task_rejected", self.on_rejected),
+            (signals.task_unknown, "task_unknown", self.on_rejected),
+            (signals.task_revoked, "task_revoked", self.on_revoked),
+            (signals.task_prerun, "task_prerun", self.on_prerun),
+            (signals.task_postrun, "task_postrun", self.on_postrun),
+            (signals.task_success, "task_success", self.on_success),
+            (signals.task_failure, "task_failure", self.on_failure),
+            (signals.task_retry, "task_retry", self.on_retry),
+        )
+        for signal, label, fn in pairs:
+            signal.connect(self.guard(label, fn), weak=False, dispatch_uid=f"celery_signal_exporter.{label}")
+
+
+def _timestamp(eta: Any) -> float:
+    if isinstance(eta, datetime):
+        return eta.timestamp()
+    return datetime.fromisoformat(str(eta)).timestamp()
+
+
+def resolve_metrics_dir(metrics_dir: str | None) -> str:
+    if metrics_dir:
+        return metrics_dir
+    for var in METRICS_DIR_ENV:
+        if os.environ.get(var):
+            return os.environ[var]
+    raise ValueError(
+        "celery-signal-exporter: no metrics directory; pass metrics_dir= or set "
+        "CELERY_EXPORTER_METRICS_DIR (or PROMETHEUS_MULTIPROC_DIR)"
+    )
+
+
+_active: Instrumentation | None = None
+
+
+def instrument(
+    app: Celery,
+    *,
+    metrics_dir: str | None = None,
+    runtime_buckets: Sequence[float] = m.DEFAULT_RUNTIME_BUCKETS,
+    queue_wait_buckets: Sequence[float] = m.DEFAULT_QUEUE_WAIT_BUCKETS,
+    max_task_names: int = 500,
+    ignore_tasks: Iterable[str] = (),
+    heartbeat_interval: float = 2.0,
+) -> Instrumentation:
+    """Connect the exporter's signal receivers for `app`, once per process.
+
+    A second call returns the instrumentation already in place, so importing
+    an app module twice never double counts.
+    """
+    global _active
+    if _active is not None:
+        return _active
+    if max_task_names < 1:
+        raise ValueError("celery-signal-exporter: max_task_names must be at least 1")
+    options = Options(
+        metrics_dir=resolve_metrics_dir(metrics_dir),
+        runtime_buckets=tuple(runtime_buckets),
+        queue_wait_buckets=tuple(queue_wait_buckets),
+        max_task_names=max_task_names,
+        ignore_tasks=frozenset(ignore_tasks),
+        heartbeat_interval=heartbeat_interval,
+    )
+    for buckets in (options.runtime_buckets, options.queue_wait_buckets):
+        if not buckets or any(not isinstance(b, (int, float)) or b != b for b in buckets):
+            raise ValueError("celery-signal-exporter: histogram buckets must be a non-empty list of numbers")
+    inst = Instrumentation(app, options)
+    inst.connect()
+    from .worker import install_worker_metrics
+
+    install_worker_metrics(app, inst)
+    _active = inst
+    return inst

@@ -1,0 +1,133 @@
+"""The HTTP service: /metrics, /healthz, /readyz and a small index page.
+
+The merge reads files and the probes' cached results only, never a broker, and
+runs in a worker thread so a slow disk cannot stall the event loop.
+"""
+
+from __future__ import annotations
+
+import gzip
+import platform
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from starlette.concurrency import run_in_threadpool
+
+from . import __version__
+from .collect import DirectoryCollector
+
+
+class Source(Protocol):
+    """Anything that adds metrics to a scrape and may hold readiness back (a probe loop)."""
+
+    def collect(self) -> Iterator[Metric]: ...
+
+    def ready(self) -> tuple[bool, str]: ...
+
+
+@dataclass
+class ServiceConfig:
+    metrics_dir: str | None
+    worker_timeout: float = 10.0
+    sources: Sequence[Source] = field(default_factory=list)
+
+
+class Exporter:
+    """Everything one scrape returns, gathered behind one lock-free call."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.directory = (
+            DirectoryCollector(config.metrics_dir, config.worker_timeout) if config.metrics_dir else None
+        )
+        self._last_duration = 0.0
+        self._lock = threading.Lock()
+
+    def collect(self) -> Iterator[Metric]:
+        start = time.perf_counter()
+        if self.directory is not None:
+            families, stats = self.directory.merge()
+            yield from families
+            files = GaugeMetricFamily(
+                "celery_exporter_metrics_files", "Files in the metrics directory at the last scrape, by state.",
+                labels=["state"],
+            )
+            files.add_metric(["read"], stats.files_read)
+            files.add_metric(["unreadable"], stats.files_unreadable)
+            yield files
+        for source in self.config.sources:
+            yield from source.collect()
+        info = GaugeMetricFamily(
+            "celery_exporter_build_info", "The exporter's version; always 1.", labels=["version", "python"],
+        )
+        info.add_metric([__version__, platform.python_version()], 1.0)
+        yield info
+        yield GaugeMetricFamily(
+            "celery_exporter_scrape_duration_seconds", "How long the previous scrape took to gather.",
+            value=self._last_duration,
+        )
+        self._last_duration = time.perf_counter() - start
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept or "")
+        with self._lock:
+            return encoder(self), content_type  # type: ignore[arg-type]
+
+    def ready(self) -> tuple[bool, str]:
+        import os
+
+        if self.directory is not None and not os.path.isdir(self.directory.directory):
+            return False, f"metrics directory {self.directory.directory} does not exist"
+        for source in self.config.sources:
+            ok, reason = source.ready()
+            if not ok:
+                return False, reason
+        return True, "ready"
+
+    def queues_seen(self) -> set[str]:
+        return set(self.directory.last.queues_seen) if self.directory is not None else set()
+
+
+INDEX = """<!doctype html><html><head><title>celery-signal-exporter</title></head><body>
+<h1>celery-signal-exporter {version}</h1>
+<p>A Prometheus exporter for Celery, driven by Celery's signals.</p>
+<ul><li><a href="metrics">/metrics</a>: the metrics</li>
+<li><a href="healthz">/healthz</a>: liveness</li>
+<li><a href="readyz">/readyz</a>: readiness</li></ul>
+</body></html>
+"""
+
+
+def create_app(exporter: Exporter) -> FastAPI:
+    app = FastAPI(title="celery-signal-exporter", version=__version__, docs_url=None, redoc_url=None)
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics(request: Request) -> Response:
+        body, content_type = await run_in_threadpool(exporter.render, request.headers.get("accept"))
+        headers: dict[str, str] = {}
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            body = await run_in_threadpool(gzip.compress, body, 6)
+            headers["Content-Encoding"] = "gzip"
+        return Response(body, media_type=content_type, headers=headers)
+
+    @app.get("/healthz", response_class=PlainTextResponse)
+    async def healthz() -> str:
+        return "ok\n"
+
+    @app.get("/readyz", response_class=PlainTextResponse)
+    async def readyz() -> Any:
+        ok, reason = exporter.ready()
+        return PlainTextResponse(reason + "\n", status_code=200 if ok else 503)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> str:
+        return INDEX.format(version=__version__)
+
+    return app

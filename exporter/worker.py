@@ -1,0 +1,142 @@
+"""The worker side of the catalogue, recorded by the worker main process.
+
+A consumer bootstep ticks on the worker's own timer (no extra thread, so
+nothing can hold a lock across the prefork pool's fork). Each tick writes the
+heartbeat, pool size and active task count, and removes the live-gauge files
+of processes that died without saying so (SIGKILLed or OOM-killed children),
+so their in-progress gauges disappear while their counters stay.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery, bootsteps, signals
+
+from . import metrics as m
+
+if TYPE_CHECKING:
+    from .instrument import Instrumentation
+
+log = logging.getLogger("celery_signal_exporter")
+
+_LIVE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"  # a zombie is dead
+    except (OSError, IndexError):
+        return True
+
+
+def reap_dead_processes(directory: str) -> list[int]:
+    """Remove live-gauge files whose process is gone. Counter files are kept.
+
+    Only pids in this process's pid namespace are judged: the worker main
+    process and its pool are, and producers in other containers write no
+    live gauges.
+    """
+    reaped = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return reaped
+    own = os.getpid()
+    for name in names:
+        match = _LIVE_FILE.match(name)
+        if not match:
+            continue
+        pid = int(match.group(1))
+        if pid == own or pid_alive(pid):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            reaped.append(pid)
+        except FileNotFoundError:
+            pass
+    return reaped
+
+
+class WorkerMetrics:
+    def __init__(self, inst: Instrumentation) -> None:
+        self.inst = inst
+        self.heartbeat = m.Metric(inst.store, m.HEARTBEAT)
+        self.pool_processes = m.Metric(inst.store, m.POOL_PROCESSES)
+        self.tasks_active = m.Metric(inst.store, m.TASKS_ACTIVE)
+
+    def tick(self, consumer: Any) -> None:
+        try:
+            from celery.worker import state
+
+            hostname = str(consumer.hostname)
+            pool = consumer.pool
+            size = getattr(pool, "num_processes", None) or getattr(pool, "limit", None) or 1
+            self.pool_processes.labels(hostname).set(float(size))
+            self.tasks_active.labels(hostname).set(float(len(state.active_requests)))
+            now = time.time()
+            self.heartbeat.labels(hostname).set(now, now)
+            reap_dead_processes(self.inst.options.metrics_dir)
+        except Exception as exc:  # noqa: BLE001 - never raise into the worker
+            self.inst.handler_failed("worker_tick", exc)
+
+    def stopped(self, consumer: Any) -> None:
+        """Graceful shutdown: say so at once instead of waiting for the timeout."""
+        try:
+            hostname = str(consumer.hostname)
+            now = time.time()
+            self.heartbeat.labels(hostname).set(0.0, now)
+            self.tasks_active.labels(hostname).set(0.0)
+            self.pool_processes.labels(hostname).set(0.0)
+        except Exception as exc:  # noqa: BLE001
+            self.inst.handler_failed("worker_shutdown", exc)
+
+
+def install_worker_metrics(app: Celery, inst: Instrumentation) -> None:
+    worker_metrics = WorkerMetrics(inst)
+    interval = inst.options.heartbeat_interval
+
+    class ExporterHeartbeat(bootsteps.StartStopStep):
+        """Writes worker metrics every `interval` seconds on the consumer's timer."""
+
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            super().__init__(parent, **kwargs)
+            self.tref: Any = None
+
+        def start(self, parent: Any) -> None:
+            worker_metrics.tick(parent)
+            self.tref = parent.timer.call_repeatedly(interval, worker_metrics.tick, (parent,), priority=10)
+
+        def stop(self, parent: Any) -> None:
+            if self.tref is not None:
+                self.tref.cancel()
+                self.tref = None
+
+        def shutdown(self, parent: Any) -> None:
+            self.stop(parent)
+            worker_metrics.stopped(parent)
+
+    app.steps["consumer"].add(ExporterHeartbeat)
+
+    def on_worker_init(**_: Any) -> None:
+        # Prepare the directory: create it, and clear only what dead processes left live.
+        try:
+            os.makedirs(inst.options.metrics_dir, exist_ok=True)
+            reap_dead_processes(inst.options.metrics_dir)
+        except Exception as exc:  # noqa: BLE001
+            inst.handler_failed("worker_init", exc)
+
+    signals.worker_init.connect(on_worker_init, weak=False, dispatch_uid="celery_signal_exporter.worker_init")
