@@ -51,6 +51,19 @@ def redact_url(url: str) -> str:
     return ";".join(out)
 
 
+def split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """(URL without userinfo, user, password) of one URL, unquoted like kombu.
+
+    Done by hand so that an unencoded `#`, `?` or `/` in a password neither
+    breaks the parse nor ends up in a parser's error message.
+    """
+    scheme, userinfo, rest = _split_userinfo(url)
+    if not userinfo:
+        return url, None, None
+    user, colon, password = userinfo.partition(":")
+    return scheme + rest, unquote(user) or None, (unquote(password) or None) if colon else None
+
+
 def secrets_of(url: str) -> set[str]:
     """Every spelling of the credentials in `url` that could show up in text."""
     found: set[str] = set()

@@ -10,6 +10,7 @@ default).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import quote
 
@@ -18,7 +19,7 @@ from pyrabbit2.api import Client
 from pyrabbit2.http import HTTPError, NetworkError
 
 from exporter.probes.base import BrokerSnapshot, NodeStats, ProbeError, ProbeOptions, QueueStats
-from exporter.redact import redact_url, scrub
+from exporter.redact import redact_url, scrub, split_credentials
 
 QUEUE_COLUMNS = "name,vhost,messages_ready,messages_unacknowledged,consumers"
 NODE_COLUMNS = "name,running,mem_used,mem_limit,mem_alarm,disk_free_alarm"
@@ -55,14 +56,15 @@ class RabbitMQProbe:
         opts = options or ProbeOptions()
         self.url = url
         self.label = redact_url(url)
-        parts = url_to_parts(url.split(";")[0])
+        bare, url_user, url_password = split_credentials(re.split(r";(?=\w+://)", url)[0])
+        parts = url_to_parts(bare)
         # kombu: no path and "/" both mean the default vhost "/".
         self.vhosts: tuple[str, ...] = tuple(dict.fromkeys([parts.path or "/", *opts.extra_vhosts]))
         https = opts.mgmt_https if opts.mgmt_https is not None else parts.scheme == "amqps"
         host = opts.mgmt_host or parts.hostname or "localhost"
         port = opts.mgmt_port or (15671 if https else 15672)
-        username = opts.mgmt_username or parts.username or "guest"
-        self._password = opts.mgmt_password if opts.mgmt_password is not None else parts.password or "guest"
+        username = opts.mgmt_username or url_user or "guest"
+        self._password = opts.mgmt_password if opts.mgmt_password is not None else url_password or "guest"
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.api_url = f"{'https' if https else 'http'}://{netloc}/api/"
         self.page_size = max(1, min(opts.page_size, MAX_PAGE_SIZE))

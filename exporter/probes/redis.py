@@ -27,7 +27,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from exporter.probes.base import BrokerSnapshot, NodeStats, ProbeError, ProbeOptions, QueueStats
-from exporter.redact import redact_url, scrub
+from exporter.redact import redact_url, scrub, split_credentials
 
 #: Header our instrumentation puts on every published task: the UNIX time
 #: the task became due, i.e. max(publish time, ETA).
@@ -48,6 +48,11 @@ def _db_index(path: str | None) -> int:
         return int(path.lstrip("/"))
     except ValueError:
         raise ValueError(f"Redis database must be an integer, not {path!r}") from None
+
+
+def _alternates(url: str) -> list[str]:
+    """kombu's `url;url` failover list (sentinels), split only before a scheme."""
+    return re.split(r";(?=[A-Za-z][A-Za-z0-9+.-]*://)", url)
 
 
 def _glob_escape(text: str) -> str:
@@ -108,14 +113,15 @@ class RedisProbe:
         self.unacked_key = self.prefix + str(transport.get("unacked_key") or DEFAULT_UNACKED_KEY)
         self.read_oldest_age = opts.read_oldest_age
 
-        alternates = url.split(";")
+        alternates = [split_credentials(u)[0] for u in _alternates(url)]
+        _, username, password = split_credentials(_alternates(url)[0])
         first = url_to_parts(alternates[0])
         self.db = _db_index(first.path)
         self.vhost = str(self.db)  # kombu's virtual_host for Redis
         common: dict[str, Any] = {
             "db": self.db,
-            "username": first.username,
-            "password": first.password,
+            "username": username,
+            "password": password,
             "socket_timeout": opts.timeout,
             "socket_connect_timeout": opts.timeout,
             # One quick retry heals a pooled connection the server closed;

@@ -1,0 +1,369 @@
+"""Run one broker probe on its own clock, off the scrape path.
+
+A scrape only reads what the last probe cycle left behind, so a slow or dead
+broker can never make `/metrics` slow or fail: it shows up as
+`celery_broker_up 0` and counted probe errors instead.
+
+Each cycle runs the probe in a fresh daemon thread and waits at most
+`timeout` for it. A call that overruns counts as a `timeout` error; while it
+is still stuck no new call is started, so hung calls never pile up threads.
+The probe's own socket timeouts (set from the same value) make the stuck call
+end by itself, and the next cycle reconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from exporter.probes.base import ERROR_REASONS, BrokerSnapshot, Probe, ProbeError, QueueStats
+from exporter.redact import redact_url, scrub
+
+log = logging.getLogger(__name__)
+
+#: Celery's own plumbing that kombu registers as queues: remote-control
+#: mailboxes and their replies (`<host>.celery.pidbox`, `<id>.reply.celery.pidbox`),
+#: event receivers (`celeryev.<uuid>`) and server-named RabbitMQ queues. They
+#: are per process, so they would churn label values, and hold no tasks.
+DEFAULT_EXCLUDE: tuple[str, ...] = (r".*\.pidbox", r"celeryev\..*", r"amq\.gen-.*")
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How often and how widely to probe one broker."""
+
+    #: Seconds between the starts of two probe cycles.
+    interval: float = 15.0
+    #: Seconds one cycle may take before it counts as a `timeout` error.
+    timeout: float = 10.0
+    #: Queues always probed (and kept first when the cap bites).
+    queues: tuple[str, ...] = ()
+    #: Regexes (full match); a queue is kept if it matches any. Empty keeps all.
+    include: tuple[str, ...] = ()
+    #: Regexes (full match); a queue matching any is dropped. Wins over include.
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    #: Most distinct queue names reported; the rest are counted as dropped.
+    max_queues: int = 1000
+    #: Ask the broker for its queue names (Redis: kombu bindings) every N cycles.
+    discover_every: int = 20
+
+    def __post_init__(self) -> None:
+        if self.interval <= 0 or self.timeout <= 0:
+            raise ValueError("probe interval and timeout must be positive")
+        if self.timeout > self.interval:
+            raise ValueError(f"probe timeout ({self.timeout}s) must not exceed its interval ({self.interval}s)")
+        if self.max_queues < 0 or self.discover_every < 1:
+            raise ValueError("max_queues must be >= 0 and discover_every >= 1")
+
+
+@dataclass
+class _Result:
+    """What one cycle's worker thread hands back to the scheduler."""
+
+    snapshot: BrokerSnapshot | None = None
+    dropped: int = 0
+    reason: str = ""
+    cause: str = ""
+    message: str = ""
+    discovered: set[str] | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class ProbeLoop:
+    """Probe one broker every `interval` seconds and serve the result as metrics."""
+
+    def __init__(
+        self,
+        probe: Probe,
+        url: str,
+        options: LoopOptions | None = None,
+        known_queues: Callable[[], Iterable[str]] | None = None,
+    ) -> None:
+        self.probe = probe
+        self.options = options or LoopOptions()
+        self.broker = redact_url(url)
+        self._url = url
+        self._known_queues = known_queues
+        self._include = [re.compile(p) for p in self.options.include]
+        self._exclude = [re.compile(p) for p in self.options.exclude]
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._inflight: threading.Thread | None = None
+        self._cycle = 0
+        self._discovered: set[str] = set()
+        self._discovery_due = True
+        # Guarded by _lock: everything collect() and ready() read.
+        self._snapshot: BrokerSnapshot | None = None
+        self._up = False
+        self._last_success: float | None = None
+        self._duration: float | None = None
+        self._errors = dict.fromkeys(ERROR_REASONS, 0)
+        self._dropped_total = 0
+        self._last_failure = ""
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start probing in the background; the first cycle runs at once."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"probe-loop {self.broker}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop and release the probe's connections."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.options.timeout + 1)
+            self._thread = None
+        try:
+            self.probe.close()
+        except Exception as exc:  # noqa: BLE001 - shutting down; report, never raise
+            log.debug("closing probe for %s: %s", self.broker, type(exc).__name__)
+
+    def _run(self) -> None:
+        next_run = time.monotonic()
+        while not self._stop.is_set():
+            self.probe_once()
+            next_run += self.options.interval
+            now = time.monotonic()
+            next_run = max(next_run, now)  # after a long stall, don't burst to catch up
+            self._stop.wait(next_run - now)
+
+    # -- one cycle ----------------------------------------------------------
+
+    def probe_once(self) -> bool:
+        """Run one probe cycle now (bounded by the timeout); True on success."""
+        started = time.monotonic()
+        if self._inflight is not None and self._inflight.is_alive():
+            self._record_failure("timeout", "timeout", "the previous probe call is still running", started)
+            return False
+        result = _Result()
+        discover = self._discovery_due or self._cycle % self.options.discover_every == 0
+        self._cycle += 1
+        worker = threading.Thread(
+            target=self._attempt, args=(result, discover), name=f"probe {self.broker}", daemon=True
+        )
+        worker.start()
+        if not result.done.wait(self.options.timeout):
+            self._inflight = worker
+            self._record_failure("timeout", "timeout", f"no answer within {self.options.timeout:g}s", started)
+            return False
+        self._inflight = None
+        if result.discovered is not None:
+            self._discovered = result.discovered
+            self._discovery_due = False
+        if result.snapshot is None:
+            self._discovery_due = self._discovery_due or discover
+            self._record_failure(result.reason, result.cause, result.message, started)
+            return False
+        self._record_success(result.snapshot, result.dropped, started)
+        return True
+
+    def _attempt(self, result: _Result, discover: bool) -> None:
+        """The worker thread: all broker I/O of a cycle happens here."""
+        try:
+            if discover:
+                result.discovered = self.probe.discover()
+            discovered = result.discovered if result.discovered is not None else self._discovered
+            candidates = set(self.options.queues) | self._known() | discovered
+            wanted = self._select(candidates)
+            snapshot = self.probe.snapshot(set(wanted))
+            # RabbitMQ lists every queue, so filter and cap what came back too.
+            keep = self._select(candidates | {q.name for q in snapshot.queues})
+            kept = set(keep)
+            result.dropped = len(self._filtered(candidates | {q.name for q in snapshot.queues})) - len(keep)
+            result.snapshot = BrokerSnapshot(
+                queues=[q for q in snapshot.queues if q.name in kept],
+                nodes=snapshot.nodes,
+                unacked_total=snapshot.unacked_total,
+            )
+        except ProbeError as exc:
+            result.reason, result.cause, result.message = exc.reason, exc.cause, exc.message
+        except Exception as exc:  # noqa: BLE001 - a probe bug must not kill the loop
+            result.reason, result.cause, result.message = "other", type(exc).__name__, str(exc)
+        finally:
+            result.done.set()
+
+    def _known(self) -> set[str]:
+        if self._known_queues is None:
+            return set()
+        try:
+            return set(self._known_queues())
+        except Exception as exc:  # noqa: BLE001 - the caller's callback must not stop probing
+            log.warning("known_queues() failed for %s: %s", self.broker, type(exc).__name__)
+            return set()
+
+    def _filtered(self, names: Iterable[str]) -> set[str]:
+        return {
+            n
+            for n in names
+            if (not self._include or any(p.fullmatch(n) for p in self._include))
+            and not any(p.fullmatch(n) for p in self._exclude)
+        }
+
+    def _select(self, names: Iterable[str]) -> list[str]:
+        """Filtered names, configured queues first then alphabetical, capped."""
+        allowed = self._filtered(names)
+        configured = [q for q in dict.fromkeys(self.options.queues) if q in allowed]
+        rest = sorted(allowed - set(configured))
+        return (configured + rest)[: self.options.max_queues]
+
+    def _record_success(self, snapshot: BrokerSnapshot, dropped: int, started: float) -> None:
+        with self._lock:
+            was_up = self._up
+            self._snapshot = snapshot
+            self._up = True
+            self._last_success = time.time()
+            self._duration = time.monotonic() - started
+            self._dropped_total += max(0, dropped)
+            self._last_failure = ""
+        if not was_up:
+            log.info("broker %s up: %d queues", self.broker, len(snapshot.queues))
+        if dropped > 0:
+            log.debug("broker %s: %d queues over the cap of %d", self.broker, dropped, self.options.max_queues)
+
+    def _record_failure(self, reason: str, cause: str, message: str, started: float) -> None:
+        message = scrub(message, self._url)
+        with self._lock:
+            was_up = self._up
+            first = self._last_success is None and not self._last_failure
+            self._up = False
+            self._snapshot = None  # never serve stale depths as current ones
+            self._duration = time.monotonic() - started
+            self._errors[reason if reason in self._errors else "other"] += 1
+            self._last_failure = cause
+        level = logging.WARNING if was_up or first else logging.DEBUG
+        log.log(level, "broker %s probe failed (%s): %s: %s", self.broker, reason, cause, message)
+
+    # -- what a scrape sees ---------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready once a probe has succeeded (it stays ready: a later outage is
+        `celery_broker_up 0`, which needs the scrape to keep working)."""
+        with self._lock:
+            if self._last_success is not None:
+                return True, f"broker {self.broker} probed"
+            if not self._last_failure:
+                return False, f"broker {self.broker} not probed yet"
+            return False, f"broker {self.broker} not reachable: {self._last_failure}"
+
+    def collect(self) -> list[Metric]:
+        """Metric families from cached state only: no broker I/O here."""
+        with self._lock:
+            snapshot, up = self._snapshot, self._up
+            last_success, duration = self._last_success, self._duration
+            errors, dropped = dict(self._errors), self._dropped_total
+        b = [self.broker]
+        q_labels = ["queue_name", "vhost"]
+        n_labels = ["broker", "node"]
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "length": GaugeMetricFamily(
+                "celery_queue_length",
+                "Messages waiting in the queue, every priority (RabbitMQ: ready)",
+                labels=q_labels,
+            ),
+            "unacked": GaugeMetricFamily(
+                "celery_queue_unacked", "Messages delivered to consumers but not yet acknowledged", labels=q_labels
+            ),
+            "consumers": GaugeMetricFamily(
+                "celery_queue_consumers", "Consumers subscribed to the queue", labels=q_labels
+            ),
+            "age": GaugeMetricFamily(
+                "celery_queue_oldest_message_age_seconds",
+                "Seconds since the next message to be consumed became due",
+                labels=q_labels,
+            ),
+            "broker_unacked": GaugeMetricFamily(
+                "celery_broker_unacked", "Unacknowledged messages over all queues", labels=["broker"]
+            ),
+            "up": GaugeMetricFamily("celery_broker_up", "1 if the last broker probe succeeded", labels=["broker"]),
+            "mem_used": GaugeMetricFamily(
+                "celery_broker_memory_used_bytes", "Memory the broker node uses", labels=n_labels
+            ),
+            "mem_limit": GaugeMetricFamily(
+                "celery_broker_memory_limit_bytes", "Broker node memory limit, 0 for none", labels=n_labels
+            ),
+            "mem_alarm": GaugeMetricFamily(
+                "celery_broker_memory_alarm", "1 if the node's memory alarm blocks publishers", labels=n_labels
+            ),
+            "disk_alarm": GaugeMetricFamily(
+                "celery_broker_disk_alarm", "1 if the node's disk alarm blocks publishers", labels=n_labels
+            ),
+            "duration": GaugeMetricFamily(
+                "celery_exporter_probe_duration_seconds", "Seconds the last probe cycle took", labels=["broker"]
+            ),
+            "last_success": GaugeMetricFamily(
+                "celery_exporter_probe_last_success_timestamp_seconds",
+                "UNIX time of the last successful probe",
+                labels=["broker"],
+            ),
+            "errors": CounterMetricFamily(
+                "celery_exporter_probe_errors", "Failed probe cycles by reason", labels=["broker", "reason"]
+            ),
+            "dropped": CounterMetricFamily(
+                "celery_exporter_probe_queues_dropped",
+                "Queues left out of a probe cycle by the queue cap, summed over cycles",
+                labels=["broker"],
+            ),
+        }
+        families["up"].add_metric(b, 1.0 if up else 0.0)
+        for reason, count in errors.items():
+            families["errors"].add_metric([self.broker, reason], count)
+        families["dropped"].add_metric(b, dropped)
+        if duration is not None:
+            families["duration"].add_metric(b, duration)
+        if last_success is not None:
+            families["last_success"].add_metric(b, last_success)
+        if snapshot is not None:
+            _add_snapshot(families, self.broker, snapshot)
+        return list(families.values())
+
+
+def _add_snapshot(
+    families: dict[str, GaugeMetricFamily | CounterMetricFamily], broker: str, snapshot: BrokerSnapshot
+) -> None:
+    for q in snapshot.queues:
+        _add_queue(families, q)
+    if snapshot.unacked_total is not None:
+        families["broker_unacked"].add_metric([broker], snapshot.unacked_total)
+    for node in snapshot.nodes:
+        labels = [broker, node.node]
+        families["mem_used"].add_metric(labels, node.memory_used_bytes)
+        families["mem_limit"].add_metric(labels, node.memory_limit_bytes)
+        if node.memory_alarm is not None:
+            families["mem_alarm"].add_metric(labels, float(node.memory_alarm))
+        if node.disk_alarm is not None:
+            families["disk_alarm"].add_metric(labels, float(node.disk_alarm))
+
+
+def _add_queue(families: dict[str, GaugeMetricFamily | CounterMetricFamily], q: QueueStats) -> None:
+    labels = [q.name, q.vhost]
+    families["length"].add_metric(labels, q.length)
+    if q.unacked is not None:
+        families["unacked"].add_metric(labels, q.unacked)
+    if q.consumers is not None:
+        families["consumers"].add_metric(labels, q.consumers)
+    if q.oldest_message_age_seconds is not None:
+        families["age"].add_metric(labels, q.oldest_message_age_seconds)
+
+
+def collect_all(loops: Sequence[ProbeLoop]) -> list[Metric]:
+    """One family per metric name over several brokers' loops, for a single
+    collector: a registry must not see the same family name twice."""
+    merged: dict[str, Metric] = {}
+    for loop in loops:
+        for family in loop.collect():
+            if family.name in merged:
+                merged[family.name].samples.extend(family.samples)
+            else:
+                merged[family.name] = family
+    return list(merged.values())
