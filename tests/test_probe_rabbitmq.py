@@ -1,0 +1,219 @@
+"""RabbitMQ probe against a real RabbitMQ and its management API.
+
+Management figures lag the broker by up to the stats interval (5 s by
+default), so assertions poll until the exact expected value shows up.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+from celery import Celery
+from kombu.connection import Connection
+from kombu.messaging import Consumer, Queue
+from pyrabbit2.api import Client
+
+from exporter.probes import ProbeOptions, probe_for_url
+from exporter.probes.base import BrokerSnapshot, ProbeError
+from exporter.probes.rabbitmq import RabbitMQProbe
+from tests.conftest import AMQP_HOST, RABBIT_MGMT_PORT
+
+T = TypeVar("T")
+STATS_LAG = 30.0  # seconds to wait for the management API to catch up
+
+
+def eventually(read: Callable[[], T], check: Callable[[T], bool], what: str, limit: float = STATS_LAG) -> T:
+    """Poll `read()` until `check` holds; fail with the last value seen."""
+    deadline = time.monotonic() + limit
+    value = read()
+    while not check(value):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: still {value!r} after {limit}s")
+        time.sleep(0.5)
+        value = read()
+    return value
+
+
+def rabbit_probe(url: str, **options: Any) -> RabbitMQProbe:
+    p = probe_for_url(url, ProbeOptions(**{"timeout": 10, **options}))
+    assert isinstance(p, RabbitMQProbe)
+    return p
+
+
+def by_queue(snap: BrokerSnapshot) -> dict[tuple[str, str], tuple[int, int | None, int | None]]:
+    return {(q.vhost, q.name): (q.length, q.unacked, q.consumers) for q in snap.queues}
+
+
+@pytest.fixture
+def app(amqp_url: str) -> Iterator[Celery]:
+    app = Celery("probe-rabbit-test", broker=amqp_url, set_as_current=False)
+    app.conf.broker_connection_retry_on_startup = False
+    yield app
+    app.close()
+
+
+def publish(app: Celery, queue: str, count: int) -> None:
+    for _ in range(count):
+        app.send_task("probe_test.noop", queue=queue)
+
+
+def test_ready_unacked_and_consumers_per_queue(amqp_url: str, amqp_vhost: str, app: Celery) -> None:
+    publish(app, "backlog", 7)
+    publish(app, "held", 10)
+    held = Queue("held", routing_key="held")
+    twice = Queue("twice", routing_key="twice")
+    received: list[Any] = []
+    with Connection(amqp_url) as conn:
+        # A consumer that holds 3 prefetched messages without acking them,
+        # like a busy worker, and a queue with two consumers.
+        channel = conn.channel()
+        channel.basic_qos(0, 3, False)
+        holder = Consumer(channel, [held], callbacks=[lambda body, msg: received.append(msg)])
+        holder.consume()
+        idle = [Consumer(conn.channel(), [twice]) for _ in range(2)]
+        for consumer in idle:
+            consumer.consume()
+        deadline = time.monotonic() + 10
+        while len(received) < 3 and time.monotonic() < deadline:
+            try:
+                conn.drain_events(timeout=0.5)
+            except TimeoutError:
+                pass
+        assert len(received) == 3
+
+        p = rabbit_probe(amqp_url)
+        expected = {
+            (amqp_vhost, "backlog"): (7, 0, 0),
+            (amqp_vhost, "held"): (7, 3, 1),
+            (amqp_vhost, "twice"): (0, 0, 2),
+        }
+        eventually(lambda: by_queue(p.snapshot(set())), lambda got: got == expected, "queues")
+        for consumer in [holder, *idle]:
+            consumer.cancel()
+
+
+def test_only_the_url_vhost_plus_extra_vhosts(amqp_base_url: str, amqp_url: str, amqp_vhost: str, app: Celery) -> None:
+    publish(app, "mine", 2)
+    admin = Client(f"{AMQP_HOST}:{RABBIT_MGMT_PORT}", "guest", "guest")
+    other = f"csx-test-{uuid.uuid4().hex[:8]}"
+    admin.create_vhost(other)
+    admin.set_vhost_permissions(other, "guest", ".*", ".*", ".*")
+    try:
+        other_app = Celery("other", broker=f"{amqp_base_url}/{other}", set_as_current=False)
+        publish(other_app, "theirs", 4)
+        other_app.close()
+
+        only_mine = rabbit_probe(amqp_url)
+        eventually(
+            lambda: by_queue(only_mine.snapshot(set())), lambda got: got == {(amqp_vhost, "mine"): (2, 0, 0)}, "vhost"
+        )
+        both = rabbit_probe(amqp_url, extra_vhosts=(other,))
+        eventually(
+            lambda: by_queue(both.snapshot(set())),
+            lambda got: got == {(amqp_vhost, "mine"): (2, 0, 0), (other, "theirs"): (4, 0, 0)},
+            "extra vhost",
+        )
+    finally:
+        admin.delete_vhost(other)
+
+
+class CountingGets:
+    """Counts the management API requests a probe makes."""
+
+    def __init__(self, probe: RabbitMQProbe) -> None:
+        self.paths: list[str] = []
+        http = probe._client.http
+        original = http.do_call
+
+        def counting(path: str, method: str, *args: Any, **kwargs: Any) -> Any:
+            self.paths.append(path)
+            return original(path, method, *args, **kwargs)
+
+        http.do_call = counting
+
+
+def test_one_queue_request_per_page(amqp_url: str, amqp_vhost: str, app: Celery) -> None:
+    names = [f"page-{i}" for i in range(5)]
+    for name in names:
+        publish(app, name, 1)
+    expected = {(amqp_vhost, n): (1, 0, 0) for n in names}
+
+    one_page = rabbit_probe(amqp_url)
+    eventually(lambda: by_queue(one_page.snapshot(set())), lambda got: got == expected, "all pages")
+    calls = CountingGets(one_page)
+    one_page.snapshot(set())
+    assert [p.split("/")[0] for p in calls.paths] == ["queues", "nodes"]
+
+    paged = rabbit_probe(amqp_url, page_size=2)
+    calls = CountingGets(paged)
+    assert by_queue(paged.snapshot(set())) == expected
+    assert [p.split("/")[0] for p in calls.paths] == ["queues", "queues", "queues", "nodes"]
+
+
+def _rabbitmqctl(*args: str) -> str:
+    binary = shutil.which("rabbitmqctl")
+    if binary is None:
+        pytest.fail("rabbitmqctl is not installed; bash .ci/services.sh installs RabbitMQ", pytrace=False)
+    done = subprocess.run([binary, *args], capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        pytest.fail(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()}", pytrace=False)
+    return done.stdout
+
+
+def test_node_memory_matches_rabbitmqctl(amqp_url: str) -> None:
+    status = json.loads(_rabbitmqctl("status", "--formatter", "json"))
+    node_name = _rabbitmqctl("eval", "node().").strip().strip("'")
+    snap = rabbit_probe(amqp_url).snapshot(set())
+    nodes = {n.node: n for n in snap.nodes}
+    assert node_name in nodes, f"{node_name} not in {sorted(nodes)}"
+    node = nodes[node_name]
+    assert node.memory_used_bytes > 0
+    assert node.memory_limit_bytes == status["vm_memory_high_watermark_limit"]
+    assert node.memory_alarm is ("memory" in json.dumps(status["alarms"]))
+    assert node.disk_alarm is ("disk" in json.dumps(status["alarms"]))
+
+
+def test_management_url_is_derived_and_overridable() -> None:
+    p = rabbit_probe("amqp://u:p@rabbit.example:5672/prod")
+    assert p.api_url == "http://rabbit.example:15672/api/" and p.vhosts == ("prod",)
+    p = rabbit_probe("amqps://u:p@rabbit.example:5671")
+    assert p.api_url == "https://rabbit.example:15671/api/" and p.vhosts == ("/",)
+    p = rabbit_probe("amqp://rabbit.example:5672//", mgmt_host="mgmt.local", mgmt_port=8080, mgmt_https=True)
+    assert p.api_url == "https://mgmt.local:8080/api/" and p.vhosts == ("/",)
+    p = rabbit_probe("pyamqp://[::1]:5672/%2F", extra_vhosts=("a", "/"))
+    assert p.api_url == "http://[::1]:15672/api/" and p.vhosts == ("/", "a")
+
+
+def test_separate_management_credentials(amqp_url: str) -> None:
+    host_and_vhost = amqp_url.split("@", 1)[1]
+    no_creds = f"amqp://nobody:Wr0ng-P4ss@{host_and_vhost}"
+    with pytest.raises(ProbeError) as err:
+        rabbit_probe(no_creds).snapshot(set())
+    assert err.value.reason == "auth"
+    assert "Wr0ng-P4ss" not in str(err.value)
+    ok = rabbit_probe(no_creds, mgmt_username="guest", mgmt_password="guest").snapshot(set())
+    assert ok.nodes
+
+
+def test_connection_refused_is_a_connection_error() -> None:
+    p = rabbit_probe("amqp://guest:S3cret-x@127.0.0.1:5672//", mgmt_port=1, timeout=2)
+    with pytest.raises(ProbeError) as err:
+        p.snapshot(set())
+    assert err.value.reason == "connection"
+    assert "S3cret-x" not in str(err.value)
+
+
+def test_oldest_age_is_never_reported(amqp_url: str, app: Celery) -> None:
+    app.send_task("probe_test.noop", queue="aged", headers={"csx_due": time.time() - 100})
+    p = rabbit_probe(amqp_url)
+    snap = eventually(lambda: p.snapshot(set()), lambda s: bool(s.queues) and s.queues[0].length == 1, "aged")
+    assert snap.queues[0].oldest_message_age_seconds is None
+    assert snap.unacked_total is None
+    assert p.discover() == set()
