@@ -1,0 +1,408 @@
+"""ProbeLoop against real brokers: metrics, bounds, outages, timeouts, secrets.
+
+Outages use a private redis-server on a free port (the shared Redis and
+RabbitMQ stay up for tests running alongside) and, for RabbitMQ, management
+ports where nothing answers. The only timing assertions are generous
+"within one interval" liveness checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+
+from exporter.probes import ProbeOptions, probe_for_url
+from exporter.probes.loop import LoopOptions, ProbeLoop, collect_all
+from exporter.probes.rabbitmq import RabbitMQProbe
+from exporter.probes.redis import RedisProbe
+from exporter.redact import redact_url, scrub, secrets_of
+
+# -- helpers ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A private redis-server that a test may kill and start again."""
+
+    def __init__(self, *args: str) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed; bash .ci/services.sh installs it", pytrace=False)
+        self.binary = binary
+        self.args = args
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                *self.args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"private redis-server exited with {self.proc.returncode}", pytrace=False)
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        pytest.fail(f"private redis-server did not listen on {self.port}", pytrace=False)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts TCP connections and never answers: a hung broker."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)  # the kernel completes handshakes; nobody ever reads
+    yield int(listener.getsockname()[1])
+    listener.close()
+
+
+def samples(families: list[Metric]) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """{sample name: {sorted labels: value}} for easy exact assertions."""
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in families:
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def value(families: list[Metric], name: str, **labels: str) -> float | None:
+    return samples(families).get(name, {}).get(tuple(sorted(labels.items())))
+
+
+def wait_for(check: Callable[[], bool], limit: float, what: str) -> float:
+    """Poll until `check()`; returns the seconds it took, fails after `limit`."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > limit:
+            pytest.fail(f"{what} not seen within {limit:.1f}s")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def redis_loop(url: str, options: LoopOptions | None = None, **kwargs: Any) -> ProbeLoop:
+    opts = options or LoopOptions()
+    return ProbeLoop(probe_for_url(url, ProbeOptions(timeout=opts.timeout)), url, opts, **kwargs)
+
+
+@pytest.fixture
+def app(redis_url: str) -> Iterator[Celery]:
+    app = Celery("loop-test", broker=redis_url, set_as_current=False)
+    app.conf.broker_transport_options = {"priority_steps": [0, 3, 6, 9]}
+    yield app
+    app.close()
+
+
+# -- redaction ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "label"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("amqp://guest:guest@127.0.0.1:5672//", "amqp://127.0.0.1:5672//"),
+        ("redis://:p@ss:w/rd%#?@127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("rediss://user:pw@host:6380/1?ssl_cert_reqs=required", "rediss://host:6380/1"),
+        ("sentinel://:pw@h1:26379;sentinel://:pw@h2:26379/2", "sentinel://h1:26379;sentinel://h2:26379/2"),
+        ("redis://:pa;ss@host/0", "redis://host/0"),
+        ("redis://t0ken@host", "redis://host"),
+        ("amqp://u:p%40ss@h/v", "amqp://h/v"),
+        ("redis://host/0?password=hunter2", "redis://host/0"),
+    ],
+)
+def test_redact_url(url: str, label: str) -> None:
+    assert redact_url(url) == label
+    for secret in secrets_of(url):
+        assert secret not in label
+
+
+def test_scrub_masks_every_spelling() -> None:
+    url = "redis://:p%40ss/w0rd@10.0.0.1:6379/0"
+    text = f"failed {url}; auth p@ss/w0rd; quoted p%40ss%2Fw0rd; raw p%40ss/w0rd"
+    cleaned = scrub(text, url)
+    assert "w0rd" not in cleaned and "p@ss" not in cleaned
+    assert "redis://10.0.0.1:6379/0" in cleaned
+
+
+def test_probe_for_url_by_scheme() -> None:
+    for url in ("redis://h/0", "rediss://h:6380/1", "REDIS://h"):
+        assert isinstance(probe_for_url(url), RedisProbe)
+    for url in ("amqp://h//", "amqps://h/v", "pyamqp://h"):
+        assert isinstance(probe_for_url(url), RabbitMQProbe)
+    with pytest.raises(ValueError, match="no broker probe") as err:
+        probe_for_url("sqs://AKIAKEY:S3cretKey@sqs.example/q")
+    message = str(err.value)
+    assert "\n" not in message and "S3cretKey" not in message and "AKIAKEY" not in message
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        LoopOptions(interval=5, timeout=10)
+
+
+# -- metrics from a real broker ----------------------------------------------
+
+
+def test_metrics_from_redis(redis_url: str, app: Celery) -> None:
+    for priority in range(10):
+        app.send_task("x.y", queue="a", priority=priority)
+    app.send_task("x.y", queue="b")
+    loop = redis_loop(redis_url, LoopOptions(queues=("d",)), known_queues=lambda: {"c"})
+    assert loop.ready() == (False, f"broker {redis_url} not probed yet")
+    assert loop.probe_once()
+    assert loop.ready()[0]
+    got = samples(loop.collect())
+    db = redis_url.rsplit("/", 1)[1]
+    broker = (("broker", redis_url),)
+    assert got["celery_queue_length"] == {
+        (("queue_name", q), ("vhost", db)): n for q, n in {"a": 10, "b": 1, "c": 0, "d": 0}.items()
+    }
+    assert got["celery_broker_up"] == {broker: 1.0}
+    assert got["celery_broker_unacked"] == {broker: 0.0}
+    assert "celery_queue_unacked" not in got and "celery_queue_consumers" not in got  # Redis cannot tell
+    ((labels, used),) = got["celery_broker_memory_used_bytes"].items()
+    assert used > 0 and dict(labels)["node"] == "127.0.0.1:6379"
+    assert abs(got["celery_exporter_probe_last_success_timestamp_seconds"][broker] - time.time()) < 60
+    assert got["celery_exporter_probe_duration_seconds"][broker] >= 0
+    assert got["celery_exporter_probe_errors_total"] == {
+        (("broker", redis_url), ("reason", r)): 0.0 for r in ("connection", "timeout", "auth", "protocol", "other")
+    }
+    assert got["celery_exporter_probe_queues_dropped_total"] == {broker: 0.0}
+
+
+def test_discovery_include_exclude_and_cap(redis_url: str, app: Celery) -> None:
+    for i in range(6):
+        app.send_task("x.y", queue=f"q{i}")  # kombu's bindings name them: discovered
+    app.send_task("x.y", queue="other")
+    options = LoopOptions(queues=("q4",), include=(r"q\d",), exclude=(r"q5",), max_queues=3)
+    loop = redis_loop(redis_url, options, known_queues=lambda: {"host.celery.pidbox"})
+    assert loop.probe_once()
+    got = samples(loop.collect())
+    assert sorted(dict(k)["queue_name"] for k in got["celery_queue_length"]) == ["q0", "q1", "q4"]
+    dropped = (("broker", redis_url),)
+    assert got["celery_exporter_probe_queues_dropped_total"] == {dropped: 2.0}  # q2, q3
+    assert loop.probe_once()
+    assert samples(loop.collect())["celery_exporter_probe_queues_dropped_total"] == {dropped: 4.0}
+
+
+def test_default_exclude_drops_celery_plumbing(redis_url: str) -> None:
+    plumbing = {"w1@host.celery.pidbox", "abc.reply.celery.pidbox", "celeryev.1234", "amq.gen-xyz"}
+    loop = redis_loop(redis_url, known_queues=lambda: plumbing | {"tasks"})
+    assert loop.probe_once()
+    got = samples(loop.collect())["celery_queue_length"]
+    assert [dict(k)["queue_name"] for k in got] == ["tasks"]
+
+
+def test_failing_known_queues_callback_does_not_stop_probing(redis_url: str) -> None:
+    def broken() -> set[str]:
+        raise RuntimeError("collector bug")
+
+    loop = redis_loop(redis_url, LoopOptions(queues=("x",)), known_queues=broken)
+    assert loop.probe_once()
+    assert value(loop.collect(), "celery_broker_up", broker=redis_url) == 1.0
+
+
+def test_rabbitmq_loop_and_exposition(amqp_url: str, amqp_vhost: str, redis_url: str) -> None:
+    app = Celery("loop-rabbit", broker=amqp_url, set_as_current=False)
+    for _ in range(3):
+        app.send_task("x.y", queue="rq")
+    app.close()
+    rabbit = ProbeLoop(probe_for_url(amqp_url), amqp_url)
+    label = redact_url(amqp_url)
+    assert "guest" not in label
+
+    def rabbit_length() -> float | None:
+        rabbit.probe_once()
+        return value(rabbit.collect(), "celery_queue_length", queue_name="rq", vhost=amqp_vhost)
+
+    wait_for(lambda: rabbit_length() == 3.0, 30, "rq length 3 in the management API")
+    families = rabbit.collect()
+    assert value(families, "celery_queue_unacked", queue_name="rq", vhost=amqp_vhost) == 0.0
+    assert value(families, "celery_queue_consumers", queue_name="rq", vhost=amqp_vhost) == 0.0
+    assert "celery_queue_oldest_message_age_seconds" not in samples(families)
+    node_alarms = samples(families)["celery_broker_memory_alarm"]
+    assert node_alarms and all(dict(k)["broker"] == label for k in node_alarms)
+
+    redis = redis_loop(redis_url, LoopOptions(queues=("rq",)))
+    assert redis.probe_once()
+
+    class Both:
+        def collect(self) -> list[Metric]:
+            return collect_all([rabbit, redis])
+
+    registry = CollectorRegistry()
+    registry.register(Both())  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    assert text.count("# TYPE celery_queue_length gauge") == 1
+    assert f'celery_broker_up{{broker="{label}"}} 1.0' in text
+    assert f'celery_broker_up{{broker="{redis_url}"}} 1.0' in text
+    assert "celery_exporter_probe_errors_total{" in text
+    assert "guest" not in text
+
+
+# -- outages -------------------------------------------------------------------
+
+
+def test_redis_outage_flips_up_and_recovers(private_redis: RedisServer) -> None:
+    interval = 1.0
+    loop = redis_loop(private_redis.url, LoopOptions(interval=interval, timeout=0.5, queues=("q",)))
+    slowest_collect = 0.0
+
+    def up() -> float | None:
+        nonlocal slowest_collect
+        start = time.monotonic()
+        families = loop.collect()
+        slowest_collect = max(slowest_collect, time.monotonic() - start)
+        return value(families, "celery_broker_up", broker=private_redis.url)
+
+    loop.start()
+    try:
+        wait_for(lambda: up() == 1.0, 10, "broker up at start")
+        private_redis.kill()
+        # Down within one interval (plus the probe's own timeout and slack).
+        wait_for(lambda: up() == 0.0, interval + 0.5 + 1.0, "broker_up 0 after the kill")
+        assert loop.ready()[0]  # stays ready: the outage is a metric, not a dead exporter
+        families = loop.collect()
+        assert "celery_queue_length" not in samples(families)  # no stale depths while down
+        assert (
+            value(families, "celery_exporter_probe_errors_total", broker=private_redis.url, reason="connection") or 0
+        ) >= 1
+        private_redis.start()  # same port
+        wait_for(lambda: up() == 1.0, 3 * interval + 5, "broker_up 1 after the restart")
+        assert value(loop.collect(), "celery_queue_length", queue_name="q", vhost="0") == 0.0
+    finally:
+        loop.stop()
+    assert slowest_collect < interval  # collect() never waited for the broker
+
+
+def test_unreachable_broker_before_first_success() -> None:
+    url = "redis://:n0t-the-secret@127.0.0.1:1/0"
+    loop = redis_loop(url, LoopOptions(interval=1, timeout=1))
+    assert not loop.probe_once()
+    ready, reason = loop.ready()
+    assert not ready
+    assert reason == "broker redis://127.0.0.1:1/0 not reachable: ConnectionError"
+    got = samples(loop.collect())
+    assert got["celery_broker_up"] == {(("broker", "redis://127.0.0.1:1/0"),): 0.0}
+    assert "celery_exporter_probe_last_success_timestamp_seconds" not in got
+
+
+def test_rabbitmq_management_down_counts_connection_errors() -> None:
+    url = "amqp://guest:guest@127.0.0.1:5672//"
+    loop = ProbeLoop(
+        probe_for_url(url, ProbeOptions(timeout=2, mgmt_port=free_port())), url, LoopOptions(interval=2, timeout=2)
+    )
+    assert not loop.probe_once()
+    families = loop.collect()
+    assert value(families, "celery_broker_up", broker="amqp://127.0.0.1:5672//") == 0.0
+    assert (
+        value(families, "celery_exporter_probe_errors_total", broker="amqp://127.0.0.1:5672//", reason="connection")
+        == 1
+    )
+    assert loop.ready() == (False, "broker amqp://127.0.0.1:5672// not reachable: NetworkError")
+
+
+def probe_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name.startswith("probe amqp"))
+
+
+def test_hung_management_api_times_out_without_piling_up_threads(silent_port: int) -> None:
+    url = "amqp://guest:guest@127.0.0.1:5672//"
+    # The HTTP call would wait 30 s; the loop gives up on it after 0.3 s.
+    probe = probe_for_url(url, ProbeOptions(timeout=30, mgmt_port=silent_port))
+    loop = ProbeLoop(probe, url, LoopOptions(interval=0.4, timeout=0.3))
+    before = probe_threads()
+    loop.start()
+    try:
+
+        def timeouts() -> float:
+            got = value(loop.collect(), "celery_exporter_probe_errors_total", broker=redact_url(url), reason="timeout")
+            return got or 0.0
+
+        wait_for(lambda: timeouts() >= 4, 10, "four timed-out cycles")
+        assert probe_threads() - before <= 1  # one stuck call, never more
+        assert value(loop.collect(), "celery_broker_up", broker=redact_url(url)) == 0.0
+        assert loop.ready()[1].endswith("not reachable: timeout")
+    finally:
+        loop.stop()
+
+
+def test_hung_redis_times_out_in_the_probe(silent_port: int) -> None:
+    url = f"redis://127.0.0.1:{silent_port}/0"
+    loop = ProbeLoop(probe_for_url(url, ProbeOptions(timeout=0.3)), url, LoopOptions(interval=2, timeout=2))
+    assert not loop.probe_once()
+    assert value(loop.collect(), "celery_exporter_probe_errors_total", broker=url, reason="timeout") == 1.0
+
+
+# -- secrets ---------------------------------------------------------------------
+
+
+def test_password_never_reaches_logs_errors_or_metrics(caplog: pytest.LogCaptureFixture) -> None:
+    server = RedisServer("--requirepass", "the-real-one")
+    server.start()
+    secret = "S3cr@t:p/ss%#?"
+    url = f"redis://admin:{secret}@127.0.0.1:{server.port}/0"
+    caplog.set_level(logging.DEBUG)
+    try:
+        loop = redis_loop(url, LoopOptions(queues=("q",)))
+        assert not loop.probe_once()
+        assert not loop.probe_once()
+        families = loop.collect()
+        text = "\n".join(
+            [caplog.text, *(r.getMessage() for r in caplog.records), str(loop.ready()), repr(samples(families))]
+        )
+        assert value(families, "celery_exporter_probe_errors_total", broker=redact_url(url), reason="auth") == 2.0
+        for spelling in secrets_of(url) | {secret, "S3cr@t", "p/ss"}:
+            assert spelling not in text
+        assert redact_url(url) == f"redis://127.0.0.1:{server.port}/0"
+    finally:
+        server.kill()
