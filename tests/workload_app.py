@@ -1,0 +1,136 @@
+"""The Celery app the integration tests run in real worker and producer processes.
+
+Configured from the environment so one module serves every broker:
+CSX_TEST_BROKER (URL), CELERY_EXPORTER_METRICS_DIR, CSX_TEST_MAX_NAMES.
+Run as a script it is a producer: `python -m tests.workload_app SCENARIO`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+import exporter
+
+app = Celery("workload", broker=os.environ.get("CSX_TEST_BROKER", "memory://"))
+app.conf.update(
+    task_queues=[Queue("alpha"), Queue("beta")],
+    task_default_queue="alpha",
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+exporter.instrument(
+    app,
+    max_task_names=int(os.environ.get("CSX_TEST_MAX_NAMES", "500")),
+    queue_wait_buckets=(0.25, 0.5, 1, 1.5, 2, 3, 5, 10),
+    runtime_buckets=(0.1, 0.5, 1, 1.5, 2, 3, 5, 10),
+    heartbeat_interval=0.5,
+)
+
+
+@app.task(name="t.ok")
+def ok(x: int = 0) -> int:
+    return x
+
+
+@app.task(name="t.fail")
+def fail(kind: str) -> None:
+    if kind == "value":
+        raise ValueError("planned failure")
+    raise KeyError(kind)
+
+
+@app.task(name="t.retry_twice", bind=True, max_retries=5)
+def retry_twice(self: Any) -> int:
+    if self.request.retries < 2:
+        raise self.retry(countdown=0)
+    return int(self.request.retries)
+
+
+@app.task(name="t.sleep")
+def sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task(name="t.waiter")
+def waiter() -> None:
+    return None
+
+
+@app.task(name="t.later")
+def later() -> None:
+    return None
+
+
+def _wait_revoked(ids: list[str], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        replies = app.control.inspect(timeout=1.0).revoked() or {}
+        known = {i for ids_ in replies.values() for i in ids_}
+        if set(ids) <= known:
+            return
+    raise SystemExit(f"worker never acknowledged revokes for {ids}")
+
+
+def counts() -> dict[str, Any]:
+    """The known workload of the counting test."""
+    for i in range(20):
+        ok.delay(i)
+    for i in range(10):
+        ok.apply_async((i,), queue="beta")
+    for _ in range(6):
+        fail.delay("value")
+    for _ in range(4):
+        fail.delay("key")
+    for _ in range(5):
+        retry_twice.apply_async(queue="beta")
+    past = datetime.now(timezone.utc) - timedelta(seconds=30)
+    for _ in range(4):
+        ok.apply_async((0,), expires=past)
+    revoked = [f"revoked-{i}-{time.time_ns()}" for i in range(3)]
+    app.control.revoke(revoked)
+    _wait_revoked(revoked)
+    for task_id in revoked:
+        ok.apply_async((0,), task_id=task_id)
+    app.send_task("t.no_such_task", queue="alpha")
+    return {"revoked": revoked}
+
+
+def hold_back() -> dict[str, Any]:
+    """One blocker, then waiters queued behind it, then a countdown task."""
+    sleep.delay(2.0)
+    for _ in range(3):
+        waiter.delay()
+    return {}
+
+
+def countdown() -> dict[str, Any]:
+    later.apply_async(countdown=3)
+    return {}
+
+
+def many(n: int) -> dict[str, Any]:
+    for i in range(n):
+        ok.delay(i)
+    return {}
+
+
+def names(n: int) -> dict[str, Any]:
+    for i in range(n):
+        app.send_task(f"t.dynamic_{i}", queue="beta")
+    return {}
+
+
+if __name__ == "__main__":
+    scenario, *args = sys.argv[1:]
+    result = globals()[scenario](*map(int, args))
+    print(json.dumps(result))
