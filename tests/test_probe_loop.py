@@ -14,7 +14,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 
 from exporter.probes import ProbeOptions, probe_for_url
-from exporter.probes.loop import LoopOptions, ProbeLoop, collect_all
+from exporter.probes.loop import LoopOptions, ProbeGroup, ProbeLoop, build_probe_loops
 from exporter.probes.rabbitmq import RabbitMQProbe
 from exporter.probes.redis import RedisProbe
 from exporter.redact import redact_url, scrub, secrets_of
@@ -106,7 +106,7 @@ def silent_port() -> Iterator[int]:
     listener.close()
 
 
-def samples(families: list[Metric]) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+def samples(families: Iterable[Metric]) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     """{sample name: {sorted labels: value}} for easy exact assertions."""
     out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
     for family in families:
@@ -115,7 +115,7 @@ def samples(families: list[Metric]) -> dict[str, dict[tuple[tuple[str, str], ...
     return out
 
 
-def value(families: list[Metric], name: str, **labels: str) -> float | None:
+def value(families: Iterable[Metric], name: str, **labels: str) -> float | None:
     return samples(families).get(name, {}).get(tuple(sorted(labels.items())))
 
 
@@ -200,7 +200,7 @@ def test_metrics_from_redis(redis_url: str, app: Celery) -> None:
     assert loop.ready() == (False, f"broker {redis_url} not probed yet")
     assert loop.probe_once()
     assert loop.ready()[0]
-    got = samples(loop.collect())
+    got = samples(list(loop.collect()))
     db = redis_url.rsplit("/", 1)[1]
     broker = (("broker", redis_url),)
     assert got["celery_queue_length"] == {
@@ -226,19 +226,19 @@ def test_discovery_include_exclude_and_cap(redis_url: str, app: Celery) -> None:
     options = LoopOptions(queues=("q4",), include=(r"q\d",), exclude=(r"q5",), max_queues=3)
     loop = redis_loop(redis_url, options, known_queues=lambda: {"host.celery.pidbox"})
     assert loop.probe_once()
-    got = samples(loop.collect())
+    got = samples(list(loop.collect()))
     assert sorted(dict(k)["queue_name"] for k in got["celery_queue_length"]) == ["q0", "q1", "q4"]
     dropped = (("broker", redis_url),)
     assert got["celery_exporter_probe_queues_dropped_total"] == {dropped: 2.0}  # q2, q3
     assert loop.probe_once()
-    assert samples(loop.collect())["celery_exporter_probe_queues_dropped_total"] == {dropped: 4.0}
+    assert samples(list(loop.collect()))["celery_exporter_probe_queues_dropped_total"] == {dropped: 4.0}
 
 
 def test_default_exclude_drops_celery_plumbing(redis_url: str) -> None:
     plumbing = {"w1@host.celery.pidbox", "abc.reply.celery.pidbox", "celeryev.1234", "amq.gen-xyz"}
     loop = redis_loop(redis_url, known_queues=lambda: plumbing | {"tasks"})
     assert loop.probe_once()
-    got = samples(loop.collect())["celery_queue_length"]
+    got = samples(list(loop.collect()))["celery_queue_length"]
     assert [dict(k)["queue_name"] for k in got] == ["tasks"]
 
 
@@ -248,7 +248,7 @@ def test_failing_known_queues_callback_does_not_stop_probing(redis_url: str) -> 
 
     loop = redis_loop(redis_url, LoopOptions(queues=("x",)), known_queues=broken)
     assert loop.probe_once()
-    assert value(loop.collect(), "celery_broker_up", broker=redis_url) == 1.0
+    assert value(list(loop.collect()), "celery_broker_up", broker=redis_url) == 1.0
 
 
 def test_rabbitmq_loop_and_exposition(amqp_url: str, amqp_vhost: str, redis_url: str) -> None:
@@ -262,10 +262,10 @@ def test_rabbitmq_loop_and_exposition(amqp_url: str, amqp_vhost: str, redis_url:
 
     def rabbit_length() -> float | None:
         rabbit.probe_once()
-        return value(rabbit.collect(), "celery_queue_length", queue_name="rq", vhost=amqp_vhost)
+        return value(list(rabbit.collect()), "celery_queue_length", queue_name="rq", vhost=amqp_vhost)
 
     wait_for(lambda: rabbit_length() == 3.0, 30, "rq length 3 in the management API")
-    families = rabbit.collect()
+    families = list(rabbit.collect())
     assert value(families, "celery_queue_unacked", queue_name="rq", vhost=amqp_vhost) == 0.0
     assert value(families, "celery_queue_consumers", queue_name="rq", vhost=amqp_vhost) == 0.0
     assert "celery_queue_oldest_message_age_seconds" not in samples(families)
@@ -275,12 +275,10 @@ def test_rabbitmq_loop_and_exposition(amqp_url: str, amqp_vhost: str, redis_url:
     redis = redis_loop(redis_url, LoopOptions(queues=("rq",)))
     assert redis.probe_once()
 
-    class Both:
-        def collect(self) -> list[Metric]:
-            return collect_all([rabbit, redis])
-
+    group = ProbeGroup([rabbit, redis])
+    assert group.ready() == (True, "2 broker(s) probed")
     registry = CollectorRegistry()
-    registry.register(Both())  # type: ignore[arg-type]
+    registry.register(group)  # type: ignore[arg-type]
     text = generate_latest(registry).decode()
     assert text.count("# TYPE celery_queue_length gauge") == 1
     assert f'celery_broker_up{{broker="{label}"}} 1.0' in text
@@ -300,7 +298,7 @@ def test_redis_outage_flips_up_and_recovers(private_redis: RedisServer) -> None:
     def up() -> float | None:
         nonlocal slowest_collect
         start = time.monotonic()
-        families = loop.collect()
+        families = list(loop.collect())
         slowest_collect = max(slowest_collect, time.monotonic() - start)
         return value(families, "celery_broker_up", broker=private_redis.url)
 
@@ -311,14 +309,14 @@ def test_redis_outage_flips_up_and_recovers(private_redis: RedisServer) -> None:
         # Down within one interval (plus the probe's own timeout and slack).
         wait_for(lambda: up() == 0.0, interval + 0.5 + 1.0, "broker_up 0 after the kill")
         assert loop.ready()[0]  # stays ready: the outage is a metric, not a dead exporter
-        families = loop.collect()
+        families = list(loop.collect())
         assert "celery_queue_length" not in samples(families)  # no stale depths while down
         assert (
             value(families, "celery_exporter_probe_errors_total", broker=private_redis.url, reason="connection") or 0
         ) >= 1
         private_redis.start()  # same port
         wait_for(lambda: up() == 1.0, 3 * interval + 5, "broker_up 1 after the restart")
-        assert value(loop.collect(), "celery_queue_length", queue_name="q", vhost="0") == 0.0
+        assert value(list(loop.collect()), "celery_queue_length", queue_name="q", vhost="0") == 0.0
     finally:
         loop.stop()
     assert slowest_collect < interval  # collect() never waited for the broker
@@ -331,7 +329,7 @@ def test_unreachable_broker_before_first_success() -> None:
     ready, reason = loop.ready()
     assert not ready
     assert reason == "broker redis://127.0.0.1:1/0 not reachable: ConnectionError"
-    got = samples(loop.collect())
+    got = samples(list(loop.collect()))
     assert got["celery_broker_up"] == {(("broker", "redis://127.0.0.1:1/0"),): 0.0}
     assert "celery_exporter_probe_last_success_timestamp_seconds" not in got
 
@@ -342,7 +340,7 @@ def test_rabbitmq_management_down_counts_connection_errors() -> None:
         probe_for_url(url, ProbeOptions(timeout=2, mgmt_port=free_port())), url, LoopOptions(interval=2, timeout=2)
     )
     assert not loop.probe_once()
-    families = loop.collect()
+    families = list(loop.collect())
     assert value(families, "celery_broker_up", broker="amqp://127.0.0.1:5672//") == 0.0
     assert (
         value(families, "celery_exporter_probe_errors_total", broker="amqp://127.0.0.1:5672//", reason="connection")
@@ -365,12 +363,14 @@ def test_hung_management_api_times_out_without_piling_up_threads(silent_port: in
     try:
 
         def timeouts() -> float:
-            got = value(loop.collect(), "celery_exporter_probe_errors_total", broker=redact_url(url), reason="timeout")
+            got = value(
+                list(loop.collect()), "celery_exporter_probe_errors_total", broker=redact_url(url), reason="timeout"
+            )
             return got or 0.0
 
         wait_for(lambda: timeouts() >= 4, 10, "four timed-out cycles")
         assert probe_threads() - before <= 1  # one stuck call, never more
-        assert value(loop.collect(), "celery_broker_up", broker=redact_url(url)) == 0.0
+        assert value(list(loop.collect()), "celery_broker_up", broker=redact_url(url)) == 0.0
         assert loop.ready()[1].endswith("not reachable: timeout")
     finally:
         loop.stop()
@@ -380,7 +380,7 @@ def test_hung_redis_times_out_in_the_probe(silent_port: int) -> None:
     url = f"redis://127.0.0.1:{silent_port}/0"
     loop = ProbeLoop(probe_for_url(url, ProbeOptions(timeout=0.3)), url, LoopOptions(interval=2, timeout=2))
     assert not loop.probe_once()
-    assert value(loop.collect(), "celery_exporter_probe_errors_total", broker=url, reason="timeout") == 1.0
+    assert value(list(loop.collect()), "celery_exporter_probe_errors_total", broker=url, reason="timeout") == 1.0
 
 
 # -- secrets ---------------------------------------------------------------------
@@ -396,7 +396,7 @@ def test_password_never_reaches_logs_errors_or_metrics(caplog: pytest.LogCapture
         loop = redis_loop(url, LoopOptions(queues=("q",)))
         assert not loop.probe_once()
         assert not loop.probe_once()
-        families = loop.collect()
+        families = list(loop.collect())
         text = "\n".join(
             [caplog.text, *(r.getMessage() for r in caplog.records), str(loop.ready()), repr(samples(families))]
         )
@@ -406,3 +406,28 @@ def test_password_never_reaches_logs_errors_or_metrics(caplog: pytest.LogCapture
         assert redact_url(url) == f"redis://127.0.0.1:{server.port}/0"
     finally:
         server.kill()
+
+
+def test_build_probe_loops_and_group(redis_url: str, amqp_url: str) -> None:
+    seen = {"from-instrumentation"}
+    loops = build_probe_loops([redis_url, amqp_url], interval=4, timeout=2)
+    assert [type(loop.probe) for loop in loops] == [RedisProbe, RabbitMQProbe]
+    assert [loop.options.timeout for loop in loops] == [2, 2]
+    group = ProbeGroup(loops)
+    group.known_queues = lambda: seen
+    assert group.ready()[0] is False
+    group.start()
+    try:
+        wait_for(lambda: group.ready()[0], 10, "both brokers probed")
+        db = redis_url.rsplit("/", 1)[1]
+        wait_for(
+            lambda: value(group.collect(), "celery_queue_length", queue_name="from-instrumentation", vhost=db) == 0,
+            10,
+            "the instrumentation's queue probed",
+        )
+        ups = samples(group.collect())["celery_broker_up"]
+        assert sorted(dict(k)["broker"] for k in ups) == sorted(redact_url(u) for u in (redis_url, amqp_url))
+    finally:
+        group.stop()
+    with pytest.raises(ValueError, match="no broker probe"):
+        build_probe_loops(["kafka://h"])

@@ -17,12 +17,13 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from exporter.probes.base import ERROR_REASONS, BrokerSnapshot, Probe, ProbeError, QueueStats
+from exporter.probes import probe_for_url
+from exporter.probes.base import ERROR_REASONS, BrokerSnapshot, Probe, ProbeError, ProbeOptions, QueueStats
 from exporter.redact import redact_url, scrub
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ class ProbeLoop:
         self.options = options or LoopOptions()
         self.broker = redact_url(url)
         self._url = url
-        self._known_queues = known_queues
+        #: The instrumentation's seen queues; settable after construction.
+        self.known_queues = known_queues
         self._include = [re.compile(p) for p in self.options.include]
         self._exclude = [re.compile(p) for p in self.options.exclude]
         self._lock = threading.Lock()
@@ -194,10 +196,10 @@ class ProbeLoop:
             result.done.set()
 
     def _known(self) -> set[str]:
-        if self._known_queues is None:
+        if self.known_queues is None:
             return set()
         try:
-            return set(self._known_queues())
+            return set(self.known_queues())
         except Exception as exc:  # noqa: BLE001 - the caller's callback must not stop probing
             log.warning("known_queues() failed for %s: %s", self.broker, type(exc).__name__)
             return set()
@@ -256,7 +258,7 @@ class ProbeLoop:
                 return False, f"broker {self.broker} not probed yet"
             return False, f"broker {self.broker} not reachable: {self._last_failure}"
 
-    def collect(self) -> list[Metric]:
+    def collect(self) -> Iterator[Metric]:
         """Metric families from cached state only: no broker I/O here."""
         with self._lock:
             snapshot, up = self._snapshot, self._up
@@ -325,7 +327,7 @@ class ProbeLoop:
             families["last_success"].add_metric(b, last_success)
         if snapshot is not None:
             _add_snapshot(families, self.broker, snapshot)
-        return list(families.values())
+        yield from families.values()
 
 
 def _add_snapshot(
@@ -367,3 +369,58 @@ def collect_all(loops: Sequence[ProbeLoop]) -> list[Metric]:
             else:
                 merged[family.name] = family
     return list(merged.values())
+
+
+class ProbeGroup:
+    """Several brokers' loops as one metrics source, so each family is
+    exposed once (a second `# TYPE` line for a name breaks the scrape)."""
+
+    def __init__(self, loops: Iterable[ProbeLoop]) -> None:
+        self.loops = list(loops)
+
+    @property
+    def known_queues(self) -> Callable[[], Iterable[str]] | None:
+        return self.loops[0].known_queues if self.loops else None
+
+    @known_queues.setter
+    def known_queues(self, known: Callable[[], Iterable[str]] | None) -> None:
+        for loop in self.loops:
+            loop.known_queues = known
+
+    def start(self) -> None:
+        for loop in self.loops:
+            loop.start()
+
+    def stop(self) -> None:
+        for loop in self.loops:
+            loop.stop()
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready when every broker has been probed once."""
+        for loop in self.loops:
+            ok, reason = loop.ready()
+            if not ok:
+                return False, reason
+        return True, f"{len(self.loops)} broker(s) probed"
+
+    def collect(self) -> Iterator[Metric]:
+        yield from collect_all(self.loops)
+
+
+def build_probe_loops(
+    urls: Iterable[str],
+    *,
+    interval: float = 15.0,
+    timeout: float = 10.0,
+    probe_options: ProbeOptions | None = None,
+    loop_options: LoopOptions | None = None,
+    known_queues: Callable[[], Iterable[str]] | None = None,
+) -> list[ProbeLoop]:
+    """One loop per broker URL; raises ValueError for a URL no probe handles.
+
+    Each network call gets half the cycle timeout, so that a call and its one
+    reconnect attempt still end inside the cycle and nothing stays stuck.
+    """
+    loop_opts = replace(loop_options or LoopOptions(), interval=interval, timeout=timeout)
+    probe_opts = replace(probe_options or ProbeOptions(), timeout=timeout / 2)
+    return [ProbeLoop(probe_for_url(url, probe_opts), url, loop_opts, known_queues) for url in urls]
