@@ -431,3 +431,19 @@ def test_build_probe_loops_and_group(redis_url: str, amqp_url: str) -> None:
         group.stop()
     with pytest.raises(ValueError, match="no broker probe"):
         build_probe_loops(["kafka://h"])
+
+
+def test_discovery_runs_every_n_cycles_not_every_probe(redis_url: str, app: Celery) -> None:
+    app.send_task("x.y", queue="found")
+    probe = probe_for_url(redis_url)
+    calls: list[str] = []
+    discover, snapshot = probe.discover, probe.snapshot
+    probe.discover = lambda: calls.append("discover") or discover()  # type: ignore[method-assign]
+    probe.snapshot = lambda queues: calls.append("snapshot") or snapshot(queues)  # type: ignore[method-assign]
+    loop = ProbeLoop(probe, redis_url, LoopOptions(discover_every=3))
+    for _ in range(6):
+        assert loop.probe_once()
+    assert calls.count("snapshot") == 6 and calls.count("discover") == 2
+    assert (
+        value(list(loop.collect()), "celery_queue_length", queue_name="found", vhost=redis_url.rsplit("/", 1)[1]) == 1
+    )

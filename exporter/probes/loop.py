@@ -164,7 +164,6 @@ class ProbeLoop:
             self._discovered = result.discovered
             self._discovery_due = False
         if result.snapshot is None:
-            self._discovery_due = self._discovery_due or discover
             self._record_failure(result.reason, result.cause, result.message, started)
             return False
         self._record_success(result.snapshot, result.dropped, started)
@@ -235,6 +234,7 @@ class ProbeLoop:
 
     def _record_failure(self, reason: str, cause: str, message: str, started: float) -> None:
         message = scrub(message, self._url)
+        self._discovery_due = True  # the broker may come back without its bindings
         with self._lock:
             was_up = self._up
             first = self._last_success is None and not self._last_failure
