@@ -22,7 +22,7 @@ from celery import Celery
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 
-from exporter.probes import ProbeOptions, probe_for_url
+from exporter.probes import BrokerSnapshot, ProbeOptions, probe_for_url
 from exporter.probes.loop import LoopOptions, ProbeGroup, ProbeLoop, build_probe_loops
 from exporter.probes.rabbitmq import RabbitMQProbe
 from exporter.probes.redis import RedisProbe
@@ -438,8 +438,17 @@ def test_discovery_runs_every_n_cycles_not_every_probe(redis_url: str, app: Cele
     probe = probe_for_url(redis_url)
     calls: list[str] = []
     discover, snapshot = probe.discover, probe.snapshot
-    probe.discover = lambda: calls.append("discover") or discover()  # type: ignore[method-assign]
-    probe.snapshot = lambda queues: calls.append("snapshot") or snapshot(queues)  # type: ignore[method-assign]
+
+    def counted_discover() -> set[str]:
+        calls.append("discover")
+        return discover()
+
+    def counted_snapshot(queues: set[str]) -> BrokerSnapshot:
+        calls.append("snapshot")
+        return snapshot(queues)
+
+    probe.discover = counted_discover  # type: ignore[method-assign]
+    probe.snapshot = counted_snapshot  # type: ignore[method-assign]
     loop = ProbeLoop(probe, redis_url, LoopOptions(discover_every=3))
     for _ in range(6):
         assert loop.probe_once()

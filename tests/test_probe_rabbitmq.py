@@ -1,3 +1,4 @@
+# mypy: disable-error-code="no-untyped-call,untyped-decorator"
 """RabbitMQ probe against a real RabbitMQ and its management API.
 
 Management figures lag the broker by up to the stats interval (5 s by

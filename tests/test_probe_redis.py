@@ -1,3 +1,4 @@
+# mypy: disable-error-code="no-untyped-call,untyped-decorator"
 """Redis probe against a real Redis: every count is exact, never mocked."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from kombu import Connection
+from kombu.connection import Connection
 
 from exporter.probes import ProbeOptions, probe_for_url
 from exporter.probes.base import ProbeError
@@ -168,7 +169,7 @@ def test_unacked_honours_prefix_and_key(redis_url: str, make_app: MakeApp) -> No
 
 def test_memory_used_and_maxmemory(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
-    original = client.config_get("maxmemory")["maxmemory"]
+    original = str(client.config_get("maxmemory")["maxmemory"])
     # Far above what the shared test Redis uses, so nobody else is affected.
     limit = 7 * 1024**3 + 12345
     client.config_set("maxmemory", limit)
@@ -191,6 +192,7 @@ def test_celery_puts_the_due_header_in_protocol2_headers(redis_url: str, make_ap
     app = make_app()
     publish(app, "hdr", headers={DUE_HEADER: 1234.5})
     raw = redis.Redis.from_url(redis_url).lindex("hdr", -1)
+    assert isinstance(raw, bytes)
     assert json.loads(raw)["headers"][DUE_HEADER] == 1234.5
     assert due_time(raw) == 1234.5
 

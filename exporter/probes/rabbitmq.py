@@ -128,13 +128,14 @@ class RabbitMQProbe:
             path = f"queues/{quote(self.vhosts[0], safe='')}"
         else:
             path = "queues"  # one request for every vhost, filtered here
-        items: list[dict[str, Any]] = []
+        items: dict[tuple[str, str], dict[str, Any]] = {}
         page = 1
         while True:
             result = self._get(path, {"columns": QUEUE_COLUMNS, "page": page, "page_size": self.page_size})
-            items.extend(result["items"])
+            # Keyed, so a queue that shifts between pages is never reported twice.
+            items.update({(str(i["vhost"]), str(i["name"])): i for i in result["items"]})
             if page >= int(result.get("page_count") or 0):
-                return items
+                return list(items.values())
             page += 1
 
     def close(self) -> None:
