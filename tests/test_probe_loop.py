@@ -210,7 +210,7 @@ def test_metrics_from_redis(redis_url: str, app: Celery) -> None:
     assert got["celery_broker_unacked"] == {broker: 0.0}
     assert "celery_queue_unacked" not in got and "celery_queue_consumers" not in got  # Redis cannot tell
     ((labels, used),) = got["celery_broker_memory_used_bytes"].items()
-    assert used > 0 and dict(labels)["node"] == "127.0.0.1:6379"
+    assert used > 0 and dict(labels)["node"] == redis_url.split("://", 1)[1].rsplit("/", 1)[0]
     assert abs(got["celery_exporter_probe_last_success_timestamp_seconds"][broker] - time.time()) < 60
     assert got["celery_exporter_probe_duration_seconds"][broker] >= 0
     assert got["celery_exporter_probe_errors_total"] == {
