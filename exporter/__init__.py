@@ -10,6 +10,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .instrument import Instrumentation, instrument  # noqa: E402
+from .instrument import Instrumentation, instrument
 
 __all__ = ["Instrumentation", "__version__", "instrument"]

@@ -51,7 +51,7 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float) -> N
     os.environ.update({k: env[k] for k in ("CELERY_EXPORTER_METRICS_DIR", "CELERY_EXPORTER_DEMO_DIR",
                                          "CELERY_EXPORTER_DEMO_BROKER")})
     log_path = os.path.join(workdir, "worker.log")
-    worker_log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
+    worker_log = open(log_path, "wb")
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "exporter.demo_app", "worker", "-P", "prefork", "-c", "2",
          "-Q", "fast,slow", "-n", "demo@%h", "--loglevel", "WARNING", "--max-tasks-per-child", "50"],

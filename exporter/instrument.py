@@ -204,9 +204,8 @@ class Instrumentation:
         if name is not None:
             self.retried.labels(name, self.queue_of(request)).inc()
 
-    def connect(self) -> None:
-        """Connect every receiver once; dispatch_uid makes a second call a no-op."""
-        pairs: Iterable[tuple[Any, str, Callable[..., None]]] = (
+    def receivers(self) -> list[tuple[Any, str, Callable[..., None]]]:
+        return [
             (signals.before_task_publish, "before_task_publish", self.before_publish),
             (signals.after_task_publish, "after_task_publish", self.after_publish),
             (signals.task_received, "task_received", self.on_received),
@@ -218,8 +217,14 @@ class Instrumentation:
             (signals.task_success, "task_success", self.on_success),
             (signals.task_failure, "task_failure", self.on_failure),
             (signals.task_retry, "task_retry", self.on_retry),
-        )
-        for signal, label, fn in pairs:
+        ]
+
+    def signal_names(self) -> list[str]:
+        return [label for _, label, _ in self.receivers()] + ["worker_tick", "worker_init", "worker_shutdown"]
+
+    def connect(self) -> None:
+        """Connect every receiver once; dispatch_uid makes a second call a no-op."""
+        for signal, label, fn in self.receivers():
             signal.connect(self.guard(label, fn), weak=False, dispatch_uid=f"celery_signal_exporter.{label}")
 
 

@@ -106,7 +106,7 @@ class Series:
     (after a fork), so a write is a dict-free mmap update under a lock.
     """
 
-    __slots__ = ("_store", "_keys", "_bounds", "_prefix", "_generation", "_file", "_slots")
+    __slots__ = ("_bounds", "_file", "_generation", "_keys", "_prefix", "_slots", "_store")
 
     def __init__(self, store: Store, spec: Spec, values: Sequence[str], buckets: Sequence[float]) -> None:
         labels = dict(zip(spec.labels, values))

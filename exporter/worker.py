@@ -76,6 +76,15 @@ class WorkerMetrics:
         self.pool_processes = m.Metric(inst.store, m.POOL_PROCESSES)
         self.tasks_active = m.Metric(inst.store, m.TASKS_ACTIVE)
 
+    def initialise(self) -> None:
+        """Write the error counters at 0, so rate() works from the first error on."""
+        try:
+            self.inst.dropped.labels("name").inc(0)
+            for signal in self.inst.signal_names():
+                self.inst.handler_errors.labels(signal).inc(0)
+        except Exception as exc:  # noqa: BLE001
+            self.inst.handler_failed("worker_init", exc)
+
     def tick(self, consumer: Any) -> None:
         try:
             from celery.worker import state
@@ -117,6 +126,7 @@ def install_worker_metrics(app: Celery, inst: Instrumentation) -> None:
             self.tref: Any = None
 
         def start(self, parent: Any) -> None:
+            worker_metrics.initialise()
             worker_metrics.tick(parent)
             self.tref = parent.timer.call_repeatedly(interval, worker_metrics.tick, (parent,), priority=10)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import uuid
@@ -36,16 +37,28 @@ def redis_base_url() -> str:
 
 @pytest.fixture
 def redis_url(redis_base_url: str) -> Iterator[str]:
-    """A Redis URL on a database index nobody else in the run uses, flushed after."""
+    """A Redis URL on a database index no other test run on this machine holds, flushed."""
     import redis
 
-    db = 1 + (uuid.uuid4().int % 14)
+    for db in range(1, 16):
+        lock = open(f"/tmp/celery-signal-exporter-test-redis-db-{db}.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        break
+    else:
+        pytest.fail("all Redis test databases 1-15 are held by other test runs", pytrace=False)
     url = f"{redis_base_url}/{db}"
     client = redis.Redis.from_url(url)
     client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
+        lock.close()
 
 
 @pytest.fixture(scope="session")
