@@ -10,26 +10,29 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
 from . import __version__
 
 ENV = "CELERY_EXPORTER_"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _env(name: str) -> str:
     return ENV + name.upper().replace("-", "_")
 
 
-def _option(*decls: str, **kwargs: Any) -> Any:
+def _option(*decls: str, **kwargs: Any) -> Callable[[F], F]:
     """A click option that is also an environment variable, shown in --help."""
     name = decls[0].lstrip("-")
     kwargs.setdefault("envvar", _env(name))
     kwargs.setdefault("show_envvar", True)
     kwargs.setdefault("show_default", True)
-    return click.option(*decls, **kwargs)
+    decorator: Callable[[F], F] = click.option(*decls, **kwargs)
+    return decorator
 
 
 def _setup_logging(level: str) -> None:
@@ -178,7 +181,8 @@ def _probe_group(urls: tuple[str, ...], interval: float, timeout: float, queues:
          help="Run the demo on this Redis or RabbitMQ broker instead of the built-in filesystem transport.")
 @_option("--host", default="127.0.0.1", help="Address the demo's exporter listens on.")
 @_option("--port", type=click.IntRange(1, 65535), default=9808, help="Port the demo's exporter listens on.")
-@_option("--duration", type=click.FloatRange(min=0), default=0.0, help="Stop after this many seconds (0: run until Ctrl-C).")
+@_option("--duration", type=click.FloatRange(min=0), default=0.0,
+         help="Stop after this many seconds (0: run until Ctrl-C).")
 def demo(broker_url: str | None, host: str, port: int, duration: float) -> None:
     """Run a real prefork worker, a producer and the exporter; needs no server."""
     from .demo import run_demo

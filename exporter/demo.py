@@ -81,7 +81,10 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float) -> N
         click.echo(f"demo: metrics at http://{host}:{port}/metrics  (Ctrl-C stops everything)")
         if duration > 0:
             threading.Timer(duration, lambda: setattr(server, "should_exit", True)).start()
-        server.run()
+        try:
+            server.run()
+        except KeyboardInterrupt:
+            pass  # uvicorn re-raises Ctrl-C after its own shutdown: ours is the normal stop
     finally:
         stop.set()
         _stop_worker(worker)

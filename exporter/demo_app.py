@@ -1,3 +1,4 @@
+# mypy: disable-error-code="untyped-decorator,no-untyped-call"
 """The Celery app the demo runs: two queues and tasks that succeed, sleep,
 fail, retry and expire. Configured from the environment by `demo.py`, so the
 same module serves the worker process and the producer.
@@ -11,7 +12,7 @@ import time
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 import exporter
 
@@ -30,6 +31,7 @@ def _broker() -> tuple[str, dict[str, Any]]:
         "data_folder_out": folder,
         "store_processed": False,
         "polling_interval": 0.1,
+        "control_folder": os.path.join(folder, "control"),
     }
 
 

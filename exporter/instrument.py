@@ -80,9 +80,9 @@ class Instrumentation:
 
     # -- helpers -------------------------------------------------------------
 
-    def task_name(self, name: Any) -> str | None:
+    def task_name(self, raw: Any) -> str | None:
         """The label value for a task name: None if ignored, folded past the cap."""
-        name = name if isinstance(name, str) else str(name)
+        name: str = raw if isinstance(raw, str) else str(raw)
         if name in self._names:
             return name
         if name in self.options.ignore_tasks:

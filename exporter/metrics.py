@@ -109,7 +109,7 @@ class Series:
     __slots__ = ("_bounds", "_file", "_generation", "_keys", "_prefix", "_slots", "_store")
 
     def __init__(self, store: Store, spec: Spec, values: Sequence[str], buckets: Sequence[float]) -> None:
-        labels = dict(zip(spec.labels, values))
+        labels = dict(zip(spec.labels, values, strict=True))
         self._store = store
         self._bounds: list[float] = list(buckets)
         if spec.kind == "counter":

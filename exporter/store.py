@@ -67,7 +67,7 @@ class MetricFile:
         if size == 0:
             os.posix_fallocate(self._fd, 0, INITIAL_SIZE)
             size = INITIAL_SIZE
-        self._size = size
+        self._size: int = size
         self._map = mmap.mmap(self._fd, size)
         self._slots: dict[str, int] = {}
         used = _INT.unpack_from(self._map, 0)[0]
@@ -83,13 +83,13 @@ class MetricFile:
                 pos += 4 + length + (8 - (length + 4) % 8)
                 self._slots[key] = pos
                 pos += 16
-        self._used = used
+        self._used: int = used
 
     def slot(self, key: str) -> int:
         """Offset of the key's value, appending a zeroed entry if it is new."""
-        pos = self._slots.get(key)
-        if pos is not None:
-            return pos
+        known = self._slots.get(key)
+        if known is not None:
+            return known
         encoded = key.encode("utf-8")
         padding = 8 - (len(encoded) + 4) % 8
         entry = _INT.pack(len(encoded)) + encoded + b" " * padding + _TWO_DOUBLES.pack(0.0, 0.0)

@@ -48,7 +48,7 @@ def reap_dead_processes(directory: str) -> list[int]:
     process and its pool are, and producers in other containers write no
     live gauges.
     """
-    reaped = []
+    reaped: list[int] = []
     try:
         names = os.listdir(directory)
     except OSError:
@@ -116,7 +116,7 @@ def install_worker_metrics(app: Celery, inst: Instrumentation) -> None:
     worker_metrics = WorkerMetrics(inst)
     interval = inst.options.heartbeat_interval
 
-    class ExporterHeartbeat(bootsteps.StartStopStep):
+    class ExporterHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
         """Writes worker metrics every `interval` seconds on the consumer's timer."""
 
         requires = ("celery.worker.consumer.tasks:Tasks",)

@@ -71,7 +71,8 @@ def test_known_workload_counts_exactly(broker_url: str, tmp_path: pytest.TempPat
     assert v("celery_exporter_metrics_files", state="unreadable") == 0
 
 
-def test_queue_wait_excludes_countdown_and_includes_hold_back(broker_url: str, tmp_path: pytest.TempPathFactory) -> None:
+def test_queue_wait_excludes_countdown_and_includes_hold_back(broker_url: str,
+                                                              tmp_path: pytest.TempPathFactory) -> None:
     metrics_dir = str(tmp_path / "metrics")
     env = env_for(broker_url, metrics_dir)
     with worker(env, str(tmp_path), concurrency=1) as _, exporter(str(tmp_path), "--metrics-dir", metrics_dir) as ex:
