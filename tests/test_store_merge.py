@@ -1,0 +1,138 @@
+"""The per-process store and the directory merge, on real files and real forks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from exporter import metrics as m
+from exporter.collect import DirectoryCollector, merged_samples
+from exporter.store import MetricFile, Store, read_entries
+
+
+def test_files_are_prometheus_client_compatible(tmp_path: pytest.TempPathFactory) -> None:
+    store = Store(str(tmp_path))
+    m.Metric(store, m.SENT).labels("a", "q").inc(3)
+    m.Metric(store, m.RUNTIME, (0.1, 1)).labels("a", "q").observe(0.5)
+    m.Metric(store, m.IN_PROGRESS).labels("a", "q").inc(2)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    stock = generate_latest(registry).decode()
+    assert 'celery_task_sent_total{name="a",queue_name="q"} 3.0' in stock
+    assert 'celery_task_runtime_seconds_bucket{le="1.0",name="a",queue_name="q"} 1.0' in stock
+    ours = merged_samples(DirectoryCollector(str(tmp_path)))
+    assert ours['celery_task_sent_total{name="a",queue_name="q"}'] == 3
+    assert ours['celery_task_runtime_seconds_bucket{le="0.1",name="a",queue_name="q"}'] == 0
+    assert ours['celery_task_runtime_seconds_bucket{le="1",name="a",queue_name="q"}'] == 1
+    assert ours['celery_task_runtime_seconds_count{name="a",queue_name="q"}'] == 1
+    assert ours['celery_task_runtime_seconds_sum{name="a",queue_name="q"}'] == 0.5
+    assert ours['celery_task_in_progress{name="a",queue_name="q"}'] == 2
+
+
+def test_forked_children_write_their_own_files_and_sum(tmp_path: pytest.TempPathFactory) -> None:
+    store = Store(str(tmp_path))
+    sent = m.Metric(store, m.SENT)
+    sent.labels("a", "q").inc()
+    pids = []
+    for _ in range(3):
+        pid = os.fork()
+        if pid == 0:  # child: the cached series must rebind to the child's own file
+            sent.labels("a", "q").inc(10)
+            os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        assert os.waitpid(pid, 0)[1] == 0
+    files = sorted(f for f in os.listdir(tmp_path) if f.startswith("counter_"))
+    assert len(files) == 4
+    assert merged_samples(DirectoryCollector(str(tmp_path)))['celery_task_sent_total{name="a",queue_name="q"}'] == 31
+
+
+def test_reopened_file_keeps_counting_from_its_values(tmp_path: pytest.TempPathFactory) -> None:
+    path = str(tmp_path / "counter_1.db")
+    f = MetricFile(path)
+    f.add(f.slot("k1"), 2)
+    f.add(f.slot("k2"), 5)
+    f.close()
+    again = MetricFile(path)  # pid reuse: same file, values carry on
+    again.add(again.slot("k2"), 1)
+    with open(path, "rb") as raw:
+        assert [(k, v) for k, v, _ in read_entries(raw.read())] == [("k1", 2.0), ("k2", 6.0)]
+
+
+def test_file_grows_past_its_first_size(tmp_path: pytest.TempPathFactory) -> None:
+    store = Store(str(tmp_path))
+    sent = m.Metric(store, m.SENT)
+    for i in range(3000):  # ~300 KB of keys, several doublings
+        sent.labels(f"task-{i}", "q").inc(i)
+    ours = merged_samples(DirectoryCollector(str(tmp_path)))
+    assert ours['celery_task_sent_total{name="task-2999",queue_name="q"}'] == 2999
+    assert len([k for k in ours if k.startswith("celery_task_sent_total")]) == 3000
+
+
+def test_damaged_files_are_skipped_and_counted(tmp_path: pytest.TempPathFactory) -> None:
+    store = Store(str(tmp_path))
+    m.Metric(store, m.SENT).labels("a", "q").inc(7)
+    (tmp_path / "counter_999.db").write_bytes(b"")  # 0-byte: fails prometheus-client's whole scrape
+    (tmp_path / "counter_998.db").write_bytes(b"\xff" * 100)  # garbage
+    good = next(p for p in os.listdir(tmp_path) if p.startswith("counter_") and p not in
+                ("counter_999.db", "counter_998.db"))
+    data = (tmp_path / good).read_bytes()
+    (tmp_path / "counter_997.db").write_bytes(data[:20])  # truncated
+    (tmp_path / "notes.txt").write_text("not ours")
+    collector = DirectoryCollector(str(tmp_path))
+    ours = merged_samples(collector)
+    assert ours['celery_task_sent_total{name="a",queue_name="q"}'] == 7
+    assert collector.last.files_unreadable == 3
+    assert collector.last.files_read == 1
+    assert sorted(os.listdir(tmp_path)) == sorted(["counter_997.db", "counter_998.db", "counter_999.db",
+                                                   good, "notes.txt"]), "nothing is deleted"
+
+
+def test_missing_directory_is_an_empty_merge(tmp_path: pytest.TempPathFactory) -> None:
+    collector = DirectoryCollector(str(tmp_path / "absent"))
+    assert merged_samples(collector) == {}
+
+
+def test_heartbeat_becomes_worker_up(tmp_path: pytest.TempPathFactory) -> None:
+    import time
+
+    store = Store(str(tmp_path))
+    beat = m.Metric(store, m.HEARTBEAT)
+    now = time.time()
+    beat.labels("fresh@h").set(now, now)
+    beat.labels("stale@h").set(now - 60, now - 60)
+    beat.labels("stopped@h").set(0.0, now)
+    ours = merged_samples(DirectoryCollector(str(tmp_path), worker_timeout=10))
+    assert ours == {'celery_worker_up{hostname="fresh@h"}': 1, 'celery_worker_up{hostname="stale@h"}': 0,
+                    'celery_worker_up{hostname="stopped@h"}': 0}
+
+
+def test_live_gauge_of_a_previous_process_with_our_pid_is_not_inherited(tmp_path: pytest.TempPathFactory) -> None:
+    first = Store(str(tmp_path))
+    m.Metric(first, m.IN_PROGRESS).labels("a", "q").inc(4)
+    m.Metric(first, m.SENT).labels("a", "q").inc(4)
+    first.close()
+    second = Store(str(tmp_path))  # same pid, new process life
+    m.Metric(second, m.IN_PROGRESS).labels("a", "q").inc(1)
+    m.Metric(second, m.SENT).labels("a", "q").inc(1)
+    ours = merged_samples(DirectoryCollector(str(tmp_path)))
+    assert ours['celery_task_in_progress{name="a",queue_name="q"}'] == 1
+    assert ours['celery_task_sent_total{name="a",queue_name="q"}'] == 5
+
+
+def test_hostile_label_values_round_trip(tmp_path: pytest.TempPathFactory) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from exporter.service import Exporter, ServiceConfig
+
+    hostile = ['quote " back \\ slash', "new\nline", "unicodé ✓", "x" * 10_000]
+    store = Store(str(tmp_path))
+    for name in hostile:
+        m.Metric(store, m.FAILED).labels(name, "q", name).inc()
+    body, _ = Exporter(ServiceConfig(metrics_dir=str(tmp_path))).render(None)
+    names = {s.labels["name"] for f in text_string_to_metric_families(body.decode())
+             for s in f.samples if s.name == "celery_task_failed_total"}
+    assert names == set(hostile)
