@@ -19,6 +19,7 @@ import threading
 import click
 import uvicorn
 
+from .probes.loop import LoopOptions, ProbeGroup, build_probe_loops
 from .redact import redact_url
 from .service import Exporter, ServiceConfig, create_app
 
@@ -59,6 +60,7 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float) -> N
     )
     stop = threading.Event()
     server: uvicorn.Server | None = None
+    sources: list[ProbeGroup] = []
     try:
         from . import demo_app  # imports instrument the producer: this process
 
@@ -73,7 +75,14 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float) -> N
 
         producer = threading.Thread(target=produce, name="demo-producer", daemon=True)
         producer.start()
-        exporter = Exporter(ServiceConfig(metrics_dir=metrics_dir))
+        if broker_url:  # a real broker: show its queue depth and memory too
+            probes = ProbeGroup(build_probe_loops([broker_url], interval=5, timeout=4,
+                                                  loop_options=LoopOptions(queues=("fast", "slow"))))
+            sources.append(probes)
+        exporter = Exporter(ServiceConfig(metrics_dir=metrics_dir, sources=sources))
+        for source in sources:
+            source.known_queues = exporter.queues_seen
+            source.start()
         config = uvicorn.Config(create_app(exporter), host=host, port=port, log_level="warning")
         server = uvicorn.Server(config)
         where = redact_url(broker_url) if broker_url else f"kombu filesystem transport in {workdir}"
@@ -86,6 +95,8 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float) -> N
         except KeyboardInterrupt:
             pass  # uvicorn re-raises Ctrl-C after its own shutdown: ours is the normal stop
     finally:
+        for source in sources:
+            source.stop()
         stop.set()
         _stop_worker(worker)
         worker_log.close()
