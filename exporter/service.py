@@ -7,6 +7,7 @@ runs in a worker thread so a slow disk cannot stall the event loop.
 from __future__ import annotations
 
 import gzip
+import os
 import platform
 import threading
 import time
@@ -81,8 +82,6 @@ class Exporter:
             return encoder(self), content_type  # type: ignore[arg-type]
 
     def ready(self) -> tuple[bool, str]:
-        import os
-
         if self.directory is not None and not os.path.isdir(self.directory.directory):
             return False, f"metrics directory {self.directory.directory} does not exist"
         for source in self.config.sources:
