@@ -34,6 +34,8 @@ exporter.instrument(
     runtime_buckets=(0.1, 0.5, 1, 1.5, 2, 3, 5, 10),
     heartbeat_interval=0.5,
 )
+# A second call must be a no-op: every exact count in the suite would double if it were not.
+assert exporter.instrument(app) is exporter.instrument(app)
 
 
 @app.task(name="t.ok")
