@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -23,6 +22,7 @@ from prometheus_client.core import Metric
 from prometheus_client.samples import Sample
 
 from .metrics import HEARTBEAT, format_le
+from .store import read_entries
 
 log = logging.getLogger("celery_signal_exporter")
 
@@ -50,7 +50,10 @@ def _parse_name(filename: str) -> tuple[str, str, str] | None:
 
 
 class DirectoryCollector:
-    """A prometheus-client collector over one metrics directory."""
+    """A prometheus-client collector over one metrics directory.
+
+    Not thread safe on its own: the service serialises scrapes around it.
+    """
 
     def __init__(self, directory: str, worker_timeout: float = 10.0) -> None:
         self.directory = directory
@@ -58,7 +61,6 @@ class DirectoryCollector:
         self.last = MergeStats()
         self._keys: dict[str, tuple[str, str, tuple[tuple[str, str], ...], str]] = {}
         self._damaged_logged: set[str] = set()
-        self._lock = threading.Lock()
 
     def _key(self, key: str) -> tuple[str, str, tuple[tuple[str, str], ...], str]:
         parsed = self._keys.get(key)
@@ -71,8 +73,6 @@ class DirectoryCollector:
         return parsed
 
     def _read(self, path: str) -> list[tuple[str, float, float]]:
-        from .store import read_entries
-
         with open(path, "rb") as f:
             data = f.read(4096)  # files are preallocated: read only the used part
             if len(data) >= 4:
@@ -82,10 +82,6 @@ class DirectoryCollector:
         return list(read_entries(data))
 
     def merge(self) -> tuple[list[Metric], MergeStats]:
-        with self._lock:
-            return self._merge()
-
-    def _merge(self) -> tuple[list[Metric], MergeStats]:
         stats = MergeStats()
         try:
             names = sorted(os.listdir(self.directory))
