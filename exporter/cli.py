@@ -1,4 +1,4 @@
-"""The `celery-signal-exporter` command: `serve` and `demo`.
+"""The `celery-signal-exporter` command: `serve`, `check` and `demo`.
 
 Every option is also an environment variable (shown in --help). A bad option
 or value exits 2 with one line, never a usage dump or a traceback.
@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -77,6 +79,9 @@ def cli() -> None:
 @_option("--rabbitmq-management-user", default=None, help="Management API user, when not the broker's.")
 @_option("--rabbitmq-management-password", default=None, help="Management API password, when not the broker's.")
 @_option("--rabbitmq-vhost", "rabbitmq_vhosts", multiple=True, help="Extra RabbitMQ vhost to report; repeatable.")
+@_option("--web-config-file", "--web.config.file", "web_config_file", default=None,
+         help="exporter-toolkit web-config YAML: tls_server_config (cert_file, key_file, client_ca_file, "
+              "client_auth_type) and basic_auth_users (bcrypt hashes). Protects every endpoint but /healthz.")
 @_option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
          default="info", help="Log level.")
 def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, app_name: str | None,
@@ -84,13 +89,18 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
           queue_include: tuple[str, ...], queue_exclude: tuple[str, ...], max_queues: int,
           transport_options: str | None, oldest_age: bool, rabbitmq_management_url: str | None,
           rabbitmq_management_user: str | None, rabbitmq_management_password: str | None,
-          rabbitmq_vhosts: tuple[str, ...], log_level: str) -> None:
-    """Serve /metrics: the merged metrics directory plus broker probes."""
+          rabbitmq_vhosts: tuple[str, ...], web_config_file: str | None, log_level: str) -> None:
+    """Serve /metrics: the merged metrics directory plus broker probes.
+
+    An unreachable broker is not a startup error (brokers come and go): it is
+    logged once and shows as celery_broker_up 0. Use `check` to fail on it.
+    """
     import uvicorn
 
     from .service import Exporter, ServiceConfig, create_app
 
     _setup_logging(log_level)
+    web = _web_config(web_config_file)
     metrics_dir = metrics_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
     options: dict[str, Any] = {}
     if app_name:
@@ -99,8 +109,11 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
         options = _json_option(transport_options, "--transport-options")
     if metrics_dir is None and not broker_urls:
         raise click.UsageError("nothing to export: give --metrics-dir, --broker-url or both")
-    if metrics_dir is not None and os.path.exists(metrics_dir) and not os.path.isdir(metrics_dir):
-        raise click.BadParameter(f"{metrics_dir} is not a directory", param_hint="--metrics-dir")
+    if metrics_dir is not None and os.path.exists(metrics_dir):
+        if not os.path.isdir(metrics_dir):
+            raise click.BadParameter(f"{metrics_dir} is not a directory", param_hint="--metrics-dir")
+        if not os.access(metrics_dir, os.R_OK | os.X_OK):
+            raise click.BadParameter(f"{metrics_dir} is not readable", param_hint="--metrics-dir")
     if probe_timeout > probe_interval:
         raise click.BadParameter("must not exceed --probe-interval", param_hint="--probe-timeout")
     sources: list[Any] = []
@@ -110,16 +123,61 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
             oldest_age, rabbitmq_management_url, rabbitmq_management_user, rabbitmq_management_password,
             rabbitmq_vhosts,
         )]
+    listener = _listen(host, port)
     exporter = Exporter(ServiceConfig(metrics_dir=metrics_dir, worker_timeout=worker_timeout, sources=sources))
+    tls: dict[str, Any] = {}
+    if web.tls is not None:
+        tls = {"ssl_certfile": web.tls.cert_file, "ssl_keyfile": web.tls.key_file,
+               "ssl_ca_certs": web.tls.client_ca_file, "ssl_cert_reqs": web.tls.cert_reqs}
+    config = uvicorn.Config(create_app(exporter, users=web.users), host=host, port=port,
+                            log_level=log_level.lower(), access_log=log_level.lower() == "debug", **tls)
     for source in sources:
         source.known_queues = exporter.queues_seen
         source.start()
     try:
-        uvicorn.run(create_app(exporter), host=host, port=port, log_level=log_level.lower(),
-                    access_log=log_level.lower() == "debug")
+        uvicorn.Server(config).run(sockets=[listener])
     finally:
         for source in sources:
             source.stop()
+        listener.close()
+
+
+def _web_config(path: str | None) -> Any:
+    """The parsed web-config file (an empty one when unset); exit 2 on any problem."""
+    from .webconfig import WebConfig, WebConfigError, load_web_config
+
+    if not path:
+        return WebConfig()
+    try:
+        return load_web_config(path)
+    except WebConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--web-config-file") from None
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the listening socket before anything starts, so that a bad
+    --host (a name that does not resolve, an address not on this machine, an
+    IPv6 address without IPv6) or a busy port is one line and exit 2, not a
+    uvicorn traceback. `::1` and `[::1]` both mean IPv6 loopback."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    shown = f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            bare or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else "not a valid host name"
+        raise click.BadParameter(f"cannot resolve {bare!r}: {reason}", param_hint="--host") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise click.BadParameter(f"cannot listen on {shown}: {exc.strerror or exc}", param_hint="--host/--port") \
+            from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _json_option(text: str, name: str) -> dict[str, Any]:
@@ -159,10 +217,21 @@ def _probe_group(urls: tuple[str, ...], interval: float, timeout: float, queues:
 
     mgmt: dict[str, Any] = {}
     if mgmt_url:
-        parts = urlsplit(mgmt_url)
+        from .redact import split_credentials
+
+        # Credentials in the URL are used, never echoed; parsed by hand so a
+        # '#' or '?' in the password cannot move the host.
+        bare, url_user, url_password = split_credentials(mgmt_url)
+        mgmt_user = mgmt_user or url_user
+        mgmt_password = mgmt_password if mgmt_password is not None else url_password
+        parts = urlsplit(bare)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise click.BadParameter("must be http(s)://host[:port]", param_hint="--rabbitmq-management-url")
-        mgmt = {"mgmt_host": parts.hostname, "mgmt_port": parts.port, "mgmt_https": parts.scheme == "https"}
+        try:
+            mgmt_port = parts.port
+        except ValueError:
+            raise click.BadParameter("bad port", param_hint="--rabbitmq-management-url") from None
+        mgmt = {"mgmt_host": parts.hostname, "mgmt_port": mgmt_port, "mgmt_https": parts.scheme == "https"}
     try:
         loop_options = LoopOptions(queues=queues, include=include, exclude=exclude or DEFAULT_EXCLUDE,
                                    max_queues=max_queues)
@@ -172,8 +241,118 @@ def _probe_group(urls: tuple[str, ...], interval: float, timeout: float, queues:
         loops = build_probe_loops(urls, interval=interval, timeout=timeout, probe_options=probe_options,
                                   loop_options=loop_options)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--broker-url") from None
+        from .redact import redact_url, scrub
+
+        bad = next((u for u in urls if _url_error(u, probe_options)), None)
+        where = f"{redact_url(bad)}: " if bad is not None and len(urls) > 1 else ""
+        raise click.BadParameter(where + scrub(str(exc), *urls), param_hint="--broker-url") from None
     return ProbeGroup(loops)
+
+
+def _url_error(url: str, options: Any) -> bool:
+    """True if this one URL is what build_probe_loops refused."""
+    from .probes import probe_for_url
+
+    try:
+        probe_for_url(url, options)
+    except ValueError:
+        return True
+    return False
+
+
+@cli.command()
+@_option("--metrics-dir", default=None,
+         help="The directory instrumented processes write to: must exist and be writable by this user "
+              "(PROMETHEUS_MULTIPROC_DIR is used when this is unset).")
+@_option("--runtime-buckets", default=None,
+         help="Histogram bounds in seconds for celery_task_runtime_seconds, comma-separated, e.g. 0.1,1,10.")
+@_option("--queue-wait-buckets", default=None,
+         help="Histogram bounds in seconds for celery_task_queue_wait_seconds, comma-separated.")
+@_option("--broker-url", "broker_urls", multiple=True,
+         help="Broker(s) to probe once: unlike serve, an unreachable broker is an error here.")
+@_option("--probe-timeout", type=click.FloatRange(min=0.1), default=5.0, help="Seconds one broker probe may take.")
+@_option("--web-config-file", "--web.config.file", "web_config_file", default=None,
+         help="Web-config file to validate, as serve would load it.")
+@click.pass_context
+def check(ctx: click.Context, metrics_dir: str | None, runtime_buckets: str | None, queue_wait_buckets: str | None,
+          broker_urls: tuple[str, ...], probe_timeout: float, web_config_file: str | None) -> None:
+    """Validate configuration, print one line, exit 0 (ok) or 2 (the first problem).
+
+    Reads the same environment variables the instrumented workers use
+    (CELERY_EXPORTER_METRICS_DIR, CELERY_EXPORTER_RUNTIME_BUCKETS,
+    CELERY_EXPORTER_QUEUE_WAIT_BUCKETS), so it can run as an init container
+    in the worker's pod before a bad value costs a silent histogram.
+    """
+    from .buckets import parse_buckets
+
+    metrics_dir = metrics_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+    if not (metrics_dir or runtime_buckets or queue_wait_buckets or broker_urls or web_config_file):
+        raise click.UsageError("nothing to check: set CELERY_EXPORTER_METRICS_DIR or give --metrics-dir, "
+                               "--broker-url or --web-config-file")
+    done: list[str] = []
+    for name, text in (("runtime_buckets", runtime_buckets), ("queue_wait_buckets", queue_wait_buckets)):
+        if text is None:
+            continue
+        source = ctx.get_parameter_source(name)
+        option = _env(name) if source == click.core.ParameterSource.ENVIRONMENT else "--" + name.replace("_", "-")
+        try:
+            count = len(parse_buckets(text, option))
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        done.append(f"{count} {name.replace('_', ' ')}")
+    if metrics_dir:
+        _check_writable(metrics_dir)
+        done.append(f"metrics directory {metrics_dir} writable")
+    if web_config_file:
+        _web_config(web_config_file)
+        done.append("web config valid")
+    for url in broker_urls:
+        done.append(_check_broker(url, probe_timeout))
+    click.echo("ok: " + "; ".join(done))
+
+
+def _check_writable(path: str) -> None:
+    """Exit 2 unless `path` is a directory this user can create files in,
+    tried for real: permission bits lie for root and read-only mounts."""
+    hint = "--metrics-dir"
+    if not os.path.exists(path):
+        raise click.BadParameter(f"{path} does not exist", param_hint=hint)
+    if not os.path.isdir(path):
+        raise click.BadParameter(f"{path} is not a directory", param_hint=hint)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".csx-check-", dir=path)
+    except OSError as exc:
+        raise click.BadParameter(f"{path} is not writable: {exc.strerror or type(exc).__name__}",
+                                 param_hint=hint) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _check_broker(url: str, timeout: float) -> str:
+    """Probe one broker once; exit 2 with the classified reason if it fails."""
+    from .probes import probe_for_url
+    from .probes.base import ProbeError, ProbeOptions
+    from .redact import redact_url, scrub
+
+    label = redact_url(url)
+    try:
+        probe = probe_for_url(url, ProbeOptions(timeout=timeout))
+    except ValueError as exc:
+        raise click.BadParameter(scrub(str(exc), url), param_hint="--broker-url") from None
+    try:
+        snapshot = probe.snapshot(set())
+    except ProbeError as exc:
+        raise click.ClickException(f"broker {label} probe failed ({exc.reason}): {exc.cause}"
+                                   + (f": {exc.message}" if exc.message else "")) from None
+    except Exception as exc:  # noqa: BLE001 - a probe bug is still one line, scrubbed
+        raise click.ClickException(f"broker {label} probe failed: {type(exc).__name__}: "
+                                   f"{scrub(str(exc), url)}") from None
+    finally:
+        try:
+            probe.close()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+    return f"broker {label} up ({len(snapshot.queues)} queues)"
 
 
 @cli.command()

@@ -104,8 +104,14 @@ INDEX = """<!doctype html><html><head><title>celery-signal-exporter</title></hea
 """
 
 
-def create_app(exporter: Exporter) -> FastAPI:
+def create_app(exporter: Exporter, users: dict[str, bytes] | None = None) -> FastAPI:
+    """The FastAPI app; with `users` (name -> bcrypt hash) every path but
+    /healthz needs HTTP basic auth (see exporter.webconfig)."""
     app = FastAPI(title="celery-signal-exporter", version=__version__, docs_url=None, redoc_url=None)
+    if users:
+        from .webconfig import BasicAuth
+
+        app.add_middleware(BasicAuth, users=users)
 
     @app.get("/metrics", response_class=Response)
     async def metrics(request: Request) -> Response:
