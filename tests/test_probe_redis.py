@@ -244,6 +244,10 @@ def test_no_age_without_header_future_due_is_zero(redis_url: str, make_app: Make
         b'{"headers": {"csx_due": "yesterday"}}',
         b'{"headers": {"csx_due": true}}',
         b'{"headers": {"csx_due": NaN}}',
+        b'{"headers": {"csx_due": Infinity}}',
+        b'{"headers": {"csx_due": 0x10}}',
+        b'{"headers": {"csx_due": [1]}}',
+        b'{"headers": {"csx_due": 1.5',
         b"",
     ],
 )
@@ -442,3 +446,74 @@ def test_sentinel_url(sentinel_url: str) -> None:
     assert snap.nodes[0].node == "csxmaster"
     assert "sq" in p.discover()
     p.close()
+
+
+def _mixed_queues(client: redis.Redis, now: float) -> set[str]:
+    """Queues that exercise every branch of the snapshot: priorities, foreign data, wrong types."""
+    def msg(due: object) -> bytes:
+        return json.dumps({"body": "", "headers": {"task": "t", DUE_HEADER: due}}).encode()
+
+    client.lpush("mx-a", msg(now - 5), msg(now - 1))
+    client.lpush("mx-a\x06\x163", msg(now - 30))
+    client.lpush("mx-a\x06\x169", b"not json")
+    client.lpush("mx-b\x06\x166", msg(now + 3600))
+    client.lpush("mx-c", b'{"headers": {"x": 1}}', json.dumps({"headers": {}, "csx_due": 5}).encode())
+    client.set("mx-d", "a string, not a list")
+    client.lpush("mx-d\x06\x163", msg(now - 7.25))
+    return {"mx-a", "mx-b", "mx-c", "mx-d", "mx-empty"}
+
+
+def _view(p: RedisProbe, names: set[str]) -> dict[str, tuple[int, float | None]]:
+    snap = p.snapshot(names)
+    return {q.name: (q.length, None if q.oldest_message_age_seconds is None else round(q.oldest_message_age_seconds))
+            for q in snap.queues}
+
+
+def test_script_and_plain_pipeline_give_the_same_snapshot(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    names = _mixed_queues(client, time.time())
+    scripted, plain = probe(redis_url), probe(redis_url)
+    plain._scripted = False  # the fallback path, as after a refusal
+    for read_age in (True, False):
+        scripted.read_oldest_age = plain.read_oldest_age = read_age
+        assert _view(scripted, names) == _view(plain, names)
+    scripted.read_oldest_age = True
+    assert _view(scripted, names) == {
+        "mx-a": (4, 30), "mx-b": (1, 0), "mx-c": (2, None), "mx-d": (1, 7), "mx-empty": (0, None),
+    }
+    assert scripted._scripted, "a healthy server must keep the scripted path"
+
+
+def test_script_is_loaded_again_after_script_flush() -> None:
+    with private_redis() as port:
+        url = f"redis://127.0.0.1:{port}/0"
+        redis.Redis.from_url(url).lpush("q", json.dumps({"headers": {DUE_HEADER: time.time() - 3}}))
+        p = probe(url)
+        assert _view(p, {"q"}) == {"q": (1, 3)}
+        redis.Redis.from_url(url).script_flush()
+        with RoundTrips() as trips:
+            assert _view(p, {"q"}) == {"q": (1, 3)}
+        assert trips.sends == 2  # NOSCRIPT, then SCRIPT LOAD + EVALSHA together
+        assert p._scripted
+        with RoundTrips() as trips:
+            p.snapshot({"q"})
+        assert trips.sends == 1
+
+
+def test_without_scripting_rights_the_probe_falls_back_to_plain_commands() -> None:
+    with private_redis() as port:
+        admin = redis.Redis(port=port)
+        admin.execute_command("ACL", "SETUSER", "noscript", "on", ">pw", "~*", "+@all", "-@scripting")
+        admin.lpush("q\x06\x163", json.dumps({"headers": {DUE_HEADER: time.time() - 4}}))
+        admin.lpush("q", b"x", b"y")
+        p = probe(f"redis://noscript:pw@127.0.0.1:{port}/0")
+        assert _view(p, {"q"}) == {"q": (3, 4)}
+        assert not p._scripted
+        with RoundTrips() as trips:
+            assert _view(p, {"q"}) == {"q": (3, 4)}
+        assert trips.sends == 1
+        # Without LLEN rights it is still an auth error, not a silent zero.
+        admin.execute_command("ACL", "SETUSER", "nolist", "on", ">pw", "~*", "+@all", "-llen")
+        with pytest.raises(ProbeError) as err:
+            probe(f"redis://nolist:pw@127.0.0.1:{port}/0").snapshot({"q"})
+        assert err.value.reason == "auth"
