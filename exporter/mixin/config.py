@@ -1,0 +1,156 @@
+"""The one place that sets thresholds, windows, selectors and dashboard filters.
+
+Rules, dashboards and their tests are all generated from a `Config`, so a user
+who changes a threshold here (or in a YAML file passed to
+`python -m exporter.mixin --config`) gets rules, dashboards and tests that agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d|w)$")
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def seconds(duration: str) -> float:
+    """A Prometheus duration ("15m") in seconds, for thresholds written as durations."""
+    m = _DURATION.match(duration)
+    if not m:
+        raise ValueError(f"not a Prometheus duration: {duration!r} (expected e.g. 30s, 15m, 2h)")
+    return int(m.group(1)) * _SECONDS[m.group(2)]
+
+
+@dataclass(frozen=True)
+class PeriodicTask:
+    """Tasks (by name regex) that beat runs, and how stale their last success may get."""
+
+    name_regex: str
+    max_age: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every knob of the generated monitoring content, with production defaults."""
+
+    # Which series the rules look at. Added to every selector in rules.
+    selector: str = 'job=~".*celery.*"'
+    # Labels kept when aggregating across pods: one Celery app per namespace is the common case.
+    group_labels: tuple[str, ...] = ("namespace",)
+    # Where alert annotations point.
+    runbook_url: str = "https://github.com/celery-signal-exporter/celery-signal-exporter/blob/main/docs/runbooks.md"
+
+    # Windows.
+    rate_window: str = "5m"  # rates in recording rules
+    backlog_window: str = "10m"  # deriv() of queue length
+    predict_window: str = "30m"  # predict_linear() look-back
+    failure_window: str = "10m"  # failure ratio and expirations
+
+    # Backlog.
+    backlog_floor: int = 100  # queues shorter than this never page
+    backlog_for: str = "15m"
+    queue_limit: int = 10000  # what "breach" means for a queue
+    backlog_horizon: str = "1h"
+    backlog_breach_for: str = "10m"
+    drain_max: str = "30m"
+    drain_for: str = "15m"
+    queue_wait_p95_max: str = "5m"
+    queue_wait_for: str = "10m"
+    oldest_message_max: str = "15m"
+    oldest_message_for: str = "5m"
+    no_consumers_for: str = "10m"
+
+    # Broker.
+    broker_memory_ratio: float = 0.8
+    broker_memory_for: str = "10m"
+    broker_memory_horizon: str = "4h"
+    broker_memory_predict_for: str = "15m"
+    broker_alarm_for: str = "1m"
+    broker_down_for: str = "5m"
+
+    # Exporter and workers.
+    exporter_down_for: str = "5m"
+    worker_down_for: str = "5m"
+
+    # Tasks.
+    failure_ratio: float = 0.05
+    failure_min: int = 5  # at least this many failures in the window before the ratio pages
+    failure_for: str = "10m"
+    expiring_for: str = "5m"
+    periodic_tasks: tuple[PeriodicTask, ...] = (PeriodicTask(name_regex=".*periodic.*", max_age="25h"),)
+
+    # Dashboards.
+    dashboard_refresh: str = "30s"
+    dashboard_time_from: str = "now-3h"
+    dashboard_tags: tuple[str, ...] = ("celery", "celery-signal-exporter")
+    uid_prefix: str = "celery-signal"
+
+    def sel(self, *extra: str) -> str:
+        """The label matchers of one selector, config selector first."""
+        return ", ".join(m for m in (self.selector, *extra) if m)
+
+    @property
+    def by(self) -> str:
+        """The group labels as they go into `by (...)`, with a trailing comma when non-empty."""
+        return "".join(f"{label}, " for label in self.group_labels)
+
+
+PRODUCTION = Config()
+
+
+def test_profile(base: Config = PRODUCTION) -> Config:
+    """Short windows for the end-to-end test: same rules, minutes become seconds."""
+    return dataclasses.replace(
+        base,
+        selector='job=~"celery.*"',
+        rate_window="30s",
+        backlog_window="30s",
+        predict_window="1m",
+        failure_window="1m",
+        backlog_floor=20,
+        backlog_for="20s",
+        backlog_breach_for="20s",
+        drain_for="20s",
+        queue_wait_for="20s",
+        oldest_message_for="20s",
+        no_consumers_for="30s",
+        broker_memory_for="20s",
+        broker_memory_predict_for="20s",
+        broker_alarm_for="0s",
+        broker_down_for="20s",
+        exporter_down_for="20s",
+        worker_down_for="20s",
+        failure_for="20s",
+        expiring_for="0s",
+    )
+
+
+def load(path: Path | None, base: Config = PRODUCTION) -> Config:
+    """Defaults overridden by a YAML mapping of field names; unknown keys are an error."""
+    if path is None:
+        return base
+    data: Any = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {', '.join(unknown)}")
+    if "group_labels" in data:
+        data["group_labels"] = tuple(data["group_labels"])
+    if "dashboard_tags" in data:
+        data["dashboard_tags"] = tuple(data["dashboard_tags"])
+    if "periodic_tasks" in data:
+        data["periodic_tasks"] = tuple(PeriodicTask(**item) for item in data["periodic_tasks"])
+    config = dataclasses.replace(base, **data)
+    for f in dataclasses.fields(Config):
+        value = getattr(config, f.name)
+        if f.name.endswith(("_window", "_for", "_max", "_horizon")) and isinstance(value, str):
+            seconds(value)  # raises with the bad value named
+    return config

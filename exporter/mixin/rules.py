@@ -1,0 +1,308 @@
+"""Recording and alerting rules, built from a `Config`.
+
+Recording rules aggregate across pods by the config's group labels plus the
+queue or task, so the alerts below compare like with like: queue length comes
+from the broker probe's pod, consumption from the workers' sidecars.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Config, seconds
+
+QUANTILES = ("0.5", "0.95", "0.99")
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alert rule; `description` may template `$labels` and `$value`."""
+
+    name: str
+    expr: str
+    for_: str
+    severity: str
+    summary: str
+    description: str
+
+
+def _num(value: float) -> str:
+    """A number as PromQL reads it, without a trailing `.0`."""
+    return f"{value:g}" if value != int(value) else str(int(value))
+
+
+def _matcher(label: str, value: str, op: str = "=~") -> str:
+    """A label matcher with the value quoted as PromQL wants it."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'{label}{op}"{escaped}"'
+
+
+def recording_rules(c: Config) -> list[dict[str, Any]]:
+    """Rules whose names follow `level:metric:operation`, the levels being `queue` and `task`."""
+    g = c.by
+    finished = c.sel(_matcher("__name__", "celery_task_(failed|succeeded)_total"))
+    rules: list[dict[str, Any]] = [
+        {
+            "record": "queue:celery_task_sent:rate",
+            "expr": f"sum by ({g}queue_name) (rate(celery_task_sent_total{{{c.sel()}}}[{c.rate_window}]))",
+        },
+        {
+            # Consumption: a worker takes a message off the broker when it receives it.
+            "record": "queue:celery_task_received:rate",
+            "expr": f"sum by ({g}queue_name) (rate(celery_task_received_total{{{c.sel()}}}[{c.rate_window}]))",
+        },
+        {
+            "record": "queue:celery_queue_length:sum",
+            "expr": f"sum by ({g}queue_name) (celery_queue_length{{{c.sel()}}})",
+        },
+        {
+            "record": "queue:celery_queue_length:deriv",
+            "expr": f"deriv(queue:celery_queue_length:sum[{c.backlog_window}])",
+        },
+        {
+            # Seconds to empty the queue at the current consumption rate, ignoring new arrivals.
+            # A queue nobody consumes gets +Inf rather than no series at all.
+            "record": "queue:celery_queue_drain_seconds:estimate",
+            "expr": "queue:celery_queue_length:sum\n/\n"
+            "(queue:celery_task_received:rate or queue:celery_queue_length:sum * 0)",
+        },
+        {
+            "record": "task:celery_task_failure:ratio",
+            "expr": (
+                f"(\n  sum by ({g}name) (rate(celery_task_failed_total{{{c.sel()}}}[{c.failure_window}]))\n"
+                f"  or\n  sum by ({g}name) (rate(celery_task_succeeded_total{{{c.sel()}}}[{c.failure_window}])) * 0\n"
+                ")\n/\n"
+                f"sum by ({g}name) (rate({{{finished}}}"
+                f"[{c.failure_window}]))"
+            ),
+        },
+    ]
+    for q in QUANTILES:
+        rules.append(
+            {
+                "record": "task:celery_task_runtime_seconds:quantile",
+                "expr": f"histogram_quantile({q}, sum by ({g}name, le) "
+                f"(rate(celery_task_runtime_seconds_bucket{{{c.sel()}}}[{c.rate_window}])))",
+                "labels": {"quantile": q},
+            }
+        )
+    for q in QUANTILES:
+        rules.append(
+            {
+                "record": "queue:celery_task_queue_wait_seconds:quantile",
+                "expr": f"histogram_quantile({q}, sum by ({g}queue_name, le) "
+                f"(rate(celery_task_queue_wait_seconds_bucket{{{c.sel()}}}[{c.rate_window}])))",
+                "labels": {"quantile": q},
+            }
+        )
+    return rules
+
+
+def alerts(c: Config) -> list[Alert]:
+    """Every alert, in the order of docs/runbooks.md."""
+    g = c.by
+    where = "".join(f"{{{{ $labels.{label} }}}}/" for label in c.group_labels)
+    queue = f"{where}{{{{ $labels.queue_name }}}}"
+    task = f"{where}{{{{ $labels.name }}}}"
+    broker = "{{ $labels.broker }} (node {{ $labels.node }})"
+    periodic = "\nor\n".join(
+        f"time() - max by ({g}name) "
+        f"(celery_task_last_success_timestamp_seconds{{{c.sel(_matcher('name', p.name_regex))}}}) "
+        f"> {_num(seconds(p.max_age))}"
+        for p in c.periodic_tasks
+    )
+    expired = c.sel(_matcher("reason", "expired", "="))
+    return [
+        Alert(
+            "CeleryBacklogGrowing",
+            f"queue:celery_queue_length:sum > {c.backlog_floor}\nand\nqueue:celery_queue_length:deriv > 0",
+            c.backlog_for,
+            "warning",
+            "A Celery queue's backlog keeps growing.",
+            f"Queue {queue} holds {{{{ $value | humanize }}}} messages and has grown for {c.backlog_for}: "
+            "tasks arrive faster than workers take them.",
+        ),
+        Alert(
+            "CeleryBacklogWillBreach",
+            f"predict_linear(queue:celery_queue_length:sum[{c.predict_window}], "
+            f"{_num(seconds(c.backlog_horizon))}) > {c.queue_limit}\n"
+            f"and\nqueue:celery_queue_length:sum > {c.backlog_floor}",
+            c.backlog_breach_for,
+            "critical",
+            "A Celery queue will pass its limit soon.",
+            f"At its current growth queue {queue} will hold {{{{ $value | humanize }}}} messages "
+            f"within {c.backlog_horizon}, over the limit of {c.queue_limit}.",
+        ),
+        Alert(
+            "CeleryQueueDrainTooSlow",
+            f"queue:celery_queue_drain_seconds:estimate > {_num(seconds(c.drain_max))} < +Inf",
+            c.drain_for,
+            "warning",
+            "A Celery queue will take too long to empty.",
+            f"At its current consumption rate queue {queue} needs {{{{ $value | humanizeDuration }}}} "
+            f"to empty; the target is {c.drain_max}.",
+        ),
+        Alert(
+            "CeleryQueueWaitHigh",
+            f'queue:celery_task_queue_wait_seconds:quantile{{quantile="0.95"}} > {_num(seconds(c.queue_wait_p95_max))}',
+            c.queue_wait_for,
+            "warning",
+            "Celery tasks wait too long in a queue.",
+            f"95% of tasks from queue {queue} started within {{{{ $value | humanizeDuration }}}} of being due; "
+            f"the target is {c.queue_wait_p95_max}.",
+        ),
+        Alert(
+            "CeleryOldestMessageTooOld",
+            f"max by ({g}queue_name) (celery_queue_oldest_message_age_seconds{{{c.sel()}}}) "
+            f"> {_num(seconds(c.oldest_message_max))}",
+            c.oldest_message_for,
+            "warning",
+            "The next message in a Celery queue has waited too long.",
+            f"The message at the head of queue {queue} has been due for {{{{ $value | humanizeDuration }}}}; "
+            f"the limit is {c.oldest_message_max}.",
+        ),
+        Alert(
+            "CeleryQueueNoConsumers",
+            f"queue:celery_queue_length:sum > 0\nunless on ({g}queue_name)\n(\n"
+            f"  queue:celery_task_received:rate > 0\n  or\n"
+            f"  sum by ({g}queue_name) (celery_queue_consumers{{{c.sel()}}}) > 0\n)",
+            c.no_consumers_for,
+            "critical",
+            "Messages wait in a Celery queue that nobody consumes.",
+            f"Queue {queue} holds {{{{ $value | humanize }}}} messages and no worker has taken one "
+            f"for {c.no_consumers_for}.",
+        ),
+        Alert(
+            "CeleryBrokerMemoryHigh",
+            f"max by ({g}broker, node) (celery_broker_memory_used_bytes{{{c.sel()}}})\n/\n"
+            f"max by ({g}broker, node) (celery_broker_memory_limit_bytes{{{c.sel()}}} > 0)\n"
+            f"> {_num(c.broker_memory_ratio)}",
+            c.broker_memory_for,
+            "warning",
+            "A Celery broker is close to its memory limit.",
+            f"Broker {broker} uses {{{{ $value | humanizePercentage }}}} of its memory limit; "
+            f"the threshold is {_num(c.broker_memory_ratio * 100)}%.",
+        ),
+        Alert(
+            "CeleryBrokerMemoryWillBreach",
+            f"max by ({g}broker, node) (predict_linear(celery_broker_memory_used_bytes{{{c.sel()}}}"
+            f"[{c.predict_window}], {_num(seconds(c.broker_memory_horizon))}))\n>\n"
+            f"max by ({g}broker, node) (celery_broker_memory_limit_bytes{{{c.sel()}}} > 0)",
+            c.broker_memory_predict_for,
+            "warning",
+            "A Celery broker will reach its memory limit soon.",
+            f"At its current growth broker {broker} will use {{{{ $value | humanize1024 }}}}B "
+            f"within {c.broker_memory_horizon}, over its memory limit.",
+        ),
+        Alert(
+            "CeleryBrokerMemoryAlarm",
+            f"max by ({g}broker, node) (celery_broker_memory_alarm{{{c.sel()}}}) > 0",
+            c.broker_alarm_for,
+            "critical",
+            "A RabbitMQ memory alarm is blocking publishers.",
+            f"Broker {broker} has raised its memory alarm: it blocks every connection that publishes "
+            "until memory use falls below the watermark.",
+        ),
+        Alert(
+            "CeleryBrokerDiskAlarm",
+            f"max by ({g}broker, node) (celery_broker_disk_alarm{{{c.sel()}}}) > 0",
+            c.broker_alarm_for,
+            "critical",
+            "A RabbitMQ disk alarm is blocking publishers.",
+            f"Broker {broker} has raised its free-disk alarm: it blocks every connection that publishes "
+            "until disk space is freed.",
+        ),
+        Alert(
+            "CeleryBrokerDown",
+            f"max by ({g}broker) (celery_broker_up{{{c.sel()}}}) == 0",
+            c.broker_down_for,
+            "critical",
+            "The exporter cannot reach a Celery broker.",
+            "Every probe of broker {{ $labels.broker }} has failed for "
+            f"{c.broker_down_for}; celery_exporter_probe_errors_total says why.",
+        ),
+        Alert(
+            "CeleryExporterDown",
+            f"up{{{c.sel()}}} == 0\nor\nabsent(up{{{c.sel()}}})",
+            c.exporter_down_for,
+            "warning",
+            "Prometheus cannot scrape a Celery exporter.",
+            "Target {{ $labels.job }}/{{ $labels.instance }} is down, or no target matches at all: "
+            "Celery is not monitored there.",
+        ),
+        Alert(
+            "CeleryTaskFailureRatioHigh",
+            f"task:celery_task_failure:ratio > {_num(c.failure_ratio)}\nand\n"
+            f"sum by ({g}name) (increase(celery_task_failed_total{{{c.sel()}}}[{c.failure_window}])) "
+            f">= {c.failure_min}",
+            c.failure_for,
+            "warning",
+            "A Celery task fails too often.",
+            f"{{{{ $value | humanizePercentage }}}} of runs of task {task} failed over the last {c.failure_window}; "
+            f"the threshold is {_num(c.failure_ratio * 100)}%.",
+        ),
+        Alert(
+            "CeleryWorkerDown",
+            f"max by ({g}hostname) (celery_worker_up{{{c.sel()}}}) == 0",
+            c.worker_down_for,
+            "warning",
+            "A Celery worker has stopped.",
+            f"Worker {where}{{{{ $labels.hostname }}}} has sent no heartbeat for {c.worker_down_for} or has shut down.",
+        ),
+        Alert(
+            "CeleryTasksExpiring",
+            f"sum by ({g}name, queue_name) (increase(celery_task_revoked_total{{{expired}}}[{c.failure_window}])) > 0",
+            c.expiring_for,
+            "warning",
+            "Celery tasks expire before a worker runs them.",
+            f"{{{{ $value | humanize }}}} messages of task {task} from queue {{{{ $labels.queue_name }}}} "
+            f"expired before they started over the last {c.failure_window}.",
+        ),
+        Alert(
+            "CeleryPeriodicTaskMissed",
+            periodic,
+            "0s",
+            "warning",
+            "A periodic Celery task has not succeeded in time.",
+            f"Task {task} last succeeded {{{{ $value | humanizeDuration }}}} ago.",
+        ),
+    ]
+
+
+def rule_groups(c: Config) -> dict[str, Any]:
+    """The Prometheus rule file, as a mapping ready for YAML."""
+    alert_rules: list[dict[str, Any]] = []
+    for a in alerts(c):
+        rule: dict[str, Any] = {"alert": a.name, "expr": a.expr}
+        if seconds(a.for_) > 0:
+            rule["for"] = a.for_
+        rule["labels"] = {"severity": a.severity}
+        rule["annotations"] = {
+            "summary": a.summary,
+            "description": a.description,
+            "runbook_url": f"{c.runbook_url}#{a.name.lower()}",
+        }
+        alert_rules.append(rule)
+    return {
+        "groups": [
+            {"name": "celery.rules", "rules": recording_rules(c)},
+            {"name": "celery.alerts", "rules": alert_rules},
+        ]
+    }
+
+
+def prometheus_rule(c: Config, namespace: str | None = None) -> dict[str, Any]:
+    """The same groups as a Prometheus Operator PrometheusRule."""
+    metadata: dict[str, Any] = {
+        "name": "celery-signal-exporter",
+        "labels": {"app.kubernetes.io/name": "celery-signal-exporter", "app.kubernetes.io/component": "rules"},
+    }
+    if namespace:
+        metadata["namespace"] = namespace
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": metadata,
+        "spec": rule_groups(c),
+    }

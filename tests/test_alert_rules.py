@@ -1,0 +1,314 @@
+"""`promtool test rules` on the generated production rules: every alert fires
+on one series and stays quiet on others that sit just the other side of its
+condition. Expected annotations are the alert's own templates with the values
+we expect Prometheus to print written out by hand.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from exporter.mixin.config import PRODUCTION
+from exporter.mixin.rules import alerts
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "deploy/prometheus/celery-rules.yml"
+NS = 'namespace="prod"'
+PROBE = f'job="celery-probe", {NS}'
+WORKER = f'job="celery-worker", {NS}'
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail("promtool not found: install Debian's `prometheus` package (bash .ci/tools.sh does)", pytrace=False)
+    return path
+
+
+def expected(alert: str, labels: dict[str, str], value: str = "") -> dict[str, Any]:
+    """The alert's labels and annotations as Prometheus should render them for `labels` and `value`."""
+    (rule,) = [a for a in alerts(PRODUCTION) if a.name == alert]
+
+    def fill(template: str) -> str:
+        template = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), template)
+        return re.sub(r"\{\{ \$value \| \w+ \}\}", value, template)
+
+    return {
+        "exp_labels": {**labels, "severity": rule.severity},
+        "exp_annotations": {
+            "summary": rule.summary,
+            "description": fill(rule.description),
+            "runbook_url": f"{PRODUCTION.runbook_url}#{alert.lower()}",
+        },
+    }
+
+
+def case(
+    alert: str, series: list[tuple[str, str]], at: str, firing: list[dict[str, Any]], interval: str = "1m"
+) -> dict[str, Any]:
+    return {
+        "interval": interval,
+        "input_series": [{"series": s, "values": v} for s, v in series],
+        "alert_rule_test": [{"eval_time": at, "alertname": alert, "exp_alerts": firing}],
+    }
+
+
+def ql(metric: str, labels: str) -> str:
+    return f"{metric}{{{labels}}}"
+
+
+CASES: list[dict[str, Any]] = [
+    case(
+        "CeleryBacklogGrowing",
+        [
+            (ql("celery_queue_length", f'{PROBE}, queue_name="growing", vhost="0"'), "0+10x60"),
+            (ql("celery_queue_length", f'{PROBE}, queue_name="flat", vhost="0"'), "500x60"),  # long but steady
+            (ql("celery_queue_length", f'{PROBE}, queue_name="small", vhost="0"'), "0+1x60"),  # under the floor
+        ],
+        "40m",
+        [expected("CeleryBacklogGrowing", {"namespace": "prod", "queue_name": "growing"}, "400")],
+    ),
+    case(
+        "CeleryBacklogWillBreach",
+        [
+            (ql("celery_queue_length", f'{PROBE}, queue_name="fast", vhost="0"'), "0+100x120"),
+            (ql("celery_queue_length", f'{PROBE}, queue_name="slow", vhost="0"'), "0+50x120"),  # reaches 6000 only
+        ],
+        "60m",
+        [expected("CeleryBacklogWillBreach", {"namespace": "prod", "queue_name": "fast"}, "12k")],
+    ),
+    case(
+        "CeleryQueueDrainTooSlow",
+        [
+            (ql("celery_queue_length", f'{PROBE}, queue_name="slow", vhost="0"'), "3000x60"),
+            (ql("celery_task_received_total", f'{WORKER}, name="t", queue_name="slow"'), "0+60x60"),
+            (ql("celery_queue_length", f'{PROBE}, queue_name="fast", vhost="0"'), "3000x60"),
+            (ql("celery_task_received_total", f'{WORKER}, name="t", queue_name="fast"'), "0+600x60"),
+            # Nobody consumes: +Inf, which is CeleryQueueNoConsumers' business.
+            (ql("celery_queue_length", f'{PROBE}, queue_name="dead", vhost="0"'), "3000x60"),
+        ],
+        "40m",
+        [expected("CeleryQueueDrainTooSlow", {"namespace": "prod", "queue_name": "slow"}, "50m 0s")],
+    ),
+    case(
+        "CeleryQueueWaitHigh",
+        [
+            (ql("celery_task_queue_wait_seconds_bucket", f'{WORKER}, name="t", queue_name="slow", le="60"'), "0x40"),
+            (
+                ql("celery_task_queue_wait_seconds_bucket", f'{WORKER}, name="t", queue_name="slow", le="600"'),
+                "0+10x40",
+            ),
+            (
+                ql("celery_task_queue_wait_seconds_bucket", f'{WORKER}, name="t", queue_name="slow", le="+Inf"'),
+                "0+10x40",
+            ),
+            (ql("celery_task_queue_wait_seconds_bucket", f'{WORKER}, name="t", queue_name="ok", le="60"'), "0+10x40"),
+            (ql("celery_task_queue_wait_seconds_bucket", f'{WORKER}, name="t", queue_name="ok", le="600"'), "0+10x40"),
+            (
+                ql("celery_task_queue_wait_seconds_bucket", f'{WORKER}, name="t", queue_name="ok", le="+Inf"'),
+                "0+10x40",
+            ),
+        ],
+        "30m",
+        [expected("CeleryQueueWaitHigh", {"namespace": "prod", "queue_name": "slow", "quantile": "0.95"}, "9m 33s")],
+    ),
+    case(
+        "CeleryOldestMessageTooOld",
+        [
+            (ql("celery_queue_oldest_message_age_seconds", f'{PROBE}, queue_name="old", vhost="0"'), "1000x30"),
+            (ql("celery_queue_oldest_message_age_seconds", f'{PROBE}, queue_name="new", vhost="0"'), "100x30"),
+        ],
+        "10m",
+        [expected("CeleryOldestMessageTooOld", {"namespace": "prod", "queue_name": "old"}, "16m 40s")],
+    ),
+    case(
+        "CeleryQueueNoConsumers",
+        [
+            (ql("celery_queue_length", f'{PROBE}, queue_name="orphan", vhost="0"'), "50x30"),
+            (ql("celery_queue_length", f'{PROBE}, queue_name="served", vhost="0"'), "50x30"),
+            (ql("celery_task_received_total", f'{WORKER}, name="t", queue_name="served"'), "0+60x30"),
+            # RabbitMQ says who consumes, even when nothing was taken lately.
+            (ql("celery_queue_length", f'{PROBE}, queue_name="attached", vhost="/"'), "50x30"),
+            (ql("celery_queue_consumers", f'{PROBE}, queue_name="attached", vhost="/"'), "2x30"),
+            (ql("celery_queue_length", f'{PROBE}, queue_name="empty", vhost="0"'), "0x30"),
+        ],
+        "20m",
+        [expected("CeleryQueueNoConsumers", {"namespace": "prod", "queue_name": "orphan"}, "50")],
+    ),
+    case(
+        "CeleryBrokerMemoryHigh",
+        [
+            (ql("celery_broker_memory_used_bytes", f'{PROBE}, broker="redis://a:6379/0", node="a:6379"'), "900x30"),
+            (ql("celery_broker_memory_limit_bytes", f'{PROBE}, broker="redis://a:6379/0", node="a:6379"'), "1000x30"),
+            (ql("celery_broker_memory_used_bytes", f'{PROBE}, broker="redis://b:6379/0", node="b:6379"'), "500x30"),
+            (ql("celery_broker_memory_limit_bytes", f'{PROBE}, broker="redis://b:6379/0", node="b:6379"'), "1000x30"),
+            # No limit configured (0): nothing to be near.
+            (ql("celery_broker_memory_used_bytes", f'{PROBE}, broker="redis://c:6379/0", node="c:6379"'), "900x30"),
+            (ql("celery_broker_memory_limit_bytes", f'{PROBE}, broker="redis://c:6379/0", node="c:6379"'), "0x30"),
+        ],
+        "20m",
+        [
+            expected(
+                "CeleryBrokerMemoryHigh",
+                {"namespace": "prod", "broker": "redis://a:6379/0", "node": "a:6379"},
+                "90%",
+            )
+        ],
+    ),
+    case(
+        "CeleryBrokerMemoryWillBreach",
+        [
+            (
+                ql("celery_broker_memory_used_bytes", f'{PROBE}, broker="amqp://a:5672//", node="rabbit@a"'),
+                "0+1000000x60",
+            ),
+            (
+                ql("celery_broker_memory_limit_bytes", f'{PROBE}, broker="amqp://a:5672//", node="rabbit@a"'),
+                "100000000x60",
+            ),
+            (
+                ql("celery_broker_memory_used_bytes", f'{PROBE}, broker="amqp://b:5672//", node="rabbit@b"'),
+                "10000000x60",
+            ),
+            (
+                ql("celery_broker_memory_limit_bytes", f'{PROBE}, broker="amqp://b:5672//", node="rabbit@b"'),
+                "100000000x60",
+            ),
+        ],
+        "40m",
+        [
+            expected(
+                "CeleryBrokerMemoryWillBreach",
+                {"namespace": "prod", "broker": "amqp://a:5672//", "node": "rabbit@a"},
+                "267Mi",
+            )
+        ],
+    ),
+    case(
+        "CeleryBrokerMemoryAlarm",
+        [
+            (ql("celery_broker_memory_alarm", f'{PROBE}, broker="amqp://a:5672//", node="rabbit@a"'), "1x10"),
+            (ql("celery_broker_memory_alarm", f'{PROBE}, broker="amqp://a:5672//", node="rabbit@b"'), "0x10"),
+        ],
+        "5m",
+        [expected("CeleryBrokerMemoryAlarm", {"namespace": "prod", "broker": "amqp://a:5672//", "node": "rabbit@a"})],
+    ),
+    case(
+        "CeleryBrokerDiskAlarm",
+        [
+            (ql("celery_broker_disk_alarm", f'{PROBE}, broker="amqp://a:5672//", node="rabbit@a"'), "1x10"),
+            (ql("celery_broker_disk_alarm", f'{PROBE}, broker="amqp://a:5672//", node="rabbit@b"'), "0x10"),
+        ],
+        "5m",
+        [expected("CeleryBrokerDiskAlarm", {"namespace": "prod", "broker": "amqp://a:5672//", "node": "rabbit@a"})],
+    ),
+    case(
+        "CeleryBrokerDown",
+        [
+            (ql("celery_broker_up", f'{PROBE}, broker="amqp://a:5672//"'), "0x20"),
+            (ql("celery_broker_up", f'{PROBE}, broker="redis://b:6379/0"'), "1x20"),
+        ],
+        "10m",
+        [expected("CeleryBrokerDown", {"namespace": "prod", "broker": "amqp://a:5672//"})],
+    ),
+    case(
+        "CeleryExporterDown",
+        [
+            (ql("up", f'{WORKER}, instance="10.0.0.1:9808"'), "0x20"),
+            (ql("up", f'{WORKER}, instance="10.0.0.2:9808"'), "1x20"),
+            (ql("up", 'job="node", instance="10.0.0.3:9100"'), "0x20"),  # not ours
+        ],
+        "10m",
+        [
+            expected(
+                "CeleryExporterDown",
+                {"job": "celery-worker", "namespace": "prod", "instance": "10.0.0.1:9808"},
+            )
+        ],
+    ),
+    case(
+        # No target at all matches the selector.
+        "CeleryExporterDown",
+        [(ql("up", 'job="node", instance="10.0.0.3:9100"'), "1x20")],
+        "10m",
+        [expected("CeleryExporterDown", {})],
+    ),
+    case(
+        "CeleryTaskFailureRatioHigh",
+        [
+            (
+                ql("celery_task_failed_total", f'{WORKER}, name="t.flaky", queue_name="q", exception="ValueError"'),
+                "0+6x60",
+            ),
+            (ql("celery_task_succeeded_total", f'{WORKER}, name="t.flaky", queue_name="q"'), "0+4x60"),
+            (
+                ql("celery_task_failed_total", f'{WORKER}, name="t.solid", queue_name="q", exception="KeyError"'),
+                "0+1x60",
+            ),
+            (ql("celery_task_succeeded_total", f'{WORKER}, name="t.solid", queue_name="q"'), "0+99x60"),
+            # Every run failed, but one failure is not a pattern.
+            (
+                ql("celery_task_failed_total", f'{WORKER}, name="t.once", queue_name="q", exception="OSError"'),
+                "0x30 1x29",
+            ),
+        ],
+        "40m",
+        [expected("CeleryTaskFailureRatioHigh", {"namespace": "prod", "name": "t.flaky"}, "60%")],
+    ),
+    case(
+        "CeleryWorkerDown",
+        [
+            (ql("celery_worker_up", f'{WORKER}, hostname="celery@a"'), "0x20"),
+            (ql("celery_worker_up", f'{WORKER}, hostname="celery@b"'), "1x20"),
+        ],
+        "10m",
+        [expected("CeleryWorkerDown", {"namespace": "prod", "hostname": "celery@a"})],
+    ),
+    case(
+        "CeleryTasksExpiring",
+        [
+            (ql("celery_task_revoked_total", f'{WORKER}, name="t.x", queue_name="q", reason="expired"'), "0x10 0+3x20"),
+            (ql("celery_task_revoked_total", f'{WORKER}, name="t.x", queue_name="q", reason="revoked"'), "0+3x30"),
+            (ql("celery_task_revoked_total", f'{WORKER}, name="t.y", queue_name="q", reason="expired"'), "5x30"),
+        ],
+        "25m",
+        [expected("CeleryTasksExpiring", {"namespace": "prod", "name": "t.x", "queue_name": "q"}, "30")],
+    ),
+    case(
+        "CeleryPeriodicTaskMissed",
+        [
+            (ql("celery_task_last_success_timestamp_seconds", f'{WORKER}, name="proj.periodic_report"'), "0x30"),
+            (ql("celery_task_last_success_timestamp_seconds", f'{WORKER}, name="proj.periodic_fresh"'), "0+3600x30"),
+            (ql("celery_task_last_success_timestamp_seconds", f'{WORKER}, name="proj.ordinary"'), "0x30"),
+        ],
+        "26h",
+        [expected("CeleryPeriodicTaskMissed", {"namespace": "prod", "name": "proj.periodic_report"}, "1d 2h 0m 0s")],
+        interval="1h",
+    ),
+]
+
+
+def test_every_alert_has_a_case() -> None:
+    tested = {c["alert_rule_test"][0]["alertname"] for c in CASES}
+    assert tested == {a.name for a in alerts(PRODUCTION)}
+
+
+def test_alert_rules_fire_only_when_they_should(tmp_path: Path) -> None:
+    tests = tmp_path / "celery-rules.test.yml"
+    tests.write_text(yaml.safe_dump({"rule_files": [str(RULES)], "evaluation_interval": "1m", "tests": CASES}))
+    run = subprocess.run([promtool(), "test", "rules", str(tests)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_each_case_also_proves_silence() -> None:
+    """A case whose series all fire would prove nothing about the quiet side."""
+    for c in CASES:
+        fired = len(c["alert_rule_test"][0]["exp_alerts"])
+        assert len(c["input_series"]) > fired or c["input_series"][0]["series"].startswith('up{job="node"'), c
