@@ -243,9 +243,11 @@ def _probe_group(urls: tuple[str, ...], interval: float, timeout: float, queues:
     except ValueError as exc:
         from .redact import redact_url, scrub
 
+        message = scrub(str(exc), *urls)
         bad = next((u for u in urls if _url_error(u, probe_options)), None)
-        where = f"{redact_url(bad)}: " if bad is not None and len(urls) > 1 else ""
-        raise click.BadParameter(where + scrub(str(exc), *urls), param_hint="--broker-url") from None
+        if bad is not None and redact_url(bad) not in message:
+            message = f"{redact_url(bad)}: {message}"
+        raise click.BadParameter(message, param_hint="--broker-url") from None
     return ProbeGroup(loops)
 
 
@@ -286,7 +288,8 @@ def check(ctx: click.Context, metrics_dir: str | None, runtime_buckets: str | No
     from .buckets import parse_buckets
 
     metrics_dir = metrics_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-    if not (metrics_dir or runtime_buckets or queue_wait_buckets or broker_urls or web_config_file):
+    given = (runtime_buckets, queue_wait_buckets, web_config_file)
+    if not metrics_dir and not broker_urls and all(v is None for v in given):
         raise click.UsageError("nothing to check: set CELERY_EXPORTER_METRICS_DIR or give --metrics-dir, "
                                "--broker-url or --web-config-file")
     done: list[str] = []

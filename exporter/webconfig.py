@@ -137,15 +137,35 @@ def _tls(section: Any, base: str, fail: Any) -> TLSConfig | None:
         raise fail(f"tls_server_config.client_auth_type must be one of {', '.join(CLIENT_AUTH)}")
     if CLIENT_AUTH[auth_type] != ssl.CERT_NONE and "client_ca_file" not in files:
         raise fail(f"tls_server_config.client_auth_type {auth_type} needs client_ca_file")
+    # Load them now, one by one, so a bad file is named here rather than in a
+    # uvicorn traceback (OpenSSL's own reasons, "PEM lib", help nobody).
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    for key in ("cert_file", "client_ca_file"):
+        if key in files and not _has_pem_certificate(files[key]):
+            raise fail(f"tls_server_config.{key} {files[key]} holds no PEM certificate")
     try:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(files["cert_file"], files["key_file"])
-        if "client_ca_file" in files:
+    except (ssl.SSLError, OSError):
+        raise fail(f"tls_server_config.key_file {files['key_file']} is not an unencrypted PEM private key "
+                   "matching cert_file") from None
+    if "client_ca_file" in files:
+        try:
             context.load_verify_locations(files["client_ca_file"])
-    except (ssl.SSLError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__
-        raise fail(f"tls_server_config: cannot load the certificate, key or CA: {reason}") from None
+        except (ssl.SSLError, OSError):
+            raise fail(f"tls_server_config.client_ca_file {files['client_ca_file']} cannot be loaded") from None
     return TLSConfig(files["cert_file"], files["key_file"], files.get("client_ca_file"), CLIENT_AUTH[auth_type])
+
+
+def _has_pem_certificate(path: str) -> bool:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read()
+        start = text.index("-----BEGIN CERTIFICATE-----")
+        end = text.index("-----END CERTIFICATE-----", start) + len("-----END CERTIFICATE-----")
+        ssl.PEM_cert_to_DER_cert(text[start:end])
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _users(section: Any, fail: Any) -> dict[str, bytes]:
