@@ -17,7 +17,7 @@ import promql_parser as pq
 import pytest
 import yaml
 
-from exporter.mixin.config import PRODUCTION, load, test_profile
+from exporter.mixin.config import PRODUCTION, load, short_profile
 from exporter.mixin.dashboards import DASHBOARDS
 from exporter.mixin.generate import main as generate_main
 from exporter.mixin.generate import outputs, stale
@@ -152,10 +152,10 @@ def test_bad_user_config_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.C
         assert err.startswith("mixin: error: ") and err.count("\n") == 1, err
 
 
-def test_test_profile_only_shortens_windows() -> None:
+def test_short_profile_only_shortens_windows() -> None:
     """The end-to-end test must exercise the production expressions, not look-alikes."""
     prod = {a.name: a.expr for a in alerts(PRODUCTION)}
-    short = {a.name: a.expr for a in alerts(test_profile())}
+    short = {a.name: a.expr for a in alerts(short_profile())}
     assert prod.keys() == short.keys()
     normalise = re.compile(r"\[\d+[smh]\]|\b\d+(\.\d+)?\b|job=~\"[^\"]*\"")
     for name in prod:

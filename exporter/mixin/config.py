@@ -104,7 +104,7 @@ class Config:
 PRODUCTION = Config()
 
 
-def test_profile(base: Config = PRODUCTION) -> Config:
+def short_profile(base: Config = PRODUCTION) -> Config:
     """Short windows for the end-to-end test: same rules, minutes become seconds."""
     return dataclasses.replace(
         base,

@@ -1,0 +1,191 @@
+"""Real Prometheus, Alertmanager, a private Redis and a webhook receiver, each
+started on a free port for one test and stopped after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.harness import free_port, wait_until
+
+
+def program(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found: install Debian's `{package}` package (bash .ci/tools.sh does)", pytrace=False)
+    return path
+
+
+@contextmanager
+def _process(argv: list[str], log_path: str, ready_url: str, what: str) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            with open(log_path, encoding="utf-8", errors="replace") as f:
+                raise AssertionError(f"{what} exited {proc.returncode}:\n{f.read()[-3000:]}")
+        try:
+            return httpx.get(ready_url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(ready, 60, f"{what} to be ready")
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def redis_server(tmp: str, maxmemory: str = "1gb") -> Iterator[str]:
+    """A Redis of our own, so its memory limit and keys are ours alone."""
+    import redis
+
+    port = free_port()
+    log_path = os.path.join(tmp, f"redis-{port}.log")
+    argv = [program("redis-server", "redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--maxmemory", maxmemory, "--dir", tmp, "--logfile", log_path]
+    proc = subprocess.Popen(argv)
+    client = redis.Redis(port=port)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"redis-server exited {proc.returncode}")
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    try:
+        wait_until(up, 30, "the private redis-server to answer PING")
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+class Webhook:
+    """Collects what Alertmanager posts, as an on-call pager would receive it."""
+
+    def __init__(self) -> None:
+        self.payloads: list[dict[str, Any]] = []
+        received = self.payloads
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def notifications(self, alertname: str, status: str) -> list[dict[str, Any]]:
+        """Alerts named `alertname` that arrived with `status` (firing or resolved)."""
+        return [
+            a
+            for p in list(self.payloads)
+            for a in p["alerts"]
+            if a["labels"].get("alertname") == alertname and a["status"] == status
+        ]
+
+    def __enter__(self) -> Webhook:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextmanager
+def alertmanager(tmp: str, webhook_url: str) -> Iterator[str]:
+    port = free_port()
+    config = {
+        "route": {
+            "receiver": "pager",
+            "group_by": ["alertname", "queue_name"],
+            "group_wait": "1s",
+            "group_interval": "1s",
+            "repeat_interval": "1h",
+        },
+        "receivers": [{"name": "pager", "webhook_configs": [{"url": webhook_url, "send_resolved": True}]}],
+    }
+    path = os.path.join(tmp, "alertmanager.yml")
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    argv = [program("prometheus-alertmanager", "prometheus-alertmanager"), f"--config.file={path}",
+            f"--storage.path={os.path.join(tmp, 'am-data')}", f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address="]
+    url = f"http://127.0.0.1:{port}"
+    with _process(argv, os.path.join(tmp, "alertmanager.log"), f"{url}/-/ready", "alertmanager"):
+        yield url
+
+
+class Prometheus:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        r = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+        body = r.json()
+        assert r.status_code == 200 and body["status"] == "success", f"{expr}: {body}"
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+    def series(self, selector: str) -> list[dict[str, str]]:
+        r = httpx.get(f"{self.url}/api/v1/series", params={"match[]": selector}, timeout=10)
+        assert r.status_code == 200, r.text
+        data: list[dict[str, str]] = r.json()["data"]
+        return data
+
+    def alerts(self, state: str = "firing") -> list[dict[str, Any]]:
+        r = httpx.get(f"{self.url}/api/v1/alerts", timeout=10)
+        return [a for a in r.json()["data"]["alerts"] if a["state"] == state]
+
+
+@contextmanager
+def prometheus(tmp: str, targets: dict[str, str], rule_files: list[str], alertmanager_url: str) -> Iterator[Prometheus]:
+    """Scrapes every second and evaluates rules every second, labelling targets as a namespace would."""
+    port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+        "rule_files": rule_files,
+        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager_url.split("//", 1)[1]]}]}]},
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": [target], "labels": {"namespace": "e2e"}}]}
+            for job, target in targets.items()
+        ],
+    }
+    path = os.path.join(tmp, "prometheus.yml")
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    argv = [program("prometheus", "prometheus"), f"--config.file={path}",
+            f"--storage.tsdb.path={os.path.join(tmp, 'prom-data')}", f"--web.listen-address=127.0.0.1:{port}"]
+    url = f"http://127.0.0.1:{port}"
+    with _process(argv, os.path.join(tmp, "prometheus.log"), f"{url}/-/ready", "prometheus"):
+        yield Prometheus(url)

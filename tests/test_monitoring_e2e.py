@@ -1,0 +1,203 @@
+"""End to end: a real worker on a real Redis, the real exporter (as a worker
+sidecar and as a broker probe), a real Prometheus loaded with the test
+profile of our rules, a real Alertmanager, and a webhook standing in for the
+pager.
+
+1. A known workload runs; then every query of every dashboard panel, with the
+   dashboard's variables filled in, must return data.
+2. A producer outruns a throttled worker: CeleryBacklogGrowing must fire and
+   reach the webhook; a second worker then drains the queue and the alert
+   must resolve, again through Alertmanager.
+3. The three alerts of the most used Celery exporter's mixin, kept as they
+   ship (only their `for` is shortened), evaluate correctly on our metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kombu import Connection
+
+from exporter.mixin.config import short_profile
+from exporter.mixin.dashboards import DASHBOARDS
+from exporter.mixin.rules import rule_groups
+from tests.harness import ROOT, env_for, exporter, produce, wait_until, worker
+from tests.stack import Prometheus, Webhook, alertmanager, prometheus, redis_server
+from tests.test_mixin import dashboards, panels, substitute
+
+# The three alerts of danihodovic/celery-exporter's mixin, with its default
+# selector and windows; `for` is shortened from 1m/20m/15m so the test ends.
+COMPAT_SELECTOR = 'job=~".*celery.*"'
+COMPAT_RULES = {
+    "groups": [
+        {
+            "name": "celery-exporter-compat",
+            "rules": [
+                {
+                    "alert": "CeleryTaskHighFailRate",
+                    "expr": (
+                        f'sum(increase(celery_task_failed_total{{{COMPAT_SELECTOR}, queue_name!~"None", '
+                        f'name!~"None"}}[10m])) by (job, namespace, queue_name, name)\n/\n('
+                        f'sum(increase(celery_task_failed_total{{{COMPAT_SELECTOR}, queue_name!~"None", '
+                        f'name!~"None"}}[10m])) by (job, namespace, queue_name, name)\n+\n'
+                        f'sum(increase(celery_task_succeeded_total{{{COMPAT_SELECTOR}, queue_name!~"None", '
+                        f'name!~"None"}}[10m])) by (job, namespace, queue_name, name)\n) * 100 > 5'
+                    ),
+                    "for": "2s",
+                    "labels": {"severity": "warning"},
+                },
+                {
+                    "alert": "CeleryHighQueueLength",
+                    "expr": f'sum(celery_queue_length{{{COMPAT_SELECTOR}, queue_name!~"None"}}) '
+                    "by (job, namespace, queue_name) > 100",
+                    "for": "2s",
+                    "labels": {"severity": "warning"},
+                },
+                {
+                    "alert": "CeleryWorkerDown",
+                    "expr": f"celery_worker_up{{{COMPAT_SELECTOR}}} == 0",
+                    "for": "2s",
+                    "labels": {"severity": "warning"},
+                },
+            ],
+        }
+    ]
+}
+
+# Publishes t.sleep(0.1) at ~40/s, one in five with a negative sleep so that
+# it fails: a task with both outcomes, as the compat fail-rate alert needs.
+FLOOD = """
+import time
+from tests.workload_app import sleep
+start = time.monotonic()
+i = 0
+while time.monotonic() - start < 150:
+    sleep.apply_async((-1 if i % 5 == 0 else 0.1,), queue="alpha")
+    i += 1
+    time.sleep(0.025)
+"""
+
+
+def firing(prom: Prometheus, alertname: str, **labels: str) -> list[dict[str, Any]]:
+    return [
+        a
+        for a in prom.alerts("firing")
+        if a["labels"]["alertname"] == alertname and all(a["labels"].get(k) == v for k, v in labels.items())
+    ]
+
+
+def check_variables(prom: Prometheus) -> None:
+    """Each dashboard variable's label_values() query finds values, as Grafana would list them."""
+    for name, d in dashboards().items():
+        for var in d["templating"]["list"]:
+            if var["type"] != "query":
+                continue
+            m = re.fullmatch(r"label_values\((.*), (\w+)\)", var["query"])
+            assert m, var["query"]
+            values = {s.get(m.group(2)) for s in prom.series(substitute(m.group(1)))} - {None}
+            assert values, f"{name}: variable {var['name']} lists nothing"
+
+
+def check_panels(prom: Prometheus) -> None:
+    empty = []
+    for name, d in dashboards().items():
+        for p in panels(d):
+            for t in p["targets"]:
+                if not prom.query(substitute(t["expr"])):
+                    empty.append(f"{name} / {p['title']} / {t['refId']}: {t['expr']}")
+    assert not empty, "panel queries without data:\n" + "\n".join(empty)
+
+
+def test_dashboards_have_data_and_backlog_alert_pages_then_resolves(tmp_path: Path, amqp_url: str) -> None:
+    tmp = str(tmp_path)
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    rules = tmp_path / "celery-rules.yml"
+    rules.write_text(yaml.safe_dump(rule_groups(short_profile())))
+    compat = tmp_path / "compat.yml"
+    compat.write_text(yaml.safe_dump(COMPAT_RULES))
+    # A RabbitMQ queue with waiting messages, for the panels only RabbitMQ can fill.
+    with Connection(amqp_url) as conn:
+        q = conn.SimpleQueue("e2e-rabbit")
+        for i in range(3):
+            q.put({"n": i})
+        q.close()
+
+    with (
+        redis_server(tmp) as redis_url,
+        Webhook() as hook,
+        alertmanager(tmp, hook.url) as am_url,
+    ):
+        broker = f"{redis_url}/0"
+        env = env_for(broker, str(metrics_dir))
+        with (
+            worker(env, tmp, concurrency=1) as slow_worker,
+            exporter(tmp, "--metrics-dir", str(metrics_dir), "--worker-timeout", "5") as sidecar,
+            exporter(
+                tmp, "--broker-url", broker, "--broker-url", amqp_url, "--queue", "alpha", "--queue", "beta",
+                "--probe-interval", "1", "--probe-timeout", "1",
+            ) as probe,
+            prometheus(
+                tmp,
+                {"celery-worker": f"127.0.0.1:{sidecar.port}", "celery-probe": f"127.0.0.1:{probe.port}"},
+                [str(rules), str(compat)],
+                am_url,
+            ) as prom,
+        ):
+            produce(env, "counts")
+            wait_until(
+                lambda: prom.query('sum(celery_task_rejected_total{job="celery-worker"}) >= 1'), 60,
+                "Prometheus to scrape the finished workload",
+            )
+
+            flood = subprocess.Popen([sys.executable, "-c", FLOOD], cwd=ROOT, env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                wait_until(lambda: hook.notifications("CeleryBacklogGrowing", "firing"), 120,
+                           "CeleryBacklogGrowing to reach the webhook through Alertmanager", interval=1)
+                (page,) = {a["labels"]["queue_name"]: a for a in hook.notifications("CeleryBacklogGrowing", "firing")
+                           }.values()
+                assert page["labels"]["queue_name"] == "alpha"
+                assert page["labels"]["namespace"] == "e2e" and page["labels"]["severity"] == "warning"
+                assert page["annotations"]["runbook_url"].endswith("#celerybackloggrowing")
+                held = float(re.search(r"holds (\d[\d.]*k?) messages", page["annotations"]["description"])
+                             .group(1).replace("k", "e3"))
+                assert held > 20, page["annotations"]["description"]
+
+                # While the backlog stands, every panel has something to show.
+                check_variables(prom)
+                check_panels(prom)
+                wait_until(lambda: firing(prom, "CeleryHighQueueLength", queue_name="alpha", job="celery-probe"), 30,
+                           "the compat CeleryHighQueueLength alert to fire")
+                wait_until(lambda: firing(prom, "CeleryTaskHighFailRate", name="t.sleep", queue_name="alpha"), 30,
+                           "the compat CeleryTaskHighFailRate alert to fire")
+                ratio = str(COMPAT_RULES["groups"][0]["rules"][0]["expr"]).removesuffix(" > 5")
+                (rate,) = [r for r in prom.query(ratio) if r["metric"]["name"] == "t.sleep"]
+                assert 10 < float(rate["value"][1]) < 35, rate  # one in five fails
+            finally:
+                flood.kill()
+                flood.wait()
+
+            # An operator scales out; the backlog drains and the page resolves.
+            with worker(env, tmp, concurrency=8, queues="alpha") as fast_worker:
+                wait_until(lambda: prom.query('sum(celery_queue_length{queue_name="alpha"}) == 0'), 120,
+                           "the backlog to drain")
+                wait_until(lambda: hook.notifications("CeleryBacklogGrowing", "resolved"), 90,
+                           "CeleryBacklogGrowing to resolve through Alertmanager", interval=1)
+                assert not firing(prom, "CeleryBacklogGrowing")
+                assert not firing(prom, "CeleryWorkerDown")
+                fast_host = fast_worker.hostname
+            # The fast worker shut down: both our alert and the compat one see it, and only it.
+            wait_until(lambda: firing(prom, "CeleryWorkerDown", hostname=fast_host, job="celery-worker"), 30,
+                       "CeleryWorkerDown (ours and the compat one) for the stopped worker")
+            down = {(a["labels"]["hostname"], "severity" in a["labels"]) for a in firing(prom, "CeleryWorkerDown")}
+            assert {h for h, _ in down} == {fast_host}, down
+            assert slow_worker.hostname != fast_host
+            assert os.listdir(metrics_dir)
+    assert set(DASHBOARDS) == set(dashboards())
