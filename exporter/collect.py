@@ -21,19 +21,24 @@ from typing import Any
 from prometheus_client.core import Metric
 from prometheus_client.samples import Sample
 
-from .metrics import HEARTBEAT, format_le
-from .store import read_entries
+from .compact import ARCHIVE_SUFFIX, archive_generation, directory_lock, kind_of, staging_dirs
+from .metrics import HEARTBEAT, POOL_PROCESSES, TASKS_ACTIVE, format_le
+from .store import MAGIC, held_by_a_live_writer, read_entries
 
 log = logging.getLogger("celery_signal_exporter")
 
 _GAUGE_MODES = {"all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum",
                 "mostrecent", "livemostrecent"}
 
+#: Live gauges labelled by worker hostname: dropped once that worker's heartbeat is stale.
+_PER_WORKER_LIVE = frozenset({POOL_PROCESSES.name, TASKS_ACTIVE.name})
+
 
 @dataclass
 class MergeStats:
     files_read: int = 0
     files_unreadable: int = 0
+    files_dead: int = 0  # live-gauge files whose writer is gone, not merged
     queues_seen: set[str] = field(default_factory=set)
 
 
@@ -72,40 +77,104 @@ class DirectoryCollector:
                 self._keys[key] = parsed
         return parsed
 
-    def _read(self, path: str) -> list[tuple[str, float, float]]:
-        with open(path, "rb") as f:
-            data = f.read(4096)  # files are preallocated: read only the used part
+    def _read(self, path: str, live: bool) -> list[tuple[str, float, float]] | None:
+        """A file's entries; None for a live-gauge file whose writer is dead.
+
+        The writer's lock (see store.py) says whether it is alive, from any
+        container: no pid is compared. Files without our header tag are
+        judged by nobody and always read.
+        """
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO in a file's place must not hang us
+        try:
+            data = os.read(fd, 4096)  # files are preallocated: read only the used part
             if len(data) >= 4:
                 used = int.from_bytes(data[:4], "little", signed=True)
-                if used > len(data):
-                    data += f.read(used - len(data))
+                while 0 < len(data) < used:
+                    more = os.read(fd, used - len(data))
+                    if not more:
+                        break
+                    data += more
+            if live and data[4:8] == MAGIC and not held_by_a_live_writer(fd):
+                return None
+        finally:
+            os.close(fd)
         return list(read_entries(data))
+
+    def _plan(self, names: list[str]) -> list[tuple[str, str, str, str, str]]:
+        """(path, display name, kind, mode, pid) of every file to merge, archives first.
+
+        Staged files (see compact.py) count only while their staging
+        generation is newer than their kind's archive.
+        """
+        plan: list[tuple[str, str, str, str, str]] = []
+        generations: dict[str, int] = {}
+        rest: list[tuple[str, str, str, str, str]] = []
+        for filename in names:
+            parsed = _parse_name(filename)
+            if parsed is None:
+                continue
+            kind, mode, pid = parsed
+            entry = (os.path.join(self.directory, filename), filename, kind, mode, pid)
+            if filename.endswith(ARCHIVE_SUFFIX):
+                prefix = filename[: -len(ARCHIVE_SUFFIX)]
+                generations[prefix] = self._archive_generation(entry[0])
+                plan.append(entry)
+            else:
+                rest.append(entry)
+        for gen, sname in sorted(staging_dirs(names).items()):
+            sdir = os.path.join(self.directory, sname)
+            try:
+                staged = sorted(os.listdir(sdir))
+            except OSError:
+                continue  # finished and removed since the listing
+            for filename in staged:
+                kind_prefix = kind_of(filename)
+                parsed = _parse_name(filename)
+                if kind_prefix is None or parsed is None or gen <= generations.get(kind_prefix, 0):
+                    continue
+                rest.append((os.path.join(sdir, filename), f"{sname}/{filename}", *parsed))
+        return plan + rest
+
+    @staticmethod
+    def _archive_generation(path: str) -> int:
+        try:
+            with open(path, "rb") as f:
+                return archive_generation(f.read(8))
+        except OSError:
+            return 0
 
     def merge(self) -> tuple[list[Metric], MergeStats]:
         stats = MergeStats()
-        try:
-            names = sorted(os.listdir(self.directory))
-        except OSError as exc:
-            if "missing-dir" not in self._damaged_logged:
-                self._damaged_logged.add("missing-dir")
-                log.error("metrics directory %s unreadable: %s", self.directory, exc.strerror or exc)
-            self.last = stats
-            return [], stats
+        with directory_lock(self.directory, exclusive=False, wait=5.0) as held:
+            if not held and "compact-lock" not in self._damaged_logged:
+                self._damaged_logged.add("compact-lock")
+                log.error("compaction held %s for over 5 s; reading without waiting", self.directory)
+            try:
+                names = sorted(os.listdir(self.directory))
+            except OSError as exc:
+                if "missing-dir" not in self._damaged_logged:
+                    self._damaged_logged.add("missing-dir")
+                    log.error("metrics directory %s unreadable: %s", self.directory, exc.strerror or exc)
+                self.last = stats
+                return [], stats
+            plan = self._plan(names)
+            types, helps, values = self._merge_files(plan, stats)
+        families = self._families(types, helps, values)
+        self.last = stats
+        return families, stats
 
+    def _merge_files(
+        self, plan: list[tuple[str, str, str, str, str]], stats: MergeStats,
+    ) -> tuple[dict[str, str], dict[str, str], dict[tuple[str, str, tuple[tuple[str, str], ...]], float]]:
         # (metric, sample, labels) -> value, per merge rule
         types: dict[str, str] = {}
         helps: dict[str, str] = {}
         modes: dict[str, str] = {}
         values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
         stamps: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
-        for filename in names:
-            parsed = _parse_name(filename)
-            if parsed is None:
-                continue
-            kind, mode, pid = parsed
-            path = os.path.join(self.directory, filename)
+        for path, filename, kind, mode, pid in plan:
             try:
-                entries = self._read(path)
+                read = self._read(path, live=mode.startswith("live"))
             except FileNotFoundError:
                 continue  # reaped between listdir and open
             except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -114,8 +183,11 @@ class DirectoryCollector:
                     self._damaged_logged.add(filename)
                     log.error("skipping damaged metrics file %s: %s", filename, exc)
                 continue
+            if read is None:
+                stats.files_dead += 1
+                continue
             stats.files_read += 1
-            for raw_key, value, stamp in entries:
+            for raw_key, value, stamp in read:
                 try:
                     metric, sample, labels, help_text = self._key(raw_key)
                 except (ValueError, TypeError, AttributeError):
@@ -141,10 +213,7 @@ class DirectoryCollector:
                     queue = dict(labels).get("queue_name")
                     if queue:
                         stats.queues_seen.add(queue)
-
-        families = self._families(types, helps, values)
-        self.last = stats
-        return families, stats
+        return types, helps, values
 
     def _families(
         self, types: dict[str, str], helps: dict[str, str],
@@ -154,10 +223,16 @@ class DirectoryCollector:
         for (metric, sample, labels), value in values.items():
             by_metric[metric].append((sample, labels, value))
         families: list[Metric] = []
+        now = time.time()
+        stale = {labels for _, labels, stamp in by_metric.get(HEARTBEAT.name, [])
+                 if not (stamp > 0 and now - stamp <= self.worker_timeout)}
         for metric in sorted(by_metric):
             samples = by_metric[metric]
+            if metric in _PER_WORKER_LIVE:
+                # A worker that stopped beating says nothing about its pool: do not echo its last word.
+                samples = [s for s in samples if s[1] not in stale]
             if metric == HEARTBEAT.name:
-                families.append(self._worker_up(samples))
+                families.append(self._worker_up(samples, now))
                 continue
             kind = types[metric]
             family = Metric(metric, helps[metric], kind)
@@ -168,8 +243,7 @@ class DirectoryCollector:
             families.append(family)
         return families
 
-    def _worker_up(self, samples: Iterable[tuple[str, tuple[tuple[str, str], ...], float]]) -> Metric:
-        now = time.time()
+    def _worker_up(self, samples: Iterable[tuple[str, tuple[tuple[str, str], ...], float]], now: float) -> Metric:
         family = Metric("celery_worker_up", "1 if the worker's heartbeat is fresher than the timeout.", "gauge")
         for _, labels, stamp in sorted(samples):
             up = 1.0 if stamp > 0 and now - stamp <= self.worker_timeout else 0.0

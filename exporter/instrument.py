@@ -220,7 +220,8 @@ class Instrumentation:
         ]
 
     def signal_names(self) -> list[str]:
-        return [label for _, label, _ in self.receivers()] + ["worker_tick", "worker_init", "worker_shutdown"]
+        worker_side = ["worker_tick", "worker_init", "worker_shutdown", "worker_compact"]
+        return [label for _, label, _ in self.receivers()] + worker_side
 
     def connect(self) -> None:
         """Connect every receiver once; dispatch_uid makes a second call a no-op."""

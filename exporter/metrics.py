@@ -86,6 +86,11 @@ HANDLER_ERRORS = Spec(
     "Signal handler errors swallowed so they never reach Celery.", ("signal",),
 )
 
+COMPACTED = Spec(
+    "celery_exporter_compacted_processes", "counter",
+    "Dead processes whose counter files were folded into the archive.", (),
+)
+
 
 def file_prefix(spec: Spec) -> str:
     return f"gauge_{spec.mode}" if spec.kind == "gauge" else spec.kind
@@ -176,4 +181,5 @@ class Metric:
 ALL_SPECS: tuple[Spec, ...] = (
     SENT, RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, REJECTED, RUNTIME, QUEUE_WAIT,
     IN_PROGRESS, LAST_SUCCESS, HEARTBEAT, POOL_PROCESSES, TASKS_ACTIVE, DROPPED_LABELS, HANDLER_ERRORS,
+    COMPACTED,
 )

@@ -9,19 +9,33 @@ instead of killing the worker with SIGBUS. The file format is unchanged, so
 prometheus-client's own MultiProcessCollector can still read the directory.
 
 File names follow prometheus-client: ``counter_<pid>.db``,
-``histogram_<pid>.db`` and ``gauge_<mode>_<pid>.db``.
+``histogram_<pid>.db`` and ``gauge_<mode>_<pid>.db``. When that name is held
+by another live process (the same pid in another container's pid namespace)
+the file is ``counter_<pid>-<n>.db``.
+
+Liveness is a lock, not a pid: the process that writes a file holds an
+exclusive flock(2) on it for as long as it lives, and the kernel drops the
+lock when the process dies, however it dies. Whoever can take the lock knows
+the writer is gone, from any container that shares the directory, with no pid
+to compare and no pid reuse to fool it. Our files carry ``MAGIC`` in the four
+header bytes prometheus-client leaves unused, so files written by anything
+else (users' own prometheus-client metrics) are never judged by the lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
+import stat
 import struct
 import threading
 from collections.abc import Iterator
 
 INITIAL_SIZE = 1 << 16
+#: Bytes 4-8 of our files' header (prometheus-client leaves them zero).
+MAGIC = b"csx\x01"
 _INT = struct.Struct("<i")
 _DOUBLE = struct.Struct("<d")
 _TWO_DOUBLES = struct.Struct("<dd")
@@ -57,12 +71,38 @@ def read_entries(data: bytes) -> Iterator[tuple[str, float, float]]:
         pos += 4 + padded + 16
 
 
+def encode_entries(entries: Iterator[tuple[str, float, float]] | list[tuple[str, float, float]],
+                   tag: bytes = b"\0\0\0\0") -> bytes:
+    """A whole file's bytes for `entries`; `tag` fills the unused header bytes 4-8."""
+    parts = [b"", tag]
+    for key, value, timestamp in entries:
+        encoded = key.encode("utf-8")
+        padding = 8 - (len(encoded) + 4) % 8
+        parts.append(_INT.pack(len(encoded)) + encoded + b" " * padding + _TWO_DOUBLES.pack(value, timestamp))
+    body = b"".join(parts)
+    return _INT.pack(len(body) + 4) + body
+
+
+def held_by_a_live_writer(fd: int) -> bool:
+    """True if another open file description holds the writer's lock on this file.
+
+    Taking the lock and dropping it at once is the test; the caller must not
+    keep it (a writer opening the file meanwhile would pick another name).
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
+
+
 class MetricFile:
     """One process's file of (key -> value, timestamp) slots. Not thread safe."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, fd: int | None = None) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644) if fd is None else fd
         size = os.fstat(self._fd).st_size
         if size == 0:
             os.posix_fallocate(self._fd, 0, INITIAL_SIZE)
@@ -73,6 +113,7 @@ class MetricFile:
         used = _INT.unpack_from(self._map, 0)[0]
         if used == 0:
             used = 8
+            self._map[4:8] = MAGIC
             self._map[0:4] = _INT.pack(used)
         else:
             # A file left by an earlier process with the same pid: keep its
@@ -121,11 +162,99 @@ class MetricFile:
         os.close(self._fd)
 
 
+def _fresh_file(directory: str, name: str) -> tuple[int, str]:
+    """A new, locked, fully initialised file under a temporary name.
+
+    Readers never see a half-made file: the caller links or renames it into
+    place only once its header is written and the writer's lock is held.
+    """
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.posix_fallocate(fd, 0, INITIAL_SIZE)
+        os.pwrite(fd, _INT.pack(8) + MAGIC, 0)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def open_owned(directory: str, prefix: str, pid: int) -> MetricFile:
+    """Open this process's file of kind `prefix`, holding the writer's lock.
+
+    An existing file under our name whose lock is free was left by a dead
+    process with our pid: counters carry on in it (nothing is lost, nothing
+    counted twice); live gauges start afresh, since its values are not ours.
+    A file whose lock is held belongs to a live process with the same pid in
+    another pid namespace: we take the next name instead.
+    """
+    live = prefix.startswith("gauge_live")
+    for n in range(1000):
+        name = f"{prefix}_{pid}{'' if n == 0 else f'-{n}'}.db"
+        path = os.path.join(directory, name)
+        for _ in range(10):  # retried only when a compactor moves the file under us
+            fd, tmp = _fresh_file(directory, name)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            else:
+                os.unlink(tmp)
+                return MetricFile(path, fd)
+            os.close(fd)
+            os.unlink(tmp)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break  # not ours to write (a directory, a FIFO, unreadable): next name
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                break
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                break  # a live writer has this name: try the next one
+            if not _same_file(fd, path):
+                os.close(fd)  # compacted or reaped between open and lock
+                continue
+            if live:
+                fresh, tmp = _fresh_file(directory, name)
+                os.rename(tmp, path)  # atomic: readers see the old file or the new one
+                os.close(fd)
+                return MetricFile(path, fresh)
+            try:
+                f = MetricFile(path, fd)
+            except ValueError:
+                # Damaged: keep it for a human (never deleted blindly), write elsewhere.
+                os.close(fd)
+                break
+            if os.pread(fd, 4, 4) != MAGIC:
+                os.pwrite(fd, MAGIC, 4)
+            return f
+    raise OSError(f"no free metrics file name for {prefix}_{pid} in {directory}")
+
+
 class Store:
     """All of this process's metric files in one directory.
 
     After a fork the child starts with no open files and a new lock, so it
-    writes under its own pid and never into its parent's mapping.
+    writes under its own pid and never into its parent's mapping. It closes
+    its inherited copies too, so that it does not keep its parent's writer
+    locks alive after the parent dies.
     """
 
     def __init__(self, directory: str) -> None:
@@ -136,20 +265,21 @@ class Store:
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
-        self._files = {}
+        inherited, self._files = self._files, {}
         self.lock = threading.Lock()
         self.generation += 1
+        for f in inherited.values():
+            try:
+                f.close()  # our copies only: the parent's lock lives on in the parent
+            except (OSError, ValueError):
+                pass
 
     def file(self, prefix: str) -> MetricFile:
         """The file for a kind such as 'counter' or 'gauge_livesum'. Lock held by caller."""
         f = self._files.get(prefix)
         if f is None:
             os.makedirs(self.directory, exist_ok=True)
-            path = os.path.join(self.directory, f"{prefix}_{os.getpid()}.db")
-            if prefix.startswith("gauge_live") and os.path.exists(path):
-                # Left by a dead process that had our pid: its live values are not ours.
-                os.unlink(path)
-            f = MetricFile(path)
+            f = open_owned(self.directory, prefix, os.getpid())
             self._files[prefix] = f
         return f
 

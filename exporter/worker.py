@@ -18,13 +18,17 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery, bootsteps, signals
 
 from . import metrics as m
+from .compact import compact, directory_lock
+from .store import MAGIC, held_by_a_live_writer
 
 if TYPE_CHECKING:
     from .instrument import Instrumentation
 
 log = logging.getLogger("celery_signal_exporter")
 
-_LIVE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
+#: Dead files folded per heartbeat tick at most, so one tick never stalls the worker for long.
+COMPACT_MAX_FILES = 2000
+_LIVE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)(?:-\d+)?\.db$")
 
 
 def pid_alive(pid: int) -> bool:
@@ -41,28 +45,49 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def reap_dead_processes(directory: str) -> list[int]:
-    """Remove live-gauge files whose process is gone. Counter files are kept.
+def _writer_gone(path: str, pid: int) -> bool | None:
+    """Whether a live-gauge file's writer is dead; None if the file is gone.
 
-    Only pids in this process's pid namespace are judged: the worker main
-    process and its pool are, and producers in other containers write no
-    live gauges.
+    Our files are judged by their writer's lock, which works across pid
+    namespaces; files without our tag (an older version, or prometheus-client's
+    own) by the pid, in our own namespace only.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return False
+    try:
+        if os.pread(fd, 8, 0)[4:8] == MAGIC:
+            return not held_by_a_live_writer(fd)
+    finally:
+        os.close(fd)
+    return pid != os.getpid() and not pid_alive(pid)
+
+
+def reap_dead_processes(directory: str) -> list[int]:
+    """Remove live-gauge files whose writer is gone. Counter files are kept (compaction folds them).
+
+    A live file of a dead writer holds values nobody is responsible for any
+    more: the in-progress count of a SIGKILLed child, the pool size of a
+    worker that was OOM-killed.
     """
     reaped: list[int] = []
     try:
         names = os.listdir(directory)
     except OSError:
         return reaped
-    own = os.getpid()
     for name in names:
         match = _LIVE_FILE.match(name)
         if not match:
             continue
         pid = int(match.group(1))
-        if pid == own or pid_alive(pid):
+        path = os.path.join(directory, name)
+        if not _writer_gone(path, pid):
             continue
         try:
-            os.unlink(os.path.join(directory, name))
+            os.unlink(path)
             reaped.append(pid)
         except FileNotFoundError:
             pass
@@ -75,11 +100,13 @@ class WorkerMetrics:
         self.heartbeat = m.Metric(inst.store, m.HEARTBEAT)
         self.pool_processes = m.Metric(inst.store, m.POOL_PROCESSES)
         self.tasks_active = m.Metric(inst.store, m.TASKS_ACTIVE)
+        self.compacted = m.Metric(inst.store, m.COMPACTED)
 
     def initialise(self) -> None:
         """Write the error counters at 0, so rate() works from the first error on."""
         try:
             self.inst.dropped.labels("name").inc(0)
+            self.compacted.labels().inc(0)  # compaction adds to it in the archive
             for signal in self.inst.signal_names():
                 self.inst.handler_errors.labels(signal).inc(0)
         except Exception as exc:  # noqa: BLE001
@@ -99,6 +126,16 @@ class WorkerMetrics:
             reap_dead_processes(self.inst.options.metrics_dir)
         except Exception as exc:  # noqa: BLE001 - never raise into the worker
             self.inst.handler_failed("worker_tick", exc)
+        self.compact()
+
+    def compact(self) -> None:
+        """Fold dead processes' files into the archives; counted, never raised, if it fails."""
+        try:
+            result = compact(self.inst.options.metrics_dir, max_files=COMPACT_MAX_FILES)
+            if result.errors:
+                raise OSError(f"{len(result.errors)} file(s) not compacted, first: {result.errors[0]}")
+        except Exception as exc:  # noqa: BLE001 - never raise into the worker
+            self.inst.handler_failed("worker_compact", exc)
 
     def stopped(self, consumer: Any) -> None:
         """Graceful shutdown: say so at once instead of waiting for the timeout."""
@@ -145,6 +182,8 @@ def install_worker_metrics(app: Celery, inst: Instrumentation) -> None:
         # Prepare the directory: create it, and clear only what dead processes left live.
         try:
             os.makedirs(inst.options.metrics_dir, exist_ok=True)
+            with directory_lock(inst.options.metrics_dir, exclusive=True):
+                pass  # create the lock file now, so readers take it from the first compaction on
             reap_dead_processes(inst.options.metrics_dir)
         except Exception as exc:  # noqa: BLE001
             inst.handler_failed("worker_init", exc)

@@ -7,28 +7,27 @@ import signal
 
 import pytest
 
-from exporter.collect import DirectoryCollector
 from tests.harness import Samples, env_for, exporter, produce, value, wait_until, worker
 
 
 def test_recycled_children_lose_no_count(redis_url: str, tmp_path: pytest.TempPathFactory) -> None:
-    """--max-tasks-per-child 1: every task runs in a fresh child, every count survives."""
+    """--max-tasks-per-child 1: every task runs in a fresh child, every count survives compaction."""
     n = 300
     metrics_dir = str(tmp_path / "metrics")
     env = env_for(redis_url, metrics_dir)
     with worker(env, str(tmp_path), "--max-tasks-per-child", "1", concurrency=2) as w, \
             exporter(str(tmp_path), "--metrics-dir", metrics_dir) as ex:
         produce(env, "many", n)
-        s = wait_until(lambda: (r := ex.scrape()) and value(r, "celery_task_succeeded_total") >= n and r,
-                       240, f"{n} tasks through recycled children")
+        # n children and the producer each left one counter file, all folded in by the worker main.
+        s = wait_until(lambda: (r := ex.scrape()) and value(r, "celery_exporter_compacted_processes_total") == n + 1
+                       and r, 240, f"{n} recycled children compacted")
         assert value(s, "celery_task_sent_total", name="t.ok") == n
         assert value(s, "celery_task_received_total", name="t.ok") == n
         assert value(s, "celery_task_started_total", name="t.ok") == n
         assert value(s, "celery_task_succeeded_total", name="t.ok") == n
         assert value(s, "celery_task_runtime_seconds_count", name="t.ok") == n
         assert value(s, "celery_task_in_progress") == 0
-        children = {f for f in os.listdir(metrics_dir) if f.startswith("histogram_")}
-        assert len(children) >= n // 2, "each task should have run in its own child"
+        assert value(s, "celery_exporter_handler_errors_total") == 0
         assert "Process 'ForkPoolWorker" not in w.log() or "exited with 'signal" not in w.log()
 
 
@@ -90,7 +89,12 @@ def test_sigkilled_child_loses_its_in_progress_but_not_its_counts(redis_url: str
         assert value(s, "celery_task_failed_total", name="t.sleep", exception="WorkerLostError") == 1
         assert value(s, "celery_task_started_total", name="t.sleep") == 1
         assert w.proc.poll() is None, "the worker survives"
-    # Files of the dead child: counters kept, live gauges gone.
-    assert not os.path.exists(os.path.join(metrics_dir, f"gauge_livesum_{pid}.db"))
-    assert os.path.exists(os.path.join(metrics_dir, f"counter_{pid}.db"))
-    assert DirectoryCollector(metrics_dir).last.files_unreadable == 0
+        # The worker main removes the dead child's live file and folds its counters into the archive.
+        wait_until(lambda: not os.path.exists(os.path.join(metrics_dir, f"gauge_livesum_{pid}.db"))
+                   and not os.path.exists(os.path.join(metrics_dir, f"counter_{pid}.db")), 10,
+                   "the worker main to reap and compact the killed child's files")
+        s = ex.scrape()
+        assert value(s, "celery_task_succeeded_total", name="t.ok") == 5
+        assert value(s, "celery_task_started_total", name="t.sleep") == 1
+        assert value(s, "celery_task_in_progress") == 0
+        assert value(s, "celery_exporter_metrics_files", state="unreadable") == 0
