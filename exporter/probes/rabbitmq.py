@@ -68,10 +68,13 @@ class RabbitMQProbe:
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.api_url = f"{'https' if https else 'http'}://{netloc}/api/"
         self.page_size = max(1, min(opts.page_size, MAX_PAGE_SIZE))
+        # As UTF-8 bytes: requests encodes str credentials as latin-1, so a
+        # password with any other character (a snowman, an emoji) would fail
+        # every request with a UnicodeEncodeError instead of logging in.
         self._client = Client(
             netloc,
-            username,
-            self._password,
+            username.encode("utf-8"),
+            self._password.encode("utf-8"),
             timeout=opts.timeout,
             scheme="https" if https else "http",
             verify=opts.mgmt_verify,
