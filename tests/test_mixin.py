@@ -300,3 +300,11 @@ def test_dashboard_titles_cover_the_issue() -> None:
         "Alarms",
         "Probe errors",
     } <= titles["celery-queues.json"]
+
+
+def test_every_catalogued_metric_is_on_a_dashboard() -> None:
+    """A metric nobody can see is a metric nobody needs; build_info feeds the job variable."""
+    from exporter.mixin.usage import index
+
+    shown = {name for name, used in index(PRODUCTION).items() if used["panels"]}
+    assert set(documented()) - shown == {"celery_exporter_build_info"}

@@ -527,6 +527,48 @@ def queues(c: Config) -> Dashboard:
         ),
         w=8,
     )
+    lay.row("Exporter health")
+    lay.add(
+        _ts(
+            "Instrumentation errors",
+            "Signal receivers that raised (swallowed so the task is unharmed) and label values folded into "
+            "__overflow__ once max_task_names was reached. Both should stay flat at 0.",
+            "ops",
+            (
+                f"sum by (signal) (rate({_q('celery_exporter_handler_errors_total')}[{RATE}]))",
+                "{{signal}} errors",
+            ),
+            (
+                f"sum by (label) (rate({_q('celery_exporter_dropped_label_values_total')}[{RATE}]))",
+                "{{label}} dropped",
+            ),
+        ),
+        w=8,
+    )
+    lay.add(
+        _ts(
+            "Metrics files",
+            "Files in each exporter's metrics directory by state; unreadable ones are skipped, counted and "
+            "logged, never deleted. Dead pool processes compacted into the archive show how fast children "
+            "recycle.",
+            "short",
+            (f"sum by (instance, state) ({_q('celery_exporter_metrics_files')})", "{{instance}} {{state}}"),
+            (
+                f"sum by (instance) (increase({_q('celery_exporter_compacted_processes_total')}[{RATE}]))",
+                "{{instance}} processes compacted",
+            ),
+        ),
+        w=8,
+    )
+    lay.add(
+        _ts(
+            "Scrape duration",
+            "How long each exporter took to merge its metrics directory for the previous scrape.",
+            "s",
+            (f"max by (instance) ({_q('celery_exporter_scrape_duration_seconds')})", "{{instance}}"),
+        ),
+        w=8,
+    )
     return d
 
 
