@@ -1,4 +1,5 @@
 # mypy: disable-error-code="no-untyped-call,untyped-decorator"
+# ruff: noqa: RUF001, RUF003 - the tables print × – ≤ ≥ on purpose
 """How much one probe cycle costs at scale, against the real brokers.
 
 Redis: 1000 queues x 4 priority lists, each list holding messages with the
@@ -36,14 +37,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from exporter.probes import ProbeOptions, probe_for_url
 from exporter.probes.rabbitmq import RabbitMQProbe
-from exporter.probes.redis import DUE_HEADER
+from exporter.probes.redis import DUE_HEADER, RedisProbe
 
 REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))
 AMQP_HOST = os.environ.get("TEST_AMQP_HOST", "127.0.0.1")
 AMQP_PORT = int(os.environ.get("TEST_AMQP_PORT", "5672"))
 MGMT_PORT = int(os.environ.get("TEST_RABBIT_MGMT_PORT", "15672"))
-BENCH_DB = 15
 STEPS = [0, 3, 6, 9]
 
 
@@ -107,10 +107,29 @@ def _message(due: float) -> bytes:
     ).encode()
 
 
-def bench_redis(small: bool) -> list[dict[str, Any]]:
-    n_queues = 100 if small else 1000
+#: (label, read ages, scripted): the script is the probe's hot path; the plain
+#: pipeline is its fallback where scripting is refused, and was the hot path
+#: before the script, so its row is the "before" of that change.
+REDIS_MODES = (
+    ("script, ages on", True, True),
+    ("script, ages off", False, True),
+    ("plain pipeline (fallback; before), ages on", True, False),
+    ("plain pipeline (fallback; before), ages off", False, False),
+)
+
+
+def bench_redis(small: bool, n_queues: int | None = None, repeat: int | None = None) -> list[dict[str, Any]]:
+    from benchmarks.common import redis_db
+
+    n_queues = n_queues or (100 if small else 1000)
+    repeat = repeat or (5 if small else 20)
+    with redis_db() as db:
+        return _bench_redis(db, n_queues, repeat)
+
+
+def _bench_redis(db: int, n_queues: int, repeat: int) -> list[dict[str, Any]]:
     prefix = f"csx-bench-{uuid.uuid4().hex[:8]}:"
-    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{BENCH_DB}"
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
     client = redis.Redis.from_url(url)
     names = {f"bench-q{i}" for i in range(n_queues)}
     sep = "\x06\x16"
@@ -123,17 +142,36 @@ def bench_redis(small: bool) -> list[dict[str, Any]]:
         pipe.execute()
     rows = []
     try:
-        for read_age in (True, False):
+        probes = {}
+        sends = {}
+        for label, read_age, scripted in REDIS_MODES:
             transport = {"priority_steps": STEPS, "global_keyprefix": prefix}
             probe = probe_for_url(url, ProbeOptions(transport_options=transport, read_oldest_age=read_age))
-            snap = probe.snapshot(names)  # connect outside the measurement
+            assert isinstance(probe, RedisProbe)
+            probe._scripted = scripted
+            snap = probe.snapshot(names)  # connect (and load the script) outside the measurement
             assert sum(q.length for q in snap.queues) == n_queues * len(STEPS) * 3, "wrong depth"
-            with _CountSends() as sends:
+            ages = [q.oldest_message_age_seconds for q in snap.queues]
+            if read_age:
+                assert all(a is not None and 60 <= a < 120 for a in ages), "wrong oldest age"
+            else:
+                assert all(a is None for a in ages)
+            with _CountSends() as counted:
                 probe.snapshot(names)
-            times = _timed(functools.partial(probe.snapshot, names), 5 if small else 20)
-            probe.close()
-            note = "LLEN+LINDEX per list, HLEN, INFO" if read_age else "LLEN per list, HLEN, INFO (age off)"
-            rows.append(_row("redis", n_queues, n_queues * len(STEPS), sends.sends, "round trip(s)", times, note))
+            assert probe._scripted == scripted
+            probes[label], sends[label] = probe, counted.sends
+        times: dict[str, list[float]] = {label: [] for label, _, _ in REDIS_MODES}
+        for _ in range(repeat):  # alternating: every mode once per round
+            for label, _, _ in REDIS_MODES:
+                times[label] += _timed(functools.partial(probes[label].snapshot, names), 1)
+        for label, read_age, scripted in REDIS_MODES:
+            probes[label].close()
+            what = ("EVALSHA (LLEN" + ("+LINDEX" if read_age else "") + " per list in Lua), HLEN, INFO") if scripted \
+                else ("LLEN" + ("+LINDEX" if read_age else "") + " per list, HLEN, INFO")
+            row = _row("redis", n_queues, n_queues * len(STEPS), sends[label], "round trip(s)", times[label], what)
+            row["mode"] = label
+            row["times"] = times[label]
+            rows.append(row)
     finally:
         keys = list(client.scan_iter(match=prefix + "*", count=1000))
         for i in range(0, len(keys), 500):
@@ -142,8 +180,8 @@ def bench_redis(small: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def bench_rabbitmq(small: bool) -> list[dict[str, Any]]:
-    n_queues = 50 if small else 500
+def bench_rabbitmq(small: bool, n_queues: int | None = None, repeat: int | None = None) -> list[dict[str, Any]]:
+    n_queues = n_queues or (50 if small else 500)
     admin = Client(f"{AMQP_HOST}:{MGMT_PORT}", "guest", "guest")
     vhost = f"csx-bench-{uuid.uuid4().hex[:8]}"
     admin.create_vhost(vhost)
@@ -172,7 +210,7 @@ def bench_rabbitmq(small: bool) -> list[dict[str, Any]]:
         http.do_call = counting
         probe.snapshot(set())
         calls = len(requests)
-        times = _timed(lambda: probe.snapshot(set()), 5 if small else 10)
+        times = _timed(lambda: probe.snapshot(set()), repeat or (5 if small else 10))
         note = f"{calls - 1} GET /api/queues page(s) of {probe.page_size} + 1 GET /api/nodes"
         return [_row("rabbitmq", n_queues, n_queues, calls, "HTTP requests", times, note)]
     finally:
@@ -182,6 +220,34 @@ def bench_rabbitmq(small: bool) -> list[dict[str, Any]]:
 def run(small: bool) -> list[dict[str, Any]]:
     """Every probe benchmark; `small` shrinks it for a quick CI smoke run."""
     return bench_redis(small) + bench_rabbitmq(small)
+
+
+def section(size: Any) -> Any:
+    """The probe results as a section of the global results table."""
+    from benchmarks.common import Section, Target, median, ratios, spread
+
+    redis_rows = bench_redis(False, size.probe_redis_queues, size.probe_repeat)
+    rabbit_rows = bench_rabbitmq(False, size.probe_rabbit_queues, max(3, size.probe_repeat // 2))
+    sec = Section(
+        "Probe cost (one snapshot, against the real brokers)",
+        ["broker", "queues (lists)", "mode", "calls per cycle", "median ms (min–max, n)", "what one cycle sends"],
+        notes=["Redis: every list holds 3 messages with the due header; the modes alternate run by run. "
+               "RabbitMQ: queues in a private vhost, read through the management API."],
+    )
+    for r in redis_rows + rabbit_rows:
+        times = r.get("times") or []
+        sec.rows.append([r["broker"], f"{r['queues']} ({r['lists']})", r.get("mode", "management API"),
+                         f"{r['calls_per_cycle']} {r['call_unit']}",
+                         spread([t * 1e3 for t in times], "{:.1f}") if times else f"{r['median_ms']:.1f}", r["note"]])
+    by_mode = {r["mode"]: r["times"] for r in redis_rows}
+    on = median(by_mode["script, ages on"]) * 1e3
+    before = ratios(by_mode["plain pipeline (fallback; before), ages on"], by_mode["script, ages on"])
+    sec.notes.append(f"Script vs plain pipeline with ages on, same rounds: {median(before):.2f}× faster "
+                     f"({spread(before, '{:.2f}')}).")
+    sec.data = {"redis_ms": on, "speedup": median(before)}
+    sec.targets.append(Target(f"Redis probe, {size.probe_redis_queues} queues × 4 priority steps, ages on",
+                              "≤ 50 ms", f"{on:.1f} ms", on <= 50))
+    return sec
 
 
 def _print(rows: list[dict[str, Any]]) -> None:

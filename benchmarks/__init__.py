@@ -1,0 +1,1 @@
+"""Benchmarks of celery-signal-exporter: `python -m benchmarks` runs them all (see run.py)."""

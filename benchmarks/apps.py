@@ -1,0 +1,67 @@
+# mypy: disable-error-code="no-untyped-call,untyped-decorator"
+"""The Celery app every publish and worker benchmark runs, configured from the environment.
+
+CSX_BENCH_BROKER: broker URL. CSX_BENCH_VARIANT: `plain` (uninstrumented),
+`ours` (exporter.instrument), `events` (task_send_sent_event; the worker
+gets -E) or `both` (instrumented and sending events, for the exporter-cost
+benchmark, where both exporters watch one workload). CSX_BENCH_METRICS_DIR: our metrics directory. CSX_BENCH_QUEUE: the
+queue. CSX_BENCH_DONE_FILE: every task appends one byte to it, so the
+benchmark can count finished tasks without a result backend.
+
+As a script it is a producer: `python -m benchmarks.apps publish N` prints
+`{"seconds": …, "n": N}`, the time of N `apply_async` calls after a warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from celery import Celery
+
+VARIANT = os.environ.get("CSX_BENCH_VARIANT", "plain")
+QUEUE = os.environ.get("CSX_BENCH_QUEUE", "bench")
+
+app = Celery("bench", broker=os.environ.get("CSX_BENCH_BROKER", "memory://"), set_as_current=True)
+app.conf.update(
+    task_default_queue=QUEUE,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    task_send_sent_event=VARIANT in ("events", "both"),
+)
+if VARIANT in ("ours", "both"):
+    import exporter
+
+    exporter.instrument(app, metrics_dir=os.environ["CSX_BENCH_METRICS_DIR"])
+
+_done_fd: int | None = None
+
+
+@app.task(name="bench.noop")
+def noop(i: int = 0) -> int:
+    """A trivial task: the cost measured is Celery's and the instrumentation's, not the task's."""
+    global _done_fd
+    if _done_fd is None:
+        _done_fd = os.open(os.environ["CSX_BENCH_DONE_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(_done_fd, b".")
+    return i
+
+
+def publish(n: int) -> dict[str, float]:
+    warm = max(10, min(200, n // 10))
+    for i in range(warm):  # connection, routing and caches warm before the clock starts
+        noop.apply_async((i,))
+    start = time.perf_counter()
+    for i in range(n):
+        noop.apply_async((i,))
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "n": n, "warm": warm}
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["publish"]:
+        print(json.dumps(publish(int(sys.argv[2]))))
+    else:
+        raise SystemExit("usage: python -m benchmarks.apps publish N")

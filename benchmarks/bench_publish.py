@@ -1,0 +1,88 @@
+# mypy: disable-error-code="no-untyped-call,untyped-decorator"
+# ruff: noqa: RUF001, RUF003 - the tables print × – ≤ ≥ on purpose
+"""Publish overhead: `apply_async` throughput, plain vs instrumented vs task_send_sent_event.
+
+Each run is a fresh interpreter (instrument() is process-global), timing N
+publishes after a warm-up; variants alternate round by round, and the ratio
+to plain is taken within each round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+
+from benchmarks.common import (
+    Section,
+    Size,
+    Target,
+    alternate,
+    child_env,
+    median,
+    rabbit_vhost,
+    ratios,
+    redis_db,
+    redis_url,
+    run_json,
+    spread,
+)
+
+VARIANTS = ("plain", "ours", "events")
+LABEL = {"plain": "plain Celery", "ours": "instrumented (ours)", "events": "task_send_sent_event=True"}
+
+
+@contextlib.contextmanager
+def broker(kind: str) -> Iterator[str]:
+    """A private Redis db or RabbitMQ vhost for one benchmark, cleaned after."""
+    if kind == "redis":
+        with redis_db() as db:
+            yield redis_url(db)
+    else:
+        with rabbit_vhost() as url:
+            yield url
+
+
+def purge(url: str, queue: str) -> None:
+    """Empty the queue between runs, so every run publishes into the same empty state."""
+    from kombu.connection import Connection
+
+    with Connection(url) as conn:
+        conn.default_channel.queue_purge(queue)
+
+
+def measure(kind: str, n: int, rounds: int) -> dict[str, list[float]]:
+    """Publishes per second of each variant, alternating, on one broker."""
+    with broker(kind) as url, tempfile.TemporaryDirectory(prefix="csx-bench-pub-") as tmp:
+        queue = "bench-publish"
+
+        def one(variant: str, _round: int) -> float:
+            env = child_env(CSX_BENCH_BROKER=url, CSX_BENCH_VARIANT=variant, CSX_BENCH_QUEUE=queue,
+                            CSX_BENCH_METRICS_DIR=tmp)
+            out = run_json(["-m", "benchmarks.apps", "publish", str(n)], env)
+            with contextlib.suppress(Exception):
+                purge(url, queue)
+            return float(out["n"]) / float(out["seconds"])
+
+        return alternate(VARIANTS, rounds, one)
+
+
+def run(size: Size) -> Section:
+    section = Section(
+        "Publish overhead (apply_async throughput)",
+        ["broker", "variant", "tasks/s median (min–max, n)", "ratio to plain, same round"],
+        notes=[f"{size.publish_n} `apply_async` calls per run after a warm-up, one fresh process per run, "
+               f"{size.rounds} alternating rounds; the queue is purged between runs."],
+    )
+    for kind in ("redis", "rabbitmq"):
+        rates = measure(kind, size.publish_n, size.rounds)
+        for variant in VARIANTS:
+            rel = ratios(rates[variant], rates["plain"])
+            section.rows.append([kind, LABEL[variant], spread(rates[variant], "{:.0f}"),
+                                 "1" if variant == "plain" else spread(rel, "{:.3f}")])
+        ours = median(ratios(rates["ours"], rates["plain"]))
+        section.data[f"{kind}_ours_ratio"] = ours
+        section.data[f"{kind}_events_ratio"] = median(ratios(rates["events"], rates["plain"]))
+        section.targets.append(Target(f"publish throughput, instrumented / plain, {kind}", "≥ 0.97",
+                                      f"{ours:.3f}", ours >= 0.97))
+    return section

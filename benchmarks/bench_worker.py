@@ -1,0 +1,90 @@
+# ruff: noqa: RUF001, RUF003 - the tables print × – ≤ ≥ on purpose
+"""Worker overhead: a real prefork worker (-c 2) drains N trivial tasks: plain, instrumented, -E.
+
+The queue is filled before the worker starts, by a producer of the same
+variant (so instrumented tasks carry the due header the worker reads). Each
+task appends a byte to a file; the clock runs from the 10% mark to the last
+task, so worker start-up and child warm-up are outside it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+from benchmarks.bench_publish import LABEL, VARIANTS, broker, purge
+from benchmarks.common import ROOT, Section, Size, Target, alternate, child_env, median, ratios, run_json, spread
+
+
+def drain(url: str, variant: str, n: int, tmp: str) -> float:
+    """Tasks per second one worker run achieves on a pre-filled queue."""
+    queue = "bench-worker"
+    done = os.path.join(tmp, f"done-{uuid.uuid4().hex[:6]}")
+    metrics = os.path.join(tmp, "metrics")
+    env = child_env(CSX_BENCH_BROKER=url, CSX_BENCH_VARIANT=variant, CSX_BENCH_QUEUE=queue,
+                    CSX_BENCH_METRICS_DIR=metrics, CSX_BENCH_DONE_FILE=done)
+    filled = run_json(["-m", "benchmarks.apps", "publish", str(n)], env)
+    total = int(filled["n"]) + int(filled["warm"])
+    start_mark = total // 10
+    args = [sys.executable, "-m", "celery", "-A", "benchmarks.apps", "worker", "-P", "prefork", "-c", "2",
+            "-Q", queue, "-n", f"bench-{uuid.uuid4().hex[:6]}@%h", "--without-gossip", "--without-mingle",
+            "--without-heartbeat", "-l", "WARNING"]
+    if variant == "events":
+        args.append("-E")
+    log = open(os.path.join(tmp, f"worker-{variant}.log"), "wb")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        t0 = t1 = 0.0
+        deadline = time.monotonic() + 60 + n / 50
+        while True:
+            size = os.path.getsize(done) if os.path.exists(done) else 0
+            now = time.perf_counter()
+            if not t0 and size >= start_mark:
+                t0 = now
+            if size >= total:
+                t1 = now
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker ({variant}) finished {size}/{total} tasks; see {log.name}")
+            time.sleep(0.005)
+        return (total - start_mark) / (t1 - t0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        log.close()
+        purge(url, queue)
+
+
+def run(size: Size) -> Section:
+    section = Section(
+        "Worker overhead (prefork -c 2 draining a full queue)",
+        ["broker", "variant", "tasks/s median (min–max, n)", "ratio to plain, same round"],
+        notes=[f"{size.worker_n} tasks (+ warm-up) per run, timed from the 10% mark to the last one; "
+               f"{size.rounds} alternating rounds."],
+    )
+    for kind in ("redis", "rabbitmq"):
+        with broker(kind) as url, tempfile.TemporaryDirectory(prefix="csx-bench-worker-") as tmp:
+            rates = alternate(VARIANTS, size.rounds, lambda v, _r: drain(url, v, size.worker_n, tmp))
+        for variant in VARIANTS:
+            rel = ratios(rates[variant], rates["plain"])
+            section.rows.append([kind, LABEL[variant].replace("task_send_sent_event=True", "worker -E"),
+                                 spread(rates[variant], "{:.0f}"),
+                                 "1" if variant == "plain" else spread(rel, "{:.3f}")])
+        ours = median(ratios(rates["ours"], rates["plain"]))
+        section.data[f"{kind}_ours_ratio"] = ours
+        section.targets.append(Target(f"worker throughput, instrumented / plain, {kind}", "≥ 0.97",
+                                      f"{ours:.3f}", ours >= 0.97))
+    return section

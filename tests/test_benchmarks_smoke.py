@@ -1,0 +1,43 @@
+"""Every benchmark runs, at toy size, so that none of them rots between full runs.
+
+No timing is asserted here (numbers belong in benchmarks/results.md); this
+only proves each benchmark still runs end to end against the real brokers,
+the real worker, the real exporter and the event-based exporter in its own
+virtualenv (installed on first use, then reused).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from tests.harness import ROOT
+
+SECTIONS = (
+    "## Publish overhead", "## Worker overhead", "## Exporter cost per task", "## Scrape cost at scale",
+    "## Probe cost", "## Hook cost",
+)
+
+
+def test_every_benchmark_runs_at_tiny_size(tmp_path: os.PathLike[str]) -> None:
+    out = os.path.join(tmp_path, "results.md")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--out", out], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    took = time.monotonic() - start
+    assert proc.returncode == 0, f"benchmarks failed after {took:.0f} s:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    with open(out) as f:
+        report = f.read()
+    for heading in (*SECTIONS, "## Machine", "## Targets"):
+        assert heading in report, f"{heading} missing from the report"
+    assert "failed" not in report.lower().split("## machine")[0]
+    # Every target of the issue has a row, decided one way or the other.
+    for what in ("publish throughput", "worker throughput", "publish-side receivers", "CPU per 1000 tasks",
+                 "/metrics p95", "stock collector", "Redis probe"):
+        assert what in report, f"target row '{what}' missing"
+    # Both exporters really counted the tiny workload.
+    assert "Counted every task: ours yes, event-based yes" in report, report
