@@ -29,12 +29,17 @@ MAX_EXAMPLES = "150"
 SEED = "20261121"
 
 
-def st_run(schema: str, *args: str, summary: str = "No issues found") -> str:
-    """`st run` with only the no-5xx check; returns its report, fails on any finding."""
+def st_run(workdir: Path, schema: str, *args: str, summary: str = "No issues found") -> str:
+    """`st run` with only the no-5xx check; returns its report, fails on any finding.
+
+    It runs in `workdir` because schemathesis keeps a crash cache in
+    `./.schemathesis`, which must neither litter the checkout nor replay
+    another run's findings.
+    """
     st = os.path.join(os.path.dirname(sys.executable), "st")
     out = subprocess.run([st, "run", schema, "--checks", "not_a_server_error", "--max-examples", MAX_EXAMPLES,
                           "--seed", SEED, "--request-timeout", "10", "--no-color", *args],
-                         capture_output=True, text=True, timeout=300)
+                         cwd=workdir, capture_output=True, text=True, timeout=300)
     # Plain values only in the asserts: pytest would print `out` whole, password and all.
     code, report = out.returncode, masked(out.stdout + out.stderr)
     del out
@@ -61,7 +66,7 @@ def hostile_metrics(directory: Path) -> None:
 def test_fuzz_open_service_never_answers_5xx(tmp_path: Path, redis_url: str) -> None:
     hostile_metrics(tmp_path / "metrics")
     with serve(tmp_path, "--broker-url", redis_url, "--probe-interval", "1", "--probe-timeout", "1") as s:
-        report = st_run(s.base + "/openapi.json")
+        report = st_run(tmp_path, s.base + "/openapi.json")
         assert s.proc.poll() is None, s.log()
         assert httpx.get(s.base + "/metrics", timeout=5).status_code == 200
     assert "Traceback" not in s.log(), s.log()[-3000:]
@@ -81,11 +86,11 @@ def test_fuzz_behind_tls_and_basic_auth(tmp_path: Path) -> None:
         schema_file.write_text(json.dumps(schema.json()))
         # Unauthenticated: the three protected operations only ever answer 401
         # (schemathesis warns about exactly that), /healthz 200, never a 5xx.
-        st_run(str(schema_file), "--url", s.base, "--tls-verify", pki["ca"],
+        st_run(tmp_path, str(schema_file), "--url", s.base, "--tls-verify", pki["ca"],
                summary="Authentication failed: 3 operations returned only 401/403 responses")
         # Authenticated: the real handlers behind the middleware.
         token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-        st_run(str(schema_file), "--url", s.base, "--tls-verify", pki["ca"],
+        st_run(tmp_path, str(schema_file), "--url", s.base, "--tls-verify", pki["ca"],
                "--header", f"Authorization: Basic {token}")
         assert s.proc.poll() is None, s.log()
     assert "Traceback" not in s.log(), s.log()[-3000:]
