@@ -174,3 +174,22 @@ def test_serve_keeps_running_for_an_unreachable_broker(tmp_path: Path) -> None:
     assert len(failures) == 1, failures
     assert f"WARNING exporter.probes.loop: broker {url} probe failed (connection): ConnectionError: " \
            f"Error 111 connecting to 127.0.0.1:{port}. Connection refused." in failures[0]
+
+
+def test_check_passes_good_settings_with_one_line(tmp_path: Path, redis_url: str) -> None:
+    """The init-container path: the workers' environment, all good, exit 0."""
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    self_signed(str(tmp_path))
+    config = tmp_path / "web.yml"
+    config.write_text("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_EXPORTER_")}
+    env.update({"PYTHONPATH": ROOT, "CELERY_EXPORTER_METRICS_DIR": str(metrics),
+                "CELERY_EXPORTER_RUNTIME_BUCKETS": "0.01, 0.1,1,10", "CELERY_EXPORTER_QUEUE_WAIT_BUCKETS": "1,60",
+                "CELERY_EXPORTER_BROKER_URL": redis_url, "CELERY_EXPORTER_WEB_CONFIG_FILE": str(config)})
+    out = subprocess.run([sys.executable, "-m", "exporter.cli", "check"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert (out.returncode, out.stderr) == (0, "")
+    assert out.stdout == (f"ok: 4 runtime buckets; 2 queue wait buckets; metrics directory {metrics} writable; "
+                          f"web config valid; broker {redis_url} up (0 queues)\n")
+    assert os.listdir(metrics) == [], "check left its probe file behind"
