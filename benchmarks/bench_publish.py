@@ -51,18 +51,18 @@ def purge(url: str, queue: str) -> None:
         conn.default_channel.queue_purge(queue)
 
 
-def measure(kind: str, n: int, rounds: int) -> dict[str, list[float]]:
-    """Publishes per second of each variant, alternating, on one broker."""
+def measure(kind: str, n: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """(publishes per second, producer CPU µs per publish) of each variant, alternating, on one broker."""
     with broker(kind) as url, tempfile.TemporaryDirectory(prefix="csx-bench-pub-") as tmp:
         queue = "bench-publish"
 
-        def one(variant: str, _round: int) -> float:
+        def one(variant: str, _round: int) -> tuple[float, float]:
             env = child_env(CSX_BENCH_BROKER=url, CSX_BENCH_VARIANT=variant, CSX_BENCH_QUEUE=queue,
                             CSX_BENCH_METRICS_DIR=tmp)
             out = run_json(["-m", "benchmarks.apps", "publish", str(n)], env)
             with contextlib.suppress(Exception):
                 purge(url, queue)
-            return float(out["n"]) / float(out["seconds"])
+            return float(out["n"]) / float(out["seconds"]), float(out["cpu_seconds"]) / float(out["n"]) * 1e6
 
         return alternate(VARIANTS, rounds, one)
 
@@ -70,16 +70,24 @@ def measure(kind: str, n: int, rounds: int) -> dict[str, list[float]]:
 def run(size: Size) -> Section:
     section = Section(
         "Publish overhead (apply_async throughput)",
-        ["broker", "variant", "tasks/s median (min–max, n)", "ratio to plain, same round"],
+        ["broker", "variant", "tasks/s median (min–max, n)", "ratio to plain, same round",
+         "producer CPU µs/task", "CPU ratio plain / variant"],
         notes=[f"{size.publish_n} `apply_async` calls per run after a warm-up, one fresh process per run, "
-               f"{size.rounds} alternating rounds; the queue is purged between runs."],
+               f"{size.rounds} alternating rounds; the queue is purged between runs.",
+               "The CPU columns (the producer's own process time per publish) are the steadier figure on a "
+               "shared machine: throughput also moves with whatever else runs."],
     )
     for kind in ("redis", "rabbitmq"):
-        rates = measure(kind, size.publish_n, size.rounds)
+        measured = measure(kind, size.publish_n, size.rounds)
+        rates = {v: [r for r, _ in m] for v, m in measured.items()}
+        cpu = {v: [c for _, c in m] for v, m in measured.items()}
         for variant in VARIANTS:
             rel = ratios(rates[variant], rates["plain"])
+            cpu_rel = ratios(cpu["plain"], cpu[variant])
             section.rows.append([kind, LABEL[variant], spread(rates[variant], "{:.0f}"),
-                                 "1" if variant == "plain" else spread(rel, "{:.3f}")])
+                                 "1" if variant == "plain" else spread(rel, "{:.3f}"),
+                                 spread(cpu[variant], "{:.0f}"),
+                                 "1" if variant == "plain" else spread(cpu_rel, "{:.3f}")])
         ours = median(ratios(rates["ours"], rates["plain"]))
         section.data[f"{kind}_ours_ratio"] = ours
         section.data[f"{kind}_events_ratio"] = median(ratios(rates["events"], rates["plain"]))

@@ -18,11 +18,39 @@ import time
 import uuid
 
 from benchmarks.bench_publish import LABEL, VARIANTS, broker, purge
-from benchmarks.common import ROOT, Section, Size, Target, alternate, child_env, median, ratios, run_json, spread
+from benchmarks.common import (
+    ROOT,
+    Section,
+    Size,
+    Target,
+    alternate,
+    child_env,
+    cpu_seconds,
+    median,
+    ratios,
+    run_json,
+    spread,
+)
 
 
-def drain(url: str, variant: str, n: int, tmp: str) -> float:
-    """Tasks per second one worker run achieves on a pre-filled queue."""
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a worker main process and its pool children, from /proc."""
+    total = cpu_seconds(pid)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            if ppid == pid:
+                total += cpu_seconds(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def drain(url: str, variant: str, n: int, tmp: str) -> tuple[float, float]:
+    """(tasks per second, CPU ms per task of the worker and its pool) of one run on a pre-filled queue."""
     queue = "bench-worker"
     done = os.path.join(tmp, f"done-{uuid.uuid4().hex[:6]}")
     metrics = os.path.join(tmp, "metrics")
@@ -39,20 +67,20 @@ def drain(url: str, variant: str, n: int, tmp: str) -> float:
     log = open(os.path.join(tmp, f"worker-{variant}.log"), "wb")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        t0 = t1 = 0.0
+        t0 = t1 = c0 = c1 = 0.0
         deadline = time.monotonic() + 60 + n / 50
         while True:
             size = os.path.getsize(done) if os.path.exists(done) else 0
             now = time.perf_counter()
             if not t0 and size >= start_mark:
-                t0 = now
+                t0, c0 = now, _tree_cpu(proc.pid)
             if size >= total:
-                t1 = now
+                t1, c1 = now, _tree_cpu(proc.pid)
                 break
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker ({variant}) finished {size}/{total} tasks; see {log.name}")
             time.sleep(0.005)
-        return (total - start_mark) / (t1 - t0)
+        return (total - start_mark) / (t1 - t0), (c1 - c0) / (total - start_mark) * 1e3
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -71,18 +99,25 @@ def drain(url: str, variant: str, n: int, tmp: str) -> float:
 def run(size: Size) -> Section:
     section = Section(
         "Worker overhead (prefork -c 2 draining a full queue)",
-        ["broker", "variant", "tasks/s median (min–max, n)", "ratio to plain, same round"],
+        ["broker", "variant", "tasks/s median (min–max, n)", "ratio to plain, same round",
+         "worker CPU ms/task", "CPU ratio plain / variant"],
         notes=[f"{size.worker_n} tasks (+ warm-up) per run, timed from the 10% mark to the last one; "
-               f"{size.rounds} alternating rounds."],
+               f"{size.rounds} alternating rounds. CPU is the worker main process and its pool children "
+               "(utime + stime, 10 ms ticks), the steadier figure on a shared machine."],
     )
     for kind in ("redis", "rabbitmq"):
         with broker(kind) as url, tempfile.TemporaryDirectory(prefix="csx-bench-worker-") as tmp:
-            rates = alternate(VARIANTS, size.rounds, lambda v, _r: drain(url, v, size.worker_n, tmp))
+            measured = alternate(VARIANTS, size.rounds, lambda v, _r: drain(url, v, size.worker_n, tmp))
+        rates = {v: [r for r, _ in m] for v, m in measured.items()}
+        cpu = {v: [c for _, c in m] for v, m in measured.items()}
         for variant in VARIANTS:
             rel = ratios(rates[variant], rates["plain"])
+            cpu_rel = ratios(cpu["plain"], cpu[variant])
             section.rows.append([kind, LABEL[variant].replace("task_send_sent_event=True", "worker -E"),
                                  spread(rates[variant], "{:.0f}"),
-                                 "1" if variant == "plain" else spread(rel, "{:.3f}")])
+                                 "1" if variant == "plain" else spread(rel, "{:.3f}"),
+                                 spread(cpu[variant], "{:.2f}"),
+                                 "1" if variant == "plain" else spread(cpu_rel, "{:.3f}")])
         ours = median(ratios(rates["ours"], rates["plain"]))
         section.data[f"{kind}_ours_ratio"] = ours
         section.targets.append(Target(f"worker throughput, instrumented / plain, {kind}", "≥ 0.97",
