@@ -8,7 +8,8 @@ is captured and searched: /metrics, /readyz, /, /openapi.json and a 404 of
 real `serve` processes logging at debug level through a good broker, a
 broker that goes away and comes back, a wrong password and an unreachable
 host; `check`'s one line for each; the one-line errors of bad URLs; and
-`--help` of every command with the URL in the environment.
+the demo's output on a broker that refuses the password; and `--help` of
+every command with the URL in the environment.
 
 What is searched for: the password raw, percent-encoded (every common
 flavour), its `user:password` and basic-auth (base64) forms, and each of
@@ -205,6 +206,13 @@ def test_password_never_appears_in_any_output(tmp_path: Path, rabbit_user: str, 
             samples = parse(s.get("/metrics").text)
             assert value(samples, "celery_exporter_probe_errors_total", broker=redis_label, reason="auth") >= 1
             assert value(samples, "celery_exporter_probe_errors_total", broker=rabbit_label, reason="auth") >= 1
+
+        # The demo on a broker that refuses the password: its errors are kombu's and Celery's.
+        code, text = cli("demo", "--broker-url", wrong_redis, "--port", str(free_port()), "--duration", "4")
+        outputs.add("demo", text)
+        assert code == 0, f"demo exited {code}"
+        refused = "invalid username-password pair" in text
+        assert refused, "the demo did not report the refused password"
 
         # check: one line each, exit 0 for good and 2 for bad.
         for url, expected in [(redis_url, 0), (rabbit_user, 0), (wrong_redis, 2), (wrong_rabbit, 2),
