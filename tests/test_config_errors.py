@@ -193,3 +193,18 @@ def test_check_passes_good_settings_with_one_line(tmp_path: Path, redis_url: str
     assert out.stdout == (f"ok: 4 runtime buckets; 2 queue wait buckets; metrics directory {metrics} writable; "
                           f"web config valid; broker {redis_url} up (0 queues)\n")
     assert os.listdir(metrics) == [], "check left its probe file behind"
+
+
+def test_parse_buckets_values() -> None:
+    """What instrument() and check accept: spaces allowed, floats back, order kept."""
+    from exporter.buckets import parse_buckets
+
+    assert parse_buckets("0.005, 0.01,1 ,60", "X") == (0.005, 0.01, 1.0, 60.0)
+    assert parse_buckets("1e-3,2.5E1", "X") == (0.001, 25.0)
+    for text, message in [("", "X: no buckets given; expected comma-separated seconds such as 0.1,1,10"),
+                          ("1,", "X: bucket 2 is empty; expected comma-separated seconds such as 0.1,1,10"),
+                          ("1,-inf", "X: bucket '-inf' must be finite (+Inf is always added)"),
+                          ("2,1.5", "X: bucket '1.5' must be greater than the one before it (2)")]:
+        with pytest.raises(ValueError) as caught:
+            parse_buckets(text, "X")
+        assert str(caught.value) == message
