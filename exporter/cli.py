@@ -13,11 +13,14 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .webconfig import WebConfig
 
 ENV = "CELERY_EXPORTER_"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -142,7 +145,7 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
         listener.close()
 
 
-def _web_config(path: str | None) -> Any:
+def _web_config(path: str | None) -> WebConfig:
     """The parsed web-config file (an empty one when unset); exit 2 on any problem."""
     from .webconfig import WebConfig, WebConfigError, load_web_config
 
