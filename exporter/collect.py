@@ -30,6 +30,12 @@ log = logging.getLogger("celery_signal_exporter")
 _GAUGE_MODES = {"all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum",
                 "mostrecent", "livemostrecent"}
 
+#: Distinct task names the exporter shows across the whole directory; the rest
+#: become `__overflow__`. Each process already caps its own (`max_task_names`,
+#: 500), but many processes with different names would add up.
+DEFAULT_MAX_TASK_NAMES = 2000
+OVERFLOW = "__overflow__"
+
 #: Live gauges labelled by worker hostname: dropped once that worker's heartbeat is stale.
 _PER_WORKER_LIVE = frozenset({POOL_PROCESSES.name, TASKS_ACTIVE.name})
 
@@ -60,30 +66,40 @@ class DirectoryCollector:
     Not thread safe on its own: the service serialises scrapes around it.
     """
 
-    def __init__(self, directory: str, worker_timeout: float = 10.0) -> None:
+    def __init__(self, directory: str, worker_timeout: float = 10.0,
+                 max_task_names: int = DEFAULT_MAX_TASK_NAMES) -> None:
         self.directory = directory
         self.worker_timeout = worker_timeout
+        self.max_task_names = max_task_names
         self.last = MergeStats()
         self._keys: dict[str, tuple[str, str, tuple[tuple[str, str], ...], str]] = {}
+        self._names: set[str] = set()  # admitted task names: once in, always in (no flapping series)
+        self._folded: set[int] = set()  # hashes of the names beyond the cap, for the count
         self._damaged_logged: set[str] = set()
+        self._archives: dict[str, list[tuple[str, float, float]] | Exception] = {}
 
     def _key(self, key: str) -> tuple[str, str, tuple[tuple[str, str], ...], str]:
         parsed = self._keys.get(key)
         if parsed is None:
             metric, sample, labels, help_text = json.loads(key)
-            parsed = (str(metric), str(sample), tuple(sorted((str(k), str(v)) for k, v in labels.items())),
-                      str(help_text))
-            if len(self._keys) < 200_000:
+            label_map = {str(k): str(v) for k, v in labels.items()}
+            name = label_map.get("name")
+            if name is not None and name != OVERFLOW and str(metric).startswith("celery_task_") \
+                    and name not in self._names:
+                if len(self._names) < self.max_task_names:
+                    self._names.add(name)
+                else:
+                    label_map["name"] = OVERFLOW
+                    if len(self._folded) < 10_000_000:
+                        self._folded.add(hash(name))
+            parsed = (str(metric), str(sample), tuple(sorted(label_map.items())), str(help_text))
+            if len(self._keys) < 200_000 and len(key) < 2048:  # hostile 10 KB names are parsed each time
                 self._keys[key] = parsed
         return parsed
 
-    def _read(self, path: str, live: bool) -> list[tuple[str, float, float]] | None:
-        """A file's entries; None for a live-gauge file whose writer is dead.
-
-        The writer's lock (see store.py) says whether it is alive, from any
-        container: no pid is compared. Files without our header tag are
-        judged by nobody and always read.
-        """
+    @staticmethod
+    def _read_bytes(path: str) -> tuple[bytes, int]:
+        """The used part of a file, and the open descriptor (the caller closes it)."""
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO in a file's place must not hang us
         try:
             data = os.read(fd, 4096)  # files are preallocated: read only the used part
@@ -94,6 +110,20 @@ class DirectoryCollector:
                     if not more:
                         break
                     data += more
+        except BaseException:
+            os.close(fd)
+            raise
+        return data, fd
+
+    def _read(self, path: str, live: bool) -> list[tuple[str, float, float]] | None:
+        """A file's entries; None for a live-gauge file whose writer is dead.
+
+        The writer's lock (see store.py) says whether it is alive, from any
+        container: no pid is compared. Files without our header tag are
+        judged by nobody and always read.
+        """
+        data, fd = self._read_bytes(path)
+        try:
             if live and data[4:8] == MAGIC and not held_by_a_live_writer(fd):
                 return None
         finally:
@@ -117,7 +147,7 @@ class DirectoryCollector:
             entry = (os.path.join(self.directory, filename), filename, kind, mode, pid)
             if filename.endswith(ARCHIVE_SUFFIX):
                 prefix = filename[: -len(ARCHIVE_SUFFIX)]
-                generations[prefix] = self._archive_generation(entry[0])
+                generations[prefix], self._archives[entry[0]] = self._read_archive(entry[0])
                 plan.append(entry)
             else:
                 rest.append(entry)
@@ -135,13 +165,14 @@ class DirectoryCollector:
                 rest.append((os.path.join(sdir, filename), f"{sname}/{filename}", *parsed))
         return plan + rest
 
-    @staticmethod
-    def _archive_generation(path: str) -> int:
+    def _read_archive(self, path: str) -> tuple[int, list[tuple[str, float, float]] | Exception]:
+        """An archive's generation and entries, read once; a damaged one has generation 0."""
         try:
-            with open(path, "rb") as f:
-                return archive_generation(f.read(8))
-        except OSError:
-            return 0
+            data, fd = self._read_bytes(path)
+            os.close(fd)
+            return archive_generation(data), list(read_entries(data))
+        except (OSError, ValueError) as exc:
+            return 0, exc
 
     def merge(self) -> tuple[list[Metric], MergeStats]:
         stats = MergeStats()
@@ -156,12 +187,19 @@ class DirectoryCollector:
                     self._damaged_logged.add("missing-dir")
                     log.error("metrics directory %s unreadable: %s", self.directory, exc.strerror or exc)
                 self.last = stats
-                return [], stats
+                return [self._folded_family()], stats
             plan = self._plan(names)
             types, helps, values = self._merge_files(plan, stats)
         families = self._families(types, helps, values)
+        families.append(self._folded_family())
         self.last = stats
         return families, stats
+
+    def _folded_family(self) -> Metric:
+        folded = Metric("celery_exporter_task_names_folded",
+                        "Distinct task names beyond the exporter's cap, shown as __overflow__.", "gauge")
+        folded.add_sample("celery_exporter_task_names_folded", {}, float(len(self._folded)))
+        return folded
 
     def _merge_files(
         self, plan: list[tuple[str, str, str, str, str]], stats: MergeStats,
@@ -172,9 +210,12 @@ class DirectoryCollector:
         modes: dict[str, str] = {}
         values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
         stamps: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+        archives, self._archives = self._archives, {}
         for path, filename, kind, mode, pid in plan:
             try:
-                read = self._read(path, live=mode.startswith("live"))
+                read = archives.pop(path) if path in archives else self._read(path, live=mode.startswith("live"))
+                if isinstance(read, Exception):
+                    raise read
             except FileNotFoundError:
                 continue  # reaped between listdir and open
             except (OSError, ValueError, UnicodeDecodeError) as exc:

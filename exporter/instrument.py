@@ -25,6 +25,7 @@ from typing import Any
 from celery import Celery, signals
 
 from . import metrics as m
+from .buckets import parse_buckets
 from .queues import QueueResolver
 from .store import Store
 
@@ -172,9 +173,11 @@ class Instrumentation:
         request = task.request
         queue = self.queue_of(request)
         now = time.time()
+        # In progress first, and remembered only once counted, so that a failing write (full disk)
+        # can never leave the live gauge off by one: postrun takes back only what prerun added.
+        self.in_progress.labels(name, queue).inc()
         self._running[task_id] = (time.perf_counter(), name, queue)
         self.started.labels(name, queue).inc()
-        self.in_progress.labels(name, queue).inc()
         due = getattr(request, DUE_HEADER, None)
         if isinstance(due, (int, float)) and math.isfinite(due):
             self.queue_wait.labels(name, queue).observe(max(0.0, now - due))
@@ -184,8 +187,8 @@ class Instrumentation:
         if started is None:
             return
         begin, name, queue = started
-        self.runtime.labels(name, queue).observe(time.perf_counter() - begin)
         self.in_progress.labels(name, queue).inc(-1)
+        self.runtime.labels(name, queue).observe(time.perf_counter() - begin)
 
     def on_success(self, sender: Any = None, **_: Any) -> None:
         name = self.task_name(sender.name)
@@ -196,7 +199,7 @@ class Instrumentation:
     def on_failure(self, sender: Any = None, exception: BaseException | None = None, **_: Any) -> None:
         name = self.task_name(sender.name)
         if name is not None:
-            kind = type(exception).__name__ if exception is not None else "unknown"
+            kind = exception_name(exception)
             self.failed.labels(name, self.queue_of(sender.request), kind).inc()
 
     def on_retry(self, sender: Any = None, request: Any = None, **_: Any) -> None:
@@ -229,10 +232,47 @@ class Instrumentation:
             signal.connect(self.guard(label, fn), weak=False, dispatch_uid=f"celery_signal_exporter.{label}")
 
 
+def exception_name(exception: BaseException | None) -> str:
+    """The class name of what the task raised.
+
+    Celery replaces an exception it cannot pickle with UnpickleableExceptionWrapper
+    before task_failure fires; the wrapper keeps the real class name, so use it.
+    """
+    if exception is None:
+        return "unknown"
+    name = type(exception).__name__
+    if name == "UnpickleableExceptionWrapper":
+        wrapped = getattr(exception, "exc_cls_name", None)
+        if isinstance(wrapped, str) and wrapped:
+            return wrapped
+    return name
+
+
 def _timestamp(eta: Any) -> float:
     if isinstance(eta, datetime):
         return eta.timestamp()
     return datetime.fromisoformat(str(eta)).timestamp()
+
+
+def check_buckets(value: Any, option: str) -> tuple[float, ...]:
+    """Bucket bounds from a list of numbers or a "0.1,1,10" string, checked by the CLI's parser.
+
+    Checked here, at instrument() time, so that a bad list fails the app's
+    import with one line naming the option, never later inside a signal
+    handler. A trailing +Inf, as prometheus-client users write it, is allowed.
+    """
+    if isinstance(value, str):
+        return parse_buckets(value, option)
+    try:
+        items = list(value)
+    except TypeError:
+        raise ValueError(f"{option}: expected a list of seconds, not {type(value).__name__}") from None
+    if items and not isinstance(items[-1], bool) and isinstance(items[-1], (int, float)) and items[-1] == math.inf:
+        items.pop()
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise ValueError(f"{option}: bucket {item!r} is not a number")
+    return parse_buckets(",".join(repr(float(b)) for b in items), option)
 
 
 def resolve_metrics_dir(metrics_dir: str | None) -> str:
@@ -254,8 +294,8 @@ def instrument(
     app: Celery,
     *,
     metrics_dir: str | None = None,
-    runtime_buckets: Sequence[float] = m.DEFAULT_RUNTIME_BUCKETS,
-    queue_wait_buckets: Sequence[float] = m.DEFAULT_QUEUE_WAIT_BUCKETS,
+    runtime_buckets: Sequence[float] | str = m.DEFAULT_RUNTIME_BUCKETS,
+    queue_wait_buckets: Sequence[float] | str = m.DEFAULT_QUEUE_WAIT_BUCKETS,
     max_task_names: int = 500,
     ignore_tasks: Iterable[str] = (),
     heartbeat_interval: float = 2.0,
@@ -266,21 +306,21 @@ def instrument(
     an app module twice never double counts.
     """
     global _active
+    # Options are checked on every call, so a bad one fails loudly even where a first call won.
+    runtime = check_buckets(runtime_buckets, "runtime_buckets")
+    queue_wait = check_buckets(queue_wait_buckets, "queue_wait_buckets")
+    if isinstance(max_task_names, bool) or not isinstance(max_task_names, int) or max_task_names < 1:
+        raise ValueError(f"max_task_names: must be a whole number of at least 1, not {max_task_names!r}")
     if _active is not None:
         return _active
-    if max_task_names < 1:
-        raise ValueError("celery-signal-exporter: max_task_names must be at least 1")
     options = Options(
         metrics_dir=resolve_metrics_dir(metrics_dir),
-        runtime_buckets=tuple(runtime_buckets),
-        queue_wait_buckets=tuple(queue_wait_buckets),
+        runtime_buckets=runtime,
+        queue_wait_buckets=queue_wait,
         max_task_names=max_task_names,
         ignore_tasks=frozenset(ignore_tasks),
         heartbeat_interval=heartbeat_interval,
     )
-    for buckets in (options.runtime_buckets, options.queue_wait_buckets):
-        if not buckets or any(not isinstance(b, (int, float)) or b != b for b in buckets):
-            raise ValueError("celery-signal-exporter: histogram buckets must be a non-empty list of numbers")
     inst = Instrumentation(app, options)
     inst.connect()
     from .worker import install_worker_metrics

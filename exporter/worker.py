@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -45,22 +46,29 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def _writer_gone(path: str, pid: int) -> bool | None:
-    """Whether a live-gauge file's writer is dead; None if the file is gone.
+def _writer_gone(path: str, pid: int) -> bool:
+    """Whether a live-gauge file's writer is dead, so that the file may go.
 
     Our files are judged by their writer's lock, which works across pid
-    namespaces; files without our tag (an older version, or prometheus-client's
-    own) by the pid, in our own namespace only.
+    namespaces; well-formed files without our tag (an older version, or
+    prometheus-client's own) by the pid, in our own namespace only. Anything
+    damaged or not a regular file is left alone: nothing is deleted blindly.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
     except OSError:
         return False
     try:
-        if os.pread(fd, 8, 0)[4:8] == MAGIC:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        head = os.pread(fd, 4096, 0)
+        if head[4:8] == MAGIC:
             return not held_by_a_live_writer(fd)
+        used = int.from_bytes(head[:4], "little", signed=True)
+        if used < 8 or used > os.fstat(fd).st_size:
+            return False
+    except OSError:
+        return False
     finally:
         os.close(fd)
     return pid != os.getpid() and not pid_alive(pid)

@@ -67,7 +67,7 @@ def test_file_grows_past_its_first_size(tmp_path: pytest.TempPathFactory) -> Non
     sent = m.Metric(store, m.SENT)
     for i in range(3000):  # ~300 KB of keys, several doublings
         sent.labels(f"task-{i}", "q").inc(i)
-    ours = merged_samples(DirectoryCollector(str(tmp_path)))
+    ours = merged_samples(DirectoryCollector(str(tmp_path), max_task_names=3000))
     assert ours['celery_task_sent_total{name="task-2999",queue_name="q"}'] == 2999
     assert len([k for k in ours if k.startswith("celery_task_sent_total")]) == 3000
 
@@ -93,7 +93,7 @@ def test_damaged_files_are_skipped_and_counted(tmp_path: pytest.TempPathFactory)
 
 def test_missing_directory_is_an_empty_merge(tmp_path: pytest.TempPathFactory) -> None:
     collector = DirectoryCollector(str(tmp_path / "absent"))
-    assert merged_samples(collector) == {}
+    assert merged_samples(collector) == {"celery_exporter_task_names_folded{}": 0}
 
 
 def test_heartbeat_becomes_worker_up(tmp_path: pytest.TempPathFactory) -> None:
@@ -107,7 +107,7 @@ def test_heartbeat_becomes_worker_up(tmp_path: pytest.TempPathFactory) -> None:
     beat.labels("stopped@h").set(0.0, now)
     ours = merged_samples(DirectoryCollector(str(tmp_path), worker_timeout=10))
     assert ours == {'celery_worker_up{hostname="fresh@h"}': 1, 'celery_worker_up{hostname="stale@h"}': 0,
-                    'celery_worker_up{hostname="stopped@h"}': 0}
+                    'celery_worker_up{hostname="stopped@h"}': 0, "celery_exporter_task_names_folded{}": 0}
 
 
 def test_live_gauge_of_a_previous_process_with_our_pid_is_not_inherited(tmp_path: pytest.TempPathFactory) -> None:
@@ -136,3 +136,40 @@ def test_hostile_label_values_round_trip(tmp_path: pytest.TempPathFactory) -> No
     names = {s.labels["name"] for f in text_string_to_metric_families(body.decode())
              for s in f.samples if s.name == "celery_task_failed_total"}
     assert names == set(hostile)
+
+
+def test_pool_gauges_of_a_worker_with_a_stale_heartbeat_are_dropped(tmp_path: pytest.TempPathFactory) -> None:
+    """A hung worker main (SIGSTOP, a stuck timer) stops vouching for its pool after the timeout."""
+    import time
+
+    store = Store(str(tmp_path))
+    now = time.time()
+    for host, stamp in (("fresh@h", now), ("stale@h", now - 60)):
+        m.Metric(store, m.HEARTBEAT).labels(host).set(stamp, stamp)
+        m.Metric(store, m.POOL_PROCESSES).labels(host).set(4)
+        m.Metric(store, m.TASKS_ACTIVE).labels(host).set(3)
+    ours = merged_samples(DirectoryCollector(str(tmp_path), worker_timeout=10))
+    assert {k: v for k, v in ours.items() if k.startswith("celery_worker_")} == {
+        'celery_worker_up{hostname="fresh@h"}': 1, 'celery_worker_up{hostname="stale@h"}': 0,
+        'celery_worker_pool_processes{hostname="fresh@h"}': 4, 'celery_worker_tasks_active{hostname="fresh@h"}': 3,
+    }
+
+
+def test_task_names_are_capped_across_the_whole_directory(tmp_path: pytest.TempPathFactory) -> None:
+    """Each process caps its own names; the exporter caps the sum of all of them, sticky and exact."""
+    for proc in range(4):  # four processes, 30 names each, 120 in all
+        pid = os.fork()
+        if pid == 0:
+            store = Store(str(tmp_path))
+            for i in range(30):
+                m.Metric(store, m.SENT).labels(f"p{proc}-t{i}", "q").inc(2)
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+    collector = DirectoryCollector(str(tmp_path), max_task_names=50)
+    first = merged_samples(collector)
+    sent = {k: v for k, v in first.items() if k.startswith("celery_task_sent_total")}
+    assert len(sent) == 51
+    assert sent['celery_task_sent_total{name="__overflow__",queue_name="q"}'] == 70 * 2
+    assert sum(sent.values()) == 240, "folding keeps every count"
+    assert first["celery_exporter_task_names_folded{}"] == 70
+    assert merged_samples(collector) == first, "the same names stay admitted scrape after scrape"

@@ -1,7 +1,8 @@
 """The Celery app the integration tests run in real worker and producer processes.
 
 Configured from the environment so one module serves every broker:
-CSX_TEST_BROKER (URL), CELERY_EXPORTER_METRICS_DIR, CSX_TEST_MAX_NAMES.
+CSX_TEST_BROKER (URL), CELERY_EXPORTER_METRICS_DIR, CSX_TEST_MAX_NAMES,
+CSX_TEST_GC_FREEZE (freeze the worker's heap once ready: cheaper forks).
 Run as a script it is a producer: `python -m tests.workload_app SCENARIO`.
 """
 
@@ -18,6 +19,7 @@ from celery import Celery
 from kombu import Queue
 
 import exporter
+from tests.hostile_names import HOSTILE
 
 app = Celery("workload", broker=os.environ.get("CSX_TEST_BROKER", "memory://"))
 app.conf.update(
@@ -34,6 +36,14 @@ exporter.instrument(
     runtime_buckets=(0.1, 0.5, 1, 1.5, 2, 3, 5, 10),
     heartbeat_interval=0.5,
 )
+if os.environ.get("CSX_TEST_GC_FREEZE"):
+    # Celery runs gc.collect() before every fork; with the worker's heap frozen that is cheap, and
+    # the recycling test (thousands of forks) runs faster. Nothing else changes.
+    import gc
+
+    from celery import signals
+
+    signals.worker_ready.connect(lambda **_: gc.freeze(), weak=False)
 # A second call must be a no-op: every exact count in the suite would double if it were not.
 assert exporter.instrument(app) is exporter.instrument(app)
 
@@ -61,6 +71,29 @@ def retry_twice(self: Any) -> int:
 def sleep(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
+
+
+#: A registered task whose name alone outgrows a fresh metrics file (64 KB): the full-disk test.
+HUGE_NAME = "t.huge_" + "x" * 70_000
+
+
+@app.task(name=HUGE_NAME)
+def huge() -> None:
+    return None
+
+
+
+def _noop() -> None:
+    return None
+
+
+for _hostile in HOSTILE:
+    app.task(name=_hostile)(_noop)
+
+
+@app.task(name="t.raise_hostile")
+def raise_hostile(i: int) -> None:
+    raise type(HOSTILE[i], (Exception,), {})("a hostile exception class name")
 
 
 @app.task(name="t.waiter")
@@ -123,6 +156,32 @@ def countdown() -> dict[str, Any]:
 def many(n: int) -> dict[str, Any]:
     for i in range(n):
         ok.delay(i)
+    return {}
+
+
+def sleepers(n: int, seconds: int) -> dict[str, Any]:
+    """n tasks that each sleep `seconds`: work in progress to kill."""
+    for _ in range(n):
+        sleep.delay(float(seconds))
+    return {}
+
+
+def huge_name() -> dict[str, Any]:
+    app.send_task(HUGE_NAME, queue="alpha")
+    return {}
+
+
+def hostile() -> dict[str, Any]:
+    for i, name in enumerate(HOSTILE):
+        app.send_task(name, queue="alpha")
+        raise_hostile.delay(i)
+    return {}
+
+
+def names_from(start: int, n: int) -> dict[str, Any]:
+    """n distinct task names, t.dynamic_<start>..., published and never run."""
+    for i in range(start, start + n):
+        app.send_task(f"t.dynamic_{i}", queue="beta")
     return {}
 
 
