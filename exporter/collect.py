@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from prometheus_client.samples import Sample
 
 from .compact import ARCHIVE_SUFFIX, archive_generation, directory_lock, kind_of, staging_dirs
 from .metrics import HEARTBEAT, POOL_PROCESSES, TASKS_ACTIVE, format_le
-from .store import MAGIC, held_by_a_live_writer, read_entries
+from .store import MAGIC, held_by_a_live_writer
 
 log = logging.getLogger("celery_signal_exporter")
 
@@ -60,6 +61,56 @@ def _parse_name(filename: str) -> tuple[str, str, str] | None:
     return None
 
 
+class _Layout:
+    """Where each value of one file sits, and which series it belongs to."""
+
+    __slots__ = ("ident", "mode", "present", "queues", "slots", "summed", "unpack")
+
+    def __init__(self, ident: tuple[int, int, int], unpack: struct.Struct, slots: list[int], queues: set[str],
+                 summed: bool, mode: str) -> None:
+        self.ident = ident
+        self.unpack = unpack
+        self.slots = slots
+        self.present = frozenset(slots)
+        self.queues = frozenset(queues)
+        self.summed = summed
+        self.mode = mode
+
+
+_Loaded = tuple[_Layout, tuple[float, ...]]
+
+
+class _Family:
+    """One family's layout: which series, in which order, under which labels."""
+
+    __slots__ = ("help", "kind", "metric", "rows")
+
+    def __init__(self, metric: str, help_text: str, kind: str, rows: list[Any]) -> None:
+        self.metric, self.help, self.kind, self.rows = metric, help_text, kind, rows
+
+
+def entry_keys(data: bytes) -> Iterator[tuple[str, int]]:
+    """(key, encoded length) of every entry; ValueError on a damaged file, as read_entries."""
+    for key, length, _ in _walk(data):
+        yield key, length
+
+
+def _walk(data: bytes) -> Iterator[tuple[str, int, int]]:
+    used = int.from_bytes(data[:4], "little", signed=True)
+    if used < 8 or used > len(data):
+        raise ValueError(f"header says {used} bytes used of {len(data)}")
+    pos = 8
+    while pos < used:
+        if pos + 4 > used:
+            raise ValueError("truncated entry length")
+        length = int.from_bytes(data[pos : pos + 4], "little", signed=True)
+        padded = length + (8 - (length + 4) % 8)
+        if length <= 0 or pos + 4 + padded + 16 > used:
+            raise ValueError("entry runs past the used size")
+        yield data[pos + 4 : pos + 4 + length].decode("utf-8"), length, pos
+        pos += 4 + padded + 16
+
+
 class DirectoryCollector:
     """A prometheus-client collector over one metrics directory.
 
@@ -76,7 +127,17 @@ class DirectoryCollector:
         self._names: set[str] = set()  # admitted task names: once in, always in (no flapping series)
         self._folded: set[int] = set()  # hashes of the names beyond the cap, for the count
         self._damaged_logged: set[str] = set()
-        self._archives: dict[str, list[tuple[str, float, float]] | Exception] = {}
+        self._archives: dict[str, _Loaded | Exception] = {}
+        # Parsed once, kept while the file keeps its identity and size: see _load.
+        self._layouts: dict[str, _Layout] = {}
+        self._seen_layouts: dict[str, _Layout] = {}
+        self._index: dict[tuple[str, str, tuple[tuple[str, str], ...]], int] = {}
+        self._meta: list[tuple[str, str, tuple[tuple[str, str], ...]]] = [("", "", ())]  # 0: discard
+        self._types: dict[str, str] = {}
+        self._skeleton: list[_Family] = []
+        self._skeleton_of: frozenset[int] = frozenset()
+        self._helps: dict[str, str] = {}
+        self._modes: dict[str, str] = {}
 
     def _key(self, key: str) -> tuple[str, str, tuple[tuple[str, str], ...], str]:
         parsed = self._keys.get(key)
@@ -105,30 +166,69 @@ class DirectoryCollector:
             data = os.read(fd, 4096)  # files are preallocated: read only the used part
             if len(data) >= 4:
                 used = int.from_bytes(data[:4], "little", signed=True)
-                while 0 < len(data) < used:
-                    more = os.read(fd, used - len(data))
-                    if not more:
-                        break
-                    data += more
+                if len(data) == 4096 and used > len(data):
+                    data = os.pread(fd, used, 0)  # one read, no concatenation: live files run to megabytes
         except BaseException:
             os.close(fd)
             raise
         return data, fd
 
-    def _read(self, path: str, live: bool) -> list[tuple[str, float, float]] | None:
-        """A file's entries; None for a live-gauge file whose writer is dead.
+    def _load(self, path: str, kind: str, mode: str, pid: str, live: bool) -> _Loaded | None:
+        """A file's layout and its values now; None for a live-gauge file whose writer is dead.
 
         The writer's lock (see store.py) says whether it is alive, from any
         container: no pid is compared. Files without our header tag are
-        judged by nobody and always read.
+        judged by nobody and always read. The layout (which series sits where)
+        is parsed once per file and size: files only ever grow by appending,
+        so a scrape after the first only unpacks the values, in one call.
         """
         data, fd = self._read_bytes(path)
         try:
             if live and data[4:8] == MAGIC and not held_by_a_live_writer(fd):
                 return None
+            st = os.fstat(fd)
         finally:
             os.close(fd)
-        return list(read_entries(data))
+        if len(data) < 8:
+            raise ValueError("shorter than its 8-byte header")
+        ident = (st.st_dev, st.st_ino, int.from_bytes(data[:4], "little", signed=True))
+        layout = self._layouts.get(path)
+        if layout is None or layout.ident != ident:
+            layout = self._layout(ident, data, kind, mode, pid)
+        self._seen_layouts[path] = layout
+        return layout, layout.unpack.unpack_from(data)
+
+    def _layout(self, ident: tuple[int, int, int], data: bytes, kind: str, mode: str, pid: str) -> _Layout:
+        """Parse a file's keys once: the struct that unpacks its values, and each value's series."""
+        fmt = ["<8x"]
+        slots: list[int] = []
+        queues: set[str] = set()
+        for raw_key, length in entry_keys(data):
+            fmt.append(f"{4 + length + (8 - (length + 4) % 8)}xdd")
+            try:
+                metric, sample, labels, help_text = self._key(raw_key)
+            except (ValueError, TypeError, AttributeError):
+                slots.append(0)  # the discard slot: never shown
+                continue
+            self._types[metric] = kind
+            self._helps.setdefault(metric, help_text)
+            if kind == "gauge":
+                self._modes[metric] = mode
+                if mode in ("all", "liveall"):
+                    labels = (*labels, ("pid", pid))
+            series = (metric, sample, labels)
+            index = self._index.get(series)
+            if index is None:
+                index = len(self._meta)
+                self._index[series] = index
+                self._meta.append(series)
+            slots.append(index)
+            if kind == "counter" and metric.startswith("celery_task_"):
+                queue = dict(labels).get("queue_name")
+                if queue:
+                    queues.add(queue)
+        summed = kind != "gauge" or mode in ("sum", "livesum", "all", "liveall")
+        return _Layout(ident, struct.Struct("".join(fmt)), slots, queues, summed, mode)
 
     def _plan(self, names: list[str]) -> list[tuple[str, str, str, str, str]]:
         """(path, display name, kind, mode, pid) of every file to merge, archives first.
@@ -147,7 +247,7 @@ class DirectoryCollector:
             entry = (os.path.join(self.directory, filename), filename, kind, mode, pid)
             if filename.endswith(ARCHIVE_SUFFIX):
                 prefix = filename[: -len(ARCHIVE_SUFFIX)]
-                generations[prefix], self._archives[entry[0]] = self._read_archive(entry[0])
+                generations[prefix], self._archives[entry[0]] = self._read_archive(entry[0], kind)
                 plan.append(entry)
             else:
                 rest.append(entry)
@@ -165,12 +265,15 @@ class DirectoryCollector:
                 rest.append((os.path.join(sdir, filename), f"{sname}/{filename}", *parsed))
         return plan + rest
 
-    def _read_archive(self, path: str) -> tuple[int, list[tuple[str, float, float]] | Exception]:
-        """An archive's generation and entries, read once; a damaged one has generation 0."""
+    def _read_archive(self, path: str, kind: str) -> tuple[int, _Loaded | Exception]:
+        """An archive's generation and contents, read once; a damaged one has generation 0."""
         try:
-            data, fd = self._read_bytes(path)
-            os.close(fd)
-            return archive_generation(data), list(read_entries(data))
+            parsed = _parse_name(os.path.basename(path))
+            mode = parsed[1] if parsed else ""
+            loaded = self._load(path, kind, mode, "archive", live=False)
+            assert loaded is not None
+            with open(path, "rb") as f:
+                return archive_generation(f.read(8)), loaded
         except (OSError, ValueError) as exc:
             return 0, exc
 
@@ -189,8 +292,11 @@ class DirectoryCollector:
                 self.last = stats
                 return [self._folded_family()], stats
             plan = self._plan(names)
-            types, helps, values = self._merge_files(plan, stats)
-        families = self._families(types, helps, values)
+            present, values = self._merge_files(plan, stats)
+        if present != self._skeleton_of:
+            self._skeleton = self._build_skeleton(present)
+            self._skeleton_of = present
+        families = self._families(self._skeleton, values)
         families.append(self._folded_family())
         self.last = stats
         return families, stats
@@ -203,22 +309,19 @@ class DirectoryCollector:
 
     def _merge_files(
         self, plan: list[tuple[str, str, str, str, str]], stats: MergeStats,
-    ) -> tuple[dict[str, str], dict[str, str], dict[tuple[str, str, tuple[tuple[str, str], ...]], float]]:
-        # (metric, sample, labels) -> value, per merge rule
-        types: dict[str, str] = {}
-        helps: dict[str, str] = {}
-        modes: dict[str, str] = {}
-        values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
-        stamps: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+    ) -> tuple[frozenset[int], list[float]]:
+        """The series present in any file, and every series' value by its kind's merge rule."""
         archives, self._archives = self._archives, {}
+        loaded: list[_Loaded] = []
         for path, filename, kind, mode, pid in plan:
             try:
-                read = archives.pop(path) if path in archives else self._read(path, live=mode.startswith("live"))
+                read = archives.pop(path) if path in archives else self._load(
+                    path, kind, mode, pid, live=mode.startswith("live"))
                 if isinstance(read, Exception):
                     raise read
             except FileNotFoundError:
                 continue  # reaped between listdir and open
-            except (OSError, ValueError, UnicodeDecodeError) as exc:
+            except (OSError, ValueError, UnicodeDecodeError, struct.error) as exc:
                 stats.files_unreadable += 1
                 if filename not in self._damaged_logged:
                     self._damaged_logged.add(filename)
@@ -228,98 +331,106 @@ class DirectoryCollector:
                 stats.files_dead += 1
                 continue
             stats.files_read += 1
-            for raw_key, value, stamp in read:
-                try:
-                    metric, sample, labels, help_text = self._key(raw_key)
-                except (ValueError, TypeError, AttributeError):
-                    continue
-                types[metric] = kind
-                helps.setdefault(metric, help_text)
-                if kind == "gauge":
-                    modes[metric] = mode
-                    if mode in ("all", "liveall"):
-                        labels = (*labels, ("pid", pid))
-                key = (metric, sample, labels)
-                if kind != "gauge" or mode in ("sum", "livesum", "all", "liveall"):
-                    values[key] += value
-                elif mode in ("min", "livemin"):
-                    values[key] = min(values[key], value) if key in values else value
-                elif mode in ("max", "livemax"):
-                    values[key] = max(values[key], value) if key in values else value
-                else:  # mostrecent
-                    if key not in stamps or stamp > stamps[key]:
-                        stamps[key] = stamp
-                        values[key] = value
-                if metric.startswith("celery_task_") and kind == "counter":
-                    queue = dict(labels).get("queue_name")
-                    if queue:
-                        stats.queues_seen.add(queue)
-        return types, helps, values
+            loaded.append(read)
+        self._layouts, self._seen_layouts = self._seen_layouts, {}
 
-    def _families(
-        self, types: dict[str, str], helps: dict[str, str],
-        values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float],
-    ) -> list[Metric]:
-        by_metric: dict[str, list[tuple[str, tuple[tuple[str, str], ...], float]]] = defaultdict(list)
-        for (metric, sample, labels), value in values.items():
-            by_metric[metric].append((sample, labels, value))
+        acc = [0.0] * len(self._meta)
+        best: dict[int, tuple[float, float]] = {}
+        present: set[int] = set()
+        for layout, raw in loaded:
+            present.update(layout.present)
+            stats.queues_seen.update(layout.queues)
+            if layout.summed:
+                for i, v in zip(layout.slots, raw[0::2], strict=True):
+                    acc[i] += v
+                continue
+            mode = layout.mode
+            for i, v, t in zip(layout.slots, raw[0::2], raw[1::2], strict=True):
+                old = best.get(i)
+                if old is None or (v < old[0] if mode in ("min", "livemin") else v > old[0]
+                                   if mode in ("max", "livemax") else t > old[1]):
+                    best[i] = (v, t)
+        present.discard(0)
+        for i, (v, _) in best.items():
+            acc[i] = v
+        return frozenset(present), acc
+
+    def _build_skeleton(self, present: frozenset[int]) -> list[_Family]:
+        """How to lay the present series out as families; rebuilt only when the set of series changes."""
+        by_metric: dict[str, list[int]] = defaultdict(list)
+        for i in present:
+            by_metric[self._meta[i][0]].append(i)
+        skeleton: list[_Family] = []
+        for metric in sorted(by_metric):
+            kind = "gauge" if metric == HEARTBEAT.name else self._types[metric]
+            rows: list[Any] = []
+            indices = by_metric[metric]
+            if kind == "histogram":
+                buckets: dict[tuple[tuple[str, str], ...], dict[float, list[int]]] = defaultdict(dict)
+                sums: dict[tuple[tuple[str, str], ...], int] = {}
+                for i in indices:
+                    _, sample, labels = self._meta[i]
+                    if sample.endswith("_sum"):
+                        sums[labels] = i
+                    elif sample.endswith("_bucket"):
+                        label_map = dict(labels)
+                        try:
+                            bound = float(label_map.pop("le"))
+                        except (KeyError, ValueError):
+                            continue
+                        buckets[tuple(sorted(label_map.items()))].setdefault(bound, []).append(i)
+                for labels in sorted(set(buckets) | set(sums)):
+                    by_bound = buckets.get(labels, {})
+                    rows.append((dict(labels), [({**dict(labels), "le": format_le(b)}, by_bound[b])
+                                                for b in sorted(by_bound)], sums.get(labels)))
+            else:
+                for i in sorted(indices, key=lambda i: self._meta[i][1:]):
+                    _, sample, labels = self._meta[i]
+                    rows.append((sample, labels, dict(labels), i))
+            skeleton.append(_Family(metric, self._helps.get(metric, ""), kind, rows))
+        return skeleton
+
+    def _families(self, skeleton: list[_Family], values: list[float]) -> list[Metric]:
         families: list[Metric] = []
         now = time.time()
-        stale = {labels for _, labels, stamp in by_metric.get(HEARTBEAT.name, [])
-                 if not (stamp > 0 and now - stamp <= self.worker_timeout)}
-        for metric in sorted(by_metric):
-            samples = by_metric[metric]
-            if metric in _PER_WORKER_LIVE:
-                # A worker that stopped beating says nothing about its pool: do not echo its last word.
-                samples = [s for s in samples if s[1] not in stale]
-            if metric == HEARTBEAT.name:
-                families.append(self._worker_up(samples, now))
+        stale: set[tuple[tuple[str, str], ...]] = set()
+        for family in skeleton:
+            if family.metric == HEARTBEAT.name:
+                stale = {labels for _, labels, _, i in family.rows
+                         if not (values[i] > 0 and now - values[i] <= self.worker_timeout)}
+        for family in skeleton:
+            if family.metric == HEARTBEAT.name:
+                up = Metric("celery_worker_up", "1 if the worker's heartbeat is fresher than the timeout.", "gauge")
+                up.samples = [Sample("celery_worker_up", label_map, 0.0 if labels in stale else 1.0)
+                              for _, labels, label_map, _ in family.rows]
+                families.append(up)
                 continue
-            kind = types[metric]
-            family = Metric(metric, helps[metric], kind)
-            if kind == "histogram":
-                family.samples = list(_histogram_samples(metric, samples))
+            out = Metric(family.metric, family.help, family.kind)
+            if family.kind == "histogram":
+                name = family.metric
+                samples: list[Sample] = []
+                for label_map, buckets, sum_index in family.rows:
+                    acc = 0.0
+                    for bucket_labels, indices in buckets:
+                        for i in indices:
+                            acc += values[i]
+                        samples.append(Sample(name + "_bucket", bucket_labels, acc))
+                    samples.append(Sample(name + "_count", label_map, acc))
+                    total = values[sum_index] if sum_index is not None else 0.0
+                    samples.append(Sample(name + "_sum", label_map, total))
+                out.samples = samples
+            elif family.metric in _PER_WORKER_LIVE:
+                # A worker that stopped beating says nothing about its pool: do not echo its last word.
+                out.samples = [Sample(sample, label_map, values[i]) for sample, labels, label_map, i in family.rows
+                               if labels not in stale]
             else:
-                family.samples = [Sample(s, dict(labels), v) for s, labels, v in sorted(samples)]
-            families.append(family)
+                out.samples = [Sample(sample, label_map, values[i]) for sample, _, label_map, i in family.rows]
+            families.append(out)
         return families
-
-    def _worker_up(self, samples: Iterable[tuple[str, tuple[tuple[str, str], ...], float]], now: float) -> Metric:
-        family = Metric("celery_worker_up", "1 if the worker's heartbeat is fresher than the timeout.", "gauge")
-        for _, labels, stamp in sorted(samples):
-            up = 1.0 if stamp > 0 and now - stamp <= self.worker_timeout else 0.0
-            family.add_sample("celery_worker_up", dict(labels), up)
-        return family
 
     def collect(self) -> Iterator[Metric]:
         families, _ = self.merge()
         yield from families
-
-
-def _histogram_samples(
-    metric: str, samples: list[tuple[str, tuple[tuple[str, str], ...], float]],
-) -> Iterator[Sample]:
-    """Turn stored per-bucket counts into cumulative buckets, count and sum."""
-    buckets: dict[tuple[tuple[str, str], ...], dict[float, float]] = defaultdict(dict)
-    sums: dict[tuple[tuple[str, str], ...], float] = {}
-    for sample, labels, value in samples:
-        if sample.endswith("_sum"):
-            sums[labels] = value
-        elif sample.endswith("_bucket"):
-            label_map = dict(labels)
-            try:
-                bound = float(label_map.pop("le"))
-            except (KeyError, ValueError):
-                continue
-            base = tuple(sorted(label_map.items()))
-            buckets[base][bound] = buckets[base].get(bound, 0.0) + value
-    for labels in sorted(set(buckets) | set(sums)):
-        acc = 0.0
-        for bound in sorted(buckets.get(labels, {})):
-            acc += buckets[labels][bound]
-            yield Sample(metric + "_bucket", {**dict(labels), "le": format_le(bound)}, acc)
-        yield Sample(metric + "_count", dict(labels), acc)
-        yield Sample(metric + "_sum", dict(labels), sums.get(labels, 0.0))
 
 
 def merged_samples(collector: Any) -> dict[str, float]:
