@@ -9,6 +9,7 @@ remembered for the broker probes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -64,11 +65,14 @@ def _parse_name(filename: str) -> tuple[str, str, str] | None:
 class _Layout:
     """Where each value of one file sits, and which series it belongs to."""
 
-    __slots__ = ("ident", "mode", "present", "queues", "slots", "summed", "unpack")
+    __slots__ = ("ctime", "digest", "ident", "mode", "present", "queues", "slots", "spans", "summed", "unpack")
 
     def __init__(self, ident: tuple[int, int, int], unpack: struct.Struct, slots: list[int], queues: set[str],
                  summed: bool, mode: str) -> None:
         self.ident = ident
+        self.ctime = 0
+        self.spans: list[tuple[int, int]] = []
+        self.digest = b""
         self.unpack = unpack
         self.slots = slots
         self.present = frozenset(slots)
@@ -89,13 +93,16 @@ class _Family:
         self.metric, self.help, self.kind, self.rows = metric, help_text, kind, rows
 
 
-def entry_keys(data: bytes) -> Iterator[tuple[str, int]]:
-    """(key, encoded length) of every entry; ValueError on a damaged file, as read_entries."""
-    for key, length, _ in _walk(data):
-        yield key, length
+def _key_digest(data: bytes, spans: list[tuple[int, int]]) -> bytes:
+    view = memoryview(data)
+    digest = hashlib.blake2b(digest_size=16)
+    for start, end in spans:
+        digest.update(view[start:end])
+    return digest.digest()
 
 
 def _walk(data: bytes) -> Iterator[tuple[str, int, int]]:
+    """(key, encoded length, offset) of every entry; ValueError on a damaged file, as read_entries."""
     used = int.from_bytes(data[:4], "little", signed=True)
     if used < 8 or used > len(data):
         raise ValueError(f"header says {used} bytes used of {len(data)}")
@@ -193,8 +200,16 @@ class DirectoryCollector:
             raise ValueError("shorter than its 8-byte header")
         ident = (st.st_dev, st.st_ino, int.from_bytes(data[:4], "little", signed=True))
         layout = self._layouts.get(path)
+        if layout is not None and layout.ident == ident and layout.ctime != st.st_ctime_ns:
+            # Same inode and size, but touched: a write, or a new file on a recycled inode number with
+            # keys of the same total length. Only the keys tell; compare them before trusting the layout.
+            if _key_digest(data, layout.spans) == layout.digest:
+                layout.ctime = st.st_ctime_ns
+            else:
+                layout = None
         if layout is None or layout.ident != ident:
             layout = self._layout(ident, data, kind, mode, pid)
+            layout.ctime = st.st_ctime_ns
         self._seen_layouts[path] = layout
         return layout, layout.unpack.unpack_from(data)
 
@@ -202,9 +217,11 @@ class DirectoryCollector:
         """Parse a file's keys once: the struct that unpacks its values, and each value's series."""
         fmt = ["<8x"]
         slots: list[int] = []
+        spans: list[tuple[int, int]] = []
         queues: set[str] = set()
-        for raw_key, length in entry_keys(data):
+        for raw_key, length, pos in _walk(data):
             fmt.append(f"{4 + length + (8 - (length + 4) % 8)}xdd")
+            spans.append((pos + 4, pos + 4 + length))
             try:
                 metric, sample, labels, help_text = self._key(raw_key)
             except (ValueError, TypeError, AttributeError):
@@ -228,7 +245,10 @@ class DirectoryCollector:
                 if queue:
                     queues.add(queue)
         summed = kind != "gauge" or mode in ("sum", "livesum", "all", "liveall")
-        return _Layout(ident, struct.Struct("".join(fmt)), slots, queues, summed, mode)
+        layout = _Layout(ident, struct.Struct("".join(fmt)), slots, queues, summed, mode)
+        layout.spans = spans
+        layout.digest = _key_digest(data, spans)
+        return layout
 
     def _plan(self, names: list[str]) -> list[tuple[str, str, str, str, str]]:
         """(path, display name, kind, mode, pid) of every file to merge, archives first.

@@ -173,3 +173,27 @@ def test_task_names_are_capped_across_the_whole_directory(tmp_path: pytest.TempP
     assert sum(sent.values()) == 240, "folding keeps every count"
     assert first["celery_exporter_task_names_folded{}"] == 70
     assert merged_samples(collector) == first, "the same names stay admitted scrape after scrape"
+
+
+def test_a_file_rewritten_on_the_same_inode_with_other_keys_is_not_misread(tmp_path: pytest.TempPathFactory) -> None:
+    """The merge caches each file's layout; a new file on a recycled inode with keys of the same size
+    (pid reuse after compaction, on a disk that reuses inode numbers) must not inherit it."""
+    from exporter.store import MAGIC, encode_entries, series_key
+
+    path = os.path.join(str(tmp_path), "counter_5.db")
+
+    def write(name: str, value: float) -> None:
+        key = series_key("celery_task_sent", "celery_task_sent_total", {"name": name, "queue_name": "q"}, "h")
+        with open(path, "r+b" if os.path.exists(path) else "wb") as f:  # same inode, same size
+            f.write(encode_entries([(key, value, 0.0)], MAGIC))
+
+    collector = DirectoryCollector(str(tmp_path))
+    write("task_a", 1)
+    assert merged_samples(collector)['celery_task_sent_total{name="task_a",queue_name="q"}'] == 1
+    import time
+
+    time.sleep(0.05)  # past the kernel's timestamp granularity, so the rewrite gets a new ctime
+    write("task_b", 2)
+    ours = merged_samples(collector)
+    assert ours['celery_task_sent_total{name="task_b",queue_name="q"}'] == 2
+    assert 'celery_task_sent_total{name="task_a",queue_name="q"}' not in ours
