@@ -1,5 +1,5 @@
 # mypy: disable-error-code="no-untyped-call,untyped-decorator"
-# ruff: noqa: RUF001, RUF003 - the tables print × – ≤ ≥ on purpose
+# ruff: noqa: RUF003 - the tables print × – ≤ ≥ on purpose
 """Hook cost: microseconds per task inside our signal receivers, called directly (timeit-style).
 
 Runs in its own interpreter (instrument() is process-global). The receivers
@@ -39,6 +39,14 @@ def _time_per_call(fn: Callable[[int], None], calls: int) -> list[float]:
     return out
 
 
+def _batch(fn: Callable[[int], None], calls: int) -> float:
+    """µs per call of one batch."""
+    start = time.perf_counter()
+    for i in range(calls):
+        fn(i)
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def measure(calls: int) -> dict[str, list[float]]:
     from celery import Celery
 
@@ -66,7 +74,10 @@ def measure(calls: int) -> dict[str, list[float]]:
         after(sender="bench.hook_task", body=(), exchange="", routing_key="bench", headers=headers)
 
     message = SimpleNamespace(delivery_info={"exchange": "", "routing_key": "bench", "consumer_tag": None})
-    consumer = SimpleNamespace(task_consumer=None)
+    class Consumer:  # hashable, as Celery's consumer is: Signal.send caches per sender
+        task_consumer = None
+
+    consumer = Consumer()
 
     def main_side(_: int) -> None:
         request = SimpleNamespace(name="bench.hook_task", message=message, request_dict={})
@@ -92,7 +103,30 @@ def measure(calls: int) -> dict[str, list[float]]:
                    "retries": 0, "root_id": "x", "parent_id": None, "group": None}
         del headers
 
-    for fn in (publish_side, main_side, child_side):  # warm: files created, series bound
+    from celery import signals
+
+    def publish_signals(_: int) -> None:
+        headers = {"lang": "py", "task": "bench.hook_task", "id": "x", "eta": None, "expires": None,
+                   "retries": 0, "root_id": "x", "parent_id": None, "group": None}
+        signals.before_task_publish.send(sender="bench.hook_task", body=(), exchange="", routing_key="bench",
+                                         headers=headers, properties={}, declare=[], retry_policy=None)
+        signals.after_task_publish.send(sender="bench.hook_task", body=(), exchange="", routing_key="bench",
+                                        headers=headers)
+
+    def main_signals(_: int) -> None:
+        request = SimpleNamespace(name="bench.hook_task", message=message, request_dict={})
+        signals.task_received.send(sender=consumer, request=request)
+
+    def child_signals(i: int) -> None:
+        task_id = ids[i]
+        task.push_request(id=task_id, delivery_info=message.delivery_info, **{QUEUE_HEADER: "bench", DUE_HEADER: due})
+        signals.task_prerun.send(sender=task, task_id=task_id, task=task, args=(), kwargs={})
+        signals.task_success.send(sender=task, result=None)
+        signals.task_postrun.send(sender=task, task_id=task_id, task=task, args=(), kwargs={}, retval=None,
+                                  state="SUCCESS")
+        task.pop_request()
+
+    for fn in (publish_side, main_side, child_side, publish_signals, main_signals, child_signals):  # warm
         fn(0)
     result: dict[str, list[float]] = {}
     base_pub = statistics.median(_time_per_call(headers_only, calls))
@@ -100,6 +134,23 @@ def measure(calls: int) -> dict[str, list[float]]:
     result["publish"] = [max(0.0, t - base_pub) for t in _time_per_call(publish_side, calls)]
     result["received"] = _time_per_call(main_side, calls)
     result["child"] = [max(0.0, t - base_child) for t in _time_per_call(child_side, calls)]
+    # Through Celery's dispatch, as a worker runs them: Signal.send with our receivers, minus Signal.send
+    # with none (what uninstrumented Celery pays anyway). Alternating, batch by batch.
+    with_ours = {"publish": publish_signals, "received": main_signals, "child": child_signals}
+    for key in with_ours:
+        result[key + "_dispatch"] = []
+    ours = [(r[0], f"celery_signal_exporter.{r[1]}") for r in inst.receivers()]
+    saved = {uid: [rec for rec in sig.receivers if rec[0][0] == uid] for sig, uid in ours}
+    for _ in range(REPEATS):
+        on = {key: _batch(fn, calls) for key, fn in with_ours.items()}
+        for sig, uid in ours:
+            sig.disconnect(dispatch_uid=uid)
+        for key, dispatch in with_ours.items():
+            off = _batch(dispatch, calls)
+            result[key + "_dispatch"].append(max(0.0, on[key] - off))
+        for sig, uid in ours:
+            sig.receivers.extend(saved[uid])
+            getattr(sig, "sender_receivers_cache", {}).clear()
     errors = sum(v for k, v in exporter.collect.merged_samples(exporter.collect.DirectoryCollector(tmp)).items()
                  if k.startswith("celery_exporter_handler_errors_total"))
     if errors:
@@ -111,18 +162,27 @@ def run(size: Size) -> Section:
     data: dict[str, Any] = run_json(["-m", "benchmarks.bench_hooks", str(size.hook_calls)], child_env())
     section = Section(
         "Hook cost (our receivers only, µs per task)",
-        ["side", "receivers", "µs/task median (min–max of batches)"],
-        notes=[f"{size.hook_calls} calls per batch, {REPEATS} batches; the cost of building the test "
-               "arguments is measured alone and subtracted."],
+        ["side", "receivers", "called directly: µs/task", "through Celery's Signal.send: µs/task"],
+        notes=[f"Directly: {size.hook_calls} calls per batch, {REPEATS} batches; the cost of building the test "
+               "arguments is measured alone and subtracted. Through dispatch: Celery's `Signal.send` with our "
+               "receivers connected minus the same send with them disconnected, alternating batch by batch; "
+               "the target is judged on this one, the larger.",
+               "In a real prefork worker on RabbitMQ the pool children spend about 50 µs more CPU per task "
+               "instrumented than plain (see the worker table): cold caches between tasks make each call dearer "
+               "than in this tight loop."],
     )
     section.rows = [
-        ["producer", "before_task_publish + after_task_publish", spread(data["publish"], "{:.2f}")],
-        ["worker main process", "task_received", spread(data["received"], "{:.2f}")],
-        ["pool process", "task_prerun + task_success + task_postrun", spread(data["child"], "{:.2f}")],
+        ["producer", "before_task_publish + after_task_publish", spread(data["publish"], "{:.2f}"),
+         spread(data["publish_dispatch"], "{:.2f}")],
+        ["worker main process", "task_received", spread(data["received"], "{:.2f}"),
+         spread(data["received_dispatch"], "{:.2f}")],
+        ["pool process", "task_prerun + task_success + task_postrun", spread(data["child"], "{:.2f}"),
+         spread(data["child_dispatch"], "{:.2f}")],
     ]
-    pub = statistics.median(data["publish"])
+    pub = max(statistics.median(data["publish"]), statistics.median(data["publish_dispatch"]))
     section.data = {"publish_us": pub, "received_us": statistics.median(data["received"]),
-                    "child_us": statistics.median(data["child"])}
+                    "child_us": statistics.median(data["child"]),
+                    "publish_dispatch_us": statistics.median(data["publish_dispatch"])}
     section.targets.append(Target("publish-side receivers per task", "≤ 10 µs", f"{pub:.2f} µs", pub <= 10))
     return section
 
