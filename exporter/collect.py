@@ -23,7 +23,7 @@ from typing import Any
 from prometheus_client.core import Metric
 from prometheus_client.samples import Sample
 
-from .compact import ARCHIVE_SUFFIX, archive_generation, directory_lock, kind_of, staging_dirs
+from .compact import ARCHIVE_SUFFIX, LOCK_NAME, archive_generation, directory_lock, kind_of, staging_dirs
 from .metrics import HEARTBEAT, POOL_PROCESSES, TASKS_ACTIVE, format_le
 from .store import MAGIC, held_by_a_live_writer
 
@@ -298,21 +298,27 @@ class DirectoryCollector:
             return 0, exc
 
     def merge(self) -> tuple[list[Metric], MergeStats]:
-        stats = MergeStats()
-        with directory_lock(self.directory, exclusive=False, wait=5.0) as held:
-            if not held and "compact-lock" not in self._damaged_logged:
-                self._damaged_logged.add("compact-lock")
-                log.error("compaction held %s for over 5 s; reading without waiting", self.directory)
-            try:
-                names = sorted(os.listdir(self.directory))
-            except OSError as exc:
-                if "missing-dir" not in self._damaged_logged:
-                    self._damaged_logged.add("missing-dir")
-                    log.error("metrics directory %s unreadable: %s", self.directory, exc.strerror or exc)
-                self.last = stats
-                return [self._folded_family()], stats
-            plan = self._plan(names)
-            present, values = self._merge_files(plan, stats)
+        lock_file = os.path.join(self.directory, LOCK_NAME)
+        while True:
+            stats = MergeStats()
+            locked_before = os.path.exists(lock_file)
+            with directory_lock(self.directory, exclusive=False, wait=5.0) as held:
+                if not held and "compact-lock" not in self._damaged_logged:
+                    self._damaged_logged.add("compact-lock")
+                    log.error("compaction held %s for over 5 s; reading without waiting", self.directory)
+                try:
+                    names = sorted(os.listdir(self.directory))
+                except OSError as exc:
+                    if "missing-dir" not in self._damaged_logged:
+                        self._damaged_logged.add("missing-dir")
+                        log.error("metrics directory %s unreadable: %s", self.directory, exc.strerror or exc)
+                    self.last = stats
+                    return [self._folded_family()], stats
+                plan = self._plan(names)
+                present, values = self._merge_files(plan, stats)
+            if locked_before or not os.path.exists(lock_file):
+                break
+            # The first compaction in this directory began while we read without its lock: read again.
         if present != self._skeleton_of:
             self._skeleton = self._build_skeleton(present)
             self._skeleton_of = present

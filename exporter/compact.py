@@ -174,6 +174,54 @@ class CompactResult:
     errors: list[str] = field(default_factory=list)  # archives that could not be read or written
 
 
+#: archive path -> (its stat identity, generation, entries): the archive as this process last
+#: read or wrote it, so a compaction tick does not parse megabytes it already knows.
+_archive_cache: dict[str, tuple[tuple[int, int, int, int], int, Entries]] = {}
+
+
+def _identity(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _header_generation(path: str) -> int:
+    """An archive's generation from its header alone (0 if it has none)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return 0
+    try:
+        return archive_generation(os.pread(fd, 8, 0))
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+
+
+def _load_archive(path: str, rule: str) -> tuple[int, Entries]:
+    """(generation, a private copy of the entries); (0, {}) if there is no archive yet."""
+    try:
+        ident = _identity(path)
+    except FileNotFoundError:
+        return 0, {}
+    cached = _archive_cache.get(path)
+    if cached is not None and cached[0] == ident:
+        return cached[1], dict(cached[2])
+    data = _read(path)
+    entries: Entries = {}
+    merge_into(entries, read_entries(data), rule)
+    generation = archive_generation(data)
+    _archive_cache[path] = (ident, generation, entries)
+    return generation, dict(entries)
+
+
+def _remember_archive(path: str, generation: int, entries: Entries) -> None:
+    try:
+        _archive_cache[path] = (_identity(path), generation, entries)
+    except OSError:
+        _archive_cache.pop(path, None)
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -211,21 +259,19 @@ def compact(directory: str, max_files: int = 5000, _crash_after: str = "") -> Co
             result.busy = True
             return result
         names = os.listdir(directory)
-        generations: dict[str, int] = {}
-        archives: dict[str, Entries] = {}
-        for kind, rule in MERGE_RULES.items():
-            path = os.path.join(directory, archive_name(kind))
-            entries: Entries = {}
-            try:
-                data = _read(path)
-                merge_into(entries, read_entries(data), rule)
-                generations[kind] = archive_generation(data)
-            except FileNotFoundError:
-                generations[kind] = 0
-            except (OSError, ValueError) as exc:
-                result.errors.append(f"{archive_name(kind)}: {exc}")  # never overwritten: kind left alone
-                continue
-            archives[kind] = entries
+        generations = {kind: _header_generation(os.path.join(directory, archive_name(kind))) for kind in MERGE_RULES}
+        archives: dict[str, Entries | None] = {}  # read only for kinds with work to do; None: damaged
+
+        def archive(kind: str) -> Entries | None:
+            if kind not in archives:
+                try:
+                    generations[kind], archives[kind] = _load_archive(
+                        os.path.join(directory, archive_name(kind)), MERGE_RULES[kind])
+                except (OSError, ValueError) as exc:
+                    result.errors.append(f"{archive_name(kind)}: {exc}")  # never overwritten: kind left alone
+                    archives[kind] = None
+            return archives[kind]
+
         staged = staging_dirs(names)
         new_gen = max([0, *generations.values(), *staged]) + 1
 
@@ -240,7 +286,7 @@ def compact(directory: str, max_files: int = 5000, _crash_after: str = "") -> Co
             if source_kind is None and _LIVE.match(name):
                 result.reaped += _reap_live(os.path.join(directory, name))
                 continue
-            if source_kind is None or source_kind not in archives:
+            if source_kind is None:
                 continue
             path = os.path.join(directory, name)
             try:
@@ -258,6 +304,8 @@ def compact(directory: str, max_files: int = 5000, _crash_after: str = "") -> Co
                 if moved >= max_files:
                     result.remaining += 1
                     continue
+                if archive(source_kind) is None:
+                    continue  # its archive is damaged: leave the file where it is, counted by readers
                 try:
                     list(read_entries(_read(path)))
                 except (OSError, ValueError) as exc:
@@ -284,27 +332,34 @@ def compact(directory: str, max_files: int = 5000, _crash_after: str = "") -> Co
         # 2. Rewrite each archive that has staged files newer than it.
         written: dict[str, int] = {}
         damaged: set[str] = set()
-        for kind, entries in archives.items():
+        pending: dict[str, list[tuple[int, str]]] = {}
+        for gen in sorted(staged):
+            for name in sorted(os.listdir(os.path.join(directory, staged[gen]))):
+                staged_kind = kind_of(name)
+                if staged_kind is not None and gen > generations[staged_kind]:
+                    pending.setdefault(staged_kind, []).append((gen, name))
+        for kind, files in pending.items():
+            entries = archive(kind)
+            if entries is None:
+                continue
             absorbed = 0
-            for gen in sorted(staged):
+            for gen, name in files:
                 if gen <= generations[kind]:
-                    continue
-                sdir = os.path.join(directory, staged[gen])
-                for name in sorted(os.listdir(sdir)):
-                    if kind_of(name) != kind:
-                        continue
-                    try:
-                        merge_into(entries, read_entries(_read(os.path.join(sdir, name))), MERGE_RULES[kind])
-                        absorbed += 1
-                    except (OSError, ValueError) as exc:
-                        damaged.add(os.path.join(sdir, name))
-                        result.damaged.append(f"{staged[gen]}/{name}: {exc}")
+                    continue  # the full read of the archive knows better than its header did
+                path = os.path.join(directory, staged[gen], name)
+                try:
+                    merge_into(entries, read_entries(_read(path)), MERGE_RULES[kind])
+                    absorbed += 1
+                except (OSError, ValueError) as exc:
+                    damaged.add(path)
+                    result.damaged.append(f"{staged[gen]}/{name}: {exc}")
             if not absorbed:
                 continue
             if kind == "counter":  # one counter file per process: the count is exact, and atomic with it
                 entries[COMPACTED_KEY] = (entries.get(COMPACTED_KEY, (0.0, 0.0))[0] + absorbed, 0.0)
             try:
                 _write_archive(directory, kind, entries, new_gen)
+                _remember_archive(os.path.join(directory, archive_name(kind)), new_gen, entries)
             except OSError as exc:
                 result.errors.append(f"{archive_name(kind)}: {exc}")  # staged files stay counted
                 continue
@@ -321,8 +376,9 @@ def compact(directory: str, max_files: int = 5000, _crash_after: str = "") -> Co
             for name in os.listdir(sdir):
                 staged_kind = kind_of(name)
                 path = os.path.join(sdir, name)
-                if staged_kind is not None and path not in damaged \
-                        and gen <= written.get(staged_kind, generations.get(staged_kind, -1)):
+                # Only what a readable archive of generation >= gen holds; a damaged one holds nothing.
+                if staged_kind is not None and path not in damaged and archive(staged_kind) is not None \
+                        and gen <= written.get(staged_kind, generations[staged_kind]):
                     os.unlink(path)
             try:
                 os.rmdir(sdir)

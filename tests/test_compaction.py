@@ -282,3 +282,43 @@ def test_abandoned_temporary_files_are_removed_only_when_old(tmp_path: Any) -> N
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     compaction.compact(d)
     assert young.exists() and not old.exists()
+
+
+def test_staged_files_are_never_deleted_on_the_word_of_a_damaged_archive(tmp_path: Any) -> None:
+    d = str(tmp_path)
+    write_as_dead_process(d, one_task(0))
+    compaction.compact(d, _crash_after="stage")  # a crash left .compact-1 behind
+    staged = os.listdir(os.path.join(d, ".compact-1"))
+    assert len(staged) == 3
+    # Then the counter archive is damaged, with a header claiming a generation far beyond 1.
+    (tmp_path / "counter_archive.db").write_bytes(b"\x40\x00\x00\x00\xff\xff\xff\x7f" + b"\x01" * 56)
+    result = compaction.compact(d)
+    assert result.errors and result.errors[0].startswith("counter_archive.db")
+    assert [f for f in os.listdir(os.path.join(d, ".compact-1")) if f.startswith("counter_")], "kept"
+    s = merged_samples(DirectoryCollector(d))
+    assert s[SENT] == 1, "still counted, from staging, since the damaged archive's generation is not trusted"
+    assert s[RUNTIME_COUNT] == 1, "the histogram archive was written as usual"
+
+
+def test_a_first_compaction_during_an_unlocked_read_is_read_again(tmp_path: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before any compaction there is no lock file to take; if one starts mid-read, the read is redone."""
+    d = str(tmp_path)
+    for i in range(3):
+        write_as_dead_process(d, one_task(i))
+    assert not os.path.exists(os.path.join(d, compaction.LOCK_NAME))
+    collector = DirectoryCollector(d)
+    plan = collector._plan
+    calls = []
+
+    def plan_then_compact(names: list[str]) -> Any:
+        out = plan(names)
+        if not calls:
+            compaction.compact(d)  # moves the files listed a moment ago into the archive
+        calls.append(names)
+        return out
+
+    monkeypatch.setattr(collector, "_plan", plan_then_compact)
+    s = merged_samples(collector)
+    assert len(calls) == 2
+    assert (s[SENT], s[RUNTIME_COUNT]) == (3, 3)
