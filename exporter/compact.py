@@ -298,7 +298,7 @@ def compact(directory: str, max_files: int = 5000, _crash_after: str = "") -> Co
                     continue  # not written by us: its writer holds no lock to judge by
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+                except OSError:  # held by its live writer (or no flock here: then never judged dead)
                     result.live += 1
                     continue
                 if moved >= max_files:

@@ -91,7 +91,7 @@ def held_by_a_live_writer(fd: int) -> bool:
     """
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError:  # BlockingIOError: held; anything else (a filesystem without flock): assume alive
         return True
     fcntl.flock(fd, fcntl.LOCK_UN)
     return False
