@@ -171,7 +171,7 @@ def _fresh_file(directory: str, name: str) -> tuple[int, str]:
     tmp = os.path.join(directory, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock(fd)
         os.posix_fallocate(fd, 0, INITIAL_SIZE)
         os.pwrite(fd, _INT.pack(8) + MAGIC, 0)
     except BaseException:
@@ -179,6 +179,20 @@ def _fresh_file(directory: str, name: str) -> tuple[int, str]:
         os.unlink(tmp)
         raise
     return fd, tmp
+
+
+def _lock(fd: int) -> None:
+    """Take the writer's lock; BlockingIOError if another holds it.
+
+    On a filesystem without flock the file is written unlocked, as before
+    locks were used: every reader then takes its writer for alive.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise
+    except OSError:
+        pass
 
 
 def _same_file(fd: int, path: str) -> bool:
@@ -224,7 +238,7 @@ def open_owned(directory: str, prefix: str, pid: int) -> MetricFile:
                 os.close(fd)
                 break
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _lock(fd)
             except BlockingIOError:
                 os.close(fd)
                 break  # a live writer has this name: try the next one
