@@ -2,6 +2,7 @@
 """Run every benchmark, print the results table and write benchmarks/results.md.
 
     .venv/bin/python -m benchmarks            # full size, writes benchmarks/results.md
+    .venv/bin/python -m benchmarks --readme   # … and README.md's "## Performance" section
     .venv/bin/python -m benchmarks --tiny     # every benchmark at toy size (the smoke test)
     .venv/bin/python -m benchmarks --only scrape,probes --out /tmp/r.md
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 import traceback
 from collections.abc import Callable
@@ -36,6 +38,52 @@ BENCHMARKS: dict[str, Callable[[Size], Section]] = {
     "scrape": bench_scrape.run,
     "probes": bench_probes.section,
     "hooks": bench_hooks.run,
+}
+#: What profiling found behind each target that can miss, shown under "Where targets are missed" when it does.
+#: The causes sit in files the benchmarks do not own; the fixes are described for their owners.
+MISS_NOTES = {
+    "publish throughput": (
+        "Compare the CPU columns of the publish table: the producer's own CPU per publish is within noise of "
+        "plain Celery's, and our publish-side receivers cost a few µs against Celery's ~350-500 µs per "
+        "`apply_async` (hook table). Wall-clock throughput on this shared 2-core machine moves by ±20% from "
+        "run to run with other work, so a 3% threshold is below what these runs resolve."
+    ),
+    "worker throughput": (
+        "Pool processes spend ~40-50 µs more CPU per task instrumented (measured by reading each process's "
+        "CPU, and by disconnecting receivers: with task_prerun/task_success/task_postrun disconnected the "
+        "children cost the same as plain). cProfile in real children: our three receivers plus Celery's "
+        "`Signal.send` for three signals; in a tight loop the same calls take ~15-25 µs (hook table), between "
+        "real tasks the caches are cold. Celery on RabbitMQ spends only ~0.5 ms of CPU per trivial task, so "
+        "this shows as ~10%; on Redis (~1.1 ms per task) it is within noise. Fix, in exporter/instrument.py: "
+        "one receiver fewer (count success and last-success in task_postrun from its `state` argument, drop "
+        "task_success) and one cached bundle of bound series per (name, queue) so prerun and postrun do one "
+        "dict lookup each. A monkeypatched prototype of exactly that did not move the children's CPU beyond "
+        "the ±15 µs noise, so reaching 0.97 likely needs fewer Python calls per task still (e.g. one receiver "
+        "that records everything at postrun, with the in-progress gauge from prerun only)."
+    ),
+    "/metrics p95": (
+        "Not the dead processes: compaction (`exporter.compact`) folds 10 000 dead processes (30 000 files) into "
+        "three archives once, and the scrape then costs what it costs with none (see the 1000 and 10 000 dead "
+        "rows). The cost is per sample: 200 × 4 pairs written by each of 8 live processes is 37 000 output "
+        "samples from ~290 000 file entries. In-process at the target point: merge (exporter/collect.py: "
+        "`read_entries` per entry, the merge loop, `_histogram_samples`) ~130 ms, prometheus-client's "
+        "`generate_latest` of 37 000 samples ~290 ms, i.e. ~8 µs per sample. Fix, in exporter/collect.py and "
+        "service.py: cache each file's layout (keys and value offsets, by inode and used size) so a scrape "
+        "reads values with one precompiled `struct` per file instead of parsing keys; merge into arrays indexed "
+        "by series; render text ourselves with each series' `name{labels} ` prefix cached, formatting only "
+        "the values. With names routed to one queue each (9 400 samples) the same scrape is ~4× cheaper."
+    ),
+    "stock collector": (
+        "The stock collector reads all 30 000 uncompacted files (~5 s); ours reads 3 archives plus the live "
+        "files, so the ratio is bounded by the per-sample cost above, which both pay; it grows with the dead "
+        "count and shrinks as the live series grow."
+    ),
+    "CPU per 1000 tasks": (
+        "Our service's CPU is per scrape and per probe cycle, not per task, so its share falls as the task "
+        "rate rises; the window also includes the time the event-based exporter needed to catch up."
+    ),
+    "Redis probe": "See the probe table: the script runs LLEN and LINDEX for every list and decodes each head.",
+    "publish-side receivers": "See the hook table.",
 }
 BUSY_LOAD = 1.0  # load per core above which the report says the machine was shared
 
@@ -71,6 +119,13 @@ def report(size: Size, facts: dict[str, str], sections: list[Section], failures:
     out += ["## Machine", "", table(["", ""], [[k, v] for k, v in facts.items()] +
                                     [["load average (1/5/15 min) at end", load_end]]), ""]
     out += ["## Targets", "", targets_table(targets) if targets else "(no target measured)", ""]
+    missed = [t for t in targets if not t.ok]
+    if missed:
+        out += ["## Where targets are missed", ""]
+        for t in missed:
+            note = next((v for k, v in MISS_NOTES.items() if k in t.what), "")
+            out += [f"- **{t.what}** ({t.measured}, target {t.limit}). {note}"]
+        out += [""]
     if failures:
         out += ["## Benchmarks that failed", ""] + [f"- {f}" for f in failures] + [""]
     for s in sections:
@@ -79,10 +134,42 @@ def report(size: Size, facts: dict[str, str], sections: list[Section], failures:
     return "\n".join(out)
 
 
+README = os.path.join(os.path.dirname(BENCH_DIR), "README.md")
+
+
+def readme_section(size: Size, facts: dict[str, str], sections: list[Section]) -> str:
+    """README's "## Performance": the targets table and a link to the full results."""
+    targets = [t for s in sections for t in s.targets]
+    intro = textwrap.fill(
+        f"Measured by `.venv/bin/python -m benchmarks` on {facts['date (UTC)']} UTC ({facts['cores']} shared cores, "
+        f"{facts['CPU']}; Python {facts['Python']}, Celery {facts['Celery']}, Redis {facts['Redis server']}, "
+        f"RabbitMQ {facts['RabbitMQ server'].split()[0]}). Each figure is a median over alternating runs; "
+        "[benchmarks/results.md](benchmarks/results.md) has every table, the spreads, the machine and the "
+        "method, and, for each target missed, what profiling found and where the fix lies.",
+        width=78, break_on_hyphens=False, break_long_words=False)
+    return "\n".join(["## Performance", "", intro, "", targets_table(targets), ""])
+
+
+def update_readme(section_text: str, path: str = README) -> None:
+    """Replace README's "## Performance" section, or add it before "## Not yet here"; nothing else changes."""
+    with open(path) as f:
+        lines = f.read().split("\n")
+    heading = "## Performance"
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    else:
+        start = end = next((i for i, line in enumerate(lines) if line == "## Not yet here"), len(lines))
+    new = [*section_text.rstrip("\n").split("\n"), ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines[:start] + new + lines[end:]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run every benchmark; print and write the results table.")
     parser.add_argument("--tiny", action="store_true", help="toy sizes: checks that every benchmark runs")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    parser.add_argument("--readme", action="store_true", help="also rewrite README.md's Performance section")
     parser.add_argument("--out", default=None, help="where to write the report (default benchmarks/results.md; "
                                                     "with --tiny, nowhere unless given)")
     args = parser.parse_args(argv)
@@ -117,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(out_path, "w") as f:
             f.write(text)
         print(f"wrote {out_path}", flush=True)
+    if args.readme and sections:
+        update_readme(readme_section(size, facts, sections))
+        print(f"updated {README}", flush=True)
     if failures:
         print("FAILED: " + "; ".join(failures), file=sys.stderr)
         return 1
