@@ -73,12 +73,12 @@ def run(size: Size) -> Section:
         ["broker", "variant", "tasks/s median (min–max, n)", "ratio to plain, same round",
          "producer CPU µs/task", "CPU ratio plain / variant"],
         notes=[f"{size.publish_n} `apply_async` calls per run after a warm-up, one fresh process per run, "
-               f"{size.rounds} alternating rounds; the queue is purged between runs.",
+               f"{size.publish_rounds} alternating rounds; the queue is purged between runs.",
                "The CPU columns (the producer's own process time per publish) are the steadier figure on a "
                "shared machine: throughput also moves with whatever else runs."],
     )
     for kind in ("redis", "rabbitmq"):
-        measured = measure(kind, size.publish_n, size.rounds)
+        measured = measure(kind, size.publish_n, size.publish_rounds)
         rates = {v: [r for r, _ in m] for v, m in measured.items()}
         cpu = {v: [c for _, c in m] for v, m in measured.items()}
         for variant in VARIANTS:

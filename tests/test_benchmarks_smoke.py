@@ -39,5 +39,6 @@ def test_every_benchmark_runs_at_tiny_size(tmp_path: os.PathLike[str]) -> None:
     for what in ("publish throughput", "worker throughput", "publish-side receivers", "CPU per 1000 tasks",
                  "/metrics p95", "stock collector", "Redis probe"):
         assert what in report, f"target row '{what}' missing"
-    # Both exporters really counted the tiny workload.
-    assert "Counted every task: ours yes, event-based yes" in report, report
+    # Ours counted every task of the tiny workload (the event-based one's count is reported, not judged:
+    # events are lossy by design, and a lost one is a finding, not a broken benchmark).
+    assert "Counted every task: ours yes" in report, report
