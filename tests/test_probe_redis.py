@@ -517,3 +517,27 @@ def test_without_scripting_rights_the_probe_falls_back_to_plain_commands() -> No
         with pytest.raises(ProbeError) as err:
             probe(f"redis://nolist:pw@127.0.0.1:{port}/0").snapshot({"q"})
         assert err.value.reason == "auth"
+
+
+@pytest.mark.parametrize(
+    "heads",
+    [
+        [],
+        [None, None],
+        [b'{"headers": {"csx_due": 5.5}}', b'{"headers": {"csx_due": 3}}', None],
+        # The key outside the headers, with a smaller value than the real one: not a due.
+        [b'{"properties": {"csx_due": 1}, "headers": {}}', b'{"headers": {"csx_due": 7}}'],
+        [b'{"csx_due": 1, "headers": {"csx_due": 9}}', b'{"headers": {"csx_due": 7}}'],
+        [b'{"headers": {"csx_due": 2}, "x": {"csx_due": 1}}'],
+        [b'{"headers": {"csx_due" : 4e2 }}', b'{"headers": {"csx_due":-1.5E+1}}'],
+        [b'{"headers": {"csx_due": NaN}}', b'{"headers": {"csx_due": 8}}'],
+        [b'{"headers": {"csx_due": 1e999}}', b'{"headers": {"csx_due": 8}}'],
+        [b'{"headers": {"csx_due": "1"}}', b'{"headers": {"csx_due": true}}'],
+        [b'{"headers": {"csx_due": 1}', b'\xff"csx_due": 2}'],
+        ['{"headers": {"csx_due": 6}}', b'{"headers": {"csx_due": 8}}'],
+    ],
+)
+def test_oldest_due_reads_one_message_but_agrees_with_decoding_all(heads: list[object]) -> None:
+    from exporter.probes.redis import _oldest_due, _oldest_due_slow
+
+    assert _oldest_due(heads) == _oldest_due_slow(heads)
