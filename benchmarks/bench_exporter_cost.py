@@ -28,6 +28,7 @@ from typing import Any
 from benchmarks.common import (
     BENCH_DIR,
     ROOT,
+    SHM,
     Section,
     Size,
     Target,
@@ -201,7 +202,7 @@ def one_run(n: int, tmp: str) -> dict[str, Any]:
 
 def run(size: Size) -> Section:
     version = ensure_installed()
-    with tempfile.TemporaryDirectory(prefix="csx-bench-cost-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="csx-bench-cost-", dir=SHM) as tmp:
         runs = [one_run(size.cost_n, tmp) for _ in range(size.cost_runs)]
     section = Section(
         "Exporter cost per task (our service vs the event-based exporter, same workload)",

@@ -14,6 +14,7 @@ outside the number: this is what our code adds per task.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from benchmarks.common import Section, Size, Target, child_env, run_json, spread
+from benchmarks.common import SHM, Section, Size, Target, child_env, run_json, spread
 
 REPEATS = 7
 
@@ -53,7 +54,7 @@ def measure(calls: int) -> dict[str, list[float]]:
     import exporter
     from exporter.instrument import DUE_HEADER, QUEUE_HEADER
 
-    tmp = tempfile.mkdtemp(prefix="csx-bench-hooks-")
+    tmp = tempfile.mkdtemp(prefix="csx-bench-hooks-", dir=SHM)
     app = Celery("hooks", broker="memory://", set_as_current=False)
     inst = exporter.instrument(app, metrics_dir=tmp)
     guarded = {label: inst.guard(label, fn) for _, label, fn in inst.receivers()}
@@ -153,6 +154,7 @@ def measure(calls: int) -> dict[str, list[float]]:
             getattr(sig, "sender_receivers_cache", {}).clear()
     errors = sum(v for k, v in exporter.collect.merged_samples(exporter.collect.DirectoryCollector(tmp)).items()
                  if k.startswith("celery_exporter_handler_errors_total"))
+    shutil.rmtree(tmp, ignore_errors=True)
     if errors:
         raise RuntimeError(f"receivers raised {errors} times: the benchmark fed them wrong arguments")
     return result

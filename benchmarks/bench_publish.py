@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 
 from benchmarks.common import (
+    SHM,
     Section,
     Size,
     Target,
@@ -53,7 +54,7 @@ def purge(url: str, queue: str) -> None:
 
 def measure(kind: str, n: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
     """(publishes per second, producer CPU µs per publish) of each variant, alternating, on one broker."""
-    with broker(kind) as url, tempfile.TemporaryDirectory(prefix="csx-bench-pub-") as tmp:
+    with broker(kind) as url, tempfile.TemporaryDirectory(prefix="csx-bench-pub-", dir=SHM) as tmp:
         queue = "bench-publish"
 
         def one(variant: str, _round: int) -> tuple[float, float]:

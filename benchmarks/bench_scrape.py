@@ -43,6 +43,7 @@ from typing import Any
 
 from benchmarks.common import (
     ROOT,
+    SHM,
     Section,
     Size,
     Target,
@@ -53,7 +54,6 @@ from benchmarks.common import (
     wait_until,
 )
 
-SHM = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 FAKE_PID_BASE = 50_000_000  # above any pid_max: never a live process
 
 

@@ -20,6 +20,7 @@ import uuid
 from benchmarks.bench_publish import LABEL, VARIANTS, broker, purge
 from benchmarks.common import (
     ROOT,
+    SHM,
     Section,
     Size,
     Target,
@@ -106,7 +107,7 @@ def run(size: Size) -> Section:
                "(utime + stime, 10 ms ticks), the steadier figure on a shared machine."],
     )
     for kind in ("redis", "rabbitmq"):
-        with broker(kind) as url, tempfile.TemporaryDirectory(prefix="csx-bench-worker-") as tmp:
+        with broker(kind) as url, tempfile.TemporaryDirectory(prefix="csx-bench-worker-", dir=SHM) as tmp:
             measured = alternate(VARIANTS, size.rounds, lambda v, _r: drain(url, v, size.worker_n, tmp))
         rates = {v: [r for r, _ in m] for v, m in measured.items()}
         cpu = {v: [c for _, c in m] for v, m in measured.items()}

@@ -29,6 +29,8 @@ REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))
 AMQP_HOST = os.environ.get("TEST_AMQP_HOST", "127.0.0.1")
 AMQP_PORT = int(os.environ.get("TEST_AMQP_PORT", "5672"))
 MGMT_PORT = int(os.environ.get("TEST_RABBIT_MGMT_PORT", "15672"))
+#: Where metrics directories go: tmpfs, as the README's sidecar (an emptyDir in memory) has it.
+SHM = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 #: Redis databases the benchmarks may use; the test suite's lock files keep the two apart.
 BENCH_DBS = range(10, 16)
 T = TypeVar("T")
@@ -248,6 +250,7 @@ def machine() -> dict[str, str]:
         "kombu": kombu.__version__,
         "redis-py": redis.__version__,
         "prometheus-client": version("prometheus-client"),
+        "metrics directories on": f"{SHM} (tmpfs, like the README's in-memory emptyDir)" if SHM else "/tmp",
     }
     try:
         client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_timeout=5)
