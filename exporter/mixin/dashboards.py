@@ -547,16 +547,17 @@ def queues(c: Config) -> Dashboard:
     )
     lay.add(
         _ts(
-            "Metrics files",
+            "Metrics files and cardinality",
             "Files in each exporter's metrics directory by state; unreadable ones are skipped, counted and "
             "logged, never deleted. Dead pool processes compacted into the archive show how fast children "
-            "recycle.",
+            "recycle; task names folded into __overflow__ at merge show a name explosion.",
             "short",
             (f"sum by (instance, state) ({_q('celery_exporter_metrics_files')})", "{{instance}} {{state}}"),
             (
                 f"sum by (instance) (increase({_q('celery_exporter_compacted_processes_total')}[{RATE}]))",
                 "{{instance}} processes compacted",
             ),
+            (f"max by (instance) ({_q('celery_exporter_task_names_folded')})", "{{instance}} task names folded"),
         ),
         w=8,
     )
