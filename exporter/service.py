@@ -18,11 +18,11 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Header
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
 from starlette.concurrency import run_in_threadpool
 
 from . import __version__
 from .collect import DirectoryCollector
+from .exposition import Encoder
 
 
 class Source(Protocol):
@@ -50,6 +50,7 @@ class Exporter:
         )
         self._last_duration = 0.0
         self._lock = threading.Lock()
+        self._encoder = Encoder()
 
     def collect(self) -> Iterator[Metric]:
         start = time.perf_counter()
@@ -77,9 +78,8 @@ class Exporter:
         self._last_duration = time.perf_counter() - start
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
-        encoder, content_type = choose_encoder(accept or "")
         with self._lock:
-            return encoder(self), content_type  # type: ignore[arg-type]
+            return self._encoder.render(self.collect(), accept)
 
     def ready(self) -> tuple[bool, str]:
         if self.directory is not None and not os.path.isdir(self.directory.directory):

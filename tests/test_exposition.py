@@ -1,0 +1,101 @@
+"""Our encoder must write exactly what prometheus-client's encoders write, for
+every Accept header prometheus-client negotiates, including the cases it
+hands back to prometheus-client."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.exposition import choose_encoder
+
+from exporter.exposition import Encoder
+
+HOSTILE = 'a"b\\c\nd é☃ ' + "x" * 10_000
+
+
+class Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def families() -> list[Metric]:
+    sent = CounterMetricFamily("celery_task_sent", "Tasks published.\nSecond line \\ with backslash",
+                               labels=["queue_name", "name"])
+    sent.add_metric(["alpha", "t.ok"], 3)
+    sent.add_metric(["beta", HOSTILE], 1e21)
+    sent.add_metric(["", ""], 0)
+    failed = CounterMetricFamily("celery_task_failed", "Failures.", labels=["name", "queue_name", "exception"])
+    failed.add_metric(["t.fail", "alpha", HOSTILE], 2)
+    runtime = HistogramMetricFamily("celery_task_runtime_seconds", "Runtime.", labels=["name", "queue_name"])
+    runtime.add_metric(["t.ok", "alpha"], [("0.1", 1), ("1.0", 2), ("+Inf", 3)], sum_value=1.25)
+    runtime.add_metric([HOSTILE, "beta"], [("0.1", 0), ("+Inf", 0)], sum_value=0)
+    up = GaugeMetricFamily("celery_worker_up", 'Worker "up".', labels=["hostname"])
+    up.add_metric(["w1@h"], 1)
+    up.add_metric(["w2@h"], math.nan)
+    up.add_metric(["w3@h"], -math.inf)
+    up.add_metric(["w4@h"], -0.0)
+    up.add_metric(["w5@h"], 0)
+    up.add_metric(["w6@h"], 0.0)
+    plain = GaugeMetricFamily("celery_exporter_scrape_duration_seconds", "Plain.", value=0.000123456789)
+    big = GaugeMetricFamily("celery_broker_memory_used_bytes", "Bytes.", labels=["broker", "node"])
+    big.add_metric(["redis://h:6379/0", "h:6379"], 1234567890123.0)
+    return [sent, failed, runtime, up, plain, big]
+
+
+def awkward() -> list[Metric]:
+    """Families our fast path hands to prometheus-client."""
+    stamped = GaugeMetricFamily("celery_stamped", "With a timestamp.", labels=["x"])
+    stamped.add_metric(["1"], 1, timestamp=1700000000.5)
+    summary = SummaryMetricFamily("celery_summary", "With _created.", labels=["x"])
+    summary.add_metric(["1"], count_value=2, sum_value=3.5)
+    summary.add_sample("celery_summary_created", {"x": "1"}, 1700000000.0)
+    dotted = GaugeMetricFamily("celery.dotted", "Needs escaping.", labels=["bad-label"])
+    dotted.add_metric(["v"], 1)
+    return [stamped, summary, dotted]
+
+
+ACCEPTS = [
+    None,
+    "",
+    "text/plain",
+    "text/plain; version=0.0.4",
+    "text/plain; version=1.0.0; escaping=allow-utf-8",
+    "application/openmetrics-text",
+    "application/openmetrics-text; version=1.0.0",
+    "application/openmetrics-text; version=1.0.0; escaping=allow-utf-8",
+    "application/openmetrics-text; version=2.0.0",
+    "application/openmetrics-text; version=0.0.1,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+]
+
+
+@pytest.mark.parametrize("accept", ACCEPTS)
+@pytest.mark.parametrize("make", [families, awkward, lambda: families() + awkward()])
+def test_same_bytes_as_prometheus_client(accept: str | None, make: object) -> None:
+    fams = make()  # type: ignore[operator]
+    encoder, content_type = choose_encoder(accept or "")
+    expected = encoder(Families(fams))  # type: ignore[arg-type]
+    ours = Encoder()
+    for _ in range(2):  # the second render comes from the label cache
+        body, ctype = ours.render(fams, accept)
+        assert ctype == content_type
+        assert body == expected
+
+
+def test_the_fast_path_is_taken_for_our_families() -> None:
+    """Otherwise the equality above would prove nothing about our own code."""
+    ours = Encoder()
+    assert ours._encode(families(), openmetrics=False) is not None
+    assert ours._encode(families(), openmetrics=True) is not None
+    for family in awkward():
+        assert ours._encode([family], openmetrics=False) is None
