@@ -85,6 +85,12 @@ def cli() -> None:
 @_option("--web-config-file", "--web.config.file", "web_config_file", default=None,
          help="exporter-toolkit web-config YAML: tls_server_config (cert_file, key_file, client_ca_file, "
               "client_auth_type) and basic_auth_users (bcrypt hashes). Protects every endpoint but /healthz.")
+@_option("--max-task-names", type=click.IntRange(min=1), default=2000,
+         help="Distinct task names shown across the whole metrics directory; the rest are summed under "
+              "name=\"__overflow__\" and counted in celery_exporter_task_names_folded.")
+@_option("--compact-interval", type=click.FloatRange(min=0), default=30.0,
+         help="Seconds between compactions of dead processes' files by the exporter itself, for pods whose "
+              "processes recycle without a Celery worker to compact (web servers that publish); 0 disables.")
 @_option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
          default="info", help="Log level.")
 def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, app_name: str | None,
@@ -92,7 +98,8 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
           queue_include: tuple[str, ...], queue_exclude: tuple[str, ...], max_queues: int,
           transport_options: str | None, oldest_age: bool, rabbitmq_management_url: str | None,
           rabbitmq_management_user: str | None, rabbitmq_management_password: str | None,
-          rabbitmq_vhosts: tuple[str, ...], web_config_file: str | None, log_level: str) -> None:
+          rabbitmq_vhosts: tuple[str, ...], web_config_file: str | None, max_task_names: int,
+          compact_interval: float, log_level: str) -> None:
     """Serve /metrics: the merged metrics directory plus broker probes.
 
     An unreachable broker is not a startup error (brokers come and go): it is
@@ -127,7 +134,10 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
             rabbitmq_vhosts,
         )]
     listener = _listen(host, port)
-    exporter = Exporter(ServiceConfig(metrics_dir=metrics_dir, worker_timeout=worker_timeout, sources=sources))
+    exporter = Exporter(ServiceConfig(metrics_dir=metrics_dir, worker_timeout=worker_timeout, sources=sources,
+                                      max_task_names=max_task_names))
+    if metrics_dir is not None and compact_interval > 0:
+        exporter.start_compaction(compact_interval)
     tls: dict[str, Any] = {}
     if web.tls is not None:
         tls = {"ssl_certfile": web.tls.cert_file, "ssl_keyfile": web.tls.key_file,

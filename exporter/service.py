@@ -7,6 +7,7 @@ runs in a worker thread so a slow disk cannot stall the event loop.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import platform
 import threading
@@ -21,8 +22,11 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from starlette.concurrency import run_in_threadpool
 
 from . import __version__
-from .collect import DirectoryCollector
+from .collect import DEFAULT_MAX_TASK_NAMES, DirectoryCollector
+from .compact import compact
 from .exposition import Encoder
+
+log = logging.getLogger("celery_signal_exporter")
 
 
 class Source(Protocol):
@@ -38,6 +42,7 @@ class ServiceConfig:
     metrics_dir: str | None
     worker_timeout: float = 10.0
     sources: Sequence[Source] = field(default_factory=list)
+    max_task_names: int = DEFAULT_MAX_TASK_NAMES
 
 
 class Exporter:
@@ -46,7 +51,9 @@ class Exporter:
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
         self.directory = (
-            DirectoryCollector(config.metrics_dir, config.worker_timeout) if config.metrics_dir else None
+            DirectoryCollector(config.metrics_dir, config.worker_timeout, config.max_task_names)
+            if config.metrics_dir
+            else None
         )
         self._last_duration = 0.0
         self._lock = threading.Lock()
@@ -58,11 +65,14 @@ class Exporter:
             families, stats = self.directory.merge()
             yield from families
             files = GaugeMetricFamily(
-                "celery_exporter_metrics_files", "Files in the metrics directory at the last scrape, by state.",
+                "celery_exporter_metrics_files",
+                "Files in the metrics directory at the last scrape: read, unreadable, or dead (a gone process's "
+                "live gauges, left out).",
                 labels=["state"],
             )
             files.add_metric(["read"], stats.files_read)
             files.add_metric(["unreadable"], stats.files_unreadable)
+            files.add_metric(["dead"], stats.files_dead)
             yield files
         for source in self.config.sources:
             yield from source.collect()
@@ -80,6 +90,34 @@ class Exporter:
     def render(self, accept: str | None) -> tuple[bytes, str]:
         with self._lock:
             return self._encoder.render(self.collect(), accept)
+
+    def start_compaction(self, interval: float) -> threading.Thread:
+        """Compact dead processes' files every `interval` seconds, beside whatever worker does too.
+
+        A Celery worker compacts on its own tick; this covers directories no
+        worker tends, such as a web pod whose gunicorn workers publish tasks and
+        recycle. Compaction takes its own lock, so several compactors are safe.
+        """
+        directory = self.config.metrics_dir
+        assert directory is not None
+
+        def run() -> None:
+            failing = False
+            while True:
+                time.sleep(interval)
+                try:
+                    result = compact(directory)
+                    if result.errors:
+                        raise OSError(f"{len(result.errors)} archive(s) not written, first: {result.errors[0]}")
+                    failing = False
+                except Exception as exc:  # noqa: BLE001 - a read-only mount must not stop the service
+                    if not failing:
+                        log.warning("compaction of %s failed, will retry: %s", directory, exc)
+                    failing = True
+
+        thread = threading.Thread(target=run, name="compaction", daemon=True)
+        thread.start()
+        return thread
 
     def ready(self) -> tuple[bool, str]:
         if self.directory is not None and not os.path.isdir(self.directory.directory):
