@@ -275,6 +275,13 @@ def check_buckets(value: Any, option: str) -> tuple[float, ...]:
     return parse_buckets(",".join(repr(float(b)) for b in items), option)
 
 
+def _or_env(value: Sequence[float] | str | None, name: str, default: Sequence[float]) -> Sequence[float] | str:
+    """The argument, else CELERY_EXPORTER_<name>, else the default."""
+    if value is not None:
+        return value
+    return os.environ.get(f"CELERY_EXPORTER_{name}") or default
+
+
 def resolve_metrics_dir(metrics_dir: str | None) -> str:
     if metrics_dir:
         return metrics_dir
@@ -294,8 +301,8 @@ def instrument(
     app: Celery,
     *,
     metrics_dir: str | None = None,
-    runtime_buckets: Sequence[float] | str = m.DEFAULT_RUNTIME_BUCKETS,
-    queue_wait_buckets: Sequence[float] | str = m.DEFAULT_QUEUE_WAIT_BUCKETS,
+    runtime_buckets: Sequence[float] | str | None = None,
+    queue_wait_buckets: Sequence[float] | str | None = None,
     max_task_names: int = 500,
     ignore_tasks: Iterable[str] = (),
     heartbeat_interval: float = 2.0,
@@ -303,12 +310,16 @@ def instrument(
     """Connect the exporter's signal receivers for `app`, once per process.
 
     A second call returns the instrumentation already in place, so importing
-    an app module twice never double counts.
+    an app module twice never double counts. Buckets not given come from
+    CELERY_EXPORTER_RUNTIME_BUCKETS / CELERY_EXPORTER_QUEUE_WAIT_BUCKETS
+    ("0.1,1,10"), which `celery-signal-exporter check` validates, else the defaults.
     """
     global _active
     # Options are checked on every call, so a bad one fails loudly even where a first call won.
-    runtime = check_buckets(runtime_buckets, "runtime_buckets")
-    queue_wait = check_buckets(queue_wait_buckets, "queue_wait_buckets")
+    runtime = check_buckets(_or_env(runtime_buckets, "RUNTIME_BUCKETS", m.DEFAULT_RUNTIME_BUCKETS), "runtime_buckets")
+    queue_wait = check_buckets(
+        _or_env(queue_wait_buckets, "QUEUE_WAIT_BUCKETS", m.DEFAULT_QUEUE_WAIT_BUCKETS), "queue_wait_buckets"
+    )
     if isinstance(max_task_names, bool) or not isinstance(max_task_names, int) or max_task_names < 1:
         raise ValueError(f"max_task_names: must be a whole number of at least 1, not {max_task_names!r}")
     if _active is not None:
