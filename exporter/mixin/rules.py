@@ -78,24 +78,19 @@ def recording_rules(c: Config) -> list[dict[str, Any]]:
             ),
         },
     ]
-    for q in QUANTILES:
-        rules.append(
-            {
-                "record": "task:celery_task_runtime_seconds:quantile",
-                "expr": f"histogram_quantile({q}, sum by ({g}name, le) "
-                f"(rate(celery_task_runtime_seconds_bucket{{{c.sel()}}}[{c.rate_window}])))",
-                "labels": {"quantile": q},
-            }
-        )
-    for q in QUANTILES:
-        rules.append(
-            {
-                "record": "queue:celery_task_queue_wait_seconds:quantile",
-                "expr": f"histogram_quantile({q}, sum by ({g}queue_name, le) "
-                f"(rate(celery_task_queue_wait_seconds_bucket{{{c.sel()}}}[{c.rate_window}])))",
-                "labels": {"quantile": q},
-            }
-        )
+    for level, by, metric in (
+        ("task", "name", "celery_task_runtime_seconds"),
+        ("queue", "queue_name", "celery_task_queue_wait_seconds"),
+    ):
+        for q in QUANTILES:
+            rules.append(
+                {
+                    "record": f"{level}:{metric}:quantile",
+                    "expr": f"histogram_quantile({q}, sum by ({g}{by}, le) "
+                    f"(rate({metric}_bucket{{{c.sel()}}}[{c.rate_window}])))",
+                    "labels": {"quantile": q},
+                }
+            )
     return rules
 
 
