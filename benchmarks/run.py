@@ -43,10 +43,16 @@ BENCHMARKS: dict[str, Callable[[Size], Section]] = {
 #: The causes sit in files the benchmarks do not own; the fixes are described for their owners.
 MISS_NOTES = {
     "publish throughput": (
-        "Compare the CPU columns of the publish table: the producer's own CPU per publish is within noise of "
-        "plain Celery's, and our publish-side receivers cost a few µs against Celery's ~350-500 µs per "
-        "`apply_async` (hook table). Wall-clock throughput on this shared 2-core machine moves by ±20% from "
-        "run to run with other work, so a 3% threshold is below what these runs resolve."
+        "The producer's own CPU per publish rises by about as much as throughput falls (publish table, CPU "
+        "columns and the per-broker 'minus plain' notes): ~15-30 µs per `apply_async` in situ, against ~3 µs "
+        "for our two receivers called directly and ~6 µs through Celery's `Signal.send` in a tight loop (hook "
+        "table). The rest is the same dispatch and receiver code running cold between Celery's own ~300-460 "
+        "µs of work per publish, plus the due header carried in every message. Experiments that replaced the "
+        "receivers by no-ops or disconnected them moved the producer's CPU by less than the ±15 µs the medians "
+        "of 5 runs resolve, so no single line stands out. Fix, in exporter/instrument.py: one publish-side "
+        "receiver instead of two (stamp the header and count the task in before_task_publish, where headers "
+        "and routing are already known), which halves the dispatch; 0.97 needs the whole in-situ cost under "
+        "~10-14 µs per publish."
     ),
     "worker throughput": (
         "Measured per process (RabbitMQ, 3000 tasks, 3 alternating rounds, CPU of the worker main process and "
@@ -55,7 +61,8 @@ MISS_NOTES = {
         "no-op functions, ~156 with them disconnected. So of ~40 µs per task, ~22 µs is Celery sending "
         "task_prerun, task_success and task_postrun to a receiver at all (between real tasks, cold: the hook "
         "table's tight loop shows less), ~17 µs our receivers' bodies. Celery on RabbitMQ spends only ~0.5 ms "
-        "of CPU per trivial task, so this shows as ~8-12%; on Redis (~1.1 ms per task) it is within noise. "
+        "of CPU per trivial task, so this shows as ~8-12%. On Redis the split is the same (main process within "
+        "noise, children ~+50-60 µs) against ~1 ms per task. "
         "Fix, in exporter/instrument.py: listen to two signals instead of three (count success and "
         "last-success in task_postrun from its `state` argument) and keep one cached bundle of bound series "
         "per (name, queue) so prerun and postrun do one lookup each. A monkeypatched prototype of that did "
@@ -65,22 +72,21 @@ MISS_NOTES = {
     ),
     "/metrics p95": (
         "Not the dead processes: compaction (`exporter.compact`) folds 10 000 dead processes (30 000 files) into "
-        "three archives once, and the scrape then costs what it costs with none (see the 1000 and 10 000 dead "
-        "rows). The cost is per sample: 200 × 4 pairs written by each of 8 live processes is 37 000 output "
-        "samples from ~290 000 file entries. In-process at the target point (profiled on this loaded machine, "
-        "with collect.py's cached file layouts): `DirectoryCollector.merge` ~90 ms (the per-value loops over "
-        "~290 000 values, `_histogram_samples`, building `Sample` objects), prometheus-client's "
-        "`generate_latest` ~180-215 ms (~5 µs a sample). Fix, in exporter/service.py and collect.py: render "
-        "the text ourselves with each series' `name{labels} ` prefix cached, formatting only the values (a "
-        "prototype rendered the same 37 000 samples in 47 ms instead of 177), and skip `Sample` objects "
-        "altogether; that leaves ~135 ms here, so 100 ms at this size also needs the per-value Python loop "
-        "gone (e.g. the merged archives cached between compactions, since only live files change). With names "
-        "routed to one queue each (9 400 samples) the whole render is ~65 ms in-process."
+        "three archives once, and the scrape then costs what it costs with none (compare the 0, 1000 and "
+        "10 000 dead rows). The cost is per sample: 200 × 4 pairs written by each of 8 live processes is 37 000 "
+        "output samples from ~290 000 file values, and /metrics grows linearly with samples (~4-5 µs a "
+        "sample: 9 400 samples ~60 ms, 37 000 ~200 ms, 92 000 ~560 ms p95). With exposition's cached label "
+        "texts (commit f446bf6) the remainder is mostly `DirectoryCollector.merge`: ~90 ms in-process here, "
+        "the Python loops over every value of every live file plus `_histogram_samples`. Fix, in "
+        "exporter/collect.py: merge the archives (which change only on compaction) once per compaction and "
+        "cache their summed values, so a scrape adds only the live files' values; and sum per-file value "
+        "arrays without a Python-level loop per value. With names routed to one queue each (9 400 samples) "
+        "the target is met with 10 000 dead processes."
     ),
     "stock collector": (
         "The stock collector reads all 30 000 uncompacted files (~5 s); ours reads 3 archives plus the live "
-        "files, so the ratio is bounded by the per-sample cost above, which both pay; it grows with the dead "
-        "count and shrinks as the live series grow."
+        "files, so the ratio is bounded by the per-sample cost above, which both pay: it grows with the dead "
+        "count and shrinks as the live series grow (57× with names routed to one queue each)."
     ),
     "CPU per 1000 tasks": (
         "Our service's CPU is per scrape and per probe cycle, not per task, so its share falls as the task "
