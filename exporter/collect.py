@@ -24,6 +24,7 @@ from prometheus_client.core import Metric
 from prometheus_client.samples import Sample
 
 from .compact import ARCHIVE_SUFFIX, LOCK_NAME, archive_generation, directory_lock, kind_of, staging_dirs
+from .exposition import line_prefix
 from .metrics import HEARTBEAT, POOL_PROCESSES, TASKS_ACTIVE, format_le
 from .store import MAGIC, held_by_a_live_writer
 
@@ -85,12 +86,49 @@ _Loaded = tuple[_Layout, tuple[float, ...]]
 
 
 class _Family:
-    """One family's layout: which series, in which order, under which labels."""
+    """One family's layout: which series, in which order, under which labels.
 
-    __slots__ = ("help", "kind", "metric", "rows")
+    `entries` are the samples it shows, (sample name, labels, text prefix), in
+    the order `_families` computes their values, so each scrape only fills in
+    numbers.
+    """
+
+    __slots__ = ("entries", "help", "kind", "metric", "rows")
 
     def __init__(self, metric: str, help_text: str, kind: str, rows: list[Any]) -> None:
         self.metric, self.help, self.kind, self.rows = metric, help_text, kind, rows
+        self.entries: list[tuple[str, dict[str, str], str | None]] = []
+        if kind == "histogram":
+            for label_map, buckets, _ in rows:
+                self.entries += [(metric + "_bucket", labels, None) for labels, _ in buckets]
+                self.entries += [(metric + "_count", label_map, None), (metric + "_sum", label_map, None)]
+        else:
+            name = "celery_worker_up" if metric == HEARTBEAT.name else None
+            self.entries = [(name or sample, label_map, None) for sample, _, label_map, _ in rows]
+        self.entries = [(n, labels, line_prefix(n, labels)) for n, labels, _ in self.entries]
+
+
+class LaidOut(Metric):
+    """A family whose samples' names and labels are laid out once; a scrape brings only the values.
+
+    The encoder (exporter.exposition) writes these without building a Sample
+    per value; anyone else reading `.samples` gets ordinary Samples.
+    """
+
+    def __init__(self, name: str, documentation: str, typ: str,
+                 entries: list[tuple[str, dict[str, str], str | None]], values: list[float]) -> None:
+        super().__init__(name, documentation, typ)
+        self.entries = entries
+        self.values = values
+
+    @property  # type: ignore[override]
+    def samples(self) -> list[Sample]:
+        return [Sample(n, labels, v) for (n, labels, _), v in zip(self.entries, self.values, strict=True)]
+
+    @samples.setter
+    def samples(self, value: list[Sample]) -> None:  # Metric.__init__ assigns []
+        if value:
+            raise AttributeError("a LaidOut family's samples come from its entries and values")
 
 
 def _key_digest(data: bytes, spans: list[tuple[int, int]]) -> bytes:
@@ -144,6 +182,7 @@ class DirectoryCollector:
         self._skeleton: list[_Family] = []
         self._skeleton_of: frozenset[int] = frozenset()
         self._helps: dict[str, str] = {}
+        self._slot_lists: dict[tuple[int, ...], list[int]] = {}
         self._modes: dict[str, str] = {}
 
     def _key(self, key: str) -> tuple[str, str, tuple[tuple[str, str], ...], str]:
@@ -245,6 +284,8 @@ class DirectoryCollector:
                 if queue:
                     queues.add(queue)
         summed = kind != "gauge" or mode in ("sum", "livesum", "all", "liveall")
+        # Files laid out alike share one slots object, so the merge can add them up together.
+        slots = self._slot_lists.setdefault(tuple(slots), slots)
         layout = _Layout(ident, struct.Struct("".join(fmt)), slots, queues, summed, mode)
         layout.spans = spans
         layout.digest = _key_digest(data, spans)
@@ -363,12 +404,13 @@ class DirectoryCollector:
         acc = [0.0] * len(self._meta)
         best: dict[int, tuple[float, float]] = {}
         present: set[int] = set()
+        alike: dict[int, tuple[list[int], list[tuple[float, ...]]]] = {}
         for layout, raw in loaded:
             present.update(layout.present)
             stats.queues_seen.update(layout.queues)
             if layout.summed:
-                for i, v in zip(layout.slots, raw[0::2], strict=True):
-                    acc[i] += v
+                # Values of files laid out alike are added column by column first (in C), then placed once.
+                alike.setdefault(id(layout.slots), (layout.slots, []))[1].append(raw[0::2])
                 continue
             mode = layout.mode
             for i, v, t in zip(layout.slots, raw[0::2], raw[1::2], strict=True):
@@ -376,6 +418,10 @@ class DirectoryCollector:
                 if old is None or (v < old[0] if mode in ("min", "livemin") else v > old[0]
                                    if mode in ("max", "livemax") else t > old[1]):
                     best[i] = (v, t)
+        for slots, columns in alike.values():
+            totals = columns[0] if len(columns) == 1 else map(sum, zip(*columns, strict=True))
+            for i, v in zip(slots, totals, strict=True):
+                acc[i] += v
         present.discard(0)
         for i, (v, _) in best.items():
             acc[i] = v
@@ -425,33 +471,30 @@ class DirectoryCollector:
                 stale = {labels for _, labels, _, i in family.rows
                          if not (values[i] > 0 and now - values[i] <= self.worker_timeout)}
         for family in skeleton:
+            entries = family.entries
             if family.metric == HEARTBEAT.name:
-                up = Metric("celery_worker_up", "1 if the worker's heartbeat is fresher than the timeout.", "gauge")
-                up.samples = [Sample("celery_worker_up", label_map, 0.0 if labels in stale else 1.0)
-                              for _, labels, label_map, _ in family.rows]
-                families.append(up)
+                shown = [0.0 if labels in stale else 1.0 for _, labels, _, _ in family.rows]
+                families.append(LaidOut("celery_worker_up", "1 if the worker's heartbeat is fresher than the "
+                                        "timeout.", "gauge", entries, shown))
                 continue
-            out = Metric(family.metric, family.help, family.kind)
             if family.kind == "histogram":
-                name = family.metric
-                samples: list[Sample] = []
-                for label_map, buckets, sum_index in family.rows:
+                shown = []
+                for _, buckets, sum_index in family.rows:
                     acc = 0.0
-                    for bucket_labels, indices in buckets:
+                    for _, indices in buckets:
                         for i in indices:
                             acc += values[i]
-                        samples.append(Sample(name + "_bucket", bucket_labels, acc))
-                    samples.append(Sample(name + "_count", label_map, acc))
-                    total = values[sum_index] if sum_index is not None else 0.0
-                    samples.append(Sample(name + "_sum", label_map, total))
-                out.samples = samples
-            elif family.metric in _PER_WORKER_LIVE:
+                        shown.append(acc)
+                    shown.append(acc)
+                    shown.append(values[sum_index] if sum_index is not None else 0.0)
+            elif family.metric in _PER_WORKER_LIVE and stale:
                 # A worker that stopped beating says nothing about its pool: do not echo its last word.
-                out.samples = [Sample(sample, label_map, values[i]) for sample, labels, label_map, i in family.rows
-                               if labels not in stale]
+                keep = [labels not in stale for _, labels, _, _ in family.rows]
+                entries = [e for e, k in zip(entries, keep, strict=True) if k]
+                shown = [values[i] for (_, _, _, i), k in zip(family.rows, keep, strict=True) if k]
             else:
-                out.samples = [Sample(sample, label_map, values[i]) for sample, _, label_map, i in family.rows]
-            families.append(out)
+                shown = [values[i] for _, _, _, i in family.rows]
+            families.append(LaidOut(family.metric, family.help, family.kind, entries, shown))
         return families
 
     def collect(self) -> Iterator[Metric]:

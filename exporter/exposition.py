@@ -31,6 +31,15 @@ _TEXT_TYPES = {"counter": "counter", "gauge": "gauge", "histogram": "histogram",
 _MAX_CACHED = 200_000
 
 
+def line_prefix(name: str, labels: dict[str, str]) -> str | None:
+    """`name{a="1",b="2"} ` as both formats write a sample, or None when a name needs escaping."""
+    items = sorted(labels.items())
+    if not _PLAIN_NAME.fullmatch(name) or not all(_PLAIN_NAME.fullmatch(k) for k, _ in items):
+        return None
+    inner = ",".join(f'{k}="{_escape_value(v)}"' for k, v in items)
+    return f"{name}{{{inner}}} " if inner else f"{name} "
+
+
 class _Families:
     """A one-shot collector, the shape prometheus-client's encoders take."""
 
@@ -72,20 +81,28 @@ class Encoder:
         key = (name, tuple(labels.items()))
         text = self._lines.get(key)
         if text is None:
-            items = sorted(labels.items())
-            if not _PLAIN_NAME.fullmatch(name) or not all(_PLAIN_NAME.fullmatch(k) for k, _ in items):
+            text = line_prefix(name, labels)
+            if text is None:
                 return None
-            inner = ",".join(f'{k}="{_escape_value(v)}"' for k, v in items)
-            text = f"{name}{{{inner}}} " if inner else f"{name} "
             if len(self._lines) >= _MAX_CACHED:
                 self._lines.clear()
             self._lines[key] = text
         return text
 
+    def _value(self, value: float) -> str:
+        if value == 0:  # -0.0 == 0.0 as a key, but prints differently
+            return "-0.0" if math.copysign(1.0, value) < 0 else "0.0"
+        text = self._floats.get(value)
+        if text is None:
+            text = _go_float(value)
+            if len(self._floats) < _MAX_CACHED:
+                self._floats[value] = text
+        return text
+
     def _encode(self, metrics: list[Metric], openmetrics: bool) -> str | None:
         """The whole body, or None when some family needs prometheus-client's encoder."""
         out: list[str] = []
-        floats = self._floats
+        value_text = self._value
         for metric in metrics:
             name = metric.name
             if not _PLAIN_NAME.fullmatch(name):
@@ -101,6 +118,14 @@ class Encoder:
                 shown = name + "_total" if kind == "counter" else name
                 doc = metric.documentation.replace("\\", "\\\\").replace("\n", "\\n")
                 out.append(f"# HELP {shown} {doc}\n# TYPE {shown} {kind}\n")
+            laid_out: list[tuple[str, dict[str, str], str | None]] | None = getattr(metric, "entries", None)
+            if laid_out is not None:
+                values: list[float] = metric.values  # type: ignore[attr-defined]
+                for (_, _, prefix), v in zip(laid_out, values, strict=True):
+                    if prefix is None:
+                        return None
+                    out.append(f"{prefix}{value_text(v)}\n")
+                continue
             created = name + "_created"
             for s in metric.samples:
                 if s.timestamp is not None or s.exemplar is not None or s.native_histogram is not None:
@@ -110,16 +135,7 @@ class Encoder:
                 prefix = self._prefix(s.name, s.labels)
                 if prefix is None:
                     return None
-                value: str | None
-                if s.value == 0:  # -0.0 == 0.0 as a key, but prints differently
-                    value = "-0.0" if math.copysign(1.0, s.value) < 0 else "0.0"
-                else:
-                    value = floats.get(s.value)
-                    if value is None:
-                        value = _go_float(s.value)
-                        if len(floats) < _MAX_CACHED:
-                            floats[s.value] = value
-                out.append(f"{prefix}{value}\n")
+                out.append(f"{prefix}{value_text(s.value)}\n")
         if openmetrics:
             out.append("# EOF\n")
         return "".join(out)

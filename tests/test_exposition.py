@@ -99,3 +99,29 @@ def test_the_fast_path_is_taken_for_our_families() -> None:
     assert ours._encode(families(), openmetrics=True) is not None
     for family in awkward():
         assert ours._encode([family], openmetrics=False) is None
+
+
+def test_laid_out_families_from_a_real_merge_encode_like_prometheus_client(tmp_path: object) -> None:
+    """The merge hands the encoder pre-laid-out families; their text must equal prometheus-client's
+    rendering of the very same samples."""
+    from exporter import metrics as m
+    from exporter.collect import DirectoryCollector, LaidOut
+    from exporter.store import Store
+    from tests.test_compaction import write_as_dead_process
+
+    def body(store: Store) -> None:
+        for name in ("t.ok", HOSTILE, "ünï"):
+            m.Metric(store, m.SENT).labels(name, 'q"1').inc(3)
+            m.Metric(store, m.RUNTIME, (0.1, 1.0)).labels(name, "q").observe(0.5)
+            m.Metric(store, m.LAST_SUCCESS).labels(name).set(1700000000.25)
+
+    directory = str(tmp_path)
+    for _ in range(3):
+        write_as_dead_process(directory, body)
+    fams, _ = DirectoryCollector(directory).merge()
+    assert any(isinstance(f, LaidOut) and f.values for f in fams)
+    for accept in (None, "application/openmetrics-text"):
+        encoder, _ = choose_encoder(accept or "")
+        body_bytes, _ = Encoder().render(fams, accept)
+        assert body_bytes == encoder(Families(fams))  # type: ignore[arg-type]
+        assert b'celery_task_sent_total{name="t.ok",queue_name="q\\"1"} 9.0' in body_bytes
