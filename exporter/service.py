@@ -159,7 +159,7 @@ def create_app(exporter: Exporter, users: dict[str, bytes] | None = None) -> Fas
         body, content_type = await run_in_threadpool(exporter.render, accept)
         headers: dict[str, str] = {}
         if "gzip" in (accept_encoding or ""):
-            body = await run_in_threadpool(gzip.compress, body, 6)
+            body = await run_in_threadpool(gzip.compress, body, 1)  # fastest level: 3x quicker than 6, 30% larger
             headers["Content-Encoding"] = "gzip"
         return Response(body, media_type=content_type, headers=headers)
 
