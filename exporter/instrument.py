@@ -23,6 +23,7 @@ from functools import wraps
 from typing import Any
 
 from celery import Celery, signals
+from celery.states import SUCCESS
 
 from . import metrics as m
 from .buckets import parse_buckets
@@ -75,8 +76,9 @@ class Instrumentation:
         self.handler_errors = m.Metric(s, m.HANDLER_ERRORS)
         self.queues = QueueResolver(app)
         self._names: set[str] = set()
-        # task id -> (start, name, queue), for runtime and in-progress.
-        self._running: dict[str, tuple[float, str, str]] = {}
+        # task id -> (start, its series), for runtime and in-progress.
+        self._running: dict[str, tuple[float, _TaskSeries]] = {}
+        self._series: dict[tuple[str, str], _TaskSeries] = {}
         self._logged_errors: set[str] = set()
 
     # -- helpers -------------------------------------------------------------
@@ -166,6 +168,18 @@ class Instrumentation:
         info = getattr(request, "delivery_info", None) or {}
         return self.queues.for_publish(info.get("exchange"), info.get("routing_key"))
 
+    def series_for(self, name: str, queue: str) -> _TaskSeries:
+        """The pool-side series of one (task, queue), looked up once per pair rather than per call."""
+        series = self._series.get((name, queue))
+        if series is None:
+            series = _TaskSeries(
+                self.in_progress.labels(name, queue), self.started.labels(name, queue),
+                self.queue_wait.labels(name, queue), self.runtime.labels(name, queue),
+                self.succeeded.labels(name, queue), self.last_success.labels(name),
+            )
+            self._series[(name, queue)] = series
+        return series
+
     def on_prerun(self, task_id: str = "", task: Any = None, **_: Any) -> None:
         name = self.task_name(task.name)
         if name is None:
@@ -173,28 +187,33 @@ class Instrumentation:
         request = task.request
         queue = self.queue_of(request)
         now = time.time()
+        series = self.series_for(name, queue)
         # In progress first, and remembered only once counted, so that a failing write (full disk)
         # can never leave the live gauge off by one: postrun takes back only what prerun added.
-        self.in_progress.labels(name, queue).inc()
-        self._running[task_id] = (time.perf_counter(), name, queue)
-        self.started.labels(name, queue).inc()
+        series.in_progress.inc()
+        self._running[task_id] = (time.perf_counter(), series)
+        series.started.inc()
         due = getattr(request, DUE_HEADER, None)
         if isinstance(due, (int, float)) and math.isfinite(due):
-            self.queue_wait.labels(name, queue).observe(max(0.0, now - due))
+            series.queue_wait.observe(max(0.0, now - due))
 
-    def on_postrun(self, task_id: str = "", **_: Any) -> None:
+    def on_postrun(self, task_id: str = "", task: Any = None, state: str | None = None, **_: Any) -> None:
+        """Runtime, in-progress, and success too: task_postrun says the state, which saves
+        Celery dispatching task_success to us on every task."""
         started = self._running.pop(task_id, None)
-        if started is None:
+        if started is not None:
+            begin, series = started
+            series.in_progress.inc(-1)
+            series.runtime.observe(time.perf_counter() - begin)
+        if state != SUCCESS:
             return
-        begin, name, queue = started
-        self.in_progress.labels(name, queue).inc(-1)
-        self.runtime.labels(name, queue).observe(time.perf_counter() - begin)
-
-    def on_success(self, sender: Any = None, **_: Any) -> None:
-        name = self.task_name(sender.name)
-        if name is not None:
-            self.succeeded.labels(name, self.queue_of(sender.request)).inc()
-            self.last_success.labels(name).set(time.time())
+        if started is None:  # prerun skipped or failed to write: still count the success
+            found = self.task_name(task.name)
+            if found is None:
+                return
+            series = self.series_for(found, self.queue_of(task.request))
+        series.succeeded.inc()
+        series.last_success.set(time.time())
 
     def on_failure(self, sender: Any = None, exception: BaseException | None = None, **_: Any) -> None:
         name = self.task_name(sender.name)
@@ -217,7 +236,6 @@ class Instrumentation:
             (signals.task_revoked, "task_revoked", self.on_revoked),
             (signals.task_prerun, "task_prerun", self.on_prerun),
             (signals.task_postrun, "task_postrun", self.on_postrun),
-            (signals.task_success, "task_success", self.on_success),
             (signals.task_failure, "task_failure", self.on_failure),
             (signals.task_retry, "task_retry", self.on_retry),
         ]
@@ -230,6 +248,16 @@ class Instrumentation:
         """Connect every receiver once; dispatch_uid makes a second call a no-op."""
         for signal, label, fn in self.receivers():
             signal.connect(self.guard(label, fn), weak=False, dispatch_uid=f"celery_signal_exporter.{label}")
+
+
+@dataclass(frozen=True)
+class _TaskSeries:
+    in_progress: m.Series
+    started: m.Series
+    queue_wait: m.Series
+    runtime: m.Series
+    succeeded: m.Series
+    last_success: m.Series
 
 
 def exception_name(exception: BaseException | None) -> str:

@@ -141,12 +141,12 @@ def test_full_disk_never_reaches_a_task(redis_url: str, tmp_path: pytest.TempPat
             produce(env, "huge_name")
             wait_until(lambda: w.log().count("succeeded in") == 4, 60, "the huge-named task to succeed")
             s = wait_until(lambda: (r := ex.scrape()) and value(
-                r, "celery_exporter_handler_errors_total", signal="task_success") == 1 and r,
+                r, "celery_exporter_handler_errors_total", signal="task_postrun") == 1 and r,
                 30, "the errors to be counted")
             # Its name alone needs the worker's files to grow: each write fails with ENOSPC, is counted, and
-            # goes no further. The main counts received; the child prerun and success (postrun has nothing to
-            # undo, since prerun never got as far as counting it in progress).
-            for signal in ("task_received", "task_prerun", "task_success"):
+            # goes no further. The main counts received; the child prerun, and postrun for the success (it has
+            # nothing to undo, since prerun never got as far as counting it in progress).
+            for signal in ("task_received", "task_prerun", "task_postrun"):
                 assert value(s, "celery_exporter_handler_errors_total", signal=signal) == 1, signal
             assert value(s, "celery_exporter_handler_errors_total") == 3
             assert value(s, "celery_task_in_progress") == 0, "no gauge left off by one"
