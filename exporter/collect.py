@@ -26,7 +26,7 @@ from prometheus_client.samples import Sample
 from .compact import ARCHIVE_SUFFIX, LOCK_NAME, archive_generation, directory_lock, kind_of, staging_dirs
 from .exposition import line_prefix
 from .metrics import HEARTBEAT, POOL_PROCESSES, TASKS_ACTIVE, format_le
-from .store import MAGIC, held_by_a_live_writer
+from .store import MAGIC, held_by_a_live_writer, padded_length, walk_entries
 
 log = logging.getLogger("celery_signal_exporter")
 
@@ -139,23 +139,6 @@ def _key_digest(data: bytes, spans: list[tuple[int, int]]) -> bytes:
     return digest.digest()
 
 
-def _walk(data: bytes) -> Iterator[tuple[str, int, int]]:
-    """(key, encoded length, offset) of every entry; ValueError on a damaged file, as read_entries."""
-    used = int.from_bytes(data[:4], "little", signed=True)
-    if used < 8 or used > len(data):
-        raise ValueError(f"header says {used} bytes used of {len(data)}")
-    pos = 8
-    while pos < used:
-        if pos + 4 > used:
-            raise ValueError("truncated entry length")
-        length = int.from_bytes(data[pos : pos + 4], "little", signed=True)
-        padded = length + (8 - (length + 4) % 8)
-        if length <= 0 or pos + 4 + padded + 16 > used:
-            raise ValueError("entry runs past the used size")
-        yield data[pos + 4 : pos + 4 + length].decode("utf-8"), length, pos
-        pos += 4 + padded + 16
-
-
 class DirectoryCollector:
     """A prometheus-client collector over one metrics directory.
 
@@ -258,8 +241,8 @@ class DirectoryCollector:
         slots: list[int] = []
         spans: list[tuple[int, int]] = []
         queues: set[str] = set()
-        for raw_key, length, pos in _walk(data):
-            fmt.append(f"{4 + length + (8 - (length + 4) % 8)}xdd")
+        for raw_key, length, pos in walk_entries(data):
+            fmt.append(f"{4 + padded_length(length)}xdd")
             spans.append((pos + 4, pos + 4 + length))
             try:
                 metric, sample, labels, help_text = self._key(raw_key)

@@ -46,8 +46,8 @@ def series_key(metric: str, sample: str, labels: dict[str, str], help_text: str)
     return json.dumps([metric, sample, labels, help_text], sort_keys=True)
 
 
-def read_entries(data: bytes) -> Iterator[tuple[str, float, float]]:
-    """Yield (key, value, timestamp) from one file's bytes.
+def walk_entries(data: bytes) -> Iterator[tuple[str, int, int]]:
+    """Yield (key, encoded key length, offset) of every entry in one file's bytes.
 
     Raises ValueError on anything that is not a well-formed file, so the
     reader can count the file as damaged instead of failing the scrape.
@@ -62,13 +62,22 @@ def read_entries(data: bytes) -> Iterator[tuple[str, float, float]]:
         if pos + 4 > used:
             raise ValueError("truncated entry length")
         length = _INT.unpack_from(data, pos)[0]
-        padded = length + (8 - (length + 4) % 8)
-        if length <= 0 or pos + 4 + padded + 16 > used:
+        if length <= 0 or pos + 4 + padded_length(length) + 16 > used:
             raise ValueError("entry runs past the used size")
-        key = data[pos + 4 : pos + 4 + length].decode("utf-8")
-        value, timestamp = _TWO_DOUBLES.unpack_from(data, pos + 4 + padded)
+        yield data[pos + 4 : pos + 4 + length].decode("utf-8"), length, pos
+        pos += 4 + padded_length(length) + 16
+
+
+def padded_length(length: int) -> int:
+    """A key's length padded so that the value after it (and its 4-byte length) is 8-aligned."""
+    return length + (8 - (length + 4) % 8)
+
+
+def read_entries(data: bytes) -> Iterator[tuple[str, float, float]]:
+    """Yield (key, value, timestamp) from one file's bytes; ValueError on a damaged file."""
+    for key, length, pos in walk_entries(data):
+        value, timestamp = _TWO_DOUBLES.unpack_from(data, pos + 4 + padded_length(length))
         yield key, value, timestamp
-        pos += 4 + padded + 16
 
 
 def encode_entries(entries: Iterator[tuple[str, float, float]] | list[tuple[str, float, float]],
@@ -118,12 +127,8 @@ class MetricFile:
         else:
             # A file left by an earlier process with the same pid: keep its
             # values (counters carry on from where they were, nothing is lost).
-            pos = 8
-            for key, _, _ in read_entries(self._map[:used]):
-                length = len(key.encode("utf-8"))
-                pos += 4 + length + (8 - (length + 4) % 8)
-                self._slots[key] = pos
-                pos += 16
+            for key, length, pos in walk_entries(self._map[:used]):
+                self._slots[key] = pos + 4 + padded_length(length)
         self._used: int = used
 
     def slot(self, key: str) -> int:
