@@ -97,15 +97,15 @@ class _Family:
 
     def __init__(self, metric: str, help_text: str, kind: str, rows: list[Any]) -> None:
         self.metric, self.help, self.kind, self.rows = metric, help_text, kind, rows
-        self.entries: list[tuple[str, dict[str, str], str | None]] = []
+        shown: list[tuple[str, dict[str, str]]] = []
         if kind == "histogram":
             for label_map, buckets, _ in rows:
-                self.entries += [(metric + "_bucket", labels, None) for labels, _ in buckets]
-                self.entries += [(metric + "_count", label_map, None), (metric + "_sum", label_map, None)]
+                shown += [(metric + "_bucket", labels) for labels, _ in buckets]
+                shown += [(metric + "_count", label_map), (metric + "_sum", label_map)]
         else:
-            name = "celery_worker_up" if metric == HEARTBEAT.name else None
-            self.entries = [(name or sample, label_map, None) for sample, _, label_map, _ in rows]
-        self.entries = [(n, labels, line_prefix(n, labels)) for n, labels, _ in self.entries]
+            up = "celery_worker_up" if metric == HEARTBEAT.name else None
+            shown = [(up or sample, label_map) for sample, _, label_map, _ in rows]
+        self.entries = [(n, labels, line_prefix(n, labels)) for n, labels in shown]
 
 
 class LaidOut(Metric):

@@ -6,8 +6,9 @@ this process's mmap file. Which process runs which receiver:
 
 - producer (any process that publishes): before/after_task_publish
 - worker main: task_received, task_rejected, task_unknown, task_revoked
-- pool process (prefork child, thread or solo): prerun, postrun, success,
-  failure, retry (and failure for lost workers in the main process)
+- pool process (prefork child, thread or solo): prerun, postrun (which also
+  counts successes), failure, retry (and failure for lost workers in the
+  main process)
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from exporter.mixin.dashboards import DASHBOARDS
 from exporter.mixin.generate import main as generate_main
 from exporter.mixin.generate import outputs, stale
 from exporter.mixin.rules import alerts, rule_groups
+from exporter.mixin.usage import expand_name_regex
 from tests.test_catalogue import documented
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +82,7 @@ def selectors(node: Any, in_range_fn: bool = False) -> Iterator[tuple[str, bool]
             yield node.name, in_range_fn
         for m in node.matchers.matchers:
             if m.name == "__name__":
-                for name in _expand(m.value):
+                for name in expand_name_regex(m.value):
                     yield name, in_range_fn
     elif isinstance(node, pq.Call):
         inside = in_range_fn or node.func.name in ("rate", "increase", "irate")
@@ -94,14 +95,6 @@ def selectors(node: Any, in_range_fn: bool = False) -> Iterator[tuple[str, bool]
         yield from selectors(node.expr, in_range_fn)
     elif isinstance(node, (pq.ParenExpr, pq.UnaryExpr, pq.SubqueryExpr)):
         yield from selectors(node.expr, in_range_fn)
-
-
-def _expand(pattern: str) -> list[str]:
-    """`celery_task_(failed|succeeded)_total` -> both names: the only regex shape we use for names."""
-    m = re.fullmatch(r"([a-z_]*)\(([a-z_|]+)\)([a-z_]*)", pattern)
-    if m:
-        return [m.group(1) + alt + m.group(3) for alt in m.group(2).split("|")]
-    return pattern.split("|")
 
 
 def all_exprs() -> list[tuple[str, str]]:

@@ -14,18 +14,23 @@ from .dashboards import DASHBOARDS
 from .rules import rule_groups
 
 _NAME = re.compile(r"\b(celery_[a-z_]+|(?:queue|task):[a-z_]+:[a-z_]+)\b")
-_HISTOGRAM_PART = re.compile(r"_(bucket|count|sum)$")
+_HISTOGRAM_PART = re.compile(r"_seconds_(bucket|count|sum)$")
+_NAME_REGEX = re.compile(r'__name__=~"([^"]+)"')
+
+
+def expand_name_regex(pattern: str) -> list[str]:
+    """`celery_task_(failed|succeeded)_total` -> both names: the only regex shape we use for names."""
+    m = re.fullmatch(r"([a-z_]*)\(([a-z_|]+)\)([a-z_]*)", pattern)
+    if m:
+        return [m.group(1) + alt + m.group(3) for alt in m.group(2).split("|")]
+    return pattern.split("|")
 
 
 def _metrics(expr: str) -> set[str]:
-    names = set()
-    for name in _NAME.findall(expr):
-        if name.endswith("_seconds_bucket") or name.endswith("_seconds_count") or name.endswith("_seconds_sum"):
-            name = _HISTOGRAM_PART.sub("", name)
-        names.add(name)
-    # A __name__ regex such as celery_task_(failed|succeeded)_total names two metrics.
-    for prefix, alts, suffix in re.findall(r'__name__=~"([a-z_]*)\(([a-z_|]+)\)([a-z_]*)"', expr):
-        names |= {prefix + a + suffix for a in alts.split("|")}
+    names = {_HISTOGRAM_PART.sub("_seconds", name) for name in _NAME.findall(expr)}
+    for pattern in _NAME_REGEX.findall(expr):
+        names.update(expand_name_regex(pattern))
+    # The regex's own prefix (`celery_task_` of `celery_task_(a|b)_total`) is not a metric.
     return {n for n in names if not n.endswith("_")}
 
 
