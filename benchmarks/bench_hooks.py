@@ -57,7 +57,7 @@ def measure(calls: int) -> dict[str, list[float]]:
     tmp = tempfile.mkdtemp(prefix="csx-bench-hooks-", dir=SHM)
     app = Celery("hooks", broker="memory://", set_as_current=False)
     inst = exporter.instrument(app, metrics_dir=tmp)
-    guarded = {label: inst.guard(label, fn) for _, label, fn in inst.receivers()}
+    guarded = {label: fn for _, label, fn in inst.receivers()}  # as connected: each one is safe
 
     @app.task(name="bench.hook_task", shared=False)
     def task() -> None:

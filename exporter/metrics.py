@@ -107,11 +107,12 @@ def format_le(bound: float) -> str:
 class Series:
     """One labelled series, writing straight into this process's file.
 
-    The slot offsets are looked up once and cached until the store changes
-    (after a fork), so a write is a dict-free mmap update under a lock.
+    Its slots are looked up once and kept as indexes into the file's doubles
+    until the store changes (after a fork), so a write
+    is one lock and one `values[i] += x`.
     """
 
-    __slots__ = ("_bounds", "_file", "_generation", "_keys", "_prefix", "_slots", "_store")
+    __slots__ = ("_bounds", "_file", "_generation", "_index", "_keys", "_prefix", "_store")
 
     def __init__(self, store: Store, spec: Spec, values: Sequence[str], buckets: Sequence[float]) -> None:
         labels = dict(zip(spec.labels, values, strict=True))
@@ -129,35 +130,45 @@ class Series:
         self._prefix = file_prefix(spec)
         self._generation = -1
         self._file: MetricFile | None = None
-        self._slots: list[int] = []
-
-    def _bind(self) -> MetricFile:
-        f = self._store.file(self._prefix)
-        self._slots = [f.slot(k) for k in self._keys]
-        self._file = f
-        self._generation = self._store.generation
-        return f
+        self._index: list[int] = []
 
     def _current(self) -> MetricFile:
         f = self._file
         if f is None or self._generation != self._store.generation:
-            f = self._bind()
+            f = self._store.file(self._prefix)
+            self._index = [f.slot(k) >> 3 for k in self._keys]
+            self._file = f
+            self._generation = self._store.generation
         return f
+
+    @property
+    def bounds(self) -> list[float]:
+        """A histogram's bucket upper bounds, +Inf last."""
+        return self._bounds
+
+    def binding(self) -> tuple[MetricFile, list[int]]:
+        """The file and value indexes to write, for a caller that holds the store lock and
+        writes several series at once (the per-task path in instrument.py)."""
+        return self._current(), self._index
 
     def inc(self, amount: float = 1.0) -> None:
         with self._store.lock:
-            self._current().add(self._slots[0], amount)
+            self._current().values[self._index[0]] += amount
 
     def set(self, value: float, timestamp: float = 0.0) -> None:
         with self._store.lock:
-            self._current().set(self._slots[0], value, timestamp)
+            values = self._current().values
+            i = self._index[0]
+            values[i] = value
+            values[i + 1] = timestamp
 
     def observe(self, value: float) -> None:
         i = bisect.bisect_left(self._bounds, value)
         with self._store.lock:
-            f = self._current()
-            f.add(self._slots[i], 1.0)
-            f.add(self._slots[-1], value)
+            values = self._current().values
+            index = self._index
+            values[index[i]] += 1.0
+            values[index[-1]] += value
 
 
 class Metric:

@@ -30,8 +30,10 @@ import mmap
 import os
 import stat
 import struct
+import sys
 import threading
 from collections.abc import Iterator
+from typing import Protocol
 
 INITIAL_SIZE = 1 << 16
 #: Bytes 4-8 of our files' header (prometheus-client leaves them zero).
@@ -92,6 +94,39 @@ def encode_entries(entries: Iterator[tuple[str, float, float]] | list[tuple[str,
     return _INT.pack(len(body) + 4) + body
 
 
+class Doubles(Protocol):
+    """A file's bytes seen as an array of doubles, indexed by byte offset // 8."""
+
+    def __getitem__(self, index: int, /) -> float: ...
+    def __setitem__(self, index: int, value: float, /) -> None: ...
+    def release(self) -> None: ...
+
+
+class _PackedDoubles:
+    """Doubles through struct, for big-endian machines, where the file's little-endian values are not native."""
+
+    def __init__(self, buffer: mmap.mmap) -> None:
+        self._buffer = buffer
+
+    def __getitem__(self, index: int) -> float:
+        value: float = _DOUBLE.unpack_from(self._buffer, index * 8)[0]
+        return value
+
+    def __setitem__(self, index: int, value: float) -> None:
+        _DOUBLE.pack_into(self._buffer, index * 8, value)
+
+    def release(self) -> None:
+        pass
+
+
+def as_doubles(buffer: mmap.mmap) -> Doubles:
+    """Why a view: `values[i] += 1` on a cast memoryview is ~7x cheaper than a struct round trip,
+    and this runs on every task inside our users' workers."""
+    if sys.byteorder == "little":
+        return memoryview(buffer).cast("d")
+    return _PackedDoubles(buffer)
+
+
 def held_by_a_live_writer(fd: int) -> bool:
     """True if another open file description holds the writer's lock on this file.
 
@@ -107,7 +142,11 @@ def held_by_a_live_writer(fd: int) -> bool:
 
 
 class MetricFile:
-    """One process's file of (key -> value, timestamp) slots. Not thread safe."""
+    """One process's file of (key -> value, timestamp) slots. Not thread safe.
+
+    Values sit at 8-aligned offsets, so `values[offset >> 3]` is a slot's
+    value and `values[(offset >> 3) + 1]` its timestamp.
+    """
 
     def __init__(self, path: str, fd: int | None = None) -> None:
         self.path = path
@@ -118,6 +157,7 @@ class MetricFile:
             size = INITIAL_SIZE
         self._size: int = size
         self._map = mmap.mmap(self._fd, size)
+        self.values: Doubles = as_doubles(self._map)
         self._slots: dict[str, int] = {}
         used = _INT.unpack_from(self._map, 0)[0]
         if used == 0:
@@ -151,18 +191,22 @@ class MetricFile:
     def _grow(self) -> None:
         new_size = self._size * 2
         os.posix_fallocate(self._fd, 0, new_size)  # ENOSPC here, not SIGBUS later
+        bigger = mmap.mmap(self._fd, new_size)
+        self.values.release()  # the old map cannot close while a view of it is alive
         self._map.close()
-        self._map = mmap.mmap(self._fd, new_size)
+        self._map = bigger
+        self.values = as_doubles(bigger)
         self._size = new_size
 
     def add(self, pos: int, amount: float) -> None:
-        value = _DOUBLE.unpack_from(self._map, pos)[0] + amount
-        self._map[pos : pos + 16] = _TWO_DOUBLES.pack(value, 0.0)
+        self.values[pos >> 3] += amount
 
     def set(self, pos: int, value: float, timestamp: float = 0.0) -> None:
-        self._map[pos : pos + 16] = _TWO_DOUBLES.pack(value, timestamp)
+        self.values[pos >> 3] = value
+        self.values[(pos >> 3) + 1] = timestamp
 
     def close(self) -> None:
+        self.values.release()
         self._map.close()
         os.close(self._fd)
 
