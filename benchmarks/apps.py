@@ -2,11 +2,14 @@
 """The Celery app every publish and worker benchmark runs, configured from the environment.
 
 CSX_BENCH_BROKER: broker URL. CSX_BENCH_VARIANT: `plain` (uninstrumented),
-`ours` (exporter.instrument), `events` (task_send_sent_event; the worker
-gets -E) or `both` (instrumented and sending events, for the exporter-cost
-benchmark, where both exporters watch one workload). CSX_BENCH_METRICS_DIR: our metrics directory. CSX_BENCH_QUEUE: the
-queue. CSX_BENCH_DONE_FILE: every task appends one byte to it, so the
-benchmark can count finished tasks without a result backend.
+`ours` (exporter.instrument), `floor` (the signals ours uses on every task
+connected to receivers that do nothing: what Celery's own dispatch costs,
+which no signal-driven exporter can avoid), `events` (task_send_sent_event;
+the worker gets -E) or `both` (instrumented and sending events, for the
+exporter-cost benchmark, where both exporters watch one workload).
+CSX_BENCH_METRICS_DIR: our metrics directory. CSX_BENCH_QUEUE: the queue.
+CSX_BENCH_DONE_FILE: every task appends one byte to it, so the benchmark
+can count finished tasks without a result backend.
 
 As a script it is a producer: `python -m benchmarks.apps publish N` prints
 `{"seconds": …, "n": N}`, the time of N `apply_async` calls after a warm-up.
@@ -35,6 +38,16 @@ if VARIANT in ("ours", "both"):
     import exporter
 
     exporter.instrument(app, metrics_dir=os.environ["CSX_BENCH_METRICS_DIR"])
+
+if VARIANT == "floor":
+    from celery import signals
+
+    def _nothing(**_: object) -> None:
+        """A receiver that does nothing: Celery still dispatches to it on every task."""
+
+    for _signal in (signals.before_task_publish, signals.after_task_publish, signals.task_received,
+                    signals.task_prerun, signals.task_postrun):
+        _signal.connect(_nothing, weak=False)
 
 _done_fd: int | None = None
 

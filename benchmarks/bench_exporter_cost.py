@@ -212,7 +212,7 @@ def run(size: Size) -> Section:
             f"{size.cost_n} tasks (+ warm-up) per run, {size.cost_runs} run(s); Redis; one instrumented producer "
             "with `task_send_sent_event=True`, one instrumented prefork worker (-c 2) with -E; both exporters "
             f"scraped every {SCRAPE_EVERY:g} s; ours also probes the broker (default 15 s cycle) and compacts "
-            "its directory (default 30 s). CPU is utime + stime from /proc, counted in 10 ms ticks, over the "
+            "its directory (default 30 s). CPU is each process's CPU clock (user + system), over the "
             "same window for both; the window closes once both have counted every task.",
             f"Event-based exporter: `{PACKAGE}` {version.split()[0]} on Python {version.split()[-1]}, in its own "
             f"virtualenv, installed with `pip install {' '.join(PINS)}`.",

@@ -41,9 +41,10 @@ DUE_HEADER = "csx_due"
 #: pool processes know the queue the message really came from.
 QUEUE_HEADER = "csx_queue"
 OVERFLOW = "__overflow__"
-#: Publish-side series remembered by (name, exchange, routing key); past this many
-#: (routing keys made up per call, say) they are looked up each time instead.
-_SENT_CACHE_LIMIT = 4096
+#: Series remembered per (name, exchange, routing key) on publish and per delivery in
+#: the worker; past this many (routing keys made up per call, say) they are looked up
+#: each time instead.
+_SERIES_CACHE_LIMIT = 4096
 METRICS_DIR_ENV = ("CELERY_EXPORTER_METRICS_DIR", "PROMETHEUS_MULTIPROC_DIR")
 
 
@@ -85,6 +86,7 @@ class Instrumentation:
         self._running: dict[str, tuple[float, _TaskSeries]] = {}
         self._series: dict[tuple[str, str], _TaskSeries] = {}
         self._sent: dict[tuple[Any, Any, Any], m.Series] = {}
+        self._received: dict[tuple[Any, Any, Any, Any], tuple[str, m.Series | None]] = {}
         self._logged_errors: set[str] = set()
 
     # -- helpers -------------------------------------------------------------
@@ -125,11 +127,16 @@ class Instrumentation:
         return receiver
 
     # -- producer side -------------------------------------------------------
-    # The four receivers that run on every task (publish, prerun, postrun) catch
+    # The five receivers that run on every task (publish, received, prerun, postrun) catch
     # their own errors rather than going through guard(): one call layer and one
     # keyword repack fewer, per task, in our users' processes.
 
-    def before_publish(self, headers: dict[str, Any] | None = None, **_: Any) -> None:
+    def before_publish(
+        self, signal: Any = None, sender: Any = None, body: Any = None, exchange: Any = None, routing_key: Any = None,
+        headers: dict[str, Any] | None = None, **_: Any,
+    ) -> None:
+        # Celery's arguments are spelled out (here and below) so that only the
+        # rare extras land in **_: building that dict is per-task work too.
         try:
             if headers is not None:
                 eta = headers.get("eta")
@@ -137,7 +144,10 @@ class Instrumentation:
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
             self.handler_failed("before_task_publish", exc)
 
-    def after_publish(self, sender: Any = None, exchange: Any = None, routing_key: Any = None, **_: Any) -> None:
+    def after_publish(
+        self, signal: Any = None, sender: Any = None, body: Any = None, headers: Any = None, exchange: Any = None,
+        routing_key: Any = None, **_: Any,
+    ) -> None:
         try:
             # Celery sends the task name as the sender. The series is remembered per
             # (name, exchange, routing key), so a publish costs one dict lookup.
@@ -148,7 +158,7 @@ class Instrumentation:
                 if name is None:
                     return
                 series = self.sent.labels(name, self.queues.for_publish(exchange, routing_key))
-                if name != OVERFLOW and len(self._sent) < _SENT_CACHE_LIMIT:
+                if name != OVERFLOW and len(self._sent) < _SERIES_CACHE_LIMIT:
                     self._sent[key] = series
             series.inc()
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
@@ -156,12 +166,26 @@ class Instrumentation:
 
     # -- worker main process -------------------------------------------------
 
-    def on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
-        queue = self.queues.for_message(sender, request.message)
-        request.request_dict[QUEUE_HEADER] = queue
-        name = self.task_name(request.name)
-        if name is not None:
-            self.received.labels(name, queue).inc()
+    def on_received(self, signal: Any = None, sender: Any = None, request: Any = None, **_: Any) -> None:
+        try:
+            message = request.message
+            info = message.delivery_info
+            # The queue and series of a (task, delivery) pair are worked out once: the
+            # worker main process handles every message, so this is its per-task cost.
+            key = (request.name, info.get("consumer_tag"), info.get("exchange"), info.get("routing_key"))
+            known = self._received.get(key)
+            if known is None:
+                queue = self.queues.for_message(sender, message)
+                name = self.task_name(request.name)
+                known = (queue, self.received.labels(name, queue) if name is not None else None)
+                if name != OVERFLOW and len(self._received) < _SERIES_CACHE_LIMIT:
+                    self._received[key] = known
+            queue, series = known
+            request.request_dict[QUEUE_HEADER] = queue
+            if series is not None:
+                series.inc()
+        except Exception as exc:  # noqa: BLE001 - never raise into Celery
+            self.handler_failed("task_received", exc)
 
     def on_rejected(self, sender: Any = None, message: Any = None, **_: Any) -> None:
         self.rejected.labels(self.queues.for_message(sender, message)).inc()
@@ -206,12 +230,18 @@ class Instrumentation:
                 self._series[key] = series
         return series
 
-    def on_prerun(self, task_id: str = "", task: Any = None, **_: Any) -> None:
+    def on_prerun(
+        self, signal: Any = None, sender: Any = None, task_id: str = "", task: Any = None, args: Any = None,
+        kwargs: Any = None, **_: Any,
+    ) -> None:
         try:
             request = task.request
-            series = self.series_for(task.name, self.queue_of(request))
+            # The common case in one lookup: a known task from the queue the worker main process named.
+            series = self._series.get((task.name, getattr(request, QUEUE_HEADER, None)))
             if series is None:
-                return
+                series = self.series_for(task.name, self.queue_of(request))
+                if series is None:
+                    return
             due = getattr(request, DUE_HEADER, None)
             wait = max(0.0, time.time() - due) if isinstance(due, (int, float)) and math.isfinite(due) else None
             series.start(wait)
@@ -221,7 +251,10 @@ class Instrumentation:
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
             self.handler_failed("task_prerun", exc)
 
-    def on_postrun(self, task_id: str = "", task: Any = None, state: str | None = None, **_: Any) -> None:
+    def on_postrun(
+        self, signal: Any = None, sender: Any = None, task_id: str = "", task: Any = None, args: Any = None,
+        kwargs: Any = None, retval: Any = None, state: str | None = None, **_: Any,
+    ) -> None:
         """Runtime, in-progress, and success too: task_postrun says the state, which saves
         Celery dispatching task_success to us on every task."""
         try:
@@ -253,7 +286,7 @@ class Instrumentation:
         return [
             (signals.before_task_publish, "before_task_publish", self.before_publish),
             (signals.after_task_publish, "after_task_publish", self.after_publish),
-            (signals.task_received, "task_received", self.guard("task_received", self.on_received)),
+            (signals.task_received, "task_received", self.on_received),
             (signals.task_rejected, "task_rejected", self.guard("task_rejected", self.on_rejected)),
             (signals.task_unknown, "task_unknown", self.guard("task_unknown", self.on_rejected)),
             (signals.task_revoked, "task_revoked", self.guard("task_revoked", self.on_revoked)),
