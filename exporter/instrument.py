@@ -84,7 +84,7 @@ class Instrumentation:
         self._names: set[str] = set()
         # task id -> (start, its series), for runtime and in-progress.
         self._running: dict[str, tuple[float, _TaskSeries]] = {}
-        self._series: dict[tuple[str, str], _TaskSeries] = {}
+        self._series: dict[tuple[Any, Any], _TaskSeries] = {}
         self._sent: dict[tuple[Any, Any, Any], m.Series] = {}
         self._received: dict[tuple[Any, Any, Any, Any], tuple[str, m.Series | None]] = {}
         self._logged_errors: set[str] = set()
