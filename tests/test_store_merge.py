@@ -197,3 +197,39 @@ def test_a_file_rewritten_on_the_same_inode_with_other_keys_is_not_misread(tmp_p
     ours = merged_samples(collector)
     assert ours['celery_task_sent_total{name="task_b",queue_name="q"}'] == 2
     assert 'celery_task_sent_total{name="task_a",queue_name="q"}' not in ours
+
+
+def test_series_bound_before_a_file_grows_keep_writing_into_the_new_map(tmp_path: pytest.TempPathFactory) -> None:
+    """Growing remaps the file and replaces its view of doubles; a series bound earlier must follow."""
+    store = Store(str(tmp_path))
+    sent = m.Metric(store, m.SENT)
+    first = sent.labels("first", "q")
+    first.inc()
+    size_before = os.path.getsize(next(tmp_path.glob("counter_*.db")))  # type: ignore[attr-defined]
+    for i in range(1500):  # enough keys to outgrow the first 64 KiB, under the 2000-name cap of the merge
+        sent.labels(f"name-{i}", "q").inc(i)
+    assert os.path.getsize(next(tmp_path.glob("counter_*.db"))) > size_before  # type: ignore[attr-defined]
+    first.inc(2)
+    samples = merged_samples(DirectoryCollector(str(tmp_path)))
+    assert samples['celery_task_sent_total{name="first",queue_name="q"}'] == 3
+    assert samples['celery_task_sent_total{name="name-1499",queue_name="q"}'] == 1499
+
+
+def test_struct_fallback_writes_the_same_bytes_as_the_view(tmp_path: pytest.TempPathFactory) -> None:
+    """Big-endian machines write through struct; the file must be byte for byte what the view writes."""
+    from exporter.store import _PackedDoubles
+
+    paths = [str(tmp_path / "counter_1.db"), str(tmp_path / "counter_2.db")]
+    files = [MetricFile(p) for p in paths]
+    files[1].values.release()
+    files[1].values = _PackedDoubles(files[1]._map)
+    for f in files:
+        f.add(f.slot("a"), 2.5)
+        f.add(f.slot("a"), 1)
+        f.set(f.slot("b"), 7, 1234.5)
+        assert f.values[f.slot("a") >> 3] == 3.5
+        f.close()
+    with open(paths[0], "rb") as a, open(paths[1], "rb") as b:
+        assert a.read() == b.read()
+    with open(paths[0], "rb") as a:
+        assert sorted(read_entries(a.read())) == [("a", 3.5, 0.0), ("b", 7.0, 1234.5)]
