@@ -13,7 +13,6 @@ this process's mmap file. Which process runs which receiver:
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
 import os
@@ -29,7 +28,7 @@ from celery.states import SUCCESS
 
 from . import metrics as m
 from .buckets import parse_buckets
-from .queues import QueueResolver
+from .queues import CACHE_LIMIT, QueueResolver
 from .store import Store
 
 log = logging.getLogger("celery_signal_exporter")
@@ -41,10 +40,6 @@ DUE_HEADER = "csx_due"
 #: pool processes know the queue the message really came from.
 QUEUE_HEADER = "csx_queue"
 OVERFLOW = "__overflow__"
-#: Series remembered per (name, exchange, routing key) on publish and per delivery in
-#: the worker; past this many (routing keys made up per call, say) they are looked up
-#: each time instead.
-_SERIES_CACHE_LIMIT = 4096
 METRICS_DIR_ENV = ("CELERY_EXPORTER_METRICS_DIR", "PROMETHEUS_MULTIPROC_DIR")
 
 
@@ -158,7 +153,7 @@ class Instrumentation:
                 if name is None:
                     return
                 series = self.sent.labels(name, self.queues.for_publish(exchange, routing_key))
-                if name != OVERFLOW and len(self._sent) < _SERIES_CACHE_LIMIT:
+                if name != OVERFLOW and len(self._sent) < CACHE_LIMIT:
                     self._sent[key] = series
             series.inc()
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
@@ -178,7 +173,7 @@ class Instrumentation:
                 queue = self.queues.for_message(sender, message)
                 name = self.task_name(request.name)
                 known = (queue, self.received.labels(name, queue) if name is not None else None)
-                if name != OVERFLOW and len(self._received) < _SERIES_CACHE_LIMIT:
+                if name != OVERFLOW and len(self._received) < CACHE_LIMIT:
                     self._received[key] = known
             queue, series = known
             request.request_dict[QUEUE_HEADER] = queue
@@ -319,6 +314,7 @@ class _TaskSeries:
         self.store = store
         self.in_progress, self.started, self.queue_wait = in_progress, started, queue_wait
         self.runtime, self.succeeded, self.last_success = runtime, succeeded, last_success
+        self.wait_bounds, self.runtime_bounds = queue_wait.bounds, runtime.bounds
         self.run_bound = self.wait_bound = self.success_bound = -1
 
     def _bind_run(self) -> None:
@@ -347,9 +343,7 @@ class _TaskSeries:
             self.live.values[self.live_i] += 1.0
             self.counters.values[self.started_i] += 1.0
             if wait is not None:
-                waits = self.waits.values
-                waits[self.wait_i[bisect.bisect_left(self.queue_wait.bounds, wait)]] += 1.0
-                waits[self.wait_i[-1]] += wait
+                m.write_observation(self.waits.values, self.wait_i, self.wait_bounds, wait)
 
     def finish(self, runtime: float | None, success_at: float | None) -> None:
         """The live gauge back down and the runtime, if the start was counted; the success, if any."""
@@ -361,14 +355,10 @@ class _TaskSeries:
                 self._bind_success()
             if runtime is not None:
                 self.live.values[self.live_i] -= 1.0
-                runtimes = self.runtimes.values
-                runtimes[self.runtime_i[bisect.bisect_left(self.runtime.bounds, runtime)]] += 1.0
-                runtimes[self.runtime_i[-1]] += runtime
+                m.write_observation(self.runtimes.values, self.runtime_i, self.runtime_bounds, runtime)
             if success_at is not None:
                 self.successes.values[self.succeeded_i] += 1.0
-                stamps = self.stamps.values
-                stamps[self.last_i] = success_at
-                stamps[self.last_i + 1] = 0.0
+                m.write_gauge(self.stamps.values, self.last_i, success_at)
 
 
 def exception_name(exception: BaseException | None) -> str:

@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .store import MetricFile, Store, series_key
+from .store import Doubles, MetricFile, Store, series_key
 
 DEFAULT_RUNTIME_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600,
@@ -108,8 +108,8 @@ class Series:
     """One labelled series, writing straight into this process's file.
 
     Its slots are looked up once and kept as indexes into the file's doubles
-    until the store changes (after a fork), so a write
-    is one lock and one `values[i] += x`.
+    until the store changes (after a fork), so a write is one lock and one
+    `values[i] += x`.
     """
 
     __slots__ = ("_bounds", "_file", "_generation", "_index", "_keys", "_prefix", "_store")
@@ -157,18 +157,23 @@ class Series:
 
     def set(self, value: float, timestamp: float = 0.0) -> None:
         with self._store.lock:
-            values = self._current().values
-            i = self._index[0]
-            values[i] = value
-            values[i + 1] = timestamp
+            write_gauge(self._current().values, self._index[0], value, timestamp)
 
     def observe(self, value: float) -> None:
-        i = bisect.bisect_left(self._bounds, value)
         with self._store.lock:
-            values = self._current().values
-            index = self._index
-            values[index[i]] += 1.0
-            values[index[-1]] += value
+            write_observation(self._current().values, self._index, self._bounds, value)
+
+
+def write_gauge(values: Doubles, index: int, value: float, timestamp: float = 0.0) -> None:
+    """A gauge's value and its timestamp, in the slot after it. The caller holds the store lock."""
+    values[index] = value
+    values[index + 1] = timestamp
+
+
+def write_observation(values: Doubles, index: list[int], bounds: list[float], value: float) -> None:
+    """One histogram observation: its (non-cumulative) bucket and the sum. The caller holds the store lock."""
+    values[index[bisect.bisect_left(bounds, value)]] += 1.0
+    values[index[-1]] += value
 
 
 class Metric:

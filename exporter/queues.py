@@ -13,7 +13,9 @@ from typing import Any
 
 from celery import Celery
 
-_CACHE_LIMIT = 4096
+#: Entries any per-task lookup cache keeps; past it (routing keys made up per call, say)
+#: answers are worked out each time instead, so memory stays bounded.
+CACHE_LIMIT = 4096
 
 
 class QueueResolver:
@@ -30,7 +32,7 @@ class QueueResolver:
         queue = self._publish.get(key)
         if queue is None:
             queue = self._from_config(exchange, routing_key)
-            if len(self._publish) < _CACHE_LIMIT:
+            if len(self._publish) < CACHE_LIMIT:
                 self._publish[key] = queue
         return queue
 
