@@ -19,7 +19,7 @@ if ! need promtool || ! need prometheus || ! need prometheus-alertmanager || ! n
 fi
 # The Debian packages start daemons where an init system runs them; the tests
 # start their own on free ports, so nothing here depends on those.
-promtool --version | head -1
+promtool --version | sed -n 1p
 
 TOOLS=.tools
 PYTHON=${PYTHON:-python3}
@@ -59,5 +59,5 @@ PY
 fi
 "$TOOLS/bin/checkov" --version
 "$TOOLS/bin/hadolint" --version
-"$TOOLS/bin/kubernetes-validate" --version 2>/dev/null || "$TOOLS/bin/python" -m pip show kubernetes-validate | head -2
-if need kubectl; then kubectl version --client 2>/dev/null | head -1; else "$TOOLS/bin/kubectl" version --client | head -1; fi
+"$TOOLS/bin/kubernetes-validate" --version 2>/dev/null || "$TOOLS/bin/python" -m pip show kubernetes-validate | sed -n 1,2p
+if need kubectl; then kubectl version --client 2>/dev/null | sed -n 1p; else "$TOOLS/bin/kubectl" version --client | sed -n 1p; fi
