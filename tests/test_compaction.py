@@ -222,9 +222,14 @@ def test_a_live_gauge_file_is_replaced_not_inherited_and_never_half_made(tmp_pat
     assert not [n for n in os.listdir(d) if n.endswith(".tmp")]
 
 
-def _churn(directory: str, n: int) -> None:
-    """n processes in a row, each counting 1 and exiting, as recycled children do."""
+def _churn(directory: str, n: int, scraping: Any) -> None:
+    """n processes in a row, each counting 1 and exiting, as recycled children do.
+
+    Halfway through it waits until the test has scraped a few times, so that scrapes
+    overlap the churn however fast or slow this machine is at the moment."""
     for i in range(n):
+        if i == n // 2 and not scraping.wait(timeout=120):
+            raise SystemExit("no scrapes arrived within 120 s")
         write_as_dead_process(directory, one_task(i))
 
 
@@ -239,7 +244,8 @@ def test_concurrent_compactors_scrapes_and_churn_stay_exact(tmp_path: Any) -> No
     os.makedirs(d)
     ctx = multiprocessing.get_context("fork")
     n = 300
-    churners = [ctx.Process(target=_churn, args=(d, n)) for _ in range(2)]
+    scraping = ctx.Event()
+    churners = [ctx.Process(target=_churn, args=(d, n, scraping)) for _ in range(2)]
     compactors = [ctx.Process(target=_compactor, args=(d, stop)) for _ in range(2)]
     for p in churners + compactors:
         p.start()
@@ -248,6 +254,8 @@ def test_concurrent_compactors_scrapes_and_churn_stay_exact(tmp_path: Any) -> No
     while any(p.is_alive() for p in churners):
         s = merged_samples(collector)
         seen.append((s.get(SENT, 0), s.get(RUNTIME_COUNT, 0)))
+        if len(seen) == 3:
+            scraping.set()
     for p in churners:
         p.join()
         assert p.exitcode == 0
