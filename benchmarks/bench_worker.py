@@ -34,9 +34,14 @@ from benchmarks.common import (
 )
 
 
-def _tree_cpu(pid: int) -> float:
-    """CPU seconds of a worker main process and its pool children, from /proc."""
-    total = cpu_seconds(pid)
+def _tree_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds of a worker main process and of its pool children together.
+
+    Apart, because they tell different stories: the main process is the serial
+    part (it reads every message and hands it to the pool), the children run
+    prerun, the task and postrun.
+    """
+    main, pool = cpu_seconds(pid), 0.0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -44,14 +49,14 @@ def _tree_cpu(pid: int) -> float:
             with open(f"/proc/{entry}/stat", "rb") as f:
                 ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
             if ppid == pid:
-                total += cpu_seconds(int(entry))
+                pool += cpu_seconds(int(entry))
         except (OSError, ValueError, IndexError):
             continue
-    return total
+    return main, pool
 
 
-def drain(url: str, variant: str, n: int, tmp: str) -> tuple[float, float]:
-    """(tasks per second, CPU ms per task of the worker and its pool) of one run on a pre-filled queue."""
+def drain(url: str, variant: str, n: int, tmp: str) -> tuple[float, float, float]:
+    """(tasks per second, CPU µs per task of the worker main process, of its pool) of one run on a pre-filled queue."""
     queue = "bench-worker"
     done = os.path.join(tmp, f"done-{uuid.uuid4().hex[:6]}")
     metrics = os.path.join(tmp, "metrics")
@@ -68,7 +73,8 @@ def drain(url: str, variant: str, n: int, tmp: str) -> tuple[float, float]:
     log = open(os.path.join(tmp, f"worker-{variant}.log"), "wb")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        t0 = t1 = c0 = c1 = 0.0
+        t0 = t1 = 0.0
+        c0 = c1 = (0.0, 0.0)
         deadline = time.monotonic() + 60 + n / 50
         while True:
             size = os.path.getsize(done) if os.path.exists(done) else 0
@@ -81,7 +87,8 @@ def drain(url: str, variant: str, n: int, tmp: str) -> tuple[float, float]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker ({variant}) finished {size}/{total} tasks; see {log.name}")
             time.sleep(0.005)
-        return (total - start_mark) / (t1 - t0), (c1 - c0) / (total - start_mark) * 1e3
+        done_n = total - start_mark
+        return done_n / (t1 - t0), (c1[0] - c0[0]) / done_n * 1e6, (c1[1] - c0[1]) / done_n * 1e6
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -101,7 +108,7 @@ def run(size: Size) -> Section:
     section = Section(
         "Worker overhead (prefork -c 2 draining a full queue)",
         ["broker", "variant", "tasks/s median (min–max, n)", "ratio to plain, same round",
-         "worker CPU ms/task", "CPU ratio plain / variant"],
+         "worker CPU ms/task", "of which main process / pool µs/task", "CPU ratio plain / variant"],
         notes=[f"{size.worker_n} tasks (+ warm-up) per run, timed from the 10% mark to the last one; "
                f"{size.rounds} alternating rounds. CPU is the worker main process and its pool children "
                "(their CPU clocks, user + system), the steadier figure on a shared machine."],
@@ -109,19 +116,23 @@ def run(size: Size) -> Section:
     for kind in ("redis", "rabbitmq"):
         with broker(kind) as url, tempfile.TemporaryDirectory(prefix="csx-bench-worker-", dir=SHM) as tmp:
             measured = alternate(VARIANTS, size.rounds, lambda v, _r: drain(url, v, size.worker_n, tmp))
-        rates = {v: [r for r, _ in m] for v, m in measured.items()}
-        cpu = {v: [c for _, c in m] for v, m in measured.items()}
+        rates = {v: [r for r, _, _ in m] for v, m in measured.items()}
+        main = {v: [c for _, c, _ in m] for v, m in measured.items()}
+        pool = {v: [c for _, _, c in m] for v, m in measured.items()}
+        cpu = {v: [a + b for a, b in zip(main[v], pool[v], strict=True)] for v in measured}  # µs per task
         for variant in VARIANTS:
             rel = ratios(rates[variant], rates["plain"])
             cpu_rel = ratios(cpu["plain"], cpu[variant])
             section.rows.append([kind, LABEL[variant].replace("task_send_sent_event=True", "worker -E"),
                                  spread(rates[variant], "{:.0f}"),
                                  "1" if variant == "plain" else spread(rel, "{:.3f}"),
-                                 spread(cpu[variant], "{:.2f}"),
+                                 spread([c / 1e3 for c in cpu[variant]], "{:.2f}"),
+                                 f"{median(main[variant]):.0f} / {median(pool[variant]):.0f}",
                                  "1" if variant == "plain" else spread(cpu_rel, "{:.3f}")])
         ours = median(ratios(rates["ours"], rates["plain"]))
-        section.notes.append(cost_split(kind, "worker (main process and pool)", {v: [c * 1e3 for c in cs]
-                                                                                  for v, cs in cpu.items()}, "task"))
+        for who, us in (("worker (main process and pool)", cpu), ("worker main process", main),
+                        ("pool children", pool)):
+            section.notes.append(cost_split(kind, who, us, "task"))
         section.data[f"{kind}_ours_ratio"] = ours
         section.data[f"{kind}_floor_ratio"] = median(ratios(rates["floor"], rates["plain"]))
         floor = section.data[f"{kind}_floor_ratio"]

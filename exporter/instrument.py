@@ -29,7 +29,7 @@ from celery.states import SUCCESS
 from . import metrics as m
 from .buckets import parse_buckets
 from .queues import CACHE_LIMIT, QueueResolver
-from .store import Store
+from .store import Store, write_gauge
 
 log = logging.getLogger("celery_signal_exporter")
 
@@ -300,6 +300,7 @@ class Instrumentation:
         for signal, label, fn in self.receivers():
             signal.connect(fn, weak=False, dispatch_uid=f"celery_signal_exporter.{label}")
 
+
 class _TaskSeries:
     """The pool-side series of one (task, queue), written together: one lock and one
     binding check per signal instead of one per series, since this runs on every task.
@@ -358,7 +359,7 @@ class _TaskSeries:
                 m.write_observation(self.runtimes.values, self.runtime_i, self.runtime_bounds, runtime)
             if success_at is not None:
                 self.successes.values[self.succeeded_i] += 1.0
-                m.write_gauge(self.stamps.values, self.last_i, success_at)
+                write_gauge(self.stamps.values, self.last_i, success_at)
 
 
 def exception_name(exception: BaseException | None) -> str:

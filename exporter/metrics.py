@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .store import Doubles, MetricFile, Store, series_key
+from .store import Doubles, MetricFile, Store, series_key, write_gauge
 
 DEFAULT_RUNTIME_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600,
@@ -162,12 +162,6 @@ class Series:
     def observe(self, value: float) -> None:
         with self._store.lock:
             write_observation(self._current().values, self._index, self._bounds, value)
-
-
-def write_gauge(values: Doubles, index: int, value: float, timestamp: float = 0.0) -> None:
-    """A gauge's value and its timestamp, in the slot after it. The caller holds the store lock."""
-    values[index] = value
-    values[index + 1] = timestamp
 
 
 def write_observation(values: Doubles, index: list[int], bounds: list[float], value: float) -> None:

@@ -127,6 +127,12 @@ def as_doubles(buffer: mmap.mmap) -> Doubles:
     return _PackedDoubles(buffer)
 
 
+def write_gauge(values: Doubles, index: int, value: float, timestamp: float = 0.0) -> None:
+    """A slot's value and its timestamp, which sits in the double after it."""
+    values[index] = value
+    values[index + 1] = timestamp
+
+
 def held_by_a_live_writer(fd: int) -> bool:
     """True if another open file description holds the writer's lock on this file.
 
@@ -202,8 +208,7 @@ class MetricFile:
         self.values[pos >> 3] += amount
 
     def set(self, pos: int, value: float, timestamp: float = 0.0) -> None:
-        self.values[pos >> 3] = value
-        self.values[(pos >> 3) + 1] = timestamp
+        write_gauge(self.values, pos >> 3, value, timestamp)
 
     def close(self) -> None:
         self.values.release()
