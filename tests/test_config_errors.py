@@ -172,7 +172,7 @@ def test_serve_keeps_running_for_an_unreachable_broker(tmp_path: Path) -> None:
         assert readyz.text == f"broker {url} not reachable: ConnectionError\n"
         failures = [line for line in ex.log().splitlines() if "probe failed" in line]
     assert len(failures) == 1, failures
-    assert f"WARNING exporter.probes.loop: broker {url} probe failed (connection): ConnectionError: " \
+    assert f"WARNING celery_signal_exporter: broker {url} probe failed (connection): ConnectionError: " \
            f"Error 111 connecting to 127.0.0.1:{port}. Connection refused." in failures[0]
 
 

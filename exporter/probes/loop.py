@@ -26,7 +26,7 @@ from exporter.probes import probe_for_url
 from exporter.probes.base import ERROR_REASONS, BrokerSnapshot, Probe, ProbeError, ProbeOptions, QueueStats
 from exporter.redact import redact_url, scrub
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("celery_signal_exporter")  # one logger for the whole exporter, as in the other modules
 
 #: Celery's own plumbing that kombu registers as queues: remote-control
 #: mailboxes and their replies (`<host>.celery.pidbox`, `<id>.reply.celery.pidbox`),
