@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import os
 import struct
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 from prometheus_client.core import Metric
@@ -66,7 +68,8 @@ def _parse_name(filename: str) -> tuple[str, str, str] | None:
 class _Layout:
     """Where each value of one file sits, and which series it belongs to."""
 
-    __slots__ = ("ctime", "digest", "ident", "mode", "present", "queues", "slots", "spans", "summed", "unpack")
+    __slots__ = ("ctime", "digest", "ident", "mode", "present", "queues", "run", "slots", "spans", "summed",
+                 "unpack")
 
     def __init__(self, ident: tuple[int, int, int], unpack: struct.Struct, slots: list[int], queues: set[str],
                  summed: bool, mode: str) -> None:
@@ -76,13 +79,17 @@ class _Layout:
         self.digest = b""
         self.unpack = unpack
         self.slots = slots
+        # The usual case: a file's series were numbered in a row when the first such file was read,
+        # so the merge can add its values as one block (see _merge_files).
+        first = slots[0] if slots else 0
+        self.run = first if slots == list(range(first, first + len(slots))) else None
         self.present = frozenset(slots)
         self.queues = frozenset(queues)
         self.summed = summed
         self.mode = mode
 
 
-_Loaded = tuple[_Layout, tuple[float, ...]]
+_Loaded = tuple[_Layout, tuple[float, ...]]  # values; (value, timestamp) pairs unless the layout is summed
 
 
 class _Family:
@@ -93,10 +100,14 @@ class _Family:
     numbers.
     """
 
-    __slots__ = ("entries", "help", "kind", "metric", "rows")
+    __slots__ = ("entries", "help", "kind", "metric", "rows", "single")
 
     def __init__(self, metric: str, help_text: str, kind: str, rows: list[Any]) -> None:
         self.metric, self.help, self.kind, self.rows = metric, help_text, kind, rows
+        # A histogram row whose every bound is one series (the usual case) is summed up in one C call.
+        self.single: list[tuple[int, ...] | None] = [
+            tuple(ix[0] for _, ix in buckets) if all(len(ix) == 1 for _, ix in buckets) else None
+            for _, buckets, _ in rows] if kind == "histogram" else []
         shown: list[tuple[str, dict[str, str]]] = []
         if kind == "histogram":
             for label_map, buckets, _ in rows:
@@ -237,12 +248,17 @@ class DirectoryCollector:
 
     def _layout(self, ident: tuple[int, int, int], data: bytes, kind: str, mode: str, pid: str) -> _Layout:
         """Parse a file's keys once: the struct that unpacks its values, and each value's series."""
-        fmt = ["<8x"]
+        # Summed files need only each value; the others also the timestamp after it, to pick a winner.
+        # Skipping a timestamp (and joining the gaps) saves making a float object per series per scrape.
+        summed = kind != "gauge" or mode in ("sum", "livesum", "all", "liveall")
+        fmt = ["<"]
+        gap = 8  # the file's header
         slots: list[int] = []
         spans: list[tuple[int, int]] = []
         queues: set[str] = set()
         for raw_key, length, pos in walk_entries(data):
-            fmt.append(f"{4 + padded_length(length)}xdd")
+            fmt.append(f"{gap + 4 + padded_length(length)}xd" if summed else f"{gap + 4 + padded_length(length)}xdd")
+            gap = 8 if summed else 0
             spans.append((pos + 4, pos + 4 + length))
             try:
                 metric, sample, labels, help_text = self._key(raw_key)
@@ -266,7 +282,6 @@ class DirectoryCollector:
                 queue = dict(labels).get("queue_name")
                 if queue:
                     queues.add(queue)
-        summed = kind != "gauge" or mode in ("sum", "livesum", "all", "liveall")
         # Files laid out alike share one slots object, so the merge can add them up together.
         slots = self._slot_lists.setdefault(tuple(slots), slots)
         layout = _Layout(ident, struct.Struct("".join(fmt)), slots, queues, summed, mode)
@@ -387,13 +402,16 @@ class DirectoryCollector:
         acc = [0.0] * len(self._meta)
         best: dict[int, tuple[float, float]] = {}
         present: set[int] = set()
-        alike: dict[int, tuple[list[int], list[tuple[float, ...]]]] = {}
+        alike: dict[int, tuple[_Layout, list[tuple[float, ...]]]] = {}
+        laid_out: set[int] = set()
         for layout, raw in loaded:
-            present.update(layout.present)
-            stats.queues_seen.update(layout.queues)
+            if id(layout.slots) not in laid_out:  # files laid out alike hold the same series: add them once
+                laid_out.add(id(layout.slots))
+                present.update(layout.present)
+                stats.queues_seen.update(layout.queues)
             if layout.summed:
                 # Values of files laid out alike are added column by column first (in C), then placed once.
-                alike.setdefault(id(layout.slots), (layout.slots, []))[1].append(raw[0::2])
+                alike.setdefault(id(layout.slots), (layout, []))[1].append(raw)
                 continue
             mode = layout.mode
             for i, v, t in zip(layout.slots, raw[0::2], raw[1::2], strict=True):
@@ -401,10 +419,14 @@ class DirectoryCollector:
                 if old is None or (v < old[0] if mode in ("min", "livemin") else v > old[0]
                                    if mode in ("max", "livemax") else t > old[1]):
                     best[i] = (v, t)
-        for slots, columns in alike.values():
+        for layout, columns in alike.values():
             totals = columns[0] if len(columns) == 1 else map(sum, zip(*columns, strict=True))
-            for i, v in zip(slots, totals, strict=True):
-                acc[i] += v
+            if layout.run is not None:
+                start, stop = layout.run, layout.run + len(layout.slots)
+                acc[start:stop] = map(operator.add, acc[start:stop], totals)
+            else:
+                for i, v in zip(layout.slots, totals, strict=True):
+                    acc[i] += v
         present.discard(0)
         for i, (v, _) in best.items():
             acc[i] = v
@@ -462,13 +484,13 @@ class DirectoryCollector:
                 continue
             if family.kind == "histogram":
                 shown = []
-                for _, buckets, sum_index in family.rows:
-                    acc = 0.0
-                    for _, indices in buckets:
-                        for i in indices:
-                            acc += values[i]
-                        shown.append(acc)
-                    shown.append(acc)
+                for (_, buckets, sum_index), single in zip(family.rows, family.single, strict=True):
+                    if single is not None:
+                        counts = list(accumulate(map(values.__getitem__, single), initial=0.0))
+                    else:
+                        counts = list(accumulate((sum(values[i] for i in ix) for _, ix in buckets), initial=0.0))
+                    shown += counts[1:]
+                    shown.append(counts[-1])
                     shown.append(values[sum_index] if sum_index is not None else 0.0)
             elif family.metric in _PER_WORKER_LIVE and stale:
                 # A worker that stopped beating says nothing about its pool: do not echo its last word.

@@ -10,7 +10,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from exporter import metrics as m
 from exporter.collect import DirectoryCollector, merged_samples
-from exporter.store import MetricFile, Store, read_entries
+from exporter.store import MetricFile, Store, read_entries, series_key
 
 
 def test_files_are_prometheus_client_compatible(tmp_path: pytest.TempPathFactory) -> None:
@@ -233,3 +233,34 @@ def test_struct_fallback_writes_the_same_bytes_as_the_view(tmp_path: pytest.Temp
         assert a.read() == b.read()
     with open(paths[0], "rb") as a:
         assert sorted(read_entries(a.read())) == [("a", 3.5, 0.0), ("b", 7.0, 1234.5)]
+
+
+def test_a_bound_spelled_two_ways_and_a_garbage_key_still_add_up(tmp_path: pytest.TempPathFactory) -> None:
+    """The merge's slow paths: two series for one bucket bound (our `1`, prometheus-client's `1.0`), and a
+    file whose series are not numbered in a row because a garbage key sits among them."""
+    d = str(tmp_path)
+    store = Store(d)
+    m.Metric(store, m.RUNTIME, (0.1, 1)).labels("a", "q").observe(0.5)
+    m.Metric(store, m.SENT).labels("a", "q").inc(2)
+    labels = {"name": "a", "queue_name": "q"}
+    other = MetricFile(os.path.join(d, "histogram_77.db"))  # a foreign writer: prometheus-client spellings
+    for sample, extra, value in (("_bucket", {"le": "0.1"}, 1.0), ("_bucket", {"le": "1.0"}, 2.0),
+                                 ("_bucket", {"le": "+Inf"}, 0.0), ("_sum", {}, 0.75)):
+        name = "celery_task_runtime_seconds"
+        other.add(other.slot(series_key(name, name + sample, {**labels, **extra}, "h")), value)
+    other.close()
+    mixed = MetricFile(os.path.join(d, "counter_99999999.db"))  # sorts last: merged after the store's file
+    mixed.add(mixed.slot(series_key("celery_task_sent", "celery_task_sent_total", labels, "h")), 3)
+    mixed.add(mixed.slot("not json"), 5)
+    mixed.add(mixed.slot(series_key("celery_task_sent", "celery_task_sent_total", {**labels, "name": "b"}, "h")), 7)
+    mixed.close()
+    collector = DirectoryCollector(d)
+    for _ in range(2):  # the first merge parses the layouts, the second reuses them
+        s = merged_samples(collector)
+        assert s['celery_task_runtime_seconds_bucket{le="0.1",name="a",queue_name="q"}'] == 1
+        assert s['celery_task_runtime_seconds_bucket{le="1",name="a",queue_name="q"}'] == 4
+        assert s['celery_task_runtime_seconds_bucket{le="+Inf",name="a",queue_name="q"}'] == 4
+        assert s['celery_task_runtime_seconds_count{name="a",queue_name="q"}'] == 4
+        assert s['celery_task_runtime_seconds_sum{name="a",queue_name="q"}'] == 1.25
+        assert s['celery_task_sent_total{name="a",queue_name="q"}'] == 5
+        assert s['celery_task_sent_total{name="b",queue_name="q"}'] == 7
