@@ -252,12 +252,12 @@ class DirectoryCollector:
         # Skipping a timestamp (and joining the gaps) saves making a float object per series per scrape.
         summed = kind != "gauge" or mode in ("sum", "livesum", "all", "liveall")
         fmt = ["<"]
-        gap = 8  # the file's header
+        gap, wanted = 8, "d" if summed else "dd"  # gap: the file's header, then each skipped timestamp
         slots: list[int] = []
         spans: list[tuple[int, int]] = []
         queues: set[str] = set()
         for raw_key, length, pos in walk_entries(data):
-            fmt.append(f"{gap + 4 + padded_length(length)}xd" if summed else f"{gap + 4 + padded_length(length)}xdd")
+            fmt.append(f"{gap + 4 + padded_length(length)}x{wanted}")
             gap = 8 if summed else 0
             spans.append((pos + 4, pos + 4 + length))
             try:
