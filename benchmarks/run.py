@@ -47,13 +47,13 @@ MISS_NOTES = {
         "rounds (publish table). Celery's own dispatch is most of our cost: see the CPU split under the publish "
         "table. In-process, with receivers switched on and off block by block (300 publishes a block, 40 "
         "blocks), our two receivers with the due header cost ~9-14 µs per publish and a no-op pair ~5-7 µs, "
-        "of Celery's ~250-380 µs; run to run, the floor itself has measured 0.95-1.00 of plain. What would still "
+        "of Celery's ~250-380 µs; run to run, the floor itself has measured 0.95-1.01 of plain. What would still "
         "help is one publish-side signal instead of two, but counting "
         "`sent` in before_task_publish would count publishes that then fail, which the outage test forbids."
     ),
     "worker throughput": (
         "In brackets, the floor: task_received, task_prerun and task_postrun connected to receivers that do "
-        "nothing, in the same rounds (worker table). The floor alone has measured 0.92-0.99 of plain across "
+        "nothing, in the same rounds (worker table). The floor alone has measured 0.92-1.01 of plain across "
         "runs on this machine: Celery's dispatch to no-op receivers uses most or all of the 3% budget of a "
         "trivial task (~0.4 ms of worker CPU on RabbitMQ). The main-process / pool split under the worker table "
         "shows where ours adds to it: on RabbitMQ almost all in the pool children (prerun and postrun, ~10-20 µs "
