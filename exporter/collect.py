@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import operator
 import os
 import struct
 import time
@@ -68,8 +67,7 @@ def _parse_name(filename: str) -> tuple[str, str, str] | None:
 class _Layout:
     """Where each value of one file sits, and which series it belongs to."""
 
-    __slots__ = ("ctime", "digest", "ident", "mode", "present", "queues", "run", "slots", "spans", "summed",
-                 "unpack")
+    __slots__ = ("ctime", "digest", "ident", "mode", "present", "queues", "slots", "spans", "summed", "unpack")
 
     def __init__(self, ident: tuple[int, int, int], unpack: struct.Struct, slots: list[int], queues: set[str],
                  summed: bool, mode: str) -> None:
@@ -79,10 +77,6 @@ class _Layout:
         self.digest = b""
         self.unpack = unpack
         self.slots = slots
-        # The usual case: a file's series were numbered in a row when the first such file was read,
-        # so the merge can add its values as one block (see _merge_files).
-        first = slots[0] if slots else 0
-        self.run = first if slots == list(range(first, first + len(slots))) else None
         self.present = frozenset(slots)
         self.queues = frozenset(queues)
         self.summed = summed
@@ -402,7 +396,7 @@ class DirectoryCollector:
         acc = [0.0] * len(self._meta)
         best: dict[int, tuple[float, float]] = {}
         present: set[int] = set()
-        alike: dict[int, tuple[_Layout, list[tuple[float, ...]]]] = {}
+        alike: dict[int, tuple[list[int], list[tuple[float, ...]]]] = {}
         laid_out: set[int] = set()
         for layout, raw in loaded:
             if id(layout.slots) not in laid_out:  # files laid out alike hold the same series: add them once
@@ -411,7 +405,7 @@ class DirectoryCollector:
                 stats.queues_seen.update(layout.queues)
             if layout.summed:
                 # Values of files laid out alike are added column by column first (in C), then placed once.
-                alike.setdefault(id(layout.slots), (layout, []))[1].append(raw)
+                alike.setdefault(id(layout.slots), (layout.slots, []))[1].append(raw)
                 continue
             mode = layout.mode
             for i, v, t in zip(layout.slots, raw[0::2], raw[1::2], strict=True):
@@ -419,14 +413,10 @@ class DirectoryCollector:
                 if old is None or (v < old[0] if mode in ("min", "livemin") else v > old[0]
                                    if mode in ("max", "livemax") else t > old[1]):
                     best[i] = (v, t)
-        for layout, columns in alike.values():
+        for slots, columns in alike.values():
             totals = columns[0] if len(columns) == 1 else map(sum, zip(*columns, strict=True))
-            if layout.run is not None:
-                start, stop = layout.run, layout.run + len(layout.slots)
-                acc[start:stop] = map(operator.add, acc[start:stop], totals)
-            else:
-                for i, v in zip(layout.slots, totals, strict=True):
-                    acc[i] += v
+            for i, v in zip(slots, totals, strict=True):
+                acc[i] += v
         present.discard(0)
         for i, (v, _) in best.items():
             acc[i] = v

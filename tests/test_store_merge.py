@@ -236,8 +236,8 @@ def test_struct_fallback_writes_the_same_bytes_as_the_view(tmp_path: pytest.Temp
 
 
 def test_a_bound_spelled_two_ways_and_a_garbage_key_still_add_up(tmp_path: pytest.TempPathFactory) -> None:
-    """The merge's slow paths: two series for one bucket bound (our `1`, prometheus-client's `1.0`), and a
-    file whose series are not numbered in a row because a garbage key sits among them."""
+    """Two series for one bucket bound (our `1`, prometheus-client's `1.0`) fall back to the slow histogram
+    path, and a garbage key in the middle of a file leaves the series around it intact."""
     d = str(tmp_path)
     store = Store(d)
     m.Metric(store, m.RUNTIME, (0.1, 1)).labels("a", "q").observe(0.5)
