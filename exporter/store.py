@@ -48,15 +48,22 @@ def series_key(metric: str, sample: str, labels: dict[str, str], help_text: str)
     return json.dumps([metric, sample, labels, help_text], sort_keys=True)
 
 
-def walk_entries(data: bytes) -> Iterator[tuple[str, int, int]]:
+def walk_entries(data: bytes, used: int | None = None) -> Iterator[tuple[str, int, int]]:
     """Yield (key, encoded key length, offset) of every entry in one file's bytes.
+
+    `used` is the used size the reader settled on; by default the header's.
+    A reader of a live file passes the size it read, not the header in the
+    bytes: the writer may have appended (and raised the header) between the
+    two, and the prefix it read is complete, since a writer fills an entry
+    before its header counts it.
 
     Raises ValueError on anything that is not a well-formed file, so the
     reader can count the file as damaged instead of failing the scrape.
     """
     if len(data) < 8:
         raise ValueError("shorter than its 8-byte header")
-    used = _INT.unpack_from(data, 0)[0]
+    if used is None:
+        used = _INT.unpack_from(data, 0)[0]
     if used < 8 or used > len(data):
         raise ValueError(f"header says {used} bytes used of {len(data)}")
     pos = 8
