@@ -1,20 +1,31 @@
-"""Shared fixtures: real brokers, found or failed loudly, never skipped."""
+"""Shared fixtures: real brokers, found or failed loudly, never skipped.
+
+Redis is the session's own: a private `redis-server` on a free port, started
+once per test session and killed at its end, so no test ever writes into a
+Redis it did not start. Each test that asks for `redis_url` gets a database
+index of its own on it, flushed before and after.
+"""
 
 from __future__ import annotations
 
-import fcntl
+import itertools
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
-REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))
 AMQP_HOST = os.environ.get("TEST_AMQP_HOST", "127.0.0.1")
 AMQP_PORT = int(os.environ.get("TEST_AMQP_PORT", "5672"))
 RABBIT_MGMT_PORT = int(os.environ.get("TEST_RABBIT_MGMT_PORT", "15672"))
+#: Databases of the session's redis-server; `redis_url` hands them out in turn.
+REDIS_DATABASES = 64
 
 
 def _require_port(host: str, port: int, what: str) -> None:
@@ -29,36 +40,95 @@ def _require_port(host: str, port: int, what: str) -> None:
         )
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SessionRedis:
+    """The test session's own redis-server: no persistence, its own directory."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (the tests start their own Redis); "
+                        "bash .ci/services.sh installs it", pytrace=False)
+        self.binary = binary
+        self.workdir = workdir
+        self.port = _free_port()
+        self.log_path = workdir / "redis.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir), "--logfile", str(self.log_path), "--databases", str(REDIS_DATABASES)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+                pytest.fail(f"the session's redis-server exited with {self.proc.returncode}:\n{log}", pytrace=False)
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        pytest.fail(f"the session's redis-server did not answer PING on port {self.port} within 30 s", pytrace=False)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self.proc = None
+
+
 @pytest.fixture(scope="session")
-def redis_base_url() -> str:
-    _require_port(REDIS_HOST, REDIS_PORT, "Redis")
-    return f"redis://{REDIS_HOST}:{REDIS_PORT}"
+def session_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SessionRedis]:
+    server = SessionRedis(tmp_path_factory.mktemp("session-redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_base_url(session_redis: SessionRedis) -> str:
+    """`redis://127.0.0.1:<port>` of the session's private redis-server (no database index)."""
+    return session_redis.url
+
+
+_next_db = itertools.cycle(range(1, REDIS_DATABASES))
 
 
 @pytest.fixture
 def redis_url(redis_base_url: str) -> Iterator[str]:
-    """A Redis URL on a database index no other test run on this machine holds, flushed."""
+    """A database index of its own on the session's redis-server, flushed before and after."""
     import redis
 
-    for db in range(1, 16):
-        lock = open(f"/tmp/celery-signal-exporter-test-redis-db-{db}.lock", "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            continue
-        break
-    else:
-        pytest.fail("all Redis test databases 1-15 are held by other test runs", pytrace=False)
-    url = f"{redis_base_url}/{db}"
+    url = f"{redis_base_url}/{next(_next_db)}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     try:
         yield url
     finally:
-        client.flushdb()
-        client.close()
-        lock.close()
+        try:
+            client.flushdb()
+        finally:
+            client.close()
 
 
 @pytest.fixture(scope="session")

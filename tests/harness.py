@@ -138,15 +138,15 @@ class WorkerProcess:
 
 @contextmanager
 def worker(env: dict[str, str], tmp: str, *args: str, concurrency: int = 2, pool: str = "prefork",
-           queues: str = "alpha,beta") -> Iterator[WorkerProcess]:
-    """A real `celery worker` on tests.workload_app, ready once its heartbeat is on disk."""
+           queues: str = "alpha,beta", app: str = "tests.workload_app") -> Iterator[WorkerProcess]:
+    """A real `celery worker` on `app` (tests.workload_app), ready once its heartbeat is on disk."""
     from exporter.collect import DirectoryCollector
 
     hostname = f"w{uuid.uuid4().hex[:6]}@test"
     log_path = os.path.join(tmp, f"worker-{hostname}.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.workload_app", "worker", "-P", pool,
+            [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool,
              "-c", str(concurrency), "-Q", queues, "-n", hostname, "--loglevel", "INFO", "--without-gossip",
              "--without-mingle", *args],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -21,9 +21,11 @@ SECTIONS = (
 )
 
 
-def test_every_benchmark_runs_at_tiny_size(tmp_path: os.PathLike[str]) -> None:
+def test_every_benchmark_runs_at_tiny_size(tmp_path: os.PathLike[str], redis_base_url: str) -> None:
     out = os.path.join(tmp_path, "results.md")
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    # The benchmarks' Redis (TEST_REDIS_HOST/PORT) is the session's private redis-server, never the machine's.
+    host, port = redis_base_url.split("://", 1)[1].rsplit(":", 1)
+    env = dict(os.environ, PYTHONPATH=ROOT, TEST_REDIS_HOST=host, TEST_REDIS_PORT=port)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--out", out], cwd=ROOT, env=env,

@@ -26,7 +26,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -507,15 +506,9 @@ def test_installed_command_answers_help(image_venv: Path) -> None:
 
 
 @pytest.fixture
-def redis_db() -> Iterator[str]:
-    """A Redis database of its own on the machine's Redis, emptied afterwards."""
-    import redis
-
-    url = "redis://127.0.0.1:6379/13"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
+def redis_db(redis_url: str) -> str:
+    """A Redis database of its own on the session's private redis-server, emptied before and after."""
+    return redis_url
 
 
 def test_image_serves_metrics_from_an_instrumented_worker(
