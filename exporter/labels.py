@@ -12,6 +12,8 @@ import hashlib
 
 #: The documented cap on a label value's length, in characters.
 MAX_LABEL_LENGTH: int = 200
+#: What a label value becomes once its per-process cap of distinct values is reached.
+OVERFLOW = "__overflow__"
 _HASH_CHARS = 12
 
 

@@ -36,7 +36,14 @@ class Spec:
 TASK = ("name", "queue_name")
 
 SENT = Spec("celery_task_sent", "counter", "Tasks published, counted by the producer.", TASK)
-RECEIVED = Spec("celery_task_received", "counter", "Tasks a worker took off a queue and accepted.", TASK)
+RECEIVED = Spec(
+    "celery_task_received", "counter",
+    "Task deliveries a worker took off a queue and accepted; a redelivered message counts again.", TASK,
+)
+REDELIVERED = Spec(
+    "celery_task_redelivered", "counter",
+    "Received deliveries the broker flagged as redelivered (restored or requeued after a first delivery).", TASK,
+)
 STARTED = Spec("celery_task_started", "counter", "Tasks that began executing.", TASK)
 SUCCEEDED = Spec("celery_task_succeeded", "counter", "Tasks that returned successfully.", TASK)
 FAILED = Spec(
@@ -80,6 +87,10 @@ TASKS_ACTIVE = Spec(
 DROPPED_LABELS = Spec(
     "celery_exporter_dropped_label_values", "counter",
     "Label values folded into the overflow value because a cap was reached.", ("label",),
+)
+LABELS_TRUNCATED = Spec(
+    "celery_exporter_label_values_truncated", "counter",
+    "Label values longer than the cap, cut to a prefix and a hash of the whole value.", ("label",),
 )
 HANDLER_ERRORS = Spec(
     "celery_exporter_handler_errors", "counter",
@@ -189,7 +200,7 @@ class Metric:
 
 
 ALL_SPECS: tuple[Spec, ...] = (
-    SENT, RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, REJECTED, RUNTIME, QUEUE_WAIT,
-    IN_PROGRESS, LAST_SUCCESS, HEARTBEAT, POOL_PROCESSES, TASKS_ACTIVE, DROPPED_LABELS, HANDLER_ERRORS,
-    COMPACTED,
+    SENT, RECEIVED, REDELIVERED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, REJECTED, RUNTIME, QUEUE_WAIT,
+    IN_PROGRESS, LAST_SUCCESS, HEARTBEAT, POOL_PROCESSES, TASKS_ACTIVE, DROPPED_LABELS, LABELS_TRUNCATED,
+    HANDLER_ERRORS, COMPACTED,
 )

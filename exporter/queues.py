@@ -9,9 +9,12 @@ so a lookup on the hot path is one dict access.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
+
+from .labels import OVERFLOW
 
 #: Entries any per-task lookup cache keeps; past it (routing keys made up per call, say)
 #: answers are worked out each time instead, so memory stays bounded.
@@ -19,8 +22,12 @@ CACHE_LIMIT = 4096
 
 
 class QueueResolver:
-    def __init__(self, app: Celery) -> None:
+    """Queue label values: `label` turns a queue's real name into its label value (capped, cut),
+    once per name, since every answer it gives is cached."""
+
+    def __init__(self, app: Celery, label: Callable[[str], str] = str) -> None:
         self.app = app
+        self.label = label
         self._publish: dict[tuple[Any, Any], str] = {}
         self._tags: dict[str, str] = {}
         self._bindings: dict[tuple[str, str], str] = {}
@@ -31,8 +38,9 @@ class QueueResolver:
         key = (exchange, routing_key)
         queue = self._publish.get(key)
         if queue is None:
-            queue = self._from_config(exchange, routing_key)
-            if len(self._publish) < CACHE_LIMIT:
+            queue = self.label(self._from_config(exchange, routing_key))
+            # A folded queue is not remembered, so each of its messages is counted as a fold.
+            if queue != OVERFLOW and len(self._publish) < CACHE_LIMIT:
                 self._publish[key] = queue
         return queue
 
@@ -51,7 +59,10 @@ class QueueResolver:
         return str(routing_key or exchange or "unknown")
 
     def for_message(self, consumer: Any, message: Any) -> str:
-        """The queue a worker really consumed `message` from."""
+        """The label of the queue a worker really consumed `message` from.
+
+        Called once per (task, delivery) by the worker main process, which caches the answer.
+        """
         info = getattr(message, "delivery_info", None) or {}
         task_consumer = getattr(consumer, "task_consumer", None)
         tag = info.get("consumer_tag")
@@ -63,7 +74,7 @@ class QueueResolver:
                 self._tags = {str(t): str(q) for q, t in active.items()}
                 queue = self._tags.get(str(tag))
             if queue is not None:
-                return queue
+                return self.label(queue)
         exchange, routing_key = info.get("exchange") or "", info.get("routing_key") or ""
         if task_consumer is not None:
             queues = getattr(task_consumer, "queues", None) or []
@@ -75,5 +86,5 @@ class QueueResolver:
                 self._bindings_of = len(queues)
             queue = self._bindings.get((exchange, routing_key))
             if queue is not None:
-                return str(queue)
+                return self.label(str(queue))
         return self.for_publish(exchange, routing_key)
