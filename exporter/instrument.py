@@ -28,6 +28,7 @@ from celery.states import SUCCESS
 
 from . import metrics as m
 from .buckets import parse_buckets
+from .labels import MAX_LABEL_LENGTH, OVERFLOW, cut
 from .queues import CACHE_LIMIT, QueueResolver
 from .store import Store, write_gauge
 
@@ -39,7 +40,6 @@ DUE_HEADER = "csx_due"
 #: Added by the worker main process to the request it hands to the pool, so
 #: pool processes know the queue the message really came from.
 QUEUE_HEADER = "csx_queue"
-OVERFLOW = "__overflow__"
 METRICS_DIR_ENV = ("CELERY_EXPORTER_METRICS_DIR", "PROMETHEUS_MULTIPROC_DIR")
 
 
@@ -49,6 +49,7 @@ class Options:
     runtime_buckets: tuple[float, ...] = m.DEFAULT_RUNTIME_BUCKETS
     queue_wait_buckets: tuple[float, ...] = m.DEFAULT_QUEUE_WAIT_BUCKETS
     max_task_names: int = 500
+    max_queue_names: int = 100
     ignore_tasks: frozenset[str] = frozenset()
     heartbeat_interval: float = 2.0
 
@@ -63,6 +64,7 @@ class Instrumentation:
         s = self.store
         self.sent = m.Metric(s, m.SENT)
         self.received = m.Metric(s, m.RECEIVED)
+        self.redelivered = m.Metric(s, m.REDELIVERED)
         self.started = m.Metric(s, m.STARTED)
         self.succeeded = m.Metric(s, m.SUCCEEDED)
         self.failed = m.Metric(s, m.FAILED)
@@ -74,30 +76,57 @@ class Instrumentation:
         self.in_progress = m.Metric(s, m.IN_PROGRESS)
         self.last_success = m.Metric(s, m.LAST_SUCCESS)
         self.dropped = m.Metric(s, m.DROPPED_LABELS)
+        self.truncated = m.Metric(s, m.LABELS_TRUNCATED)
         self.handler_errors = m.Metric(s, m.HANDLER_ERRORS)
-        self.queues = QueueResolver(app)
-        self._names: set[str] = set()
+        self.queues = QueueResolver(app, self.queue_label)
+        # Raw value -> label value, for the names and queues below their caps.
+        self._names: dict[str, str] = {}
+        self._queue_labels: dict[str, str] = {}
         # task id -> (start, its series), for runtime and in-progress.
         self._running: dict[str, tuple[float, _TaskSeries]] = {}
         self._series: dict[tuple[Any, Any], _TaskSeries] = {}
         self._sent: dict[tuple[Any, Any, Any], m.Series] = {}
-        self._received: dict[tuple[Any, Any, Any, Any], tuple[str, m.Series | None]] = {}
+        # (task, delivery) -> (queue label, received series, redelivered series); no series if ignored.
+        self._received: dict[tuple[Any, Any, Any, Any], tuple[str, m.Series | None, m.Series | None]] = {}
         self._logged_errors: set[str] = set()
 
     # -- helpers -------------------------------------------------------------
 
     def task_name(self, raw: Any) -> str | None:
-        """The label value for a task name: None if ignored, folded past the cap."""
+        """The label value for a task name: None if ignored, folded past the cap, cut if too long."""
         name: str = raw if isinstance(raw, str) else str(raw)
-        if name in self._names:
-            return name
+        label = self._names.get(name)
+        if label is not None:
+            return label
         if name in self.options.ignore_tasks:
             return None
         if len(self._names) < self.options.max_task_names:
-            self._names.add(name)
-            return name
+            label = self._names[name] = self.cut(name, "name")
+            return label
         self.dropped.labels("name").inc()
         return OVERFLOW
+
+    def queue_label(self, queue: str) -> str:
+        """The label value for a queue name, folded past `max_queue_names`, cut if too long.
+
+        Routing keys can be made up per call, so queue names need a cap like task names.
+        QueueResolver calls it only when an answer is not cached, so not per task.
+        """
+        label = self._queue_labels.get(queue)
+        if label is not None:
+            return label
+        if len(self._queue_labels) < self.options.max_queue_names:
+            label = self._queue_labels[queue] = self.cut(queue, "queue_name")
+            return label
+        self.dropped.labels("queue_name").inc()
+        return OVERFLOW
+
+    def cut(self, value: str, label: str) -> str:
+        """`value` cut to the label length cap, counting the cut. Called once per new value."""
+        short = cut(value)
+        if short is not value:
+            self.truncated.labels(label).inc()
+        return short
 
     def handler_failed(self, signal: str, exc: BaseException) -> None:
         try:
@@ -152,8 +181,10 @@ class Instrumentation:
                 name = self.task_name(sender)
                 if name is None:
                     return
-                series = self.sent.labels(name, self.queues.for_publish(exchange, routing_key))
-                if name != OVERFLOW and len(self._sent) < CACHE_LIMIT:
+                queue = self.queues.for_publish(exchange, routing_key)
+                series = self.sent.labels(name, queue)
+                # Folds are not remembered, so that every folded publish is counted as one.
+                if name != OVERFLOW and queue != OVERFLOW and len(self._sent) < CACHE_LIMIT:
                     self._sent[key] = series
             series.inc()
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
@@ -172,13 +203,21 @@ class Instrumentation:
             if known is None:
                 queue = self.queues.for_message(sender, message)
                 name = self.task_name(request.name)
-                known = (queue, self.received.labels(name, queue) if name is not None else None)
-                if name != OVERFLOW and len(self._received) < CACHE_LIMIT:
+                if name is None:
+                    known = (queue, None, None)
+                else:
+                    again = self.redelivered.labels(name, queue)
+                    again.inc(0)  # at 0 beside received, so that received - redelivered always works
+                    known = (queue, self.received.labels(name, queue), again)
+                if name != OVERFLOW and queue != OVERFLOW and len(self._received) < CACHE_LIMIT:
                     self._received[key] = known
-            queue, series = known
+            queue, series, redelivered = known
             request.request_dict[QUEUE_HEADER] = queue
             if series is not None:
                 series.inc()
+                # Set by the broker (AMQP) or by kombu when it restores an unacked message (Redis).
+                if info.get("redelivered") and redelivered is not None:
+                    redelivered.inc()
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
             self.handler_failed("task_received", exc)
 
@@ -374,8 +413,25 @@ def exception_name(exception: BaseException | None) -> str:
     if name == "UnpickleableExceptionWrapper":
         wrapped = getattr(exception, "exc_cls_name", None)
         if isinstance(wrapped, str) and wrapped:
-            return wrapped
+            name = wrapped
+    if len(name) > MAX_LABEL_LENGTH:  # a class made at run time can have any name
+        return _long_exception_name(name)
     return name
+
+
+_long_exceptions: dict[str, str] = {}
+
+
+def _long_exception_name(name: str) -> str:
+    """A too-long exception class name cut, the cut counted once per name and process."""
+    short = _long_exceptions.get(name)
+    if short is None:
+        short = cut(name)
+        if _active is not None:
+            _active.truncated.labels("exception").inc()
+        if len(_long_exceptions) < CACHE_LIMIT:
+            _long_exceptions[name] = short
+    return short
 
 
 def _timestamp(eta: Any) -> float:
@@ -434,6 +490,7 @@ def instrument(
     runtime_buckets: Sequence[float] | str | None = None,
     queue_wait_buckets: Sequence[float] | str | None = None,
     max_task_names: int = 500,
+    max_queue_names: int = 100,
     ignore_tasks: Iterable[str] = (),
     heartbeat_interval: float = 2.0,
 ) -> Instrumentation:
@@ -450,8 +507,9 @@ def instrument(
     queue_wait = check_buckets(
         _or_env(queue_wait_buckets, "QUEUE_WAIT_BUCKETS", m.DEFAULT_QUEUE_WAIT_BUCKETS), "queue_wait_buckets"
     )
-    if isinstance(max_task_names, bool) or not isinstance(max_task_names, int) or max_task_names < 1:
-        raise ValueError(f"max_task_names: must be a whole number of at least 1, not {max_task_names!r}")
+    for option, cap in (("max_task_names", max_task_names), ("max_queue_names", max_queue_names)):
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise ValueError(f"{option}: must be a whole number of at least 1, not {cap!r}")
     if _active is not None:
         return _active
     options = Options(
@@ -459,6 +517,7 @@ def instrument(
         runtime_buckets=runtime,
         queue_wait_buckets=queue_wait,
         max_task_names=max_task_names,
+        max_queue_names=max_queue_names,
         ignore_tasks=frozenset(ignore_tasks),
         heartbeat_interval=heartbeat_interval,
     )

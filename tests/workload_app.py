@@ -191,6 +191,42 @@ def names(n: int) -> dict[str, Any]:
     return {}
 
 
+#: Two registered 100 KB names that differ only at their end: the label-length test.
+LONG_NAMES = ["t.long_" + "x" * 100_000 + end for end in ("a", "b")]
+#: A 100 KB routing key no queue is bound to: the producer labels `sent` with the key itself.
+LONG_QUEUE = "q" * 100_000
+
+for _long in LONG_NAMES:
+    app.task(name=_long)(_noop)
+
+
+@app.task(name="t.raise_long")
+def raise_long() -> None:
+    raise type("E" * 100_000, (Exception,), {})("a 100 KB exception class name")
+
+
+def long_labels() -> dict[str, Any]:
+    for name in LONG_NAMES:
+        app.send_task(name, queue="alpha")
+    raise_long.delay()
+    app.send_task("t.ok", exchange="alpha", routing_key=LONG_QUEUE)
+    return {}
+
+
+def routing_keys(n: int) -> dict[str, Any]:
+    """One task published to n routing keys no queue is bound to: n queue names on the producer side."""
+    for i in range(n):
+        app.send_task("t.ok", exchange="alpha", routing_key=f"rk.{i}")
+    return {}
+
+
+def to_queues(n: int) -> dict[str, Any]:
+    """One t.ok to each of the queues cap.0 ... cap.<n-1>."""
+    for i in range(n):
+        ok.apply_async((i,), queue=f"cap.{i}")
+    return {}
+
+
 if __name__ == "__main__":
     scenario, *args = sys.argv[1:]
     result = globals()[scenario](*map(int, args))

@@ -295,11 +295,13 @@ def tasks(c: Config) -> Dashboard:
     lay.add(
         _ts(
             "Runs by outcome",
-            "Tasks received, started, succeeded, failed and retried per second, by task.",
+            "Tasks received, started, succeeded, failed and retried per second, by task. Received counts "
+            "deliveries: redelivered ones (restored after a worker stopped, or requeued) count again, and are "
+            "shown apart.",
             "ops",
             *[
                 (f"sum by (name) (rate({_q(f'celery_task_{o}_total', *qt)}[{RATE}]))", f"{{{{name}}}} {o}")
-                for o in ("received", "started", "succeeded", "failed", "retried")
+                for o in ("received", "redelivered", "started", "succeeded", "failed", "retried")
             ],
         )
     )
@@ -531,8 +533,9 @@ def queues(c: Config) -> Dashboard:
     lay.add(
         _ts(
             "Instrumentation errors",
-            "Signal receivers that raised (swallowed so the task is unharmed) and label values folded into "
-            "__overflow__ once max_task_names was reached. Both should stay flat at 0.",
+            "Signal receivers that raised (swallowed so the task is unharmed), label values folded into "
+            "__overflow__ once max_task_names or max_queue_names was reached, and label values cut to "
+            "200 characters. All should stay flat at 0.",
             "ops",
             (
                 f"sum by (signal) (rate({_q('celery_exporter_handler_errors_total')}[{RATE}]))",
@@ -541,6 +544,10 @@ def queues(c: Config) -> Dashboard:
             (
                 f"sum by (label) (rate({_q('celery_exporter_dropped_label_values_total')}[{RATE}]))",
                 "{{label}} dropped",
+            ),
+            (
+                f"sum by (label) (rate({_q('celery_exporter_label_values_truncated_total')}[{RATE}]))",
+                "{{label}} truncated",
             ),
         ),
         w=8,
