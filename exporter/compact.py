@@ -32,12 +32,32 @@ MultiProcessCollector accepts (``<kind>_archive.db``: the part after the kind
 is only a pid label for mode ``all`` gauges, which are never archived). The
 stock collector does not look into staging directories, so between steps 1
 and 2 it reads a little low; our collector does not.
+
+Dead writers' live-gauge files are reaped first, in their own pass under the
+same lock (``reap``). A run still counted in ``celery_task_in_progress`` when
+its process died started and never finished: the reaper writes it as a
+``celery_task_failed_total{exception="WorkerLostError"}`` counter file under a
+name derived from the live file (made whole under a temporary name, fsynced,
+linked into place), and only then unlinks the live file. A crash in between
+leaves both; the next reaper finds the counter file under the same name and
+does not write it again, and the counter file is never staged before its live
+file is gone, so every lost run is counted once, by whoever reaps it, whatever
+the pool and whether or not Celery requeues the message.
+
+A tick costs what the worker's own files cost, not what the directory holds:
+the listing is re-read only when the directory's mtime changed (or changed
+too recently to be trusted), and a file judged foreign or damaged is not
+opened again while its name keeps its inode, for `VERDICT_TTL` seconds at
+most. That memory is rebuilt from each new listing, so it never outgrows the
+directory.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
+import math
 import os
 import re
 import stat
@@ -48,7 +68,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .metrics import COMPACTED
+from .metrics import COMPACTED, FAILED, IN_PROGRESS
 from .store import MAGIC, encode_entries, read_entries, series_key
 
 log = logging.getLogger("celery_signal_exporter")
@@ -64,8 +84,25 @@ MERGE_RULES: dict[str, str] = {
 _SOURCE = re.compile(r"^(counter|histogram|gauge_sum|gauge_max|gauge_min|gauge_mostrecent)_([0-9][0-9-]*)\.db$")
 _STAGING = re.compile(r"^\.compact-(\d+)$")
 _TMP = re.compile(r"^\..+\.tmp$")
-_LIVE = re.compile(r"^gauge_live[a-z]+_[0-9][0-9-]*\.db$")
+_LIVE = re.compile(r"^gauge_live[a-z]+_([0-9][0-9-]*)\.db$")
+#: A live file name's pid, for files without our tag (judged by the pid, in the worker main only).
+_LIVE_PID = re.compile(r"^gauge_live[a-z]+_(\d+)(?:-\d+)?\.db$")
+#: Counter files the reaper writes for lost runs: `counter_<live file's id>-<inode>-<mtime_ns>.db`.
+#: Our writers never name a file with two dashes, so these never collide with a process's file.
+_LOST_RUNS = re.compile(r"^counter_[0-9]+(?:-[0-9]+){2,}\.db$")
+#: Every name a tick has to look at; the rest of a listing is ignored by name alone.
+_WORK = re.compile(
+    r"^(?:\..+\.tmp|gauge_live[a-z]+_[0-9][0-9-]*\.db"
+    r"|(?:counter|histogram|gauge_sum|gauge_max|gauge_min|gauge_mostrecent)_[0-9][0-9-]*\.db)$")
 _GEN = struct.Struct("<I")
+#: Seconds a verdict that a file is foreign or damaged is trusted before the file is opened again.
+#: Without a bound, a file a process later adopts in place (store.open_owned tags an untagged file
+#: under its own name; the directory's mtime does not change) would never be compacted.
+VERDICT_TTL = 1800.0
+#: A listing taken less than this long after the directory's mtime is not trusted: mtimes have
+#: coarse granularity, and a change within the same clock tick as the listing would not show.
+LISTING_SETTLE_NS = 2_000_000_000
+LOST_EXCEPTION = "WorkerLostError"
 
 Entries = dict[str, tuple[float, float]]
 COMPACTED_KEY = series_key(COMPACTED.name, COMPACTED.name + "_total", {}, COMPACTED.help)
@@ -166,13 +203,92 @@ class CompactResult:
     """What one compaction did, for logs, tests and benchmarks."""
 
     busy: bool = False  # another compactor held the lock; nothing done
-    absorbed: int = 0  # dead files folded into archives this time
+    absorbed: int = 0  # dead processes' files folded into archives this time (not the reaper's own)
     live: int = 0  # files skipped because their writer is alive
     remaining: int = 0  # dead files left for the next call (over max_files)
     reaped: int = 0  # live-gauge files of dead writers, removed
+    lost_runs: int = 0  # runs found in progress in reaped files, counted as WorkerLostError
+    opened: int = 0  # files opened to be judged: what a tick costs, whatever else the directory holds
+    relisted: bool = False  # the directory was listed again (it changed, or the last listing was too fresh)
     damaged: list[str] = field(default_factory=list)  # unreadable files, left where they are
     errors: list[str] = field(default_factory=list)  # archives that could not be read or written
+    reap_errors: list[str] = field(default_factory=list)  # dead live files left for the next tick, and why
 
+
+class _View:
+    """What this process knows about one directory between ticks, so that a tick re-reads only
+    what may have changed. Used only under the directory's exclusive lock.
+
+    `work` holds the names a tick must judge every time (live writers' files, dead ones not yet
+    compacted, temporary files); `verdicts` the names judged foreign or damaged, with the inode
+    judged, left unopened until their deadline. Both are rebuilt from each new listing.
+    """
+
+    def __init__(self) -> None:
+        self.stamp: tuple[int, int, int] | None = None
+        self.trusted = False
+        self.staging: dict[int, str] = {}
+        self.work: dict[str, int] = {}  # name -> inode as listed
+        self.verdicts: dict[str, tuple[int, float]] = {}  # name -> (inode, monotonic time to look again)
+        self.ignored: set[str] = set()  # names no tick looks at, whatever their inode
+        self.next_look = math.inf
+
+    def refresh(self, directory: str) -> bool:
+        """Re-list if the directory changed; put back verdicts that are due. True if re-listed."""
+        st = os.stat(directory)
+        stamp = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        now = time.monotonic()
+        if stamp == self.stamp and self.trusted:
+            if now >= self.next_look:
+                self._requeue(now)
+            return False
+        listed = {entry.name: entry.inode() for entry in os.scandir(directory)}
+        self.stamp = stamp
+        self.trusted = time.time_ns() - st.st_mtime_ns >= LISTING_SETTLE_NS
+        verdicts: dict[str, tuple[int, float]] = {}
+        work: dict[str, int] = {}
+        ignored: set[str] = set()
+        staging: list[str] = []
+        for name in sorted(listed):
+            inode = listed[name]
+            if name in self.ignored:
+                ignored.add(name)
+                if name.startswith(STAGING_PREFIX):
+                    staging.append(name)
+                continue
+            known = self.verdicts.get(name)
+            if known is not None and known[0] == inode and known[1] > now:
+                verdicts[name] = known
+            elif _WORK.match(name):
+                work[name] = inode
+            else:
+                ignored.add(name)
+                if name.startswith(STAGING_PREFIX):
+                    staging.append(name)
+        self.verdicts, self.work, self.ignored = verdicts, work, ignored
+        self.staging = staging_dirs(staging)
+        self.next_look = min((t for _, t in verdicts.values()), default=math.inf)
+        return True
+
+    def _requeue(self, now: float) -> None:
+        due = [name for name, (_, t) in self.verdicts.items() if t <= now]
+        for name in due:
+            self.work[name] = self.verdicts.pop(name)[0]
+        self.next_look = min((t for _, t in self.verdicts.values()), default=math.inf)
+
+    def judged(self, name: str, inode: int, look_again_in: float) -> None:
+        """Not to be opened again for `look_again_in` seconds while `name` keeps `inode`."""
+        self.work.pop(name, None)
+        when = time.monotonic() + look_again_in
+        self.verdicts[name] = (inode, when)
+        self.next_look = min(self.next_look, when)
+
+    def gone(self, name: str) -> None:
+        self.work.pop(name, None)
+
+
+#: directory -> its view; one per directory this process compacts (normally one).
+_views: dict[str, _View] = {}
 
 #: archive path -> (its stat identity, generation, entries): the archive as this process last
 #: read or wrote it, so a compaction tick does not parse megabytes it already knows.
@@ -247,18 +363,56 @@ def _write_archive(directory: str, kind: str, entries: Entries, generation: int)
     os.rename(tmp, path)
 
 
-def compact(directory: str, max_files: int = 5000, _crash_after: str = "") -> CompactResult:
-    """Fold the files of dead writers into the archives. Safe to call from anywhere, any time.
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"  # a zombie is dead
+    except (OSError, IndexError):
+        return True
 
-    Bounded work: at most `max_files` dead files are absorbed per call.
-    `_crash_after` ("stage" or "archive") is for tests: stop as a crash would.
+
+def reap(directory: str, by_pid: bool = False) -> CompactResult:
+    """Only the reaping pass of `compact()`, under the same lock: for the worker's start."""
+    result = CompactResult()
+    with directory_lock(directory, exclusive=True) as held:
+        if not held:
+            result.busy = True
+            return result
+        view = _views.setdefault(directory, _View())
+        result.relisted = view.refresh(directory)
+        _reap_pass(directory, view, result, by_pid)
+    return result
+
+
+def compact(directory: str, max_files: int = 5000, _crash_after: str = "", by_pid: bool = False) -> CompactResult:
+    """Reap dead writers' live gauges, then fold dead writers' files into the archives.
+
+    Safe to call from anywhere, any time. Bounded work: at most `max_files`
+    dead files are absorbed per call. `by_pid`: also remove live-gauge files
+    without our tag whose pid is dead; only a worker main may ask for that,
+    since a pid means something in its own pid namespace only.
+    `_crash_after` ("reap_link", "stage" or "archive") is for tests: stop as a crash would.
     """
     result = CompactResult()
     with directory_lock(directory, exclusive=True) as held:
         if not held:
             result.busy = True
             return result
-        names = os.listdir(directory)
+        view = _views.setdefault(directory, _View())
+        result.relisted = view.refresh(directory)
+
+        # 0. Live gauges of dead writers, their lost runs written as counter files first. A pass
+        #    of its own, so no counter file it writes is staged while its live file still exists.
+        _reap_pass(directory, view, result, by_pid, _crash_after)
+        if _crash_after == "reap_link":
+            return result
+
         generations = {kind: _header_generation(os.path.join(directory, archive_name(kind))) for kind in MERGE_RULES}
         archives: dict[str, Entries | None] = {}  # read only for kinds with work to do; None: damaged
 
@@ -272,29 +426,30 @@ def compact(directory: str, max_files: int = 5000, _crash_after: str = "") -> Co
                     archives[kind] = None
             return archives[kind]
 
-        staged = staging_dirs(names)
+        staged = dict(view.staging)
         new_gen = max([0, *generations.values(), *staged]) + 1
 
         # 1. Move dead writers' files into the new staging directory.
         stage = os.path.join(directory, f"{STAGING_PREFIX}{new_gen}")
         moved = 0
-        for name in sorted(names):
-            if _TMP.match(name):
-                _remove_abandoned_tmp(os.path.join(directory, name))
-                continue
+        for name in sorted(view.work):
             source_kind = kind_of(name)
-            if source_kind is None and _LIVE.match(name):
-                result.reaped += _reap_live(os.path.join(directory, name))
-                continue
             if source_kind is None:
                 continue
             path = os.path.join(directory, name)
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-            except OSError:
+            except FileNotFoundError:
+                view.gone(name)
                 continue
+            except OSError:
+                view.judged(name, view.work[name], VERDICT_TTL)  # unreadable: not ours to judge
+                continue
+            result.opened += 1
             try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode) or os.pread(fd, 8, 0)[4:8] != MAGIC:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or os.pread(fd, 8, 0)[4:8] != MAGIC:
+                    view.judged(name, st.st_ino, VERDICT_TTL)
                     continue  # not written by us: its writer holds no lock to judge by
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -310,16 +465,19 @@ def compact(directory: str, max_files: int = 5000, _crash_after: str = "") -> Co
                     list(read_entries(_read(path)))
                 except (OSError, ValueError) as exc:
                     result.damaged.append(f"{name}: {exc}")  # left where it is; the reader counts it
+                    view.judged(name, st.st_ino, VERDICT_TTL)
                     continue
-                st, now = os.fstat(fd), os.stat(path)
+                now = os.stat(path)
                 if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
                     continue
                 if moved == 0:
                     os.makedirs(stage, exist_ok=True)
                     staged[new_gen] = os.path.basename(stage)
                 os.rename(path, os.path.join(stage, name))  # still locked: no writer can take it now
+                view.gone(name)
                 moved += 1
             except FileNotFoundError:
+                view.gone(name)
                 continue
             finally:
                 os.close(fd)
@@ -342,7 +500,7 @@ def compact(directory: str, max_files: int = 5000, _crash_after: str = "") -> Co
             entries = archive(kind)
             if entries is None:
                 continue
-            absorbed = 0
+            absorbed = processes = 0
             for gen, name in files:
                 if gen <= generations[kind]:
                     continue  # the full read of the archive knows better than its header did
@@ -350,13 +508,14 @@ def compact(directory: str, max_files: int = 5000, _crash_after: str = "") -> Co
                 try:
                     merge_into(entries, read_entries(_read(path)), MERGE_RULES[kind])
                     absorbed += 1
+                    processes += not _LOST_RUNS.match(name)  # a reaper's file is no process
                 except (OSError, ValueError) as exc:
                     damaged.add(path)
                     result.damaged.append(f"{staged[gen]}/{name}: {exc}")
             if not absorbed:
                 continue
-            if kind == "counter":  # one counter file per process: the count is exact, and atomic with it
-                entries[COMPACTED_KEY] = (entries.get(COMPACTED_KEY, (0.0, 0.0))[0] + absorbed, 0.0)
+            if kind == "counter" and processes:  # one counter file per process: exact, and atomic with it
+                entries[COMPACTED_KEY] = (entries.get(COMPACTED_KEY, (0.0, 0.0))[0] + processes, 0.0)
             try:
                 _write_archive(directory, kind, entries, new_gen)
                 _remember_archive(os.path.join(directory, archive_name(kind)), new_gen, entries)
@@ -364,7 +523,7 @@ def compact(directory: str, max_files: int = 5000, _crash_after: str = "") -> Co
                 result.errors.append(f"{archive_name(kind)}: {exc}")  # staged files stay counted
                 continue
             written[kind] = new_gen
-            result.absorbed += absorbed
+            result.absorbed += absorbed if kind != "counter" else processes  # processes' files, not the reaper's
         if written:
             _fsync_dir(directory)
         if _crash_after == "archive":
@@ -387,44 +546,203 @@ def compact(directory: str, max_files: int = 5000, _crash_after: str = "") -> Co
     return result
 
 
-def _reap_live(path: str) -> int:
-    """Remove a live-gauge file whose writer is dead: its values speak for nobody. 1 if removed."""
+def _reap_pass(directory: str, view: _View, result: CompactResult, by_pid: bool, _crash_after: str = "") -> None:
+    """Remove dead writers' live-gauge files (their lost runs counted first) and abandoned temporary files."""
+    for name in sorted(view.work):
+        if _TMP.match(name):
+            look_again = _remove_abandoned_tmp(os.path.join(directory, name))
+            if look_again is None:
+                view.gone(name)
+            else:
+                view.judged(name, view.work[name], look_again)
+            result.opened += 1
+            continue
+        match = _LIVE.match(name)
+        if match is None:
+            continue
+        verdict = _reap_live(directory, name, match.group(1), by_pid, result, _crash_after)
+        if isinstance(verdict, tuple):  # reaped; the counter file of its lost runs, if any, is staged next
+            result.reaped += 1
+            view.gone(name)
+            if verdict[0]:
+                view.work[verdict[0]] = verdict[1]
+        elif verdict == "gone":
+            view.gone(name)
+        elif isinstance(verdict, int):  # foreign or damaged: the inode judged
+            view.judged(name, verdict, VERDICT_TTL)
+
+
+def _reap_live(directory: str, name: str, file_id: str, by_pid: bool, result: CompactResult,
+               _crash_after: str = "") -> str | int | tuple[str, int]:
+    """Judge one live-gauge file: 'alive', 'gone', the inode of a foreign or damaged file, or, once
+    reaped, (the name of the counter file its lost runs went to, or "", that file's inode).
+
+    A file with our tag is dead when its writer's lock is free; one without,
+    when `by_pid` and the pid in its name is dead. A damaged file is never
+    removed: its values cannot be read, so its lost runs could not be counted.
+    """
+    path = os.path.join(directory, name)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return "gone"
     except OSError:
-        return 0
+        return "alive"  # unreadable now (permissions?): tried again next tick
+    result.opened += 1
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.pread(fd, 8, 0)[4:8] != MAGIC:
-            return 0
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        st, now = os.fstat(fd), os.stat(path)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return st.st_ino
+        head = os.pread(fd, 8, 0)
+        if head[4:8] != MAGIC:
+            return _reap_untagged(path, fd, st, head, by_pid)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: alive; no flock on this filesystem: taken for alive
+            return "alive"
+        now = os.stat(path)
         if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
-            return 0
-        os.unlink(path)
-        return 1
-    except OSError:  # BlockingIOError: alive; FileNotFoundError: gone already
-        return 0
+            return "gone"  # replaced since it was opened: the new one is judged next tick
+        try:
+            lost = _lost_runs(_read(path))
+        except (OSError, ValueError) as exc:
+            result.damaged.append(f"{name}: {exc}")
+            return st.st_ino
+        counted = ""
+        if lost:
+            counted = os.path.join(directory, f"counter_{file_id}-{st.st_ino}-{st.st_mtime_ns}.db")
+            try:
+                _write_lost_runs(directory, counted, lost)
+            except OSError as exc:
+                result.reap_errors.append(f"{name}: lost runs not written: {exc}")
+                return "alive"  # the live file stays, so the runs are counted on a later tick
+            result.lost_runs += int(sum(lost.values()))
+            if _crash_after == "reap_link":
+                return "alive"
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return "gone"
+        except OSError as exc:
+            # The live file must go before its counter file may be compacted: undo, retry next tick.
+            if counted:
+                try:
+                    os.unlink(counted)
+                    result.lost_runs -= int(sum(lost.values()))
+                except OSError:
+                    pass
+            result.reap_errors.append(f"{name}: not removed: {exc}")
+            return "alive"
+        if not counted:
+            return ("", 0)
+        try:
+            return (os.path.basename(counted), os.stat(counted).st_ino)
+        except OSError:
+            return ("", 0)
+    except FileNotFoundError:
+        return "gone"
+    except OSError:
+        return "alive"
     finally:
         os.close(fd)
 
 
-def _remove_abandoned_tmp(path: str, min_age: float = 60.0) -> None:
+def _reap_untagged(path: str, fd: int, st: os.stat_result, head: bytes, by_pid: bool) -> str | int | tuple[str, int]:
+    """A live file without our tag (prometheus-client's, or an old version's): by its pid, or not at all.
+
+    Its in-progress runs are not counted: a writer without our tag is not ours, or
+    is an older version of us that counted its lost runs itself.
+    """
+    used = int.from_bytes(head[:4], "little", signed=True)
+    if len(head) < 8 or used < 8 or used > st.st_size:
+        return st.st_ino  # damaged: never removed
+    match = _LIVE_PID.match(os.path.basename(path))
+    if not by_pid or match is None:
+        return st.st_ino  # nobody here can judge it
+    pid = int(match.group(1))
+    if pid == os.getpid() or pid_alive(pid):
+        return "alive"
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return "gone"
+    except OSError:
+        return "alive"
+    return ("", 0)
+
+
+_IN_PROGRESS_JSON = json.dumps(IN_PROGRESS.name)
+
+
+def _lost_runs(data: bytes) -> dict[str, float]:
+    """The WorkerLostError counter entries for the runs a dead writer's live file still shows in progress."""
+    lost: dict[str, float] = {}
+    for key, value, _ in read_entries(data):
+        if value <= 0 or not key.startswith("[" + _IN_PROGRESS_JSON):
+            continue
+        metric, _sample, labels, _help = json.loads(key)
+        if metric != IN_PROGRESS.name or not isinstance(labels, dict):
+            continue
+        failed = series_key(FAILED.name, FAILED.name + "_total", {
+            "name": str(labels.get("name", "")), "queue_name": str(labels.get("queue_name", "")),
+            "exception": LOST_EXCEPTION}, FAILED.help)
+        lost[failed] = lost.get(failed, 0.0) + round(value)
+    return {k: v for k, v in lost.items() if v > 0}
+
+
+def _write_lost_runs(directory: str, path: str, lost: dict[str, float]) -> None:
+    """A dead counter file holding `lost`, made whole and durable before it appears under `path`.
+
+    If `path` exists, an earlier reaper wrote it and died before removing the
+    live file: it already counts these runs, and is not written again.
+    """
+    if os.path.lexists(path):
+        return
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    data = encode_entries([(k, v, 0.0) for k, v in sorted(lost.items())], MAGIC)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, len(data))
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    _fsync_dir(directory)  # the counter file is on disk before the live file goes
+
+
+def _remove_abandoned_tmp(path: str, min_age: float = 60.0) -> float | None:
     """A writer's or compactor's temporary file whose creator died before renaming it.
 
     Only old ones: a writer creates its file before it locks it, and a young
-    unlocked file may be one being made right now.
+    unlocked file may be one being made right now. Returns None once the file
+    is gone, else the seconds until it is worth looking at again.
     """
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
     except OSError:
-        return
+        return VERDICT_TTL
     try:
-        if time.time() - os.fstat(fd).st_mtime < min_age:
-            return
+        age = time.time() - os.fstat(fd).st_mtime
+        if age < min_age:
+            return max(1.0, min_age - age + 1.0)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.unlink(path)
+        return None
+    except FileNotFoundError:
+        return None
     except OSError:
-        pass
+        return min_age
     finally:
         os.close(fd)
 

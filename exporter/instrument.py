@@ -305,6 +305,15 @@ class Instrumentation:
             self.handler_failed("task_postrun", exc)
 
     def on_failure(self, sender: Any = None, exception: BaseException | None = None, **_: Any) -> None:
+        from celery.exceptions import WorkerLostError
+
+        # A lost run is counted by the reaper (compact.py), from the dead process's in-progress gauge,
+        # exactly once. Celery sends task_failure(WorkerLostError) from the worker main only when it
+        # does not requeue the message (Request.on_failure: not acks_late + reject_on_worker_lost), so
+        # counting it here would count that run twice, and a requeued run not at all. Skipping it is
+        # exact: every run whose prerun counted it and whose postrun never came is reaped as one.
+        if isinstance(exception, WorkerLostError):
+            return
         name = self.task_name(sender.name)
         if name is not None:
             kind = exception_name(exception)

@@ -1,26 +1,39 @@
 """The worker side of the catalogue, recorded by the worker main process.
 
-A consumer bootstep ticks on the worker's own timer (no extra thread, so
-nothing can hold a lock across the prefork pool's fork). Each tick writes the
-heartbeat, pool size and active task count, and removes the live-gauge files
-of processes that died without saying so (SIGKILLed or OOM-killed children),
-so their in-progress gauges disappear while their counters stay.
+A consumer bootstep ticks every `heartbeat_interval` seconds. Each tick writes
+the heartbeat, pool size and active task count, then runs `compact()`, which
+first removes the live-gauge files of processes that died without saying so
+(SIGKILLed or OOM-killed children, a killed worker), counting the runs they
+still had in progress as lost, so their in-progress gauges disappear while
+their counters stay.
+
+Where the tick runs depends on the pool:
+
+- prefork, threads, gevent, eventlet: on the consumer's own timer. No thread
+  for prefork, so nothing can hold a lock across the pool's fork. Under
+  gevent and eventlet the timer is a greenlet: it ticks only while tasks
+  cooperate (yield to the hub); a task that blocks the hub for longer than
+  the exporter's ``--worker-timeout`` makes the worker read down.
+- solo: on a small daemon thread. The solo pool runs each task inside the
+  consumer's event loop, so its timer does not tick while a task runs, and a
+  task longer than ``--worker-timeout`` would read as a dead worker with no
+  pool. The store has its own lock, and solo never forks.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-import stat
+import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, bootsteps, signals
 
 from . import metrics as m
-from .compact import compact, directory_lock
-from .store import MAGIC, held_by_a_live_writer
+from .compact import compact, directory_lock, reap
+from .compact import pid_alive as pid_alive  # where the tests and older callers look for it
 
 if TYPE_CHECKING:
     from .instrument import Instrumentation
@@ -29,77 +42,46 @@ log = logging.getLogger("celery_signal_exporter")
 
 #: Dead files folded per heartbeat tick at most, so one tick never stalls the worker for long.
 COMPACT_MAX_FILES = 2000
-_LIVE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)(?:-\d+)?\.db$")
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"  # a zombie is dead
-    except (OSError, IndexError):
-        return True
+def reap_dead_processes(directory: str) -> int:
+    """Remove live-gauge files whose writer is gone, counting their lost runs; how many were removed.
 
-
-def _writer_gone(path: str, pid: int) -> bool:
-    """Whether a live-gauge file's writer is dead, so that the file may go.
-
-    Our files are judged by their writer's lock, which works across pid
-    namespaces; well-formed files without our tag (an older version, or
-    prometheus-client's own) by the pid, in our own namespace only. Anything
-    damaged or not a regular file is left alone: nothing is deleted blindly.
+    The tick does this inside `compact()`; the worker's start calls it alone,
+    so that a restarted worker clears what its predecessor left before it
+    writes anything of its own.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError:
-        return False
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
-        head = os.pread(fd, 4096, 0)
-        if head[4:8] == MAGIC:
-            return not held_by_a_live_writer(fd)
-        used = int.from_bytes(head[:4], "little", signed=True)
-        if used < 8 or used > os.fstat(fd).st_size:
-            return False
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return pid != os.getpid() and not pid_alive(pid)
+    return reap(directory, by_pid=True).reaped
 
 
-def reap_dead_processes(directory: str) -> list[int]:
-    """Remove live-gauge files whose writer is gone. Counter files are kept (compaction folds them).
+def runs_tasks_on_its_loop(pool: Any) -> bool:
+    """True for the solo pool, whose tasks block the consumer's timer while they run."""
+    from celery.concurrency.solo import TaskPool as SoloPool
 
-    A live file of a dead writer holds values nobody is responsible for any
-    more: the in-progress count of a SIGKILLed child, the pool size of a
-    worker that was OOM-killed.
-    """
-    reaped: list[int] = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return reaped
-    for name in names:
-        match = _LIVE_FILE.match(name)
-        if not match:
-            continue
-        pid = int(match.group(1))
-        path = os.path.join(directory, name)
-        if not _writer_gone(path, pid):
-            continue
-        try:
-            os.unlink(path)
-            reaped.append(pid)
-        except FileNotFoundError:
-            pass
-    return reaped
+    return isinstance(pool, SoloPool)
+
+
+class TickThread:
+    """Calls `fn()` every `interval` seconds on a daemon thread until stopped."""
+
+    def __init__(self, interval: float, fn: Callable[[], None]) -> None:
+        self.interval, self.fn = interval, fn
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="celery-signal-exporter-tick", daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.interval):
+            try:
+                self.fn()
+            except Exception:  # noqa: BLE001 - tick() counts its own errors; the thread must live on
+                pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop and wait (bounded) for a tick in flight, so that nothing is written after the last word."""
+        self.stopping.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout)
 
 
 class WorkerMetrics:
@@ -114,6 +96,7 @@ class WorkerMetrics:
         """Write the error counters at 0, so rate() works from the first error on."""
         try:
             self.inst.dropped.labels("name").inc(0)
+            self.inst.truncated.labels("name").inc(0)
             self.compacted.labels().inc(0)  # compaction adds to it in the archive
             for signal in self.inst.signal_names():
                 self.inst.handler_errors.labels(signal).inc(0)
@@ -131,17 +114,17 @@ class WorkerMetrics:
             self.tasks_active.labels(hostname).set(float(len(state.active_requests)))
             now = time.time()
             self.heartbeat.labels(hostname).set(now, now)
-            reap_dead_processes(self.inst.options.metrics_dir)
         except Exception as exc:  # noqa: BLE001 - never raise into the worker
             self.inst.handler_failed("worker_tick", exc)
         self.compact()
 
     def compact(self) -> None:
-        """Fold dead processes' files into the archives; counted, never raised, if it fails."""
+        """Reap dead processes' live gauges and fold their files into the archives; counted, never raised."""
         try:
-            result = compact(self.inst.options.metrics_dir, max_files=COMPACT_MAX_FILES)
-            if result.errors:
-                raise OSError(f"{len(result.errors)} file(s) not compacted, first: {result.errors[0]}")
+            result = compact(self.inst.options.metrics_dir, max_files=COMPACT_MAX_FILES, by_pid=True)
+            errors = result.errors + result.reap_errors
+            if errors:
+                raise OSError(f"{len(errors)} file(s) not compacted or reaped, first: {errors[0]}")
         except Exception as exc:  # noqa: BLE001 - never raise into the worker
             self.inst.handler_failed("worker_compact", exc)
 
@@ -162,23 +145,35 @@ def install_worker_metrics(app: Celery, inst: Instrumentation) -> None:
     interval = inst.options.heartbeat_interval
 
     class ExporterHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
-        """Writes worker metrics every `interval` seconds on the consumer's timer."""
+        """Writes worker metrics every `interval` seconds: on the consumer's timer, or a thread under solo."""
 
         requires = ("celery.worker.consumer.tasks:Tasks",)
 
         def __init__(self, parent: Any, **kwargs: Any) -> None:
             super().__init__(parent, **kwargs)
             self.tref: Any = None
+            self.thread: TickThread | None = None
 
         def start(self, parent: Any) -> None:
             worker_metrics.initialise()
             worker_metrics.tick(parent)
-            self.tref = parent.timer.call_repeatedly(interval, worker_metrics.tick, (parent,), priority=10)
+            try:
+                solo = runs_tasks_on_its_loop(parent.pool)
+            except Exception as exc:  # noqa: BLE001 - never raise into the worker; the timer it is
+                inst.handler_failed("worker_init", exc)
+                solo = False
+            if solo:
+                self.thread = TickThread(interval, lambda: worker_metrics.tick(parent))
+            else:
+                self.tref = parent.timer.call_repeatedly(interval, worker_metrics.tick, (parent,), priority=10)
 
         def stop(self, parent: Any) -> None:
             if self.tref is not None:
                 self.tref.cancel()
                 self.tref = None
+            if self.thread is not None:
+                self.thread.stop()
+                self.thread = None
 
         def shutdown(self, parent: Any) -> None:
             self.stop(parent)

@@ -231,3 +231,21 @@ if __name__ == "__main__":
     scenario, *args = sys.argv[1:]
     result = globals()[scenario](*map(int, args))
     print(json.dumps(result))
+
+
+# -- Added for the worker tick and lost-run tests (defined after the producer entry point:
+#    workers import them; tests publish them by name). --
+
+
+@app.task(name="t.sleep_late", acks_late=True, reject_on_worker_lost=True)
+def sleep_late(seconds: float) -> float:
+    """acks_late + reject_on_worker_lost: a run whose child is killed is requeued, not failed."""
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task(name="t.sleep_for")
+def sleep_for(seconds: float) -> float:
+    """A long task for the solo pool's heartbeat test."""
+    time.sleep(seconds)
+    return seconds
