@@ -244,8 +244,5 @@ def sleep_late(seconds: float) -> float:
     return seconds
 
 
-@app.task(name="t.sleep_for")
-def sleep_for(seconds: float) -> float:
-    """A long task for the solo pool's heartbeat test."""
-    time.sleep(seconds)
-    return seconds
+# How long Celery waits for a killed child's result before it declares the run lost (default 10 s).
+app.conf.worker_lost_wait = float(os.environ.get("CSX_TEST_LOST_WAIT", "10"))
