@@ -91,6 +91,14 @@ def cli() -> None:
 @_option("--compact-interval", type=click.FloatRange(min=0), default=30.0,
          help="Seconds between compactions of dead processes' files by the exporter itself, for pods whose "
               "processes recycle without a Celery worker to compact (web servers that publish); 0 disables.")
+@_option("--header-timeout", type=click.FloatRange(min=0.1), default=10.0,
+         help="Seconds a connection has to send a complete request head, from connect or from the end of the "
+              "previous response, before it is closed.")
+@_option("--send-timeout", type=click.FloatRange(min=0.1), default=30.0,
+         help="Seconds a client may leave a response unread (the send buffer above its high-water mark) "
+              "before its connection is dropped.")
+@_option("--max-connections", type=click.IntRange(min=1), default=100,
+         help="Connections served at once; a request on one more connection is answered 503 and closed.")
 @_option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
          default="info", help="Log level.")
 def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, app_name: str | None,
@@ -99,7 +107,8 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
           transport_options: str | None, oldest_age: bool, rabbitmq_management_url: str | None,
           rabbitmq_management_user: str | None, rabbitmq_management_password: str | None,
           rabbitmq_vhosts: tuple[str, ...], web_config_file: str | None, max_task_names: int,
-          compact_interval: float, log_level: str) -> None:
+          compact_interval: float, header_timeout: float, send_timeout: float, max_connections: int,
+          log_level: str) -> None:
     """Serve /metrics: the merged metrics directory plus broker probes.
 
     An unreachable broker is not a startup error (brokers come and go): it is
@@ -107,6 +116,7 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
     """
     import uvicorn
 
+    from ._http import server_options
     from .service import Exporter, ServiceConfig, create_app
 
     _setup_logging(log_level)
@@ -142,8 +152,9 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
     if web.tls is not None:
         tls = {"ssl_certfile": web.tls.cert_file, "ssl_keyfile": web.tls.key_file,
                "ssl_ca_certs": web.tls.client_ca_file, "ssl_cert_reqs": web.tls.cert_reqs}
+    limits = server_options(header_timeout, send_timeout, max_connections)
     config = uvicorn.Config(create_app(exporter, users=web.users), host=host, port=port,
-                            log_level=log_level.lower(), access_log=log_level.lower() == "debug", **tls)
+                            log_level=log_level.lower(), access_log=log_level.lower() == "debug", **tls, **limits)
     for source in sources:
         source.known_queues = exporter.queues_seen
         source.start()

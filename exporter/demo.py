@@ -19,6 +19,7 @@ import threading
 import click
 import uvicorn
 
+from ._http import server_options
 from .probes.loop import LoopOptions, ProbeGroup, build_probe_loops
 from .redact import redact_url
 from .service import Exporter, ServiceConfig, create_app
@@ -83,7 +84,7 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float) -> N
         for source in sources:
             source.known_queues = exporter.queues_seen
             source.start()
-        config = uvicorn.Config(create_app(exporter), host=host, port=port, log_level="warning")
+        config = uvicorn.Config(create_app(exporter), host=host, port=port, log_level="warning", **server_options())
         server = uvicorn.Server(config)
         where = redact_url(broker_url) if broker_url else f"kombu filesystem transport in {workdir}"
         click.echo(f"demo: worker and producer running on {where}; worker log: {log_path}")
