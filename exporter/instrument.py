@@ -304,8 +304,9 @@ class Instrumentation:
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
             self.handler_failed("task_postrun", exc)
 
-    def on_failure(self, sender: Any = None, exception: BaseException | None = None, **_: Any) -> None:
-        from celery.exceptions import WorkerLostError
+    def on_failure(self, sender: Any = None, task_id: str = "", exception: BaseException | None = None,
+                   **_: Any) -> None:
+        from celery.exceptions import TimeLimitExceeded, WorkerLostError
 
         # A lost run is counted by the reaper (compact.py), from the dead process's in-progress gauge,
         # exactly once. Celery sends task_failure(WorkerLostError) from the worker main only when it
@@ -314,6 +315,15 @@ class Instrumentation:
         # exact: every run whose prerun counted it and whose postrun never came is reaped as one.
         if isinstance(exception, WorkerLostError):
             return
+        if isinstance(exception, TimeLimitExceeded):
+            # A hard time limit is sent twice by the worker main (Celery 5.7): from Request.on_failure,
+            # with the request's context, then from Request.on_timeout, without it. One run, one failure.
+            seen: dict[str, None] = self.__dict__.setdefault("_timed_out", {})
+            if task_id in seen:
+                return
+            seen[task_id] = None
+            if len(seen) > 1000:
+                del seen[next(iter(seen))]
         name = self.task_name(sender.name)
         if name is not None:
             kind = exception_name(exception)

@@ -180,3 +180,23 @@ def test_the_exporter_s_compaction_counts_lost_runs_too(tmp_path: Path) -> None:
     assert s[LOST] == 2
     assert s['celery_task_started_total{name="a",queue_name="q"}'] == 2
     assert sorted(os.listdir(d)) == [".compact.lock", "counter_archive.db"]
+
+
+def test_a_hard_time_limit_is_one_failure(redis_url: str, tmp_path: Path) -> None:
+    """Celery sends task_failure twice for a hard time limit (with and without the request's context):
+    counted once, under the queue the task came from."""
+    metrics_dir = str(tmp_path / "metrics")
+    env = env_for(redis_url, metrics_dir)
+    with worker(env, str(tmp_path), "--time-limit", "2", concurrency=2) as w, \
+            exporter(str(tmp_path), "--metrics-dir", metrics_dir, "--compact-interval", "0") as ex:
+        produce(env, "sleepers", 1, 10)
+        wait_until(lambda: value(ex.scrape(), "celery_task_failed_total", name="t.sleep") >= 1, 30,
+                   "the hard time limit")
+        time.sleep(3)  # time for a second report, and a few ticks for any reaping
+        s = ex.scrape()
+        assert value(s, "celery_task_failed_total", name="t.sleep") == 1
+        assert value(s, "celery_task_failed_total", name="t.sleep", queue_name="alpha",
+                     exception="TimeLimitExceeded") == 1
+        assert value(s, "celery_task_started_total", name="t.sleep") == 1
+        assert outcomes_balance(s, "t.sleep")
+        assert "Hard time limit" in w.log()

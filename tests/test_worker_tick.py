@@ -31,6 +31,9 @@ def test_a_solo_worker_busy_with_a_long_task_reads_up(redis_url: str, tmp_path: 
         produce(env, "sleepers", 1, 18)
         wait_until(lambda: value(ex.scrape(), "celery_task_in_progress", name="t.sleep") == 1, 30,
                    "the long task to start")
+        # The first tick after the start (0.5 s here) is what first says the worker is busy.
+        wait_until(lambda: value(ex.scrape(), "celery_worker_tasks_active", hostname=w.hostname) == 1, 5,
+                   "a tick while the task runs")
         during: list[tuple[float, float, float, float]] = []
         began = time.monotonic()
         while True:
