@@ -43,6 +43,9 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     task_ignore_result=True,
+    # On a loaded machine a fresh pool process can take more than billiard's 4 s to report up; it would be
+    # SIGKILLed for that, which is chaos nobody asked for.
+    worker_proc_alive_timeout=30,
 )
 exporter.instrument(
     app,
@@ -126,20 +129,31 @@ def sleeper(self: Task, seconds: float) -> float:
     return seconds
 
 
-def feed(rate: int, seconds: int, seed: int) -> dict[str, Any]:
+def feed(rate: int, seconds: int, seed: int, sleeper_every: int = 0, sleeper_tenths: int = 0) -> dict[str, Any]:
     """Publish `rate` tasks a second for `seconds`, names and kinds at random (80% ok, 10% fail,
-    10% retry). Publishes that fail (the broker is down) are counted apart and not retried."""
+    10% retry). Publishes that fail (the broker is down) are counted apart and not retried.
+    With `sleeper_every`, also one soak.sleeper of `sleeper_tenths`/10 s on the chaos queue every
+    `sleeper_every` seconds, the first at half that: runs for the soak's chaos to kill."""
     rng = random.Random(seed)
     published: dict[str, int] = {}
     errors = 0
     sigs = {name: app.signature(name) for name in NAMES}
     start = time.monotonic()
     end = start + seconds
+    next_sleeper = start + sleeper_every / 2 if sleeper_every else end
     n = 0
     while True:
         now = time.monotonic()
         if now >= end:
             break
+        if now >= next_sleeper:
+            next_sleeper += sleeper_every
+            try:
+                sleeper.apply_async((sleeper_tenths / 10,), queue="chaos")
+            except Exception:  # noqa: BLE001 - the broker is down
+                errors += 1
+            else:
+                published["soak.sleeper ok"] = published.get("soak.sleeper ok", 0) + 1
         due = int((now - start) * rate) + 1
         if n >= due:
             time.sleep(min(0.002, end - now))
@@ -170,9 +184,9 @@ def mix() -> dict[str, Any]:
 
 
 def sleepers(n: int, tenths: int) -> dict[str, Any]:
-    """n runs of soak.sleeper, each `tenths`/10 s long."""
+    """n runs of soak.sleeper, each `tenths`/10 s long, on the chaos queue (ahead of any backlog on soak)."""
     for _ in range(n):
-        sleeper.delay(tenths / 10)
+        sleeper.apply_async((tenths / 10,), queue="chaos")
     return {}
 
 
