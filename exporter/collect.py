@@ -1,10 +1,16 @@
 """Merge every process's metric files into one set of metric families.
 
 Merge rules are prometheus-client's multiprocess rules (counters and
-histograms add up, gauges follow their mode), with three differences: a
-damaged file is skipped and counted instead of failing the scrape, the
-heartbeat gauge becomes `celery_worker_up`, and the queue names seen are
-remembered for the broker probes.
+histograms add up, gauges follow their mode), with these differences: a
+damaged file is skipped and counted instead of failing the scrape; the
+heartbeat gauge becomes `celery_worker_up`; the queue names seen are
+remembered for the broker probes; and for gauges that pick one writer's value
+(mostrecent, max, min) a live writer's heartbeat beats a dead or archived
+one's, and a value stamped in our future (a clock since stepped back) loses to
+any other, so a restart after a clock step never freezes a series.
+
+Every cache here is bounded by what is in the directory now, not by history:
+a sidecar runs for months while children recycle and names come and go.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from prometheus_client.samples import Sample
 
 from .compact import ARCHIVE_SUFFIX, LOCK_NAME, archive_generation, directory_lock, kind_of, staging_dirs
 from .exposition import line_prefix
+from .labels import cut
 from .metrics import HEARTBEAT, POOL_PROCESSES, TASKS_ACTIVE, format_le
 from .store import MAGIC, held_by_a_live_writer, padded_length, walk_entries
 
@@ -38,10 +45,19 @@ _GAUGE_MODES = {"all", "liveall", "min", "livemin", "max", "livemax", "sum", "li
 #: become `__overflow__`. Each process already caps its own (`max_task_names`,
 #: 500), but many processes with different names would add up.
 DEFAULT_MAX_TASK_NAMES = 2000
+#: The same for queue names: a producer that publishes to made-up routing keys must not add a series each.
+DEFAULT_MAX_QUEUE_NAMES = 1000
 OVERFLOW = "__overflow__"
+#: How far ahead of our clock a writer's timestamp may be and still count as now: pods on other
+#: nodes may run a little ahead. Beyond it, the writer's clock has since been stepped back.
+FUTURE_SLACK = 60.0
+#: Parsed series and keys kept beyond those in the directory now before every cache is rebuilt.
+_CACHE_SLACK = 4096
 
 #: Live gauges labelled by worker hostname: dropped once that worker's heartbeat is stale.
 _PER_WORKER_LIVE = frozenset({POOL_PROCESSES.name, TASKS_ACTIVE.name})
+#: Gauge modes whose merge picks one writer's value, so the writer's liveness can matter.
+_PICK_ONE = frozenset({"mostrecent", "max", "min"})
 
 
 @dataclass
@@ -50,6 +66,7 @@ class MergeStats:
     files_unreadable: int = 0
     files_dead: int = 0  # live-gauge files whose writer is gone, not merged
     queues_seen: set[str] = field(default_factory=set)
+    unreadable: dict[str, str] = field(default_factory=dict)  # file -> why, this scrape
 
 
 def _parse_name(filename: str) -> tuple[str, str, str] | None:
@@ -67,7 +84,8 @@ def _parse_name(filename: str) -> tuple[str, str, str] | None:
 class _Layout:
     """Where each value of one file sits, and which series it belongs to."""
 
-    __slots__ = ("ctime", "digest", "ident", "mode", "present", "queues", "slots", "spans", "summed", "unpack")
+    __slots__ = ("ctime", "digest", "group", "ident", "mode", "present", "queues", "slots", "spans", "summed",
+                 "unpack")
 
     def __init__(self, ident: tuple[int, int, int], unpack: struct.Struct, slots: list[int], queues: set[str],
                  summed: bool, mode: str) -> None:
@@ -75,6 +93,7 @@ class _Layout:
         self.ctime = 0
         self.spans: list[tuple[int, int]] = []
         self.digest = b""
+        self.group = b""  # equal for files laid out alike: the same series in the same order
         self.unpack = unpack
         self.slots = slots
         self.present = frozenset(slots)
@@ -83,7 +102,9 @@ class _Layout:
         self.mode = mode
 
 
-_Loaded = tuple[_Layout, tuple[float, ...]]  # values; (value, timestamp) pairs unless the layout is summed
+#: A file's layout, its values ((value, timestamp) pairs unless the layout is summed), and whether
+#: its writer is alive (judged only where a merge rule picks one writer's value).
+_Loaded = tuple[_Layout, tuple[float, ...], bool]
 
 
 class _Family:
@@ -151,81 +172,115 @@ class DirectoryCollector:
     """
 
     def __init__(self, directory: str, worker_timeout: float = 10.0,
-                 max_task_names: int = DEFAULT_MAX_TASK_NAMES) -> None:
+                 max_task_names: int = DEFAULT_MAX_TASK_NAMES,
+                 max_queue_names: int = DEFAULT_MAX_QUEUE_NAMES) -> None:
         self.directory = directory
         self.worker_timeout = worker_timeout
         self.max_task_names = max_task_names
+        self.max_queue_names = max_queue_names
         self.last = MergeStats()
-        self._keys: dict[str, tuple[str, str, tuple[tuple[str, str], ...], str]] = {}
-        self._names: set[str] = set()  # admitted task names: once in, always in (no flapping series)
-        self._folded: set[int] = set()  # hashes of the names beyond the cap, for the count
-        self._damaged_logged: set[str] = set()
+        # Admitted label values: once in, always in (no flapping series); each bounded by its cap.
+        self._names: set[str] = set()
+        self._queues: set[str] = set()
+        self._logged: set[str] = set()  # one-off conditions already logged: a stuck lock, a missing directory
+        self._unreadable_logged: frozenset[str] = frozenset()
         self._archives: dict[str, _Loaded | Exception] = {}
         # Parsed once, kept while the file keeps its identity and size: see _load.
         self._layouts: dict[str, _Layout] = {}
         self._seen_layouts: dict[str, _Layout] = {}
+        self._forget()
+        self._skeleton: list[_Family] = []
+        self._skeleton_of: frozenset[int] = frozenset()
+
+    def _forget(self) -> None:
+        """Drop every parsed key and series; the next merge parses the files now present afresh.
+
+        Called when the caches hold far more than the directory does (series of
+        processes long gone), so that they stay bounded by what exists now.
+        """
+        self._keys: dict[str, tuple[str, str, tuple[tuple[str, str], ...], str]] = {}
+        self._folded: set[int] = set()  # hashes of the names beyond the cap, for the count
+        self._folded_queues: set[int] = set()
         self._index: dict[tuple[str, str, tuple[tuple[str, str], ...]], int] = {}
         self._meta: list[tuple[str, str, tuple[tuple[str, str], ...]]] = [("", "", ())]  # 0: discard
         self._types: dict[str, str] = {}
-        self._skeleton: list[_Family] = []
-        self._skeleton_of: frozenset[int] = frozenset()
         self._helps: dict[str, str] = {}
-        self._slot_lists: dict[tuple[int, ...], list[int]] = {}
-        self._modes: dict[str, str] = {}
+        self._layouts = {}
+        self._skeleton_of = frozenset()
+
+    def _admit(self, value: str, admitted: set[str], cap: int, folded: set[int]) -> str:
+        if value in admitted or value == OVERFLOW:
+            return value
+        if len(admitted) < cap:
+            admitted.add(value)
+            return value
+        folded.add(hash(value))
+        return OVERFLOW
 
     def _key(self, key: str) -> tuple[str, str, tuple[tuple[str, str], ...], str]:
         parsed = self._keys.get(key)
         if parsed is None:
             metric, sample, labels, help_text = json.loads(key)
-            label_map = {str(k): str(v) for k, v in labels.items()}
-            name = label_map.get("name")
-            if name is not None and name != OVERFLOW and str(metric).startswith("celery_task_") \
-                    and name not in self._names:
-                if len(self._names) < self.max_task_names:
-                    self._names.add(name)
-                else:
-                    label_map["name"] = OVERFLOW
-                    if len(self._folded) < 10_000_000:
-                        self._folded.add(hash(name))
+            # Every label value cut to the documented length: writers cut their own, older ones may not have.
+            label_map = {str(k): cut(str(v)) for k, v in labels.items()}
+            if str(metric).startswith("celery_task_"):
+                if "name" in label_map:
+                    label_map["name"] = self._admit(label_map["name"], self._names, self.max_task_names,
+                                                    self._folded)
+                if "queue_name" in label_map:
+                    label_map["queue_name"] = self._admit(label_map["queue_name"], self._queues,
+                                                          self.max_queue_names, self._folded_queues)
             parsed = (str(metric), str(sample), tuple(sorted(label_map.items())), str(help_text))
-            if len(self._keys) < 200_000 and len(key) < 2048:  # hostile 10 KB names are parsed each time
+            if len(key) < 2048:  # hostile 10 KB names are parsed each time
                 self._keys[key] = parsed
         return parsed
 
     @staticmethod
-    def _read_bytes(path: str) -> tuple[bytes, int]:
-        """The used part of a file, and the open descriptor (the caller closes it)."""
+    def _read_used(path: str) -> tuple[bytes, int, int]:
+        """A consistent prefix of a file, its used size, and the open descriptor (the caller closes it).
+
+        Only the used size read first is trusted: a live file grows while we
+        read it, and whatever its header says by the time the rest is read,
+        the prefix we were told of is complete (see store.walk_entries). So a
+        growing file is never taken for a damaged one.
+        """
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO in a file's place must not hang us
         try:
             data = os.read(fd, 4096)  # files are preallocated: read only the used part
-            if len(data) >= 4:
-                used = int.from_bytes(data[:4], "little", signed=True)
-                if len(data) == 4096 and used > len(data):
-                    data = os.pread(fd, used, 0)  # one read, no concatenation: live files run to megabytes
+            used = int.from_bytes(data[:4], "little", signed=True) if len(data) >= 4 else len(data)
+            if len(data) == 4096 and used > len(data):
+                data = os.pread(fd, used, 0)  # one read, no concatenation: live files run to megabytes
         except BaseException:
             os.close(fd)
             raise
-        return data, fd
+        return data, used, fd
 
-    def _load(self, path: str, kind: str, mode: str, pid: str, live: bool) -> _Loaded | None:
-        """A file's layout and its values now; None for a live-gauge file whose writer is dead.
+    def _load(self, path: str, kind: str, mode: str, pid: str, settled: bool) -> _Loaded | None:
+        """A file's layout, its values now, and whether its writer lives; None for a live-gauge file
+        whose writer is dead.
 
         The writer's lock (see store.py) says whether it is alive, from any
-        container: no pid is compared. Files without our header tag are
-        judged by nobody and always read. The layout (which series sits where)
-        is parsed once per file and size: files only ever grow by appending,
-        so a scrape after the first only unpacks the values, in one call.
+        container: no pid is compared. It is asked only where it matters: live
+        gauges (a dead writer's are left out) and gauges that pick one writer's
+        value. Archives and staged files (`settled`) have no writer. Files
+        without our header tag are judged by nobody and always read. The layout
+        (which series sits where) is parsed once per file and size: files only
+        ever grow by appending, so a scrape after the first only unpacks the
+        values, in one call.
         """
-        data, fd = self._read_bytes(path)
+        data, used, fd = self._read_used(path)
+        alive = not settled
         try:
-            if live and data[4:8] == MAGIC and not held_by_a_live_writer(fd):
-                return None
+            if not settled and data[4:8] == MAGIC and (mode.startswith("live") or mode in _PICK_ONE):
+                alive = held_by_a_live_writer(fd)
+                if not alive and mode.startswith("live"):
+                    return None
             st = os.fstat(fd)
         finally:
             os.close(fd)
         if len(data) < 8:
             raise ValueError("shorter than its 8-byte header")
-        ident = (st.st_dev, st.st_ino, int.from_bytes(data[:4], "little", signed=True))
+        ident = (st.st_dev, st.st_ino, used)
         layout = self._layouts.get(path)
         if layout is not None and layout.ident == ident and layout.ctime != st.st_ctime_ns:
             # Same inode and size, but touched: a write, or a new file on a recycled inode number with
@@ -235,12 +290,13 @@ class DirectoryCollector:
             else:
                 layout = None
         if layout is None or layout.ident != ident:
-            layout = self._layout(ident, data, kind, mode, pid)
+            layout = self._layout(ident, data, used, kind, mode, pid)
             layout.ctime = st.st_ctime_ns
         self._seen_layouts[path] = layout
-        return layout, layout.unpack.unpack_from(data)
+        return layout, layout.unpack.unpack_from(data), alive
 
-    def _layout(self, ident: tuple[int, int, int], data: bytes, kind: str, mode: str, pid: str) -> _Layout:
+    def _layout(self, ident: tuple[int, int, int], data: bytes, used: int, kind: str, mode: str,
+                pid: str) -> _Layout:
         """Parse a file's keys once: the struct that unpacks its values, and each value's series."""
         # Summed files need only each value; the others also the timestamp after it, to pick a winner.
         # Skipping a timestamp (and joining the gaps) saves making a float object per series per scrape.
@@ -250,7 +306,7 @@ class DirectoryCollector:
         slots: list[int] = []
         spans: list[tuple[int, int]] = []
         queues: set[str] = set()
-        for raw_key, length, pos in walk_entries(data):
+        for raw_key, length, pos in walk_entries(data, used):
             fmt.append(f"{gap + 4 + padded_length(length)}x{wanted}")
             gap = 8 if summed else 0
             spans.append((pos + 4, pos + 4 + length))
@@ -261,10 +317,8 @@ class DirectoryCollector:
                 continue
             self._types[metric] = kind
             self._helps.setdefault(metric, help_text)
-            if kind == "gauge":
-                self._modes[metric] = mode
-                if mode in ("all", "liveall"):
-                    labels = (*labels, ("pid", pid))
+            if kind == "gauge" and mode in ("all", "liveall"):
+                labels = (*labels, ("pid", pid))
             series = (metric, sample, labels)
             index = self._index.get(series)
             if index is None:
@@ -276,34 +330,35 @@ class DirectoryCollector:
                 queue = dict(labels).get("queue_name")
                 if queue:
                     queues.add(queue)
-        # Files laid out alike share one slots object, so the merge can add them up together.
-        slots = self._slot_lists.setdefault(tuple(slots), slots)
         layout = _Layout(ident, struct.Struct("".join(fmt)), slots, queues, summed, mode)
         layout.spans = spans
         layout.digest = _key_digest(data, spans)
+        # Files laid out alike (the same keys in the same order, so the same slots) are added up together.
+        layout.group = layout.digest + mode.encode() + (pid.encode() if mode in ("all", "liveall") else b"")
         return layout
 
-    def _plan(self, names: list[str]) -> list[tuple[str, str, str, str, str]]:
-        """(path, display name, kind, mode, pid) of every file to merge, archives first.
+    def _plan(self, names: list[str]) -> list[tuple[str, str, str, str, str, bool]]:
+        """(path, display name, kind, mode, pid, settled) of every file to merge, archives first.
 
         Staged files (see compact.py) count only while their staging
-        generation is newer than their kind's archive.
+        generation is newer than their kind's archive. Archives and staged
+        files are settled: their writers are gone.
         """
-        plan: list[tuple[str, str, str, str, str]] = []
+        plan: list[tuple[str, str, str, str, str, bool]] = []
         generations: dict[str, int] = {}
-        rest: list[tuple[str, str, str, str, str]] = []
+        rest: list[tuple[str, str, str, str, str, bool]] = []
         for filename in names:
             parsed = _parse_name(filename)
             if parsed is None:
                 continue
             kind, mode, pid = parsed
-            entry = (os.path.join(self.directory, filename), filename, kind, mode, pid)
+            path = os.path.join(self.directory, filename)
             if filename.endswith(ARCHIVE_SUFFIX):
                 prefix = filename[: -len(ARCHIVE_SUFFIX)]
-                generations[prefix], self._archives[entry[0]] = self._read_archive(entry[0], kind)
-                plan.append(entry)
+                generations[prefix], self._archives[path] = self._read_archive(path, kind)
+                plan.append((path, filename, kind, mode, pid, True))
             else:
-                rest.append(entry)
+                rest.append((path, filename, kind, mode, pid, False))
         for gen, sname in sorted(staging_dirs(names).items()):
             sdir = os.path.join(self.directory, sname)
             try:
@@ -315,7 +370,7 @@ class DirectoryCollector:
                 parsed = _parse_name(filename)
                 if kind_prefix is None or parsed is None or gen <= generations.get(kind_prefix, 0):
                     continue
-                rest.append((os.path.join(sdir, filename), f"{sname}/{filename}", *parsed))
+                rest.append((os.path.join(sdir, filename), f"{sname}/{filename}", *parsed, True))
         return plan + rest
 
     def _read_archive(self, path: str, kind: str) -> tuple[int, _Loaded | Exception]:
@@ -323,7 +378,7 @@ class DirectoryCollector:
         try:
             parsed = _parse_name(os.path.basename(path))
             mode = parsed[1] if parsed else ""
-            loaded = self._load(path, kind, mode, "archive", live=False)
+            loaded = self._load(path, kind, mode, "archive", settled=True)
             assert loaded is not None
             with open(path, "rb") as f:
                 return archive_generation(f.read(8)), loaded
@@ -331,60 +386,78 @@ class DirectoryCollector:
             return 0, exc
 
     def merge(self) -> tuple[list[Metric], MergeStats]:
+        if len(self._meta) > 2 * len(self._skeleton_of) + _CACHE_SLACK \
+                or len(self._keys) > 2 * len(self._skeleton_of) + _CACHE_SLACK:
+            self._forget()
         lock_file = os.path.join(self.directory, LOCK_NAME)
         while True:
             stats = MergeStats()
             locked_before = os.path.exists(lock_file)
             with directory_lock(self.directory, exclusive=False, wait=5.0) as held:
-                if not held and "compact-lock" not in self._damaged_logged:
-                    self._damaged_logged.add("compact-lock")
-                    log.error("compaction held %s for over 5 s; reading without waiting", self.directory)
+                if not held:
+                    self._log_once("compact-lock", "compaction held %s for over 5 s; reading without waiting")
                 try:
                     names = sorted(os.listdir(self.directory))
                 except OSError as exc:
-                    if "missing-dir" not in self._damaged_logged:
-                        self._damaged_logged.add("missing-dir")
-                        log.error("metrics directory %s unreadable: %s", self.directory, exc.strerror or exc)
+                    self._log_once("missing-dir", "metrics directory %s unreadable: " + str(exc.strerror or exc))
                     self.last = stats
-                    return [self._folded_family()], stats
+                    return self._folded_families(), stats
                 plan = self._plan(names)
                 present, values = self._merge_files(plan, stats)
             if locked_before or not os.path.exists(lock_file):
                 break
             # The first compaction in this directory began while we read without its lock: read again.
+        self._log_unreadable(stats)
         if present != self._skeleton_of:
             self._skeleton = self._build_skeleton(present)
             self._skeleton_of = present
         families = self._families(self._skeleton, values)
-        families.append(self._folded_family())
+        families += self._folded_families()
         self.last = stats
         return families, stats
 
-    def _folded_family(self) -> Metric:
-        folded = Metric("celery_exporter_task_names_folded",
-                        "Distinct task names beyond the exporter's cap, shown as __overflow__.", "gauge")
-        folded.add_sample("celery_exporter_task_names_folded", {}, float(len(self._folded)))
-        return folded
+    def _log_once(self, what: str, message: str) -> None:
+        if what not in self._logged:
+            self._logged.add(what)
+            log.error(message, self.directory)
+
+    def _log_unreadable(self, stats: MergeStats) -> None:
+        """One summary line whenever the set of unreadable files changes, never one line per file per scrape:
+        50 000 junk files once made 30 000 log lines. The gauge counts them on every scrape."""
+        names = frozenset(stats.unreadable)
+        if names and names != self._unreadable_logged:
+            shown = sorted(stats.unreadable.items())[:10]
+            more = f"; and {len(names) - len(shown)} more" if len(names) > len(shown) else ""
+            log.error("skipping %d unreadable metrics file(s) in %s: %s%s", len(names), self.directory,
+                      "; ".join(f"{name}: {why}" for name, why in shown), more)
+        self._unreadable_logged = names
+
+    def _folded_families(self) -> list[Metric]:
+        families = []
+        for what, folded in (("task", self._folded), ("queue", self._folded_queues)):
+            name = f"celery_exporter_{what}_names_folded"
+            family = Metric(name, f"Distinct {what} names beyond the exporter's cap, shown as __overflow__.",
+                            "gauge")
+            family.add_sample(name, {}, float(len(folded)))
+            families.append(family)
+        return families
 
     def _merge_files(
-        self, plan: list[tuple[str, str, str, str, str]], stats: MergeStats,
+        self, plan: list[tuple[str, str, str, str, str, bool]], stats: MergeStats,
     ) -> tuple[frozenset[int], list[float]]:
         """The series present in any file, and every series' value by its kind's merge rule."""
         archives, self._archives = self._archives, {}
         loaded: list[_Loaded] = []
-        for path, filename, kind, mode, pid in plan:
+        for path, filename, kind, mode, pid, settled in plan:
             try:
-                read = archives.pop(path) if path in archives else self._load(
-                    path, kind, mode, pid, live=mode.startswith("live"))
+                read = archives.pop(path) if path in archives else self._load(path, kind, mode, pid, settled)
                 if isinstance(read, Exception):
                     raise read
             except FileNotFoundError:
                 continue  # reaped between listdir and open
             except (OSError, ValueError, UnicodeDecodeError, struct.error) as exc:
                 stats.files_unreadable += 1
-                if filename not in self._damaged_logged:
-                    self._damaged_logged.add(filename)
-                    log.error("skipping damaged metrics file %s: %s", filename, exc)
+                stats.unreadable[filename] = str(exc)
                 continue
             if read is None:
                 stats.files_dead += 1
@@ -394,31 +467,38 @@ class DirectoryCollector:
         self._layouts, self._seen_layouts = self._seen_layouts, {}
 
         acc = [0.0] * len(self._meta)
-        best: dict[int, tuple[float, float]] = {}
+        # A gauge that picks one writer's value: a live writer beats a gone one (mostrecent only: the
+        # newest word of a live process is its word now), a value stamped in our future loses to any
+        # other, then the mode's own order. One rank per candidate: (live, not future, order).
+        horizon = time.time() + FUTURE_SLACK
+        best: dict[int, tuple[tuple[bool, bool, float], float]] = {}
         present: set[int] = set()
-        alike: dict[int, tuple[list[int], list[tuple[float, ...]]]] = {}
-        laid_out: set[int] = set()
-        for layout, raw in loaded:
-            if id(layout.slots) not in laid_out:  # files laid out alike hold the same series: add them once
-                laid_out.add(id(layout.slots))
+        alike: dict[bytes, tuple[list[int], list[tuple[float, ...]]]] = {}
+        for layout, raw, alive in loaded:
+            group = alike.get(layout.group)
+            if group is None:  # files laid out alike hold the same series: add them once
+                group = alike[layout.group] = (layout.slots, [])
                 present.update(layout.present)
                 stats.queues_seen.update(layout.queues)
             if layout.summed:
-                # Values of files laid out alike are added column by column first (in C), then placed once.
-                alike.setdefault(id(layout.slots), (layout.slots, []))[1].append(raw)
+                group[1].append(raw)  # added column by column below (in C), then placed once
                 continue
             mode = layout.mode
+            recent = mode in ("mostrecent", "livemostrecent")
+            sign = -1.0 if mode in ("min", "livemin") else 1.0
             for i, v, t in zip(layout.slots, raw[0::2], raw[1::2], strict=True):
+                rank = (alive and recent, t <= horizon, t if recent else sign * v)
                 old = best.get(i)
-                if old is None or (v < old[0] if mode in ("min", "livemin") else v > old[0]
-                                   if mode in ("max", "livemax") else t > old[1]):
-                    best[i] = (v, t)
+                if old is None or rank > old[0]:
+                    best[i] = (rank, v)
         for slots, columns in alike.values():
+            if not columns:
+                continue
             totals = columns[0] if len(columns) == 1 else map(sum, zip(*columns, strict=True))
             for i, v in zip(slots, totals, strict=True):
                 acc[i] += v
         present.discard(0)
-        for i, (v, _) in best.items():
+        for i, (_, v) in best.items():
             acc[i] = v
         return frozenset(present), acc
 

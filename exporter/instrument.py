@@ -417,7 +417,7 @@ class _TaskSeries:
                 m.write_observation(self.runtimes.values, self.runtime_i, self.runtime_bounds, runtime)
             if success_at is not None:
                 self.successes.values[self.succeeded_i] += 1.0
-                write_gauge(self.stamps.values, self.last_i, success_at)
+                write_gauge(self.stamps.values, self.last_i, success_at, success_at)  # stamped: see collect.py
 
 
 def exception_name(exception: BaseException | None) -> str:
