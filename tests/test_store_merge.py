@@ -93,7 +93,8 @@ def test_damaged_files_are_skipped_and_counted(tmp_path: pytest.TempPathFactory)
 
 def test_missing_directory_is_an_empty_merge(tmp_path: pytest.TempPathFactory) -> None:
     collector = DirectoryCollector(str(tmp_path / "absent"))
-    assert merged_samples(collector) == {"celery_exporter_task_names_folded{}": 0, "celery_exporter_queue_names_folded{}": 0}
+    assert merged_samples(collector) == {"celery_exporter_task_names_folded{}": 0,
+                                         "celery_exporter_queue_names_folded{}": 0}
 
 
 def test_heartbeat_becomes_worker_up(tmp_path: pytest.TempPathFactory) -> None:
