@@ -43,14 +43,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.harness import ROOT, Samples, env_for, free_port, parse, value, wait_until, worker
+from tests.harness import ROOT, Samples, WorkerProcess, env_for, free_port, parse, value, wait_until, worker
 from tests.test_probe_loop import RedisServer
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(480)]
@@ -281,8 +281,13 @@ def test_soak_with_chaos(tmp_path: Path) -> None:
     sampler = Sampler(ex, str(metrics_dir))
     try:
         ex.start()
-        with worker(env, str(tmp_path), "--max-tasks-per-child", "50", "--loglevel", "WARNING", concurrency=2,
-                    queues="soak,chaos", app="tests.soak_app") as w, scrapers(ex.url, tmp_path) as outs:
+        with ExitStack() as workers, scrapers(ex.url, tmp_path) as outs:
+            def start_worker() -> WorkerProcess:
+                return workers.enter_context(worker(
+                    env, str(tmp_path), "--max-tasks-per-child", "50", "--loglevel", "WARNING", concurrency=2,
+                    queues="soak,chaos", app="tests.soak_app"))
+
+            current = [start_worker()]
             sampler.start()
             import redis as redis_py
 
@@ -290,7 +295,7 @@ def test_soak_with_chaos(tmp_path: Path) -> None:
                 """SIGKILL the pool process of the sleeper the first producer just sent, while it sleeps."""
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline:
-                    pool = set(children(w.proc.pid))
+                    pool = set(children(current[-1].proc.pid))
                     for marker in glob.glob(str(log_dir / "busy-*")):
                         pid = int(os.path.basename(marker).split("-")[1])
                         try:
@@ -339,7 +344,18 @@ def test_soak_with_chaos(tmp_path: Path) -> None:
                 redis.kill()
                 time.sleep(3.0)
                 redis.start()
-                return {"port": redis.port}
+                # Celery's worker may not survive it: with acks_late, kombu's channel close restores unacked
+                # messages through a connection already torn down (AttributeError on conninfo.hostname,
+                # "Unrecoverable error"), and the worker shuts down. That is Celery's, not ours: note it and
+                # start another worker; every count is still compared with the runs that happened.
+                time.sleep(5.0)
+                w = current[-1]
+                if w.proc.poll() is None:
+                    return {"port": redis.port, "worker_survived": True}
+                crash = [line for line in w.log().splitlines() if "Unrecoverable error" in line]
+                current.append(start_worker())
+                return {"port": redis.port, "worker_survived": False, "worker_exit": w.proc.returncode,
+                        "worker_crash": crash[:1]}
 
             feed_t0 = time.monotonic()
             # Two threads: the child kills keep their 20 s beat however long an exporter takes to come back.
@@ -371,7 +387,8 @@ def test_soak_with_chaos(tmp_path: Path) -> None:
             feed_seconds = max(f["seconds"] for f in fed)
             chaos.join(120)
             child_kills.join(60)
-            assert not chaos.is_alive() and not child_kills.is_alive(), "the chaos schedule did not finish"
+            if chaos.is_alive() or child_kills.is_alive():
+                failures.append("the chaos schedule did not finish within a minute of the feed")
 
             # The worker runs ~100 tasks/s: delete the backlog (our own Redis), then wait for idle.
             client = redis_py.Redis.from_url(broker)
@@ -396,7 +413,8 @@ def test_soak_with_chaos(tmp_path: Path) -> None:
             time.sleep(2.5)  # scrapes of the idle state
             final: Samples = parse(httpx.get(ex.url + "/metrics", timeout=30).text)
             client.close()
-            assert w.proc.poll() is None, f"the worker died:\n{w.log()[-3000:]}"
+            if current[-1].proc.poll() is not None:
+                failures.append(f"the worker died:\n{current[-1].log()[-3000:]}")
         sampler.stopping.set()
         sampler.join(10)
         exporter_log = ex.log()
