@@ -30,7 +30,7 @@ from typing import Any
 from prometheus_client.core import Metric
 from prometheus_client.samples import Sample
 
-from .compact import ARCHIVE_SUFFIX, LOCK_NAME, archive_generation, directory_lock, kind_of, staging_dirs
+from .compact import ARCHIVE_SUFFIX, FUTURE_SLACK, LOCK_NAME, archive_generation, directory_lock, kind_of, staging_dirs
 from .exposition import line_prefix
 from .labels import cut
 from .metrics import HEARTBEAT, POOL_PROCESSES, TASKS_ACTIVE, format_le
@@ -48,9 +48,6 @@ DEFAULT_MAX_TASK_NAMES = 2000
 #: The same for queue names: a producer that publishes to made-up routing keys must not add a series each.
 DEFAULT_MAX_QUEUE_NAMES = 1000
 OVERFLOW = "__overflow__"
-#: How far ahead of our clock a writer's timestamp may be and still count as now: pods on other
-#: nodes may run a little ahead. Beyond it, the writer's clock has since been stepped back.
-FUTURE_SLACK = 60.0
 #: Parsed series and keys kept beyond those in the directory now before every cache is rebuilt.
 _CACHE_SLACK = 4096
 

@@ -133,14 +133,28 @@ def staging_dirs(names: list[str]) -> dict[int, str]:
     return out
 
 
+#: How far ahead of our clock a writer's timestamp may be and still count as now: pods on other
+#: nodes may run a little ahead. Beyond it, the writer's clock has since been stepped back.
+FUTURE_SLACK = 60.0
+
+
 def merge_into(target: Entries, entries: Iterator[tuple[str, float, float]], rule: str) -> None:
-    """Fold one file's entries into `target` by the kind's merge rule."""
+    """Fold one file's entries into `target` by the kind's merge rule.
+
+    For the rules that pick one value, a value stamped in our future (a
+    clock since stepped back) loses to any other, so an archive never keeps a
+    series frozen at a time that has not come yet.
+    """
+    horizon = time.time() + FUTURE_SLACK
     for key, value, stamp in entries:
         old = target.get(key)
         if old is None:
             target[key] = (value, stamp)
         elif rule == "sum":
             target[key] = (old[0] + value, 0.0)
+        elif (old[1] > horizon) != (stamp > horizon):
+            if stamp <= horizon:
+                target[key] = (value, stamp)
         elif rule == "max":
             target[key] = (max(old[0], value), max(old[1], stamp))
         elif rule == "min":

@@ -138,11 +138,12 @@ class WorkerProcess:
 
 @contextmanager
 def worker(env: dict[str, str], tmp: str, *args: str, concurrency: int = 2, pool: str = "prefork",
-           queues: str = "alpha,beta", app: str = "tests.workload_app") -> Iterator[WorkerProcess]:
+           queues: str = "alpha,beta", app: str = "tests.workload_app",
+           hostname: str | None = None) -> Iterator[WorkerProcess]:
     """A real `celery worker` on `app` (tests.workload_app), ready once its heartbeat is on disk."""
     from exporter.collect import DirectoryCollector
 
-    hostname = f"w{uuid.uuid4().hex[:6]}@test"
+    hostname = hostname or f"w{uuid.uuid4().hex[:6]}@test"
     log_path = os.path.join(tmp, f"worker-{hostname}.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
