@@ -56,9 +56,9 @@ from tests.test_probe_loop import RedisServer
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(480)]
 
 FEED_SECONDS = float(os.environ.get("CSX_SOAK_SECONDS", "180"))
-PRODUCERS = 3
+PRODUCERS = 4
 #: Target publish rate of all producers together; the assertion is MIN_RATE.
-RATE = 660
+RATE = 680
 MIN_RATE = 500
 SCRAPERS = 5
 CHILD_KILL_EVERY = 20.0
