@@ -87,17 +87,17 @@ def test_caches_are_bounded_by_the_directory_not_by_how_many_children_came_and_w
     tracemalloc.start()
     try:
         traced: dict[int, int] = {}
-        for child in range(1, 451):
+        for child in range(1, 301):
             proc = ctx.Process(target=_recycled_child, args=(directory, child))
             proc.start()
             proc.join(30)
             if child % 4 == 0:  # the worker's tick compacts; scrapes come between
                 compact(directory)
             merged = merged_samples(collector)
-            if child in (150, 450):
+            if child in (100, 300):
                 traced[child] = tracemalloc.get_traced_memory()[0]
-        assert merged['celery_task_started_total{name="task.0",queue_name="q"}'] == 450
-        growth = traced[450] - traced[150]
-        assert growth < 256 * 1024, f"the collector grew {growth} bytes over 300 recycled children"
+        assert merged['celery_task_started_total{name="task.0",queue_name="q"}'] == 300
+        growth = traced[300] - traced[100]
+        assert growth < 256 * 1024, f"the collector grew {growth} bytes over 200 recycled children"
     finally:
         tracemalloc.stop()

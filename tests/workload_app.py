@@ -227,6 +227,19 @@ def to_queues(n: int) -> dict[str, Any]:
     return {}
 
 
+#: Tasks with names at the label-length cap: a dozen of them outgrow a fresh worker file (64 KB),
+#: which is how the full-disk test makes a write need room the disk no longer has.
+WIDE_NAMES = [f"t.wide_{i:02d}_" + "x" * 185 for i in range(12)]
+for _wide in WIDE_NAMES:
+    app.task(name=_wide)(_noop)
+
+
+def wide() -> dict[str, Any]:
+    for name in WIDE_NAMES:
+        app.send_task(name, queue="alpha")
+    return {}
+
+
 if __name__ == "__main__":
     scenario, *args = sys.argv[1:]
     result = globals()[scenario](*map(int, args))
