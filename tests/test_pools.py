@@ -3,7 +3,9 @@
 Each case runs a real `celery worker -A tests.soak_app -P <pool>` on Redis
 and the real exporter (`--worker-timeout 3`), publishes a fixed mix (10
 succeeding runs of soak.t00, 4 failing of soak.t01, 3 of soak.t02 that retry
-once), checks every counter exactly, then runs 8 s tasks (longer than the
+once, lingering 0.5 s after publishing the retry, so that on threads and
+greenlets the retry runs under the same task id while the first run is
+still finishing), checks every counter exactly, then runs 8 s tasks (longer than the
 worker timeout: the solo pool's main thread is busy in the task all that
 time) and checks on every scrape while they run that in-progress and
 active read the running count and the worker reads up.
