@@ -140,6 +140,7 @@ def test_pool_counts_and_running_gauges(redis_url: str, tmp_path: Path, pool: st
                          and value(r, "celery_worker_tasks_active", hostname=w.hostname) == 0) else None
 
         s = wait_until(finished, 30, "the long tasks to finish and the gauges to read 0")
+        assert s is not None
         assert value(s, "celery_worker_up", hostname=w.hostname) == 1
         assert value(s, "celery_task_started_total", name="soak.sleeper") == long_tasks
         assert w.proc.poll() is None, f"the worker exited:\n{w.log()[-3000:]}"
