@@ -40,6 +40,8 @@ DUE_HEADER = "csx_due"
 #: Added by the worker main process to the request it hands to the pool, so
 #: pool processes know the queue the message really came from.
 QUEUE_HEADER = "csx_queue"
+#: Set by prerun on the request of the run in progress: (its start, its series), for postrun.
+RUN_ATTR = "csx_run"
 METRICS_DIR_ENV = ("CELERY_EXPORTER_METRICS_DIR", "PROMETHEUS_MULTIPROC_DIR")
 
 
@@ -82,8 +84,7 @@ class Instrumentation:
         # Raw value -> label value, for the names and queues below their caps.
         self._names: dict[str, str] = {}
         self._queue_labels: dict[str, str] = {}
-        # task id -> (start, its series), for runtime and in-progress.
-        self._running: dict[str, tuple[float, _TaskSeries]] = {}
+        # (task name, queue) -> the pool-side series of that pair.
         self._series: dict[tuple[Any, Any], _TaskSeries] = {}
         self._sent: dict[tuple[Any, Any, Any], m.Series] = {}
         # (task, delivery) -> (queue label, received series, redelivered series); no series if ignored.
@@ -281,7 +282,10 @@ class Instrumentation:
             series.start(wait)
             # Remembered only once counted, so that a failing write (a full disk) can never
             # leave the live gauge off by one: postrun takes back only what prerun added.
-            self._running[task_id] = (time.perf_counter(), series)
+            # Kept on the request, which Celery pushes per run, thread and greenlet: keyed by task id,
+            # a retry of the same id starting in another thread before the first run's postrun
+            # would overwrite it, losing a runtime and leaving in-progress up.
+            setattr(request, RUN_ATTR, (time.perf_counter(), series))
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
             self.handler_failed("task_prerun", exc)
 
@@ -293,7 +297,7 @@ class Instrumentation:
         Celery dispatching task_success to us on every task."""
         try:
             success_at = time.time() if state == SUCCESS else None
-            started = self._running.pop(task_id, None)
+            started = getattr(task.request, RUN_ATTR, None)
             if started is not None:
                 begin, series = started
                 series.finish(time.perf_counter() - begin, success_at)
