@@ -18,12 +18,12 @@ from typing import Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.concurrency import run_in_threadpool
 
 from . import __version__
 from ._http import choose_encoding
-from .collect import DEFAULT_MAX_TASK_NAMES, DirectoryCollector
+from .collect import DEFAULT_MAX_TASK_NAMES, DirectoryCollector, MergeStats
 from .compact import compact
 from .exposition import Encoder
 
@@ -58,14 +58,25 @@ class Exporter:
             else None
         )
         self._last_duration = 0.0
+        self._merge_errors = 0
         self._lock = threading.Lock()
         self._encoder = Encoder()
 
     def collect(self) -> Iterator[Metric]:
         start = time.perf_counter()
         if self.directory is not None:
-            families, stats = self.directory.merge()
+            try:
+                families, stats = self.directory.merge()
+            except Exception as exc:  # a scrape always answers, even if the merge has a bug
+                self._merge_errors += 1
+                if self._merge_errors == 1 or self._merge_errors % 100 == 0:
+                    log.exception("merging %s failed (%d so far); serving the rest: %s",
+                                  self.directory.directory, self._merge_errors, exc)
+                families, stats = [], MergeStats()
             yield from families
+            yield CounterMetricFamily("celery_exporter_merge_errors",
+                                      "Scrapes whose merge of the metrics directory failed; they answered without it.",
+                                      value=self._merge_errors)
             files = GaugeMetricFamily(
                 "celery_exporter_metrics_files",
                 "Files in the metrics directory at the last scrape: read, unreadable, or dead (a gone process's "
@@ -106,8 +117,8 @@ class Exporter:
         def run() -> None:
             failing = False
             while True:
-                time.sleep(interval)
                 try:
+                    time.sleep(interval)
                     result = compact(directory)
                     if result.errors:
                         raise OSError(f"{len(result.errors)} archive(s) not written, first: {result.errors[0]}")

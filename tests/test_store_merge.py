@@ -268,3 +268,22 @@ def test_a_bound_spelled_two_ways_and_a_garbage_key_still_add_up(tmp_path: pytes
         assert s['celery_task_runtime_seconds_sum{name="a",queue_name="q"}'] == 1.25
         assert s['celery_task_sent_total{name="a",queue_name="q"}'] == 5
         assert s['celery_task_sent_total{name="b",queue_name="q"}'] == 7
+
+
+def test_a_merge_that_raises_still_answers_the_scrape(tmp_path: pytest.TempPathFactory,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever goes wrong inside the merge (here: libfaketime once made time.sleep raise EINVAL in
+    it), the scrape answers with everything else and counts the failed merge."""
+    from exporter.service import Exporter, ServiceConfig
+
+    m.Metric(Store(str(tmp_path)), m.SENT).labels("a", "q").inc()
+    ex = Exporter(ServiceConfig(metrics_dir=str(tmp_path)))
+    assert b'celery_task_sent_total{name="a",queue_name="q"} 1.0' in ex.render(None)[0]
+
+    def broken(self: DirectoryCollector) -> None:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(DirectoryCollector, "merge", broken)
+    body = ex.render(None)[0].decode()
+    assert "celery_exporter_merge_errors_total 1.0" in body
+    assert "celery_exporter_build_info" in body and "celery_task_sent_total" not in body

@@ -557,7 +557,8 @@ def queues(c: Config) -> Dashboard:
             "Metrics files and cardinality",
             "Files in each exporter's metrics directory by state; unreadable ones are skipped, counted and "
             "logged, never deleted. Dead pool processes compacted into the archive show how fast children "
-            "recycle; task names folded into __overflow__ at merge show a name explosion.",
+            "recycle; task and queue names folded into __overflow__ at merge show a name explosion; a failed merge "
+            "(the scrape still answers, without the directory's series) should never happen.",
             "short",
             (f"sum by (instance, state) ({_q('celery_exporter_metrics_files')})", "{{instance}} {{state}}"),
             (
@@ -565,6 +566,11 @@ def queues(c: Config) -> Dashboard:
                 "{{instance}} processes compacted",
             ),
             (f"max by (instance) ({_q('celery_exporter_task_names_folded')})", "{{instance}} task names folded"),
+            (f"max by (instance) ({_q('celery_exporter_queue_names_folded')})", "{{instance}} queue names folded"),
+            (
+                f"sum by (instance) (increase({_q('celery_exporter_merge_errors_total')}[{RATE}]))",
+                "{{instance}} failed merges",
+            ),
         ),
         w=8,
     )
