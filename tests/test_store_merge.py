@@ -287,3 +287,18 @@ def test_a_merge_that_raises_still_answers_the_scrape(tmp_path: pytest.TempPathF
     body = ex.render(None)[0].decode()
     assert "celery_exporter_merge_errors_total 1.0" in body
     assert "celery_exporter_build_info" in body and "celery_task_sent_total" not in body
+
+
+def test_queue_names_are_capped_across_the_directory(tmp_path: pytest.TempPathFactory) -> None:
+    """Each process caps its own queue names; many processes with different ones must still not add a
+    series each: past the directory-wide cap they fold into __overflow__, counted, totals kept."""
+    store = Store(str(tmp_path))
+    sent = m.Metric(store, m.SENT)
+    for i in range(1500):
+        sent.labels("a", f"queue-{i}").inc()
+    merged = merged_samples(DirectoryCollector(str(tmp_path), max_queue_names=1000))
+    queues = {k for k in merged if k.startswith("celery_task_sent_total")}
+    assert len(queues) == 1001
+    assert merged['celery_task_sent_total{name="a",queue_name="__overflow__"}'] == 500
+    assert sum(merged[k] for k in queues) == 1500
+    assert merged["celery_exporter_queue_names_folded{}"] == 500
