@@ -24,6 +24,7 @@ from functools import wraps
 from typing import Any
 
 from celery import Celery, signals
+from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from celery.states import SUCCESS
 
 from . import metrics as m
@@ -90,6 +91,8 @@ class Instrumentation:
         # (task, delivery) -> (queue label, received series, redelivered series); no series if ignored.
         self._received: dict[tuple[Any, Any, Any, Any], tuple[str, m.Series | None, m.Series | None]] = {}
         self._logged_errors: set[str] = set()
+        # Ids of runs whose hard time limit was counted (the last 1 000): Celery reports one twice.
+        self._timed_out: dict[str, None] = {}
 
     # -- helpers -------------------------------------------------------------
 
@@ -310,8 +313,6 @@ class Instrumentation:
 
     def on_failure(self, sender: Any = None, task_id: str = "", exception: BaseException | None = None,
                    **_: Any) -> None:
-        from celery.exceptions import TimeLimitExceeded, WorkerLostError
-
         # A lost run is counted by the reaper (compact.py), from the dead process's in-progress gauge,
         # exactly once. Celery sends task_failure(WorkerLostError) from the worker main only when it
         # does not requeue the message (Request.on_failure: not acks_late + reject_on_worker_lost), so
@@ -322,7 +323,7 @@ class Instrumentation:
         if isinstance(exception, TimeLimitExceeded):
             # A hard time limit is sent twice by the worker main (Celery 5.7): from Request.on_failure,
             # with the request's context, then from Request.on_timeout, without it. One run, one failure.
-            seen: dict[str, None] = self.__dict__.setdefault("_timed_out", {})
+            seen = self._timed_out
             if task_id in seen:
                 return
             seen[task_id] = None
