@@ -32,7 +32,7 @@ def _env(name: str) -> str:
 
 def _option(*decls: str, **kwargs: Any) -> Callable[[F], F]:
     """A click option that is also an environment variable, shown in --help."""
-    name = decls[0].lstrip("-")
+    name = decls[0].split("/")[0].lstrip("-")  # a flag pair "--x/--no-x" is one variable, X
     kwargs.setdefault("envvar", _env(name))
     kwargs.setdefault("show_envvar", True)
     kwargs.setdefault("show_default", True)
