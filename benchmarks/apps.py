@@ -2,7 +2,7 @@
 """The Celery app every publish and worker benchmark runs, configured from the environment.
 
 CSX_BENCH_BROKER: broker URL. CSX_BENCH_VARIANT: `plain` (uninstrumented),
-`ours` (exporter.instrument), `floor` (the signals ours uses on every task
+`ours` (celery_signal_exporter.instrument), `floor` (the signals ours uses on every task
 connected to receivers that do nothing: what Celery's own dispatch costs,
 which no signal-driven exporter can avoid), `events` (task_send_sent_event;
 the worker gets -E) or `both` (instrumented and sending events, for the
@@ -35,9 +35,9 @@ app.conf.update(
     task_send_sent_event=VARIANT in ("events", "both"),
 )
 if VARIANT in ("ours", "both"):
-    import exporter
+    import celery_signal_exporter
 
-    exporter.instrument(app, metrics_dir=os.environ["CSX_BENCH_METRICS_DIR"])
+    celery_signal_exporter.instrument(app, metrics_dir=os.environ["CSX_BENCH_METRICS_DIR"])
 
 if VARIANT == "floor":
     from celery import signals

@@ -126,7 +126,8 @@ def one_run(n: int, tmp: str) -> dict[str, Any]:
         env = child_env(CSX_BENCH_BROKER=url, CSX_BENCH_VARIANT="both", CSX_BENCH_QUEUE="bench-cost",
                         CSX_BENCH_METRICS_DIR=metrics_dir, CSX_BENCH_DONE_FILE=done)
         ours_port, theirs_port = free_port(), free_port()
-        ours_args = [sys.executable, "-m", "exporter.cli", "serve", "--metrics-dir", metrics_dir, "--broker-url", url,
+        ours_args = [sys.executable, "-m", "celery_signal_exporter.cli",
+                     "serve", "--metrics-dir", metrics_dir, "--broker-url", url,
                      "--queue", "bench-cost", "--host", "127.0.0.1", "--port", str(ours_port), "--log-level", "warning"]
         main = "import sys; sys.argv[0] = 'celery-exporter'; from src.cli import cli; cli()"
         theirs_args = [venv_python(), "-c", main,

@@ -51,12 +51,12 @@ def _batch(fn: Callable[[int], None], calls: int) -> float:
 def measure(calls: int) -> dict[str, list[float]]:
     from celery import Celery
 
-    import exporter
-    from exporter.instrument import DUE_HEADER, QUEUE_HEADER
+    import celery_signal_exporter
+    from celery_signal_exporter.receivers import DUE_HEADER, QUEUE_HEADER
 
     tmp = tempfile.mkdtemp(prefix="csx-bench-hooks-", dir=SHM)
     app = Celery("hooks", broker="memory://", set_as_current=False)
-    inst = exporter.instrument(app, metrics_dir=tmp)
+    inst = celery_signal_exporter.instrument(app, metrics_dir=tmp)
     guarded = {label: fn for _, label, fn in inst.receivers()}  # as connected: each one is safe
 
     @app.task(name="bench.hook_task", shared=False)
@@ -150,7 +150,8 @@ def measure(calls: int) -> dict[str, list[float]]:
         for sig, uid in ours:
             sig.receivers.extend(saved[uid])
             getattr(sig, "sender_receivers_cache", {}).clear()
-    errors = sum(v for k, v in exporter.collect.merged_samples(exporter.collect.DirectoryCollector(tmp)).items()
+    collect = celery_signal_exporter.collect
+    errors = sum(v for k, v in collect.merged_samples(collect.DirectoryCollector(tmp)).items()
                  if k.startswith("celery_exporter_handler_errors_total"))
     shutil.rmtree(tmp, ignore_errors=True)
     result["child_signals"] = [s for s in ("task_prerun", "task_success", "task_postrun") if s in guarded]
@@ -189,6 +190,6 @@ def run(size: Size) -> Section:
 
 
 if __name__ == "__main__":
-    import exporter.collect  # noqa: F401 - used through the package in measure()
+    import celery_signal_exporter.collect  # noqa: F401 - used through the package in measure()
 
     print(json.dumps(measure(int(sys.argv[1]))))

@@ -35,9 +35,9 @@ from pyrabbit2.api import Client
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from exporter.probes import ProbeOptions, probe_for_url
-from exporter.probes.rabbitmq import RabbitMQProbe
-from exporter.probes.redis import DUE_HEADER, RedisProbe
+from celery_signal_exporter.probes import ProbeOptions, probe_for_url
+from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe
+from celery_signal_exporter.probes.redis import DUE_HEADER, RedisProbe
 
 REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))

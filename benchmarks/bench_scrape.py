@@ -3,7 +3,7 @@
 """Scrape cost at scale: `/metrics` latency and body size of our service vs prometheus-client's stock collector.
 
 A synthetic metrics directory per grid point, written with the product's own
-writer (exporter/store.py, exporter/metrics.py):
+writer (exporter/celery_signal_exporter/store.py, exporter/celery_signal_exporter/metrics.py):
 
 - live processes: real forked processes that write every (task name, queue)
   series a pool process writes (started, succeeded, received, runtime and
@@ -17,7 +17,7 @@ Two identical copies are made: ours is served by a real
 `celery-signal-exporter serve` and scraped over HTTP; the stock
 `MultiProcessCollector` renders the other in this process (no HTTP, so the
 comparison flatters the stock side). When the product has compaction
-(`exporter.compact.compact`), ours is compacted through it first, as a
+(`celery_signal_exporter.compact.compact`), ours is compacted through it first, as a
 worker's heartbeat would, and the time that took is reported. The two sides
 alternate scrape by scrape.
 """
@@ -96,7 +96,7 @@ def _pairs(point: Point) -> list[tuple[str, str]]:
 
 def _write_pool_series(store: Any, pairs: list[tuple[str, str]], finished: bool) -> None:
     """What a pool process records for each pair it ran (finished: its in-progress is back to 0)."""
-    from exporter import metrics as m
+    from celery_signal_exporter import metrics as m
 
     metrics = {spec.name: m.Metric(store, spec, m.DEFAULT_RUNTIME_BUCKETS if spec.kind == "histogram" else ())
                for spec in (m.RECEIVED, m.STARTED, m.SUCCEEDED, m.RUNTIME, m.QUEUE_WAIT, m.IN_PROGRESS,
@@ -114,7 +114,7 @@ def _write_pool_series(store: Any, pairs: list[tuple[str, str]], finished: bool)
 
 def _live_process(dirs: list[str], pairs: list[tuple[str, str]], conn: Connection) -> None:
     """A live pool process: writes into every dir through the product's Store, then holds on."""
-    from exporter.store import Store
+    from celery_signal_exporter.store import Store
 
     stores = [Store(d) for d in dirs]
     for store in stores:
@@ -135,7 +135,7 @@ class _DeadStore:
         self.files: dict[str, Any] = {}
 
     def file(self, prefix: str) -> Any:
-        from exporter.store import MetricFile
+        from celery_signal_exporter.store import MetricFile
 
         f = self.files.get(prefix)
         if f is None:
@@ -198,7 +198,7 @@ def directories(point: Point) -> Iterator[tuple[str, str]]:
 def compact_fn() -> Callable[[str], Any] | None:
     """The product's compaction entry point, if this checkout has one."""
     try:
-        module = importlib.import_module("exporter.compact")
+        module = importlib.import_module("celery_signal_exporter.compact")
     except ImportError:
         return None
     fn = getattr(module, "compact", None)
@@ -237,7 +237,7 @@ def service(directory: str) -> Iterator[str]:
     port = free_port()
     log = open(os.path.join(tempfile.gettempdir(), f"csx-bench-serve-{port}.log"), "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "exporter.cli", "serve", "--metrics-dir", directory, "--host", "127.0.0.1",
+        [sys.executable, "-m", "celery_signal_exporter.cli", "serve", "--metrics-dir", directory, "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "warning"],
         cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
     )
@@ -342,13 +342,13 @@ def run(size: Size) -> Section:
     )
     if has_compaction:
         section.columns.append("compaction (once, s)")
-        section.notes.append("Ours is compacted first through `exporter.compact.compact()` (as the worker's "
-                             "heartbeat does); the stock side reads the uncompacted copy, as a stock user would. "
-                             "The stock collector on our compacted directory is in the last column.")
+        section.notes.append("Ours is compacted first through `celery_signal_exporter.compact.compact()` (as the "
+                             "worker's heartbeat does); the stock side reads the uncompacted copy, as a stock user "
+                             "would. The stock collector on our compacted directory is in the last column.")
         section.columns.append("stock on compacted dir p50 ms")
     else:
-        section.notes.append("This checkout has no compaction (`exporter.compact`): every dead process's files "
-                             "are read at every scrape.")
+        section.notes.append("This checkout has no compaction (`celery_signal_exporter.compact`): every dead "
+                             "process's files are read at every scrape.")
     for point in grid(size.scrape_points):
         r = measure_point(point, size.scrape_budget_s)
         o50, o95 = percentile(r["ours"], 50) * 1e3, percentile(r["ours"], 95) * 1e3

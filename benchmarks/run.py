@@ -65,13 +65,15 @@ MISS_NOTES = {
         "project."
     ),
     "/metrics p95": (
-        "Not the dead processes: compaction (`exporter.compact`) folds 10 000 dead processes (30 000 files) into "
-        "three archives once, and the scrape then costs what it costs with none (compare the 0, 1000 and "
-        "10 000 dead rows). The cost is per value: 200 × 4 pairs written by each of 8 live processes is 37 000 "
-        "output samples from ~290 000 file values, and /metrics grows linearly with them (see the names, "
-        "queues and live rows). Profiled in-process, about three quarters of it is exporter/collect.py's merge: "
+        "Not the dead processes: compaction (`celery_signal_exporter.compact`) folds 10 000 dead processes "
+        "(30 000 files) into three archives once, and the scrape then costs what it costs with none (compare "
+        "the 0, 1000 and 10 000 dead rows). The cost is per value: 200 × 4 pairs written by each of 8 live "
+        "processes is 37 000 output samples from ~290 000 file values, and /metrics grows linearly with them "
+        "(see the names, queues and live rows). Profiled in-process, about three quarters of it is "
+        "exporter/celery_signal_exporter/collect.py's merge: "
         "reading each live file whole (keys included: a histogram file is ~7 MB at this point), unpacking its "
-        "values and adding them up; the text (exporter/exposition.py) and gzip are the rest. Reading only the "
+        "values and adding them up; the text (exporter/celery_signal_exporter/exposition.py) and gzip are the "
+        "rest. Reading only the "
         "values would need a file format other than prometheus-client's, which the stock collector and the "
         "compatibility tests rely on."
     ),

@@ -102,7 +102,8 @@ def exporter(tmp: str, *args: str, env: dict[str, str] | None = None) -> Iterato
     log_path = os.path.join(tmp, f"exporter-{port}.log")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+            [sys.executable, "-m", "celery_signal_exporter.cli",
+             "serve", "--host", "127.0.0.1", "--port", str(port), *args],
             cwd=ROOT, env=env or dict(os.environ, PYTHONPATH=ROOT), stdout=log, stderr=subprocess.STDOUT, text=True,
         )
     ex = ExporterProcess(proc, port, log_path)
@@ -141,7 +142,7 @@ def worker(env: dict[str, str], tmp: str, *args: str, concurrency: int = 2, pool
            queues: str = "alpha,beta", app: str = "tests.workload_app",
            hostname: str | None = None) -> Iterator[WorkerProcess]:
     """A real `celery worker` on `app` (tests.workload_app), ready once its heartbeat is on disk."""
-    from exporter.collect import DirectoryCollector
+    from celery_signal_exporter.collect import DirectoryCollector
 
     hostname = hostname or f"w{uuid.uuid4().hex[:6]}@test"
     log_path = os.path.join(tmp, f"worker-{hostname}.log")

@@ -31,7 +31,7 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 from kombu import Queue
 
-import exporter
+import celery_signal_exporter
 
 app = Celery("soak", broker=os.environ.get("CSX_TEST_BROKER", "memory://"))
 app.conf.update(
@@ -47,7 +47,7 @@ app.conf.update(
     # SIGKILLed for that, which is chaos nobody asked for.
     worker_proc_alive_timeout=30,
 )
-exporter.instrument(
+celery_signal_exporter.instrument(
     app,
     queue_wait_buckets=(0.25, 0.5, 1, 1.5, 2, 3, 5, 10),
     runtime_buckets=(0.1, 0.5, 1, 1.5, 2, 3, 5, 10),

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from exporter.mixin.config import PRODUCTION
-from exporter.mixin.rules import alerts
+from celery_signal_exporter.mixin.config import PRODUCTION
+from celery_signal_exporter.mixin.rules import alerts
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy/prometheus/celery-rules.yml"

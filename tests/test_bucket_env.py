@@ -10,8 +10,8 @@ from tests.harness import ROOT
 
 SCRIPT = """
 from celery import Celery
-import exporter
-inst = exporter.instrument(Celery("x"), metrics_dir={d!r}{extra})
+import celery_signal_exporter
+inst = celery_signal_exporter.instrument(Celery("x"), metrics_dir={d!r}{extra})
 print(inst.options.runtime_buckets, inst.options.queue_wait_buckets)
 """
 

@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import httpx
+import pytest
 
 from tests.harness import ROOT, free_port, parse, value, wait_until
 
-CMD = [sys.executable, "-m", "exporter.cli"]
+CMD = [sys.executable, "-m", "celery_signal_exporter.cli"]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -76,10 +78,41 @@ def test_options_come_from_the_environment(tmp_path: object) -> None:
         proc.wait(timeout=10)
 
 
-def test_demo_serves_task_metrics_and_stops_cleanly_on_sigint() -> None:
+@pytest.fixture(scope="session")
+def wheel_command(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The package built as sdist and wheel, checked by twine, and the wheel installed (not editable)
+    into a fresh virtualenv: its `celery-signal-exporter` command. A data file missing from the wheel
+    fails the demo run with it."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    dist = tmp / "dist"
+    built = subprocess.run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(dist), ROOT],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    wheels, sdists = sorted(dist.glob("*.whl")), sorted(dist.glob("*.tar.gz"))
+    assert len(wheels) == 1 and len(sdists) == 1, os.listdir(dist)
+    checked = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", *map(str, wheels + sdists)],
+                             capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        top = {name.split("/")[0] for name in wheel.namelist() if not name.split("/")[0].endswith(".dist-info")}
+    assert top == {"celery_signal_exporter"}, f"the wheel installs other top-level names: {top}"
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    installed = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheels[0])],
+                               capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
+    return [str(venv / "bin" / "celery-signal-exporter")]
+
+
+@pytest.mark.parametrize("installed", ["source", "wheel"])
+def test_demo_serves_task_metrics_and_stops_cleanly_on_sigint(installed: str, request: pytest.FixtureRequest) -> None:
     port = free_port()
-    proc = subprocess.Popen([*CMD, "demo", "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    command = CMD if installed == "source" else request.getfixturevalue("wheel_command")
+    env = {**os.environ, "PYTHONPATH": ROOT} if installed == "source" else \
+        {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    cwd = ROOT if installed == "source" else "/"  # the wheel's run must not find the source tree
+    proc = subprocess.Popen([*command, "demo", "--port", str(port)], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
     assert proc.stdout is not None
     try:
         first = proc.stdout.readline()

@@ -18,10 +18,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from exporter import compact as compaction
-from exporter import metrics as m
-from exporter.collect import DirectoryCollector, merged_samples
-from exporter.store import MetricFile, Store, open_owned, read_entries
+from celery_signal_exporter import compact as compaction
+from celery_signal_exporter import metrics as m
+from celery_signal_exporter.collect import DirectoryCollector, merged_samples
+from celery_signal_exporter.store import MetricFile, Store, open_owned, read_entries
 
 SENT = 'celery_task_sent_total{name="a",queue_name="q"}'
 RUNTIME_COUNT = 'celery_task_runtime_seconds_count{name="a",queue_name="q"}'

@@ -118,7 +118,7 @@ def run_row(row: Row, subs: dict[str, str]) -> tuple[Row, str, list[str], int]:
     expected = row.message
     for key, val in subs.items():
         expected = expected.replace(key, val)
-    out = subprocess.run([sys.executable, "-m", "exporter.cli", *words], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "celery_signal_exporter.cli", *words], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     return row, expected, out.stderr.strip().splitlines(), out.returncode
 
@@ -187,7 +187,8 @@ def test_check_passes_good_settings_with_one_line(tmp_path: Path, redis_url: str
     env.update({"PYTHONPATH": ROOT, "CELERY_EXPORTER_METRICS_DIR": str(metrics),
                 "CELERY_EXPORTER_RUNTIME_BUCKETS": "0.01, 0.1,1,10", "CELERY_EXPORTER_QUEUE_WAIT_BUCKETS": "1,60",
                 "CELERY_EXPORTER_BROKER_URL": redis_url, "CELERY_EXPORTER_WEB_CONFIG_FILE": str(config)})
-    out = subprocess.run([sys.executable, "-m", "exporter.cli", "check"], cwd=ROOT, env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "celery_signal_exporter.cli",
+                          "check"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60)
     assert (out.returncode, out.stderr) == (0, "")
     assert out.stdout == (f"ok: 4 runtime buckets; 2 queue wait buckets; metrics directory {metrics} writable; "
@@ -197,7 +198,7 @@ def test_check_passes_good_settings_with_one_line(tmp_path: Path, redis_url: str
 
 def test_parse_buckets_values() -> None:
     """What instrument() and check accept: spaces allowed, floats back, order kept."""
-    from exporter.buckets import parse_buckets
+    from celery_signal_exporter.buckets import parse_buckets
 
     assert parse_buckets("0.005, 0.01,1 ,60", "X") == (0.005, 0.01, 1.0, 60.0)
     assert parse_buckets("1e-3,2.5E1", "X") == (0.001, 25.0)

@@ -94,7 +94,8 @@ def quiet_env() -> dict[str, str]:
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    out = subprocess.run([sys.executable, "-m", "exporter.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "celery_signal_exporter.cli",
+                          *args], cwd=ROOT, capture_output=True, text=True,
                          timeout=60, env=env or quiet_env())
     return out.returncode, out.stdout + out.stderr
 
@@ -109,7 +110,8 @@ class Serve:
         self.outputs, self.name = outputs, name
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "exporter.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                [sys.executable, "-m", "celery_signal_exporter.cli",
+                 "serve", "--host", "127.0.0.1", "--port", str(self.port),
                  "--log-level", "debug", "--metrics-dir", str(tmp), *args],
                 cwd=ROOT, env=quiet_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
 

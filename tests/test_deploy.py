@@ -147,7 +147,7 @@ def env_of(c: dict[str, Any]) -> dict[str, Any]:
 
 def serve_envvars() -> set[str]:
     """The environment variables `celery-signal-exporter serve` really reads."""
-    from exporter.cli import serve
+    from celery_signal_exporter.cli import serve
 
     names: set[str] = set()
     for param in serve.params:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from exporter import metrics as m
-from exporter.store import Store
+from celery_signal_exporter import metrics as m
+from celery_signal_exporter.store import Store
 from tests.harness import exporter, value, wait_until
 from tests.test_compaction import write_as_dead_process
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import httpx
 
-from exporter import metrics as m
-from exporter.store import Store
+from celery_signal_exporter import metrics as m
+from celery_signal_exporter.store import Store
 from tests.test_http_security import PASSWORD, USER, make_pki, serve, web_config
 
 MAX_EXAMPLES = "150"

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
-import exporter
-from exporter.labels import cut
+import celery_signal_exporter
+from celery_signal_exporter.labels import cut
 from tests.harness import Samples, env_for, parse, produce, value, wait_until, worker
 from tests.harness import exporter as exporter_process
 from tests.hostile_names import HOSTILE
@@ -175,7 +175,7 @@ def test_bad_buckets_fail_instrument_with_one_line_naming_the_option(option: str
 
     app = Celery("bad-buckets", broker="memory://", set_as_current=False)
     with pytest.raises(ValueError) as info:
-        exporter.instrument(app, metrics_dir=str(tmp_path), **{option: bad})
+        celery_signal_exporter.instrument(app, metrics_dir=str(tmp_path), **{option: bad})
     message = str(info.value)
     assert message.startswith(f"{option}: ") and "\n" not in message, message
     assert not any(f.endswith(".db") for f in tmp_path.iterdir() if f.is_file()), "nothing was set up"

@@ -22,9 +22,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exporter import metrics as m
-from exporter._http import choose_encoding
-from exporter.store import Store
+from celery_signal_exporter import metrics as m
+from celery_signal_exporter._http import choose_encoding
+from celery_signal_exporter.store import Store
 from tests.harness import ExporterProcess, exporter, parse, wait_until
 from tests.test_http_security import make_pki, serve, web_config
 

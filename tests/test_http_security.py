@@ -107,7 +107,8 @@ def serve(tmp: Path, *args: str, host: str = "127.0.0.1", scheme: str = "http",
     env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_EXPORTER_")}
     env["PYTHONPATH"] = ROOT
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", "serve", "--host", host, "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "celery_signal_exporter.cli",
+                                 "serve", "--host", host, "--port", str(port),
                                  "--metrics-dir", str(metrics), *args],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     bracketed = host if host.startswith("[") else f"[{host}]" if ":" in host else host
@@ -234,7 +235,8 @@ def test_ipv6_bind_address(tmp_path: Path) -> None:
             assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
     else:
         port = str(free_port())
-        out = subprocess.run([sys.executable, "-m", "exporter.cli", "serve", "--metrics-dir", str(tmp_path),
+        out = subprocess.run([sys.executable, "-m", "celery_signal_exporter.cli",
+                              "serve", "--metrics-dir", str(tmp_path),
                               "--host", "::1", "--port", port], cwd=ROOT, capture_output=True, text=True,
                              timeout=60, env={**os.environ, "PYTHONPATH": ROOT})
         assert out.returncode == 2

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from exporter.labels import MAX_LABEL_LENGTH, OVERFLOW, cut
+from celery_signal_exporter.labels import MAX_LABEL_LENGTH, OVERFLOW, cut
 from tests.harness import ExporterProcess, Samples, env_for, exporter, produce, value, wait_until, worker
 
 # As in tests/workload_app.py, which is not imported here: importing it instruments this process.

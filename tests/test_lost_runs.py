@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from exporter import compact as compaction
-from exporter import metrics as m
-from exporter.collect import DirectoryCollector, merged_samples
-from exporter.compact import pid_alive
-from exporter.store import Store, read_entries
+from celery_signal_exporter import compact as compaction
+from celery_signal_exporter import metrics as m
+from celery_signal_exporter.collect import DirectoryCollector, merged_samples
+from celery_signal_exporter.compact import pid_alive
+from celery_signal_exporter.store import Store, read_entries
 from tests.harness import ROOT, Samples, env_for, exporter, produce, value, wait_until, worker
 
 LOST = 'celery_task_failed_total{exception="WorkerLostError",name="a",queue_name="q"}'
@@ -169,11 +169,12 @@ def test_a_reaper_that_crashes_between_link_and_unlink_counts_once(tmp_path: Pat
 
 
 def test_the_exporter_s_compaction_counts_lost_runs_too(tmp_path: Path) -> None:
-    """`python -m exporter.compact DIR` (what the exporter's compaction runs): no worker needed."""
+    """`python -m celery_signal_exporter.compact DIR` (what the exporter's compaction runs): no worker needed."""
     d = str(tmp_path)
     _dead_mid_task(d, 1)
     _dead_mid_task(d, 1)
-    out = subprocess.run([sys.executable, "-m", "exporter.compact", d], cwd=ROOT, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "celery_signal_exporter.compact",
+                          d], cwd=ROOT, capture_output=True, text=True,
                          check=True, timeout=60)
     assert "absorbed=2" in out.stdout, out.stdout
     s = merged_samples(DirectoryCollector(d))

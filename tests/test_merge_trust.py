@@ -13,10 +13,10 @@ import time
 import tracemalloc
 from typing import Any
 
-from exporter import metrics as m
-from exporter.collect import DirectoryCollector, merged_samples
-from exporter.compact import compact
-from exporter.store import Store
+from celery_signal_exporter import metrics as m
+from celery_signal_exporter.collect import DirectoryCollector, merged_samples
+from celery_signal_exporter.compact import compact
+from celery_signal_exporter.store import Store
 
 STARTED = 'celery_task_started_total{name="steady",queue_name="q"}'
 

@@ -17,12 +17,12 @@ import promql_parser as pq
 import pytest
 import yaml
 
-from exporter.mixin.config import PRODUCTION, load, short_profile
-from exporter.mixin.dashboards import DASHBOARDS
-from exporter.mixin.generate import main as generate_main
-from exporter.mixin.generate import outputs, stale
-from exporter.mixin.rules import alerts, rule_groups
-from exporter.mixin.usage import expand_name_regex
+from celery_signal_exporter.mixin.config import PRODUCTION, load, short_profile
+from celery_signal_exporter.mixin.dashboards import DASHBOARDS
+from celery_signal_exporter.mixin.generate import main as generate_main
+from celery_signal_exporter.mixin.generate import outputs, stale
+from celery_signal_exporter.mixin.rules import alerts, rule_groups
+from celery_signal_exporter.mixin.usage import expand_name_regex
 from tests.test_catalogue import documented
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,7 +112,7 @@ def promtool() -> str:
 
 
 def test_committed_files_are_what_the_code_generates() -> None:
-    assert stale(PRODUCTION, ROOT) == [], "run `python -m exporter.mixin` and commit the result"
+    assert stale(PRODUCTION, ROOT) == [], "run `python -m celery_signal_exporter.mixin` and commit the result"
 
 
 def test_check_mode_reports_a_stale_file(tmp_path: Path) -> None:
@@ -297,7 +297,7 @@ def test_dashboard_titles_cover_the_issue() -> None:
 
 def test_every_catalogued_metric_is_on_a_dashboard() -> None:
     """A metric nobody can see is a metric nobody needs; build_info feeds the job variable."""
-    from exporter.mixin.usage import index
+    from celery_signal_exporter.mixin.usage import index
 
     shown = {name for name, used in index(PRODUCTION).items() if used["panels"]}
     assert set(documented()) - shown == {"celery_exporter_build_info"}

@@ -24,9 +24,9 @@ from typing import Any
 import yaml
 from kombu import Connection
 
-from exporter.mixin.config import short_profile
-from exporter.mixin.dashboards import DASHBOARDS
-from exporter.mixin.rules import rule_groups
+from celery_signal_exporter.mixin.config import short_profile
+from celery_signal_exporter.mixin.dashboards import DASHBOARDS
+from celery_signal_exporter.mixin.rules import rule_groups
 from tests.harness import ROOT, env_for, exporter, produce, wait_until, worker
 from tests.stack import Prometheus, Webhook, alertmanager, prometheus, redis_server
 from tests.test_mixin import dashboards, panels, substitute

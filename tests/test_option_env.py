@@ -8,7 +8,7 @@ from typing import Any
 import click
 import pytest
 
-from exporter.cli import cli
+from celery_signal_exporter.cli import cli
 
 SHELL_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 

@@ -22,11 +22,11 @@ from celery import Celery
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 
-from exporter.probes import BrokerSnapshot, ProbeOptions, probe_for_url
-from exporter.probes.loop import LoopOptions, ProbeGroup, ProbeLoop, build_probe_loops
-from exporter.probes.rabbitmq import RabbitMQProbe
-from exporter.probes.redis import RedisProbe
-from exporter.redact import redact_url, scrub, secrets_of
+from celery_signal_exporter.probes import BrokerSnapshot, ProbeOptions, probe_for_url
+from celery_signal_exporter.probes.loop import LoopOptions, ProbeGroup, ProbeLoop, build_probe_loops
+from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe
+from celery_signal_exporter.probes.redis import RedisProbe
+from celery_signal_exporter.redact import redact_url, scrub, secrets_of
 
 # -- helpers ----------------------------------------------------------------
 

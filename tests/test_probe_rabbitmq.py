@@ -21,9 +21,9 @@ from kombu.connection import Connection
 from kombu.messaging import Consumer, Queue
 from pyrabbit2.api import Client
 
-from exporter.probes import ProbeOptions, probe_for_url
-from exporter.probes.base import BrokerSnapshot, ProbeError
-from exporter.probes.rabbitmq import RabbitMQProbe
+from celery_signal_exporter.probes import ProbeOptions, probe_for_url
+from celery_signal_exporter.probes.base import BrokerSnapshot, ProbeError
+from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe
 from tests.conftest import AMQP_HOST, RABBIT_MGMT_PORT
 
 T = TypeVar("T")

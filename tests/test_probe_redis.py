@@ -19,9 +19,9 @@ import redis
 from celery import Celery
 from kombu.connection import Connection
 
-from exporter.probes import ProbeOptions, probe_for_url
-from exporter.probes.base import ProbeError
-from exporter.probes.redis import DUE_HEADER, RedisProbe, due_time
+from celery_signal_exporter.probes import ProbeOptions, probe_for_url
+from celery_signal_exporter.probes.base import ProbeError
+from celery_signal_exporter.probes.redis import DUE_HEADER, RedisProbe, due_time
 
 MakeApp = Callable[..., Celery]
 
@@ -540,6 +540,6 @@ def test_without_scripting_rights_the_probe_falls_back_to_plain_commands() -> No
     ],
 )
 def test_oldest_due_reads_one_message_but_agrees_with_decoding_all(heads: list[object]) -> None:
-    from exporter.probes.redis import _oldest_due, _oldest_due_slow
+    from celery_signal_exporter.probes.redis import _oldest_due, _oldest_due_slow
 
     assert _oldest_due(heads) == _oldest_due_slow(heads)

@@ -15,11 +15,11 @@ def test_every_receiver_survives_garbage_and_counts_it(tmp_path: os.PathLike[str
     script = textwrap.dedent("""
         import sys
         from celery import Celery
-        import exporter
-        from exporter.collect import DirectoryCollector, merged_samples
+        import celery_signal_exporter
+        from celery_signal_exporter.collect import DirectoryCollector, merged_samples
 
         app = Celery("guard", broker="memory://", set_as_current=False)
-        inst = exporter.instrument(app, metrics_dir=sys.argv[1])
+        inst = celery_signal_exporter.instrument(app, metrics_dir=sys.argv[1])
         garbage = object()
         for signal, label, receiver in inst.receivers():
             receiver(signal=signal, sender=garbage, headers=garbage, task=garbage, request=garbage,

@@ -96,7 +96,8 @@ class Exporter:
         env["PYTHONPATH"] = ROOT
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "exporter.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                [sys.executable, "-m", "celery_signal_exporter.cli",
+                 "serve", "--host", "127.0.0.1", "--port", str(self.port),
                  *self.args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         proc = self.proc
 

@@ -8,9 +8,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from exporter import metrics as m
-from exporter.collect import DirectoryCollector, merged_samples
-from exporter.store import MetricFile, Store, read_entries, series_key
+from celery_signal_exporter import metrics as m
+from celery_signal_exporter.collect import DirectoryCollector, merged_samples
+from celery_signal_exporter.store import MetricFile, Store, read_entries, series_key
 
 
 def test_files_are_prometheus_client_compatible(tmp_path: pytest.TempPathFactory) -> None:
@@ -128,8 +128,8 @@ def test_live_gauge_of_a_previous_process_with_our_pid_is_not_inherited(tmp_path
 def test_hostile_label_values_round_trip(tmp_path: pytest.TempPathFactory) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from exporter.labels import MAX_LABEL_LENGTH, cut
-    from exporter.service import Exporter, ServiceConfig
+    from celery_signal_exporter.labels import MAX_LABEL_LENGTH, cut
+    from celery_signal_exporter.service import Exporter, ServiceConfig
 
     hostile = ['quote " back \\ slash', "new\nline", "unicodé ✓", "x" * 10_000]
     store = Store(str(tmp_path))
@@ -182,7 +182,7 @@ def test_task_names_are_capped_across_the_whole_directory(tmp_path: pytest.TempP
 def test_a_file_rewritten_on_the_same_inode_with_other_keys_is_not_misread(tmp_path: pytest.TempPathFactory) -> None:
     """The merge caches each file's layout; a new file on a recycled inode with keys of the same size
     (pid reuse after compaction, on a disk that reuses inode numbers) must not inherit it."""
-    from exporter.store import MAGIC, encode_entries, series_key
+    from celery_signal_exporter.store import MAGIC, encode_entries, series_key
 
     path = os.path.join(str(tmp_path), "counter_5.db")
 
@@ -221,7 +221,7 @@ def test_series_bound_before_a_file_grows_keep_writing_into_the_new_map(tmp_path
 
 def test_struct_fallback_writes_the_same_bytes_as_the_view(tmp_path: pytest.TempPathFactory) -> None:
     """Big-endian machines write through struct; the file must be byte for byte what the view writes."""
-    from exporter.store import _PackedDoubles
+    from celery_signal_exporter.store import _PackedDoubles
 
     paths = [str(tmp_path / "counter_1.db"), str(tmp_path / "counter_2.db")]
     files = [MetricFile(p) for p in paths]
@@ -274,7 +274,7 @@ def test_a_merge_that_raises_still_answers_the_scrape(tmp_path: pytest.TempPathF
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever goes wrong inside the merge (here: libfaketime once made time.sleep raise EINVAL in
     it), the scrape answers with everything else and counts the failed merge."""
-    from exporter.service import Exporter, ServiceConfig
+    from celery_signal_exporter.service import Exporter, ServiceConfig
 
     m.Metric(Store(str(tmp_path)), m.SENT).labels("a", "q").inc()
     ex = Exporter(ServiceConfig(metrics_dir=str(tmp_path)))

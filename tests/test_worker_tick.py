@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from exporter import compact as compaction
-from exporter import metrics as m
-from exporter.store import Store, open_owned, series_key
+from celery_signal_exporter import compact as compaction
+from celery_signal_exporter import metrics as m
+from celery_signal_exporter.store import Store, open_owned, series_key
 from tests.harness import Samples, env_for, exporter, produce, value, wait_until, worker
 
 JUNK = 50_000
@@ -144,7 +144,7 @@ def test_a_tick_opens_only_what_may_have_changed(tmp_path: Any) -> None:
     assert not any(name in view.verdicts for name in gone)
 
     assert junk <= set(os.listdir(d)) and fingerprint(d, junk) == before, "junk is never touched"
-    from exporter.collect import DirectoryCollector, merged_samples
+    from celery_signal_exporter.collect import DirectoryCollector, merged_samples
 
     s = merged_samples(DirectoryCollector(d))
     assert s['celery_task_sent_total{name="a",queue_name="q"}'] == 8
@@ -168,7 +168,7 @@ def test_a_foreign_file_adopted_in_place_is_compacted_once_its_verdict_expires(
     adopted.close()  # and it dies
     wait_until(lambda: compaction.compact(d).absorbed == 1, 10, "the adopted file to be compacted")
     assert f"counter_{pid}.db" not in os.listdir(d)
-    from exporter.collect import DirectoryCollector, merged_samples
+    from celery_signal_exporter.collect import DirectoryCollector, merged_samples
 
     assert merged_samples(DirectoryCollector(d))['celery_task_sent_total{name="a",queue_name="q"}'] == 7
 

@@ -18,7 +18,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
-import exporter
+import celery_signal_exporter
 from tests.hostile_names import HOSTILE
 
 app = Celery("workload", broker=os.environ.get("CSX_TEST_BROKER", "memory://"))
@@ -29,7 +29,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )
-exporter.instrument(
+celery_signal_exporter.instrument(
     app,
     max_task_names=int(os.environ.get("CSX_TEST_MAX_NAMES", "500")),
     queue_wait_buckets=(0.25, 0.5, 1, 1.5, 2, 3, 5, 10),
@@ -45,7 +45,7 @@ if os.environ.get("CSX_TEST_GC_FREEZE"):
 
     signals.worker_ready.connect(lambda **_: gc.freeze(), weak=False)
 # A second call must be a no-op: every exact count in the suite would double if it were not.
-assert exporter.instrument(app) is exporter.instrument(app)
+assert celery_signal_exporter.instrument(app) is celery_signal_exporter.instrument(app)
 
 
 @app.task(name="t.ok")

@@ -15,7 +15,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
-import exporter
+import celery_signal_exporter
 
 app = Celery("demo_tasks", broker=os.environ.get("CELERY_BROKER_URL", "redis://redis:6379/0"))
 app.conf.update(
@@ -27,7 +27,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
 )
 # The metrics directory comes from CELERY_EXPORTER_METRICS_DIR.
-exporter.instrument(app)
+celery_signal_exporter.instrument(app)
 
 
 @app.task(name="demo_tasks.add")

@@ -22,9 +22,16 @@ from dataclasses import dataclass, field, replace
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from exporter.probes import probe_for_url
-from exporter.probes.base import ERROR_REASONS, BrokerSnapshot, Probe, ProbeError, ProbeOptions, QueueStats
-from exporter.redact import redact_url, scrub
+from celery_signal_exporter.probes import probe_for_url
+from celery_signal_exporter.probes.base import (
+    ERROR_REASONS,
+    BrokerSnapshot,
+    Probe,
+    ProbeError,
+    ProbeOptions,
+    QueueStats,
+)
+from celery_signal_exporter.redact import redact_url, scrub
 
 log = logging.getLogger("celery_signal_exporter")  # one logger for the whole exporter, as in the other modules
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Config, seconds
+from celery_signal_exporter.mixin.config import Config, seconds
 
 QUANTILES = ("0.5", "0.95", "0.99")
 

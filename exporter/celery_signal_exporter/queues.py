@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import Celery
 
-from .labels import OVERFLOW
+from celery_signal_exporter.labels import OVERFLOW
 
 #: Entries any per-task lookup cache keeps; past it (routing keys made up per call, say)
 #: answers are worked out each time instead, so memory stays bounded.

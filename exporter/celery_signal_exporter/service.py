@@ -21,11 +21,11 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.concurrency import run_in_threadpool
 
-from . import __version__
-from ._http import choose_encoding
-from .collect import DEFAULT_MAX_TASK_NAMES, DirectoryCollector, MergeStats
-from .compact import compact
-from .exposition import Encoder
+from celery_signal_exporter import __version__
+from celery_signal_exporter._http import choose_encoding
+from celery_signal_exporter.collect import DEFAULT_MAX_TASK_NAMES, DirectoryCollector, MergeStats
+from celery_signal_exporter.compact import compact
+from celery_signal_exporter.exposition import Encoder
 
 log = logging.getLogger("celery_signal_exporter")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -157,10 +157,10 @@ INDEX = """<!doctype html><html><head><title>celery-signal-exporter</title></hea
 
 def create_app(exporter: Exporter, users: dict[str, bytes] | None = None) -> FastAPI:
     """The FastAPI app; with `users` (name -> bcrypt hash) every path but
-    /healthz needs HTTP basic auth (see exporter.webconfig)."""
+    /healthz needs HTTP basic auth (see celery_signal_exporter.webconfig)."""
     app = FastAPI(title="celery-signal-exporter", version=__version__, docs_url=None, redoc_url=None)
     if users:
-        from .webconfig import BasicAuth
+        from celery_signal_exporter.webconfig import BasicAuth
 
         app.add_middleware(BasicAuth, users=users)
 

@@ -19,10 +19,10 @@ import threading
 import click
 import uvicorn
 
-from ._http import server_options
-from .probes.loop import LoopOptions, ProbeGroup, build_probe_loops
-from .redact import redact_url
-from .service import Exporter, ServiceConfig, create_app
+from celery_signal_exporter._http import server_options
+from celery_signal_exporter.probes.loop import LoopOptions, ProbeGroup, build_probe_loops
+from celery_signal_exporter.redact import redact_url
+from celery_signal_exporter.service import Exporter, ServiceConfig, create_app
 
 
 def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
@@ -55,7 +55,7 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float) -> N
     log_path = os.path.join(workdir, "worker.log")
     worker_log = open(log_path, "wb")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "exporter.demo_app", "worker", "-P", "prefork", "-c", "2",
+        [sys.executable, "-m", "celery", "-A", "celery_signal_exporter.demo_app", "worker", "-P", "prefork", "-c", "2",
          "-Q", "fast,slow", "-n", "demo@%h", "--loglevel", "WARNING", "--max-tasks-per-child", "50"],
         env=env, start_new_session=True, stdout=worker_log, stderr=subprocess.STDOUT,
     )
@@ -63,7 +63,7 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float) -> N
     server: uvicorn.Server | None = None
     sources: list[ProbeGroup] = []
     try:
-        from . import demo_app  # imports instrument the producer: this process
+        from celery_signal_exporter import demo_app  # imports instrument the producer: this process
 
         def produce() -> None:
             rng = random.Random(7)

@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery
 from kombu.entity import Queue
 
-import exporter
+import celery_signal_exporter
 
 BROKER_ENV = "CELERY_EXPORTER_DEMO_BROKER"
 DIR_ENV = "CELERY_EXPORTER_DEMO_DIR"
@@ -47,7 +47,7 @@ app.conf.update(
     task_acks_late=True,
     worker_hijack_root_logger=False,
 )
-exporter.instrument(app)
+celery_signal_exporter.instrument(app)
 
 
 @app.task(name="demo.add")

@@ -2,7 +2,7 @@
 
 `docs/metrics.md` is the human copy of this module plus the broker-probe and
 exporter metrics; a test keeps them equal. Recording happens in
-`instrument.py` (task side) and `worker.py` (worker side).
+`receivers.py` (task side) and `worker.py` (worker side).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .store import Doubles, MetricFile, Store, series_key, write_gauge
+from celery_signal_exporter.store import Doubles, MetricFile, Store, series_key, write_gauge
 
 DEFAULT_RUNTIME_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600,
@@ -159,7 +159,7 @@ class Series:
 
     def binding(self) -> tuple[MetricFile, list[int]]:
         """The file and value indexes to write, for a caller that holds the store lock and
-        writes several series at once (the per-task path in instrument.py)."""
+        writes several series at once (the per-task path in receivers.py)."""
         return self._current(), self._index
 
     def inc(self, amount: float = 1.0) -> None:

@@ -30,11 +30,19 @@ from typing import Any
 from prometheus_client.core import Metric
 from prometheus_client.samples import Sample
 
-from .compact import ARCHIVE_SUFFIX, FUTURE_SLACK, LOCK_NAME, archive_generation, directory_lock, kind_of, staging_dirs
-from .exposition import line_prefix
-from .labels import cut
-from .metrics import HEARTBEAT, POOL_PROCESSES, TASKS_ACTIVE, format_le
-from .store import MAGIC, held_by_a_live_writer, padded_length, walk_entries
+from celery_signal_exporter.compact import (
+    ARCHIVE_SUFFIX,
+    FUTURE_SLACK,
+    LOCK_NAME,
+    archive_generation,
+    directory_lock,
+    kind_of,
+    staging_dirs,
+)
+from celery_signal_exporter.exposition import line_prefix
+from celery_signal_exporter.labels import cut
+from celery_signal_exporter.metrics import HEARTBEAT, POOL_PROCESSES, TASKS_ACTIVE, format_le
+from celery_signal_exporter.store import MAGIC, held_by_a_live_writer, padded_length, walk_entries
 
 log = logging.getLogger("celery_signal_exporter")
 
@@ -134,7 +142,7 @@ class _Family:
 class LaidOut(Metric):
     """A family whose samples' names and labels are laid out once; a scrape brings only the values.
 
-    The encoder (exporter.exposition) writes these without building a Sample
+    The encoder (celery_signal_exporter.exposition) writes these without building a Sample
     per value; anyone else reading `.samples` gets ordinary Samples.
     """
 

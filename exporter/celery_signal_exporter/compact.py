@@ -5,7 +5,7 @@ and a scrape that reads thousands of files takes seconds. Compaction keeps the
 directory at one archive per kind plus the files of live processes.
 
 Who and when: the worker main process, on its heartbeat tick (and anyone
-calling `compact()`, e.g. ``python -m exporter.compact DIR``). A file is dead
+calling `compact()`, e.g. ``python -m celery_signal_exporter.compact DIR``). A file is dead
 when its writer's lock (see store.py) is free, so compaction never needs to
 see the writer's pid and is not fooled by pid reuse.
 
@@ -68,8 +68,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .metrics import COMPACTED, FAILED, IN_PROGRESS
-from .store import MAGIC, encode_entries, read_entries, series_key
+from celery_signal_exporter.metrics import COMPACTED, FAILED, IN_PROGRESS
+from celery_signal_exporter.store import MAGIC, encode_entries, read_entries, series_key
 
 log = logging.getLogger("celery_signal_exporter")
 
@@ -762,9 +762,9 @@ def _remove_abandoned_tmp(path: str, min_age: float = 60.0) -> float | None:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m exporter.compact DIR``: compact once and print what was done."""
+    """``python -m celery_signal_exporter.compact DIR``: compact once and print what was done."""
     if len(argv) != 1:
-        print("usage: python -m exporter.compact METRICS_DIR", file=sys.stderr)
+        print("usage: python -m celery_signal_exporter.compact METRICS_DIR", file=sys.stderr)
         return 2
     result = compact(argv[0], max_files=1 << 30)
     print(f"absorbed={result.absorbed} live={result.live} busy={result.busy} errors={len(result.errors)}")

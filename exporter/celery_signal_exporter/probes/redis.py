@@ -34,8 +34,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from exporter.probes.base import BrokerSnapshot, NodeStats, ProbeError, ProbeOptions, QueueStats
-from exporter.redact import redact_url, scrub, split_credentials
+from celery_signal_exporter.probes.base import BrokerSnapshot, NodeStats, ProbeError, ProbeOptions, QueueStats
+from celery_signal_exporter.redact import redact_url, scrub, split_credentials
 
 #: Header our instrumentation puts on every published task: the UNIX time
 #: the task became due, i.e. max(publish time, ETA).

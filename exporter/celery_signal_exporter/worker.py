@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery, bootsteps, signals
 
-from . import metrics as m
-from .compact import compact, directory_lock, reap
-from .compact import pid_alive as pid_alive  # where the tests and older callers look for it
+from celery_signal_exporter import metrics as m
+from celery_signal_exporter.compact import compact, directory_lock, reap
+from celery_signal_exporter.compact import pid_alive as pid_alive  # where the tests and older callers look for it
 
 if TYPE_CHECKING:
-    from .instrument import Instrumentation
+    from celery_signal_exporter.receivers import Instrumentation
 
 log = logging.getLogger("celery_signal_exporter")
 

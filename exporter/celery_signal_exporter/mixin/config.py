@@ -2,7 +2,7 @@
 
 Rules, dashboards and their tests are all generated from a `Config`, so a user
 who changes a threshold here (or in a YAML file passed to
-`python -m exporter.mixin --config`) gets rules, dashboards and tests that agree.
+`python -m celery_signal_exporter.mixin --config`) gets rules, dashboards and tests that agree.
 """
 
 from __future__ import annotations

@@ -27,11 +27,11 @@ from celery import Celery, signals
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from celery.states import SUCCESS
 
-from . import metrics as m
-from .buckets import parse_buckets
-from .labels import MAX_LABEL_LENGTH, OVERFLOW, cut
-from .queues import CACHE_LIMIT, QueueResolver
-from .store import Store, write_gauge
+from celery_signal_exporter import metrics as m
+from celery_signal_exporter.buckets import parse_buckets
+from celery_signal_exporter.labels import MAX_LABEL_LENGTH, OVERFLOW, cut
+from celery_signal_exporter.queues import CACHE_LIMIT, QueueResolver
+from celery_signal_exporter.store import Store, write_gauge
 
 log = logging.getLogger("celery_signal_exporter")
 
@@ -547,7 +547,7 @@ def instrument(
     )
     inst = Instrumentation(app, options)
     inst.connect()
-    from .worker import install_worker_metrics
+    from celery_signal_exporter.worker import install_worker_metrics
 
     install_worker_metrics(app, inst)
     _active = inst

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from exporter.probes.base import (
+from celery_signal_exporter.probes.base import (
     BrokerSnapshot,
     NodeStats,
     Probe,
@@ -16,9 +16,9 @@ from exporter.probes.base import (
     ProbeOptions,
     QueueStats,
 )
-from exporter.probes.rabbitmq import RabbitMQProbe
-from exporter.probes.redis import RedisProbe
-from exporter.redact import redact_url
+from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe
+from celery_signal_exporter.probes.redis import RedisProbe
+from celery_signal_exporter.redact import redact_url
 
 __all__ = [
     "PROBES",

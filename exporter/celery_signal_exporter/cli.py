@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from . import __version__
+from celery_signal_exporter import __version__
 
 if TYPE_CHECKING:
-    from .webconfig import WebConfig
+    from celery_signal_exporter.webconfig import WebConfig
 
 ENV = "CELERY_EXPORTER_"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -116,8 +116,8 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
     """
     import uvicorn
 
-    from ._http import server_options
-    from .service import Exporter, ServiceConfig, create_app
+    from celery_signal_exporter._http import server_options
+    from celery_signal_exporter.service import Exporter, ServiceConfig, create_app
 
     _setup_logging(log_level)
     web = _web_config(web_config_file)
@@ -168,7 +168,7 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
 
 def _web_config(path: str | None) -> WebConfig:
     """The parsed web-config file (an empty one when unset); exit 2 on any problem."""
-    from .webconfig import WebConfig, WebConfigError, load_web_config
+    from celery_signal_exporter.webconfig import WebConfig, WebConfigError, load_web_config
 
     if not path:
         return WebConfig()
@@ -236,12 +236,12 @@ def _probe_group(urls: tuple[str, ...], interval: float, timeout: float, queues:
                  vhosts: tuple[str, ...]) -> Any:
     from urllib.parse import urlsplit
 
-    from .probes.base import ProbeOptions
-    from .probes.loop import DEFAULT_EXCLUDE, LoopOptions, ProbeGroup, build_probe_loops
+    from celery_signal_exporter.probes.base import ProbeOptions
+    from celery_signal_exporter.probes.loop import DEFAULT_EXCLUDE, LoopOptions, ProbeGroup, build_probe_loops
 
     mgmt: dict[str, Any] = {}
     if mgmt_url:
-        from .redact import split_credentials
+        from celery_signal_exporter.redact import split_credentials
 
         # Credentials in the URL are used, never echoed; parsed by hand so a
         # '#' or '?' in the password cannot move the host.
@@ -265,7 +265,7 @@ def _probe_group(urls: tuple[str, ...], interval: float, timeout: float, queues:
         loops = build_probe_loops(urls, interval=interval, timeout=timeout, probe_options=probe_options,
                                   loop_options=loop_options)
     except ValueError as exc:
-        from .redact import redact_url, scrub
+        from celery_signal_exporter.redact import redact_url, scrub
 
         message = scrub(str(exc), *urls)
         bad = next((u for u in urls if _url_error(u, probe_options)), None)
@@ -277,7 +277,7 @@ def _probe_group(urls: tuple[str, ...], interval: float, timeout: float, queues:
 
 def _url_error(url: str, options: Any) -> bool:
     """True if this one URL is what build_probe_loops refused."""
-    from .probes import probe_for_url
+    from celery_signal_exporter.probes import probe_for_url
 
     try:
         probe_for_url(url, options)
@@ -309,7 +309,7 @@ def check(ctx: click.Context, metrics_dir: str | None, runtime_buckets: str | No
     CELERY_EXPORTER_QUEUE_WAIT_BUCKETS), so it can run as an init container
     in the worker's pod before a bad value costs a silent histogram.
     """
-    from .buckets import parse_buckets
+    from celery_signal_exporter.buckets import parse_buckets
 
     metrics_dir = metrics_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
     given = (runtime_buckets, queue_wait_buckets, web_config_file)
@@ -357,9 +357,9 @@ def _check_writable(path: str) -> None:
 
 def _check_broker(url: str, timeout: float) -> str:
     """Probe one broker once; exit 2 with the classified reason if it fails."""
-    from .probes import probe_for_url
-    from .probes.base import ProbeError, ProbeOptions
-    from .redact import redact_url, scrub
+    from celery_signal_exporter.probes import probe_for_url
+    from celery_signal_exporter.probes.base import ProbeError, ProbeOptions
+    from celery_signal_exporter.redact import redact_url, scrub
 
     label = redact_url(url)
     try:
@@ -391,7 +391,7 @@ def _check_broker(url: str, timeout: float) -> str:
          help="Stop after this many seconds (0: run until Ctrl-C).")
 def demo(broker_url: str | None, host: str, port: int, duration: float) -> None:
     """Run a real prefork worker, a producer and the exporter; needs no server."""
-    from .demo import run_demo
+    from celery_signal_exporter.demo import run_demo
 
     if broker_url and broker_url.split("://", 1)[0] not in ("redis", "rediss", "amqp", "amqps", "pyamqp"):
         raise click.BadParameter("must be a redis:// or amqp:// URL", param_hint="--broker-url")

@@ -18,8 +18,8 @@ from kombu.utils.url import url_to_parts
 from pyrabbit2.api import Client
 from pyrabbit2.http import HTTPError, NetworkError
 
-from exporter.probes.base import BrokerSnapshot, NodeStats, ProbeError, ProbeOptions, QueueStats
-from exporter.redact import redact_url, scrub, split_credentials
+from celery_signal_exporter.probes.base import BrokerSnapshot, NodeStats, ProbeError, ProbeOptions, QueueStats
+from celery_signal_exporter.redact import redact_url, scrub, split_credentials
 
 QUEUE_COLUMNS = "name,vhost,messages_ready,messages_unacknowledged,consumers"
 NODE_COLUMNS = "name,running,mem_used,mem_limit,mem_alarm,disk_free_alarm"
