@@ -363,10 +363,19 @@ def _fsync_dir(path: str) -> None:
 def _write_archive(directory: str, kind: str, entries: Entries, generation: int) -> None:
     path = os.path.join(directory, archive_name(kind))
     tmp = os.path.join(directory, f".{archive_name(kind)}.{os.getpid()}.tmp")
-    data = encode_entries([(k, v, t) for k, (v, t) in entries.items()], _GEN.pack(generation))
+    _write_durably(tmp, encode_entries([(k, v, t) for k, (v, t) in entries.items()], _GEN.pack(generation)))
+    os.rename(tmp, path)
+
+
+def _write_durably(tmp: str, data: bytes) -> None:
+    """`data` into a new file `tmp`, on disk before the caller links or renames it into place.
+
+    Space is taken first (ENOSPC here, before anything in place is touched); on any failure the
+    temporary file is removed.
+    """
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.posix_fallocate(fd, 0, len(data))  # ENOSPC here, before the old archive is touched
+        os.posix_fallocate(fd, 0, len(data))
         os.pwrite(fd, data, 0)
         os.fsync(fd)
     except BaseException:
@@ -374,7 +383,6 @@ def _write_archive(directory: str, kind: str, entries: Entries, generation: int)
         os.unlink(tmp)
         raise
     os.close(fd)
-    os.rename(tmp, path)
 
 
 def pid_alive(pid: int) -> bool:
@@ -713,17 +721,7 @@ def _write_lost_runs(directory: str, path: str, lost: dict[str, float]) -> None:
     if os.path.lexists(path):
         return
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    data = encode_entries([(k, v, 0.0) for k, v in sorted(lost.items())], MAGIC)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.posix_fallocate(fd, 0, len(data))
-        os.pwrite(fd, data, 0)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
+    _write_durably(tmp, encode_entries([(k, v, 0.0) for k, v in sorted(lost.items())], MAGIC))
     try:
         os.link(tmp, path)
     except FileExistsError:
