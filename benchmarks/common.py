@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHONPATH = os.pathsep.join((ROOT, os.path.join(ROOT, "exporter")))
 BENCH_DIR = os.path.join(ROOT, "benchmarks")
 REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))
@@ -167,7 +168,7 @@ def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.pop("CELERY_EXPORTER_METRICS_DIR", None)
-    env["PYTHONPATH"] = ROOT
+    env["PYTHONPATH"] = PYTHONPATH
     env.update(extra)
     return env
 

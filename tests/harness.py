@@ -18,6 +18,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: PYTHONPATH for child processes: this checkout's tests and its package source, ahead of any
+#: installed copy, so a second checkout (a git worktree) tests its own code.
+PYTHONPATH = os.pathsep.join((ROOT, os.path.join(ROOT, "exporter")))
 T = TypeVar("T")
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -44,7 +47,7 @@ def free_port() -> int:
 def env_for(broker_url: str, metrics_dir: str, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"CSX_TEST_BROKER": broker_url, "CELERY_EXPORTER_METRICS_DIR": metrics_dir,
-                "PYTHONPATH": ROOT, **extra})
+                "PYTHONPATH": PYTHONPATH, **extra})
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     return env
 
@@ -104,7 +107,8 @@ def exporter(tmp: str, *args: str, env: dict[str, str] | None = None) -> Iterato
         proc = subprocess.Popen(
             [sys.executable, "-m", "celery_signal_exporter.cli",
              "serve", "--host", "127.0.0.1", "--port", str(port), *args],
-            cwd=ROOT, env=env or dict(os.environ, PYTHONPATH=ROOT), stdout=log, stderr=subprocess.STDOUT, text=True,
+            cwd=ROOT, env=env or dict(os.environ, PYTHONPATH=PYTHONPATH), stdout=log, stderr=subprocess.STDOUT,
+            text=True,
         )
     ex = ExporterProcess(proc, port, log_path)
 

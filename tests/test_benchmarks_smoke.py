@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from tests.harness import ROOT
+from tests.harness import PYTHONPATH, ROOT
 
 SECTIONS = (
     "## Publish overhead", "## Worker overhead", "## Exporter cost per task", "## Scrape cost at scale",
@@ -25,7 +25,7 @@ def test_every_benchmark_runs_at_tiny_size(tmp_path: os.PathLike[str], redis_bas
     out = os.path.join(tmp_path, "results.md")
     # The benchmarks' Redis (TEST_REDIS_HOST/PORT) is the session's private redis-server, never the machine's.
     host, port = redis_base_url.split("://", 1)[1].rsplit(":", 1)
-    env = dict(os.environ, PYTHONPATH=ROOT, TEST_REDIS_HOST=host, TEST_REDIS_PORT=port)
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH, TEST_REDIS_HOST=host, TEST_REDIS_PORT=port)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--out", out], cwd=ROOT, env=env,

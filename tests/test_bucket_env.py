@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.harness import ROOT
+from tests.harness import PYTHONPATH, ROOT
 
 SCRIPT = """
 from celery import Celery
@@ -18,7 +18,8 @@ print(inst.options.runtime_buckets, inst.options.queue_wait_buckets)
 
 def run(tmp: Path, env: dict[str, str], extra: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", SCRIPT.format(d=str(tmp), extra=extra)], cwd=ROOT,
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT, **env}, capture_output=True, text=True)
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": PYTHONPATH, **env},
+                          capture_output=True, text=True)
 
 
 def test_buckets_from_the_environment(tmp_path: Path) -> None:

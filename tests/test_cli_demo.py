@@ -13,14 +13,14 @@ import zipfile
 import httpx
 import pytest
 
-from tests.harness import ROOT, free_port, parse, value, wait_until
+from tests.harness import PYTHONPATH, ROOT, free_port, parse, value, wait_until
 
 CMD = [sys.executable, "-m", "celery_signal_exporter.cli"]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CMD, *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": ROOT, **(env or {})})
+                          env={**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})})
 
 
 def test_help_documents_every_serve_option_and_its_environment_variable() -> None:
@@ -55,7 +55,7 @@ def test_bad_options_exit_2_with_one_line() -> None:
 def test_options_come_from_the_environment(tmp_path: object) -> None:
     port = free_port()
     proc = subprocess.Popen([*CMD, "serve"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": ROOT, "CELERY_EXPORTER_PORT": str(port),
+                            env={**os.environ, "PYTHONPATH": PYTHONPATH, "CELERY_EXPORTER_PORT": str(port),
                                  "CELERY_EXPORTER_HOST": "127.0.0.1", "CELERY_EXPORTER_METRICS_DIR": str(tmp_path)})
     try:
         def answers() -> bool:
@@ -108,7 +108,7 @@ def wheel_command(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 def test_demo_serves_task_metrics_and_stops_cleanly_on_sigint(installed: str, request: pytest.FixtureRequest) -> None:
     port = free_port()
     command = CMD if installed == "source" else request.getfixturevalue("wheel_command")
-    env = {**os.environ, "PYTHONPATH": ROOT} if installed == "source" else \
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH} if installed == "source" else \
         {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     cwd = ROOT if installed == "source" else "/"  # the wheel's run must not find the source tree
     proc = subprocess.Popen([*command, "demo", "--port", str(port)], cwd=cwd, stdout=subprocess.PIPE,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT, exporter, free_port, value, wait_until
+from tests.harness import PYTHONPATH, ROOT, exporter, free_port, value, wait_until
 
 DOC = os.path.join(ROOT, "docs", "configuration-errors.md")
 
@@ -111,7 +111,7 @@ def run_row(row: Row, subs: dict[str, str]) -> tuple[Row, str, list[str], int]:
     words = shlex.split(command)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_EXPORTER_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    env["PYTHONPATH"] = ROOT
+    env["PYTHONPATH"] = PYTHONPATH
     while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
         name, _, val = words.pop(0).partition("=")
         env[name] = val
@@ -159,7 +159,7 @@ def test_serve_keeps_running_for_an_unreachable_broker(tmp_path: Path) -> None:
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_EXPORTER_")}
-    env["PYTHONPATH"] = ROOT
+    env["PYTHONPATH"] = PYTHONPATH
     with exporter(str(tmp_path), "--broker-url", url, "--probe-interval", "0.5", "--probe-timeout", "0.5",
                   env=env) as ex:
         wait_until(lambda: value(ex.scrape(), "celery_exporter_probe_errors_total", broker=url) >= 3, 30,
@@ -184,7 +184,7 @@ def test_check_passes_good_settings_with_one_line(tmp_path: Path, redis_url: str
     config = tmp_path / "web.yml"
     config.write_text("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_EXPORTER_")}
-    env.update({"PYTHONPATH": ROOT, "CELERY_EXPORTER_METRICS_DIR": str(metrics),
+    env.update({"PYTHONPATH": PYTHONPATH, "CELERY_EXPORTER_METRICS_DIR": str(metrics),
                 "CELERY_EXPORTER_RUNTIME_BUCKETS": "0.01, 0.1,1,10", "CELERY_EXPORTER_QUEUE_WAIT_BUCKETS": "1,60",
                 "CELERY_EXPORTER_BROKER_URL": redis_url, "CELERY_EXPORTER_WEB_CONFIG_FILE": str(config)})
     out = subprocess.run([sys.executable, "-m", "celery_signal_exporter.cli",

@@ -35,7 +35,7 @@ import httpx
 import pytest
 
 from tests.conftest import AMQP_HOST, AMQP_PORT, RABBIT_MGMT_PORT
-from tests.harness import ROOT, free_port, parse, value, wait_until
+from tests.harness import PYTHONPATH, ROOT, free_port, parse, value, wait_until
 from tests.test_probe_loop import RedisServer
 
 #: Fragments chosen not to occur in normal output; the separators are the
@@ -89,7 +89,7 @@ class Outputs:
 def quiet_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_EXPORTER_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    env["PYTHONPATH"] = ROOT
+    env["PYTHONPATH"] = PYTHONPATH
     return env
 
 

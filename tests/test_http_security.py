@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.harness import ROOT, free_port, wait_until
+from tests.harness import PYTHONPATH, ROOT, free_port, wait_until
 
 USER = "prometheus"
 #: Awkward on purpose: colon (the basic-auth separator), unicode, quotes.
@@ -105,7 +105,7 @@ def serve(tmp: Path, *args: str, host: str = "127.0.0.1", scheme: str = "http",
     metrics.mkdir(exist_ok=True)
     log_path = str(tmp / f"serve-{port}.log")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_EXPORTER_")}
-    env["PYTHONPATH"] = ROOT
+    env["PYTHONPATH"] = PYTHONPATH
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "celery_signal_exporter.cli",
                                  "serve", "--host", host, "--port", str(port),
@@ -238,7 +238,7 @@ def test_ipv6_bind_address(tmp_path: Path) -> None:
         out = subprocess.run([sys.executable, "-m", "celery_signal_exporter.cli",
                               "serve", "--metrics-dir", str(tmp_path),
                               "--host", "::1", "--port", port], cwd=ROOT, capture_output=True, text=True,
-                             timeout=60, env={**os.environ, "PYTHONPATH": ROOT})
+                             timeout=60, env={**os.environ, "PYTHONPATH": PYTHONPATH})
         assert out.returncode == 2
         assert out.stderr.startswith(f"celery-signal-exporter: error: Invalid value for --host/--port: cannot "
                                      f"listen on [::1]:{port}: "), out.stderr

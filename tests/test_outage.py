@@ -39,6 +39,7 @@ import httpx
 import pytest
 
 from tests.harness import (
+    PYTHONPATH,
     ROOT,
     ExporterProcess,
     Samples,
@@ -97,7 +98,7 @@ def exporter_env() -> dict[str, str]:
     """This environment without anything that would reconfigure the exporter."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("CELERY_EXPORTER_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env["PYTHONPATH"] = ROOT
+    env["PYTHONPATH"] = PYTHONPATH
     return env
 
 

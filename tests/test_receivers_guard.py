@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.harness import ROOT
+from tests.harness import PYTHONPATH, ROOT
 
 
 def test_every_receiver_survives_garbage_and_counts_it(tmp_path: os.PathLike[str]) -> None:
@@ -29,7 +29,7 @@ def test_every_receiver_survives_garbage_and_counts_it(tmp_path: os.PathLike[str
             print(label, samples.get(f'celery_exporter_handler_errors_total{{signal="{label}"}}', 0))
     """)
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60, check=False, env=dict(os.environ, PYTHONPATH=ROOT))
+                         timeout=60, check=False, env=dict(os.environ, PYTHONPATH=PYTHONPATH))
     assert out.returncode == 0, out.stderr
     errors = dict(line.split() for line in out.stdout.splitlines())
     for label in ("before_task_publish", "after_task_publish", "task_received", "task_prerun", "task_postrun",

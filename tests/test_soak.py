@@ -50,7 +50,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import ROOT, Samples, WorkerProcess, env_for, free_port, parse, value, wait_until, worker
+from tests.harness import PYTHONPATH, ROOT, Samples, WorkerProcess, env_for, free_port, parse, value, wait_until, worker
 from tests.test_probe_loop import RedisServer
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(480)]
@@ -93,7 +93,7 @@ class Exporter:
         self.logs.append(log_path)
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("CELERY_EXPORTER_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-        env["PYTHONPATH"] = ROOT
+        env["PYTHONPATH"] = PYTHONPATH
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "celery_signal_exporter.cli",
@@ -242,7 +242,7 @@ def scrapers(url: str, tmp: Path) -> Iterator[list[Path]]:
     stop = tmp / "scrapers.stop"
     outs = [tmp / f"scraper-{i}.json" for i in range(SCRAPERS)]
     procs = [subprocess.Popen([sys.executable, "-m", "tests.soak_scraper", url, str(out), str(stop)], cwd=ROOT,
-                              env=dict(os.environ, PYTHONPATH=ROOT), stderr=open(tmp / f"scraper-{i}.err", "wb"))
+                              env=dict(os.environ, PYTHONPATH=PYTHONPATH), stderr=open(tmp / f"scraper-{i}.err", "wb"))
              for i, out in enumerate(outs)]
     try:
         yield outs
