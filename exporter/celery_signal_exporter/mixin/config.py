@@ -27,6 +27,12 @@ def seconds(duration: str) -> float:
     return int(m.group(1)) * _SECONDS[m.group(2)]
 
 
+def matcher(label: str, value: str, op: str = "=~") -> str:
+    """A label matcher with the value quoted as PromQL wants it."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'{label}{op}"{escaped}"'
+
+
 @dataclass(frozen=True)
 class PeriodicTask:
     """Tasks (by name regex) that beat runs, and how stale their last success may get."""
@@ -39,12 +45,21 @@ class PeriodicTask:
 class Config:
     """Every knob of the generated monitoring content, with production defaults."""
 
-    # Which series the rules look at. Added to every selector in rules.
+    # Which series rules and dashboards look at: added to every selector of a raw metric.
     selector: str = 'job=~".*celery.*"'
     # Labels kept when aggregating across pods: one Celery app per namespace is the common case.
+    # Each is also a dashboard variable, and every panel splits by them.
     group_labels: tuple[str, ...] = ("namespace",)
-    # Where alert annotations point.
+    # Series left out of every alert and dashboard ("" keeps all): regexes on the task name and the
+    # queue name, e.g. a noisy internal task or a queue another team watches.
+    ignore_tasks: str = ""
+    ignore_queues: str = ""
+    # Alerts left out of the rules, by name: e.g. CeleryWorkerDown where an autoscaler stops workers.
+    disabled_alerts: tuple[str, ...] = ()
+    # Where alert annotations point: the runbook, and the Grafana serving the dashboards
+    # (each alert's dashboard_url opens its panel there).
     runbook_url: str = "https://github.com/celery-signal-exporter/celery-signal-exporter/blob/main/docs/runbooks.md"
+    grafana_url: str = "http://localhost:3000"
 
     # Windows.
     rate_window: str = "5m"  # rates in recording rules
@@ -91,9 +106,19 @@ class Config:
     dashboard_tags: tuple[str, ...] = ("celery", "celery-signal-exporter")
     uid_prefix: str = "celery-signal"
 
+    @property
+    def ignores(self) -> tuple[str, ...]:
+        """The negative matchers of the ignore regexes; a series without the label is kept."""
+        found = []
+        if self.ignore_tasks:
+            found.append(matcher("name", self.ignore_tasks, "!~"))
+        if self.ignore_queues:
+            found.append(matcher("queue_name", self.ignore_queues, "!~"))
+        return tuple(found)
+
     def sel(self, *extra: str) -> str:
-        """The label matchers of one selector, config selector first."""
-        return ", ".join(m for m in (self.selector, *extra) if m)
+        """The label matchers of one raw-metric selector: config selector, ignores, then `extra`."""
+        return ", ".join(m for m in (self.selector, *self.ignores, *extra) if m)
 
     @property
     def by(self) -> str:
@@ -142,10 +167,9 @@ def load(path: Path | None, base: Config = PRODUCTION) -> Config:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown settings {', '.join(unknown)}")
-    if "group_labels" in data:
-        data["group_labels"] = tuple(data["group_labels"])
-    if "dashboard_tags" in data:
-        data["dashboard_tags"] = tuple(data["dashboard_tags"])
+    for key in ("group_labels", "dashboard_tags", "disabled_alerts"):
+        if key in data:
+            data[key] = tuple(data[key])
     if "periodic_tasks" in data:
         data["periodic_tasks"] = tuple(PeriodicTask(**item) for item in data["periodic_tasks"])
     config = dataclasses.replace(base, **data)
@@ -153,4 +177,13 @@ def load(path: Path | None, base: Config = PRODUCTION) -> Config:
         value = getattr(config, f.name)
         if f.name.endswith(("_window", "_for", "_max", "_horizon")) and isinstance(value, str):
             seconds(value)  # raises with the bad value named
+    for key in ("ignore_tasks", "ignore_queues"):
+        pattern = getattr(config, key)
+        try:
+            matches_empty = bool(pattern) and re.fullmatch(pattern, "") is not None
+        except re.error as exc:
+            raise ValueError(f"{path}: {key}: not a regex: {exc}") from None
+        if matches_empty:
+            # `name!~".*"` would also drop every series without the label: broker, workers, `up`.
+            raise ValueError(f"{path}: {key}: {pattern!r} matches the empty string")
     return config

@@ -1,8 +1,10 @@
 """The three Grafana dashboards, built with Grafana's foundation SDK.
 
-Every query goes through `_q`, which adds the dashboard filters, so a panel
-cannot forget one; every panel goes through `_panel`, which insists on a unit
-and a description.
+Every raw-metric query goes through `_q`, which adds the config's selector,
+its ignore matchers and the group-label filters, so a panel cannot forget one;
+a quantity that has a recording rule is read from the recorded series (`_r`),
+so a panel and its alert never disagree. Every panel goes through `_panel`,
+which insists on a unit and a description and gives it its stable id.
 """
 
 from __future__ import annotations
@@ -24,22 +26,38 @@ from grafana_foundation_sdk.models.dashboard import (
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 from celery_signal_exporter.mixin.config import Config
+from celery_signal_exporter.mixin.panels import IDS, OVERVIEW, QUEUES, TASKS, uid
+from celery_signal_exporter.mixin.rules import QUANTILES
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "$__rate_interval"
 
-# Filters: (variable, label, the series the values come from).
-TARGET = 'job=~"$job", namespace=~"$namespace"'
+# Filters on the queue and task variables.
 QUEUE = 'queue_name=~"$queue"'
 TASK = 'name=~"$task"'
-FINISHED = '__name__=~"celery_task_(failed|succeeded)_total"'
 
 PanelBuilder = Any  # the SDK's panel builders share no public base class
 
 
-def _q(metric: str, *matchers: str) -> str:
-    """A selector with the job and namespace filters and any others."""
-    return f"{metric}{{{', '.join((TARGET, *matchers))}}}"
+def _groups(c: Config) -> tuple[str, ...]:
+    """One filter per group label, on the dashboard variable of the same name."""
+    return tuple(f'{label}=~"${label}"' for label in c.group_labels)
+
+
+def _q(c: Config, metric: str, *matchers: str) -> str:
+    """A raw-metric selector: config selector, ignore matchers, group filters, then `matchers`."""
+    return f"{metric}{{{c.sel(*_groups(c), *matchers)}}}"
+
+
+def _r(c: Config, series: str, *matchers: str) -> str:
+    """A recorded series: its rule already applied the selector and ignores, and dropped `job`."""
+    return f"{series}{{{', '.join((*_groups(c), *matchers))}}}"
+
+
+def _by(c: Config, *labels: str) -> str:
+    """`by (...)` with the group labels first, so panels split the way the rules aggregate."""
+    every = (*c.group_labels, *labels)
+    return f"by ({', '.join(every)}) " if every else ""
 
 
 def _target(expr: str, legend: str, ref: str, fmt: str | None = None) -> prometheus.Dataquery:
@@ -51,22 +69,24 @@ def _target(expr: str, legend: str, ref: str, fmt: str | None = None) -> prometh
 
 
 class _Layout:
-    """Places panels left to right, wrapping at Grafana's 24 columns."""
+    """Places panels left to right, wrapping at Grafana's 24 columns, each with its id from panels.IDS."""
 
-    def __init__(self, dashboard: Dashboard) -> None:
+    def __init__(self, dashboard: Dashboard, slug: str) -> None:
         self.dashboard = dashboard
+        self.ids = IDS[slug]
         self.x = 0
         self.y = 0
         self.row_height = 0
 
     def row(self, title: str) -> None:
         self._newline()
-        self.dashboard.with_row(Row(title).grid_pos(GridPos(h=1, w=24, x=0, y=self.y)))
+        self.dashboard.with_row(Row(title).id(self.ids[title]).grid_pos(GridPos(h=1, w=24, x=0, y=self.y)))
         self.y += 1
 
     def add(self, panel: PanelBuilder, w: int = 12, h: int = 8) -> None:
         if self.x + w > 24:
             self._newline()
+        panel.id(self.ids[panel.build().title])
         panel.grid_pos(GridPos(h=h, w=w, x=self.x, y=self.y))
         self.dashboard.with_panel(panel)
         self.x += w
@@ -80,6 +100,7 @@ class _Layout:
 
 
 def _panel(
+    c: Config,
     kind: Callable[[], PanelBuilder],
     title: str,
     description: str,
@@ -87,18 +108,20 @@ def _panel(
     targets: list[tuple[str, str]],
     fmt: str | None = None,
 ) -> PanelBuilder:
+    """A panel whose legends start with the group labels (but a heatmap's, whose series are buckets)."""
+    prefix = "" if fmt == PromQueryFormat.HEATMAP else "".join(f"{{{{{label}}}}}/" for label in c.group_labels)
     panel = kind().title(title).description(description).unit(unit).datasource(DATASOURCE)
     for i, (expr, legend) in enumerate(targets):
-        panel = panel.with_target(_target(expr, legend, chr(ord("A") + i), fmt))
+        panel = panel.with_target(_target(expr, prefix + legend, chr(ord("A") + i), fmt))
     return panel
 
 
-def _ts(title: str, description: str, unit: str, *targets: tuple[str, str]) -> PanelBuilder:
-    return _panel(timeseries.Panel, title, description, unit, list(targets)).fill_opacity(10)
+def _ts(c: Config, title: str, description: str, unit: str, *targets: tuple[str, str]) -> PanelBuilder:
+    return _panel(c, timeseries.Panel, title, description, unit, list(targets)).fill_opacity(10)
 
 
-def _stat(title: str, description: str, unit: str, *targets: tuple[str, str]) -> PanelBuilder:
-    return _panel(stat.Panel, title, description, unit, list(targets))
+def _stat(c: Config, title: str, description: str, unit: str, *targets: tuple[str, str]) -> PanelBuilder:
+    return _panel(c, stat.Panel, title, description, unit, list(targets))
 
 
 def _variable(name: str, label: str, query: str) -> QueryVariable:
@@ -118,10 +141,10 @@ def _variable(name: str, label: str, query: str) -> QueryVariable:
 
 
 def _base(c: Config, slug: str, title: str, description: str, with_task: bool) -> tuple[Dashboard, _Layout]:
-    """A dashboard with the datasource variable and the job/namespace/queue(/task) filters."""
+    """A dashboard with the datasource variable, one variable per group label, and queue(/task) filters."""
     dashboard = (
         Dashboard(title)
-        .uid(f"{c.uid_prefix}-{slug}")
+        .uid(uid(c, slug))
         .description(description)
         .tags(list(c.dashboard_tags))
         .refresh(c.dashboard_refresh)
@@ -134,140 +157,147 @@ def _base(c: Config, slug: str, title: str, description: str, with_task: bool) -
             .type("prometheus")
             .current(VariableOption(selected=True, text="default", value="default"))
         )
-        .with_variable(_variable("job", "Job", "label_values(celery_exporter_build_info, job)"))
-        .with_variable(
-            _variable("namespace", "Namespace", 'label_values(celery_exporter_build_info{job=~"$job"}, namespace)')
-        )
-        .with_variable(
-            _variable(
-                "queue",
-                "Queue",
-                f'label_values({{__name__=~"celery_queue_length|celery_task_sent_total|celery_task_received_total", '
-                f"{TARGET}}}, queue_name)",
-            )
-        )
     )
-    task = _variable(
-        "task",
-        "Task",
-        f'label_values({{__name__=~"celery_task_sent_total|celery_task_received_total", {TARGET}, {QUEUE}}}, name)',
-    )
+    for i, label in enumerate(c.group_labels):
+        # Each group variable lists the values under the ones before it (cluster, then namespace).
+        query = f"label_values({_q_groups(c, 'celery_exporter_build_info', i)}, {label})"
+        dashboard = dashboard.with_variable(_variable(label, label.replace("_", " ").capitalize(), query))
+    queued = '__name__=~"celery_queue_length|celery_task_sent_total|celery_task_received_total"'
+    dashboard = dashboard.with_variable(_variable("queue", "Queue", f"label_values({_q(c, '', queued)}, queue_name)"))
+    sent = '__name__=~"celery_task_sent_total|celery_task_received_total"'
+    task = _variable("task", "Task", f"label_values({_q(c, '', sent, QUEUE)}, name)")
     if not with_task:
         task = task.hide(VariableHide.HIDE_VARIABLE)
     dashboard = dashboard.with_variable(task)
-    return dashboard, _Layout(dashboard)
+    return dashboard, _Layout(dashboard, slug)
 
 
-def _quantiles(metric: str, by: str, matchers: tuple[str, ...]) -> list[tuple[str, str]]:
-    group = f"{by}, le" if by else "le"
+def _q_groups(c: Config, metric: str, first: int) -> str:
+    """A selector filtered on the first `first` group variables only."""
+    return f"{metric}{{{c.sel(*_groups(c)[:first])}}}"
+
+
+def _quantiles(c: Config, metric: str, by: str, matchers: tuple[str, ...]) -> list[tuple[str, str]]:
+    """p50/p95/p99 of a histogram, for a quantity no recording rule has (over the selected tasks, or per task)."""
+    labels = (by, "le") if by else ("le",)
     legend = f"{{{{{by}}}}} " if by else ""
     return [
         (
-            f"histogram_quantile({q}, sum by ({group}) (rate({_q(metric + '_bucket', *matchers)}[{RATE}])))",
+            f"histogram_quantile({q}, sum {_by(c, *labels)}(rate({_q(c, metric + '_bucket', *matchers)}[{RATE}])))",
             f"{legend}p{round(float(q) * 100)}",
         )
-        for q in ("0.5", "0.95", "0.99")
+        for q in QUANTILES
     ]
+
+
+def _recorded_quantiles(c: Config, series: str, by: str, *matchers: str) -> list[tuple[str, str]]:
+    """p50/p95/p99 from a recording rule's series, one target per quantile."""
+    return [(_r(c, series, *matchers, f'quantile="{q}"'), f"{{{{{by}}}}} p{round(float(q) * 100)}") for q in QUANTILES]
 
 
 def overview(c: Config) -> Dashboard:
     """What an on-call engineer opens first: is work flowing, is anything piling up."""
-    d, lay = _base(c, "overview", "Celery / Overview", "Throughput, backlog, latency, workers and broker memory.", True)
+    d, lay = _base(c, OVERVIEW, "Celery / Overview", "Throughput, backlog, latency, workers and broker memory.", True)
     qt = (QUEUE, TASK)
     lay.row("Throughput")
     lay.add(
         _ts(
+            c,
             "Published vs completed",
             "Tasks published per second (every apply_async, retries included) against task runs that "
             "finished, whatever their outcome. A lasting gap means the backlog grows.",
             "ops",
-            (f"sum(rate({_q('celery_task_sent_total', *qt)}[{RATE}]))", "published"),
-            (f"sum(rate({_q('celery_task_runtime_seconds_count', *qt)}[{RATE}]))", "completed"),
+            (f"sum {_by(c)}(rate({_q(c, 'celery_task_sent_total', *qt)}[{RATE}]))", "published"),
+            (f"sum {_by(c)}(rate({_q(c, 'celery_task_runtime_seconds_count', *qt)}[{RATE}]))", "completed"),
         )
     )
     lay.add(
         _ts(
+            c,
             "Failure ratio",
-            "Failed runs as a share of finished runs (failed + succeeded). Retries are not failures.",
+            "Failed runs as a share of finished runs (failed + succeeded) per task, over "
+            f"{c.failure_window}: the recorded series CeleryTaskFailureRatioHigh watches. Retries are not "
+            "failures; a task that never failed reads 0.",
             "percentunit",
-            (
-                f"sum(rate({_q('celery_task_failed_total', *qt)}[{RATE}]))\n/\n"
-                f"sum(rate({_q('', FINISHED, *qt)}[{RATE}]))",
-                "failure ratio",
-            ),
+            (_r(c, "task:celery_task_failure:ratio", TASK), "{{name}}"),
         )
     )
     lay.row("Queues")
     lay.add(
         _ts(
+            c,
             "Queue length",
             "Messages waiting in each queue, as the broker probe reads them (Redis: every priority "
             "sub-queue summed; RabbitMQ: ready messages).",
             "short",
-            (f"sum by (queue_name) ({_q('celery_queue_length', QUEUE)})", "{{queue_name}}"),
+            (_r(c, "queue:celery_queue_length:sum", QUEUE), "{{queue_name}}"),
         ),
         w=8,
     )
     lay.add(
         _ts(
+            c,
             "Backlog growth",
-            "How fast each queue grows (positive) or drains (negative), in messages per second.",
+            "How fast each queue grows (positive) or drains (negative), in messages per second, over "
+            f"{c.backlog_window}: the recorded series CeleryBacklogGrowing watches.",
             "short",
-            (f"sum by (queue_name) (deriv({_q('celery_queue_length', QUEUE)}[{RATE}]))", "{{queue_name}}"),
+            (_r(c, "queue:celery_queue_length:deriv", QUEUE), "{{queue_name}}"),
         ),
         w=8,
     )
     lay.add(
         _ts(
+            c,
             "Estimated time to drain",
             "Queue length divided by the rate workers take messages from it: how long the queue "
-            "would take to empty if nothing new arrived. Missing while a queue is empty.",
+            "would take to empty if nothing new arrived. The recorded series CeleryQueueDrainTooSlow "
+            "watches; +Inf (off the chart) while nobody consumes the queue.",
             "s",
-            (
-                f"sum by (queue_name) ({_q('celery_queue_length', QUEUE)})\n/\n"
-                f"sum by (queue_name) (rate({_q('celery_task_received_total', QUEUE)}[{RATE}]))",
-                "{{queue_name}}",
-            ),
+            (_r(c, "queue:celery_queue_drain_seconds:estimate", QUEUE), "{{queue_name}}"),
         ),
         w=8,
     )
     lay.row("Latency")
     lay.add(
         _ts(
+            c,
             "Runtime quantiles",
             "p50, p95 and p99 of task runtime (task_prerun to task_postrun), over the selected tasks.",
             "s",
-            *_quantiles("celery_task_runtime_seconds", "", qt),
+            *_quantiles(c, "celery_task_runtime_seconds", "", qt),
         )
     )
     lay.add(
         _ts(
+            c,
             "Queue wait quantiles",
             "p50, p95 and p99 of the time from when a task was due (published, or its ETA) to when "
             "a worker started it.",
             "s",
-            *_quantiles("celery_task_queue_wait_seconds", "", qt),
+            *_quantiles(c, "celery_task_queue_wait_seconds", "", qt),
         )
     )
     lay.row("Workers and broker")
     lay.add(
         _stat(
+            c,
             "Workers up",
             "Workers whose heartbeat is fresh. A worker that stopped reads 0 until its series ages out.",
             "short",
-            (f"sum({_q('celery_worker_up')})", "up"),
+            (f"sum {_by(c)}({_q(c, 'celery_worker_up')})", "up"),
         ),
         w=4,
     )
     lay.add(
         _ts(
+            c,
             "Pool utilisation",
             "Tasks executing as a share of each worker's pool processes. Near 100% for long means "
             "the worker is saturated: add concurrency or workers.",
             "percentunit",
             (
-                f"sum by (hostname) ({_q('celery_worker_tasks_active')})\n/\n"
-                f"sum by (hostname) ({_q('celery_worker_pool_processes')})",
+                f"sum {_by(c, 'hostname')}({_q(c, 'celery_worker_tasks_active')})\n/\n"
+                f"sum {_by(c, 'hostname')}({_q(c, 'celery_worker_pool_processes')})",
                 "{{hostname}}",
             ),
         ),
@@ -275,12 +305,13 @@ def overview(c: Config) -> Dashboard:
     )
     lay.add(
         _ts(
+            c,
             "Broker memory",
             "Memory the broker uses against its limit (Redis maxmemory, RabbitMQ high watermark). "
             "No limit line means the broker has none.",
             "bytes",
-            (f"max by (broker, node) ({_q('celery_broker_memory_used_bytes')})", "{{node}} used"),
-            (f"max by (broker, node) ({_q('celery_broker_memory_limit_bytes')} > 0)", "{{node}} limit"),
+            (f"max {_by(c, 'broker', 'node')}({_q(c, 'celery_broker_memory_used_bytes')})", "{{node}} used"),
+            (f"max {_by(c, 'broker', 'node')}({_q(c, 'celery_broker_memory_limit_bytes')} > 0)", "{{node}} limit"),
         ),
         w=10,
     )
@@ -289,84 +320,91 @@ def overview(c: Config) -> Dashboard:
 
 def tasks(c: Config) -> Dashboard:
     """Per-task drill-down: pick a task and see how it behaves."""
-    d, lay = _base(c, "tasks", "Celery / Tasks", "Outcomes, failures and latency of the selected tasks.", True)
+    d, lay = _base(c, TASKS, "Celery / Tasks", "Outcomes, failures and latency of the selected tasks.", True)
     qt = (QUEUE, TASK)
     lay.row("Outcomes")
     lay.add(
         _ts(
+            c,
             "Runs by outcome",
             "Tasks received, started, succeeded, failed and retried per second, by task. Received counts "
             "deliveries: redelivered ones (restored after a worker stopped, or requeued) count again, and are "
             "shown apart.",
             "ops",
             *[
-                (f"sum by (name) (rate({_q(f'celery_task_{o}_total', *qt)}[{RATE}]))", f"{{{{name}}}} {o}")
+                (f"sum {_by(c, 'name')}(rate({_q(c, f'celery_task_{o}_total', *qt)}[{RATE}]))", f"{{{{name}}}} {o}")
                 for o in ("received", "redelivered", "started", "succeeded", "failed", "retried")
             ],
         )
     )
     lay.add(
         _ts(
+            c,
             "Failures by exception",
             "Failed runs per second by task and exception class. WorkerLostError means the pool process died mid-task.",
             "ops",
             (
-                f"sum by (name, exception) (rate({_q('celery_task_failed_total', *qt)}[{RATE}]))",
+                f"sum {_by(c, 'name', 'exception')}(rate({_q(c, 'celery_task_failed_total', *qt)}[{RATE}]))",
                 "{{name}} {{exception}}",
             ),
         )
     )
     lay.add(
         _ts(
+            c,
             "Retries, revokes and expirations",
             "Retries, and messages dropped without running: revoked, expired before they started, "
             "or terminated while running; and rejected (unknown or undecodable) messages per queue.",
             "ops",
-            (f"sum by (name) (rate({_q('celery_task_retried_total', *qt)}[{RATE}]))", "{{name}} retried"),
+            (f"sum {_by(c, 'name')}(rate({_q(c, 'celery_task_retried_total', *qt)}[{RATE}]))", "{{name}} retried"),
             (
-                f"sum by (name, reason) (rate({_q('celery_task_revoked_total', *qt)}[{RATE}]))",
+                f"sum {_by(c, 'name', 'reason')}(rate({_q(c, 'celery_task_revoked_total', *qt)}[{RATE}]))",
                 "{{name}} {{reason}}",
             ),
             (
-                f"sum by (queue_name) (rate({_q('celery_task_rejected_total', QUEUE)}[{RATE}]))",
+                f"sum {_by(c, 'queue_name')}(rate({_q(c, 'celery_task_rejected_total', QUEUE)}[{RATE}]))",
                 "{{queue_name}} rejected",
             ),
         )
     )
     lay.add(
         _ts(
+            c,
             "In progress",
             "Tasks executing now, by task. A dead process's share disappears with it.",
             "short",
-            (f"sum by (name) ({_q('celery_task_in_progress', *qt)})", "{{name}}"),
+            (f"sum {_by(c, 'name')}({_q(c, 'celery_task_in_progress', *qt)})", "{{name}}"),
         )
     )
     lay.row("Latency")
     lay.add(
         _ts(
+            c,
             "Runtime quantiles",
-            "p50, p95 and p99 of runtime by task.",
+            "p50, p95 and p99 of runtime by task, over all its queues: the recorded series.",
             "s",
-            *_quantiles("celery_task_runtime_seconds", "name", qt),
+            *_recorded_quantiles(c, "task:celery_task_runtime_seconds:quantile", "name", TASK),
         )
     )
     lay.add(
         _ts(
+            c,
             "Queue wait quantiles",
             "p50, p95 and p99 of the time from due to start, by task.",
             "s",
-            *_quantiles("celery_task_queue_wait_seconds", "name", qt),
+            *_quantiles(c, "celery_task_queue_wait_seconds", "name", qt),
         )
     )
     lay.add(
         _panel(
+            c,
             heatmap.Panel,
             "Runtime heatmap",
             "How many runs finished in each runtime bucket over time.",
             "s",
             [
                 (
-                    f"sum by (le) (increase({_q('celery_task_runtime_seconds_bucket', *qt)}[{RATE}]))",
+                    f"sum by (le) (increase({_q(c, 'celery_task_runtime_seconds_bucket', *qt)}[{RATE}]))",
                     "{{le}}",
                 )
             ],
@@ -375,13 +413,14 @@ def tasks(c: Config) -> Dashboard:
     )
     lay.add(
         _panel(
+            c,
             heatmap.Panel,
             "Queue wait heatmap",
             "How many runs started after each queue-wait bucket over time.",
             "s",
             [
                 (
-                    f"sum by (le) (increase({_q('celery_task_queue_wait_seconds_bucket', *qt)}[{RATE}]))",
+                    f"sum by (le) (increase({_q(c, 'celery_task_queue_wait_seconds_bucket', *qt)}[{RATE}]))",
                     "{{le}}",
                 )
             ],
@@ -391,12 +430,18 @@ def tasks(c: Config) -> Dashboard:
     lay.row("Freshness")
     lay.add(
         _panel(
+            c,
             table.Panel,
             "Time since last success",
             "Seconds since each task last succeeded, oldest first. For periodic tasks this is the "
             "number the CeleryPeriodicTaskMissed alert watches.",
             "s",
-            [(f"time() - max by (name) ({_q('celery_task_last_success_timestamp_seconds', TASK)})", "{{name}}")],
+            [
+                (
+                    f"time() - max {_by(c, 'name')}({_q(c, 'celery_task_last_success_timestamp_seconds', TASK)})",
+                    "{{name}}",
+                )
+            ],
             PromQueryFormat.TABLE,
         ),
         w=24,
@@ -407,111 +452,121 @@ def tasks(c: Config) -> Dashboard:
 def queues(c: Config) -> Dashboard:
     """Per-queue and per-broker view, from the broker probe."""
     d, lay = _base(
-        c, "queues", "Celery / Queues and broker", "Queue depth and the broker's health, from the broker probe.", False
+        c, QUEUES, "Celery / Queues and broker", "Queue depth and the broker's health, from the broker probe.", False
     )
     lay.row("Queues")
-    by_q = "sum by (queue_name)"
+    by_q = f"sum {_by(c, 'queue_name')}"
     lay.add(
         _ts(
+            c,
             "Length",
             "Messages waiting in each queue.",
             "short",
-            (f"{by_q} ({_q('celery_queue_length', QUEUE)})", "{{queue_name}}"),
+            (_r(c, "queue:celery_queue_length:sum", QUEUE), "{{queue_name}}"),
         ),
         w=8,
     )
     lay.add(
         _ts(
+            c,
             "Unacked",
             "Messages delivered to a worker and not yet acknowledged. RabbitMQ reports them per "
             "queue; Redis keeps one hash for all queues, shown per broker.",
             "short",
-            (f"{by_q} ({_q('celery_queue_unacked', QUEUE)})", "{{queue_name}}"),
-            (f"sum by (broker) ({_q('celery_broker_unacked')})", "{{broker}} (all queues)"),
+            (f"{by_q}({_q(c, 'celery_queue_unacked', QUEUE)})", "{{queue_name}}"),
+            (f"sum {_by(c, 'broker')}({_q(c, 'celery_broker_unacked')})", "{{broker}} (all queues)"),
         ),
         w=8,
     )
     lay.add(
         _ts(
+            c,
             "Consumers",
             "Consumers attached to each queue (RabbitMQ only: a Redis BRPOP does not say which queues it serves).",
             "short",
-            (f"{by_q} ({_q('celery_queue_consumers', QUEUE)})", "{{queue_name}}"),
+            (f"{by_q}({_q(c, 'celery_queue_consumers', QUEUE)})", "{{queue_name}}"),
         ),
         w=8,
     )
     lay.add(
         _ts(
+            c,
             "Oldest message age",
             "How long the message at the head of each queue has been due (Redis only: RabbitMQ's "
             "API cannot read a message without consuming it).",
             "s",
-            (f"max by (queue_name) ({_q('celery_queue_oldest_message_age_seconds', QUEUE)})", "{{queue_name}}"),
+            (
+                f"max {_by(c, 'queue_name')}({_q(c, 'celery_queue_oldest_message_age_seconds', QUEUE)})",
+                "{{queue_name}}",
+            ),
         )
     )
     lay.add(
         _ts(
+            c,
             "Queue wait p95",
-            "95th percentile of the time tasks from each queue waited between due and start.",
+            "95th percentile of the time tasks from each queue waited between due and start: the "
+            "recorded series CeleryQueueWaitHigh watches.",
             "s",
-            (
-                f"histogram_quantile(0.95, sum by (queue_name, le) "
-                f"(rate({_q('celery_task_queue_wait_seconds_bucket', QUEUE)}[{RATE}])))",
-                "{{queue_name}}",
-            ),
+            (_r(c, "queue:celery_task_queue_wait_seconds:quantile", QUEUE, 'quantile="0.95"'), "{{queue_name}}"),
         )
     )
     lay.row("Broker")
     lay.add(
         _stat(
+            c,
             "Broker up",
             "1 when the last probe of each broker succeeded.",
             "short",
-            (f"max by (broker) ({_q('celery_broker_up')})", "{{broker}}"),
+            (f"max {_by(c, 'broker')}({_q(c, 'celery_broker_up')})", "{{broker}}"),
         ),
         w=6,
     )
     lay.add(
         _ts(
+            c,
             "Memory",
             "Memory used by each broker node against its limit.",
             "bytes",
-            (f"max by (broker, node) ({_q('celery_broker_memory_used_bytes')})", "{{node}} used"),
-            (f"max by (broker, node) ({_q('celery_broker_memory_limit_bytes')} > 0)", "{{node}} limit"),
+            (f"max {_by(c, 'broker', 'node')}({_q(c, 'celery_broker_memory_used_bytes')})", "{{node}} used"),
+            (f"max {_by(c, 'broker', 'node')}({_q(c, 'celery_broker_memory_limit_bytes')} > 0)", "{{node}} limit"),
         ),
         w=10,
     )
     lay.add(
         _ts(
+            c,
             "Alarms",
             "RabbitMQ memory and disk alarms by node; while one is raised the broker blocks publishers.",
             "short",
-            (f"max by (node) ({_q('celery_broker_memory_alarm')})", "{{node}} memory"),
-            (f"max by (node) ({_q('celery_broker_disk_alarm')})", "{{node}} disk"),
+            (f"max {_by(c, 'node')}({_q(c, 'celery_broker_memory_alarm')})", "{{node}} memory"),
+            (f"max {_by(c, 'node')}({_q(c, 'celery_broker_disk_alarm')})", "{{node}} disk"),
         ),
         w=8,
     )
     lay.row("Probe health")
     lay.add(
         _ts(
+            c,
             "Probe duration",
             "How long each probe cycle took, success or not.",
             "s",
-            (f"max by (broker) ({_q('celery_exporter_probe_duration_seconds')})", "{{broker}}"),
+            (f"max {_by(c, 'broker')}({_q(c, 'celery_exporter_probe_duration_seconds')})", "{{broker}}"),
         ),
         w=8,
     )
     lay.add(
         _ts(
+            c,
             "Probe errors",
             "Failed probe cycles per second by reason: connection, timeout, auth, protocol, other.",
             "ops",
             (
-                f"sum by (broker, reason) (rate({_q('celery_exporter_probe_errors_total')}[{RATE}]))",
+                f"sum {_by(c, 'broker', 'reason')}(rate({_q(c, 'celery_exporter_probe_errors_total')}[{RATE}]))",
                 "{{broker}} {{reason}}",
             ),
             (
-                f"sum by (broker) (rate({_q('celery_exporter_probe_queues_dropped_total')}[{RATE}]))",
+                f"sum {_by(c, 'broker')}(rate({_q(c, 'celery_exporter_probe_queues_dropped_total')}[{RATE}]))",
                 "{{broker}} queues dropped",
             ),
         ),
@@ -519,11 +574,12 @@ def queues(c: Config) -> Dashboard:
     )
     lay.add(
         _ts(
+            c,
             "Since last successful probe",
             "Seconds since each broker was last read successfully.",
             "s",
             (
-                f"time() - max by (broker) ({_q('celery_exporter_probe_last_success_timestamp_seconds')})",
+                f"time() - max {_by(c, 'broker')}({_q(c, 'celery_exporter_probe_last_success_timestamp_seconds')})",
                 "{{broker}}",
             ),
         ),
@@ -532,21 +588,22 @@ def queues(c: Config) -> Dashboard:
     lay.row("Exporter health")
     lay.add(
         _ts(
+            c,
             "Instrumentation errors",
             "Signal receivers that raised (swallowed so the task is unharmed), label values folded into "
             "__overflow__ once max_task_names or max_queue_names was reached, and label values cut to "
             "200 characters. All should stay flat at 0.",
             "ops",
             (
-                f"sum by (signal) (rate({_q('celery_exporter_handler_errors_total')}[{RATE}]))",
+                f"sum {_by(c, 'signal')}(rate({_q(c, 'celery_exporter_handler_errors_total')}[{RATE}]))",
                 "{{signal}} errors",
             ),
             (
-                f"sum by (label) (rate({_q('celery_exporter_dropped_label_values_total')}[{RATE}]))",
+                f"sum {_by(c, 'label')}(rate({_q(c, 'celery_exporter_dropped_label_values_total')}[{RATE}]))",
                 "{{label}} dropped",
             ),
             (
-                f"sum by (label) (rate({_q('celery_exporter_label_values_truncated_total')}[{RATE}]))",
+                f"sum {_by(c, 'label')}(rate({_q(c, 'celery_exporter_label_values_truncated_total')}[{RATE}]))",
                 "{{label}} truncated",
             ),
         ),
@@ -554,21 +611,28 @@ def queues(c: Config) -> Dashboard:
     )
     lay.add(
         _ts(
+            c,
             "Metrics files and cardinality",
             "Files in each exporter's metrics directory by state; unreadable ones are skipped, counted and "
             "logged, never deleted. Dead pool processes compacted into the archive show how fast children "
             "recycle; task and queue names folded into __overflow__ at merge show a name explosion; a failed merge "
             "(the scrape still answers, without the directory's series) should never happen.",
             "short",
-            (f"sum by (instance, state) ({_q('celery_exporter_metrics_files')})", "{{instance}} {{state}}"),
+            (f"sum {_by(c, 'instance', 'state')}({_q(c, 'celery_exporter_metrics_files')})", "{{instance}} {{state}}"),
             (
-                f"sum by (instance) (increase({_q('celery_exporter_compacted_processes_total')}[{RATE}]))",
+                f"sum {_by(c, 'instance')}(increase({_q(c, 'celery_exporter_compacted_processes_total')}[{RATE}]))",
                 "{{instance}} processes compacted",
             ),
-            (f"max by (instance) ({_q('celery_exporter_task_names_folded')})", "{{instance}} task names folded"),
-            (f"max by (instance) ({_q('celery_exporter_queue_names_folded')})", "{{instance}} queue names folded"),
             (
-                f"sum by (instance) (increase({_q('celery_exporter_merge_errors_total')}[{RATE}]))",
+                f"max {_by(c, 'instance')}({_q(c, 'celery_exporter_task_names_folded')})",
+                "{{instance}} task names folded",
+            ),
+            (
+                f"max {_by(c, 'instance')}({_q(c, 'celery_exporter_queue_names_folded')})",
+                "{{instance}} queue names folded",
+            ),
+            (
+                f"sum {_by(c, 'instance')}(increase({_q(c, 'celery_exporter_merge_errors_total')}[{RATE}]))",
                 "{{instance}} failed merges",
             ),
         ),
@@ -576,10 +640,11 @@ def queues(c: Config) -> Dashboard:
     )
     lay.add(
         _ts(
+            c,
             "Scrape duration",
             "How long each exporter took to merge its metrics directory for the previous scrape.",
             "s",
-            (f"max by (instance) ({_q('celery_exporter_scrape_duration_seconds')})", "{{instance}}"),
+            (f"max {_by(c, 'instance')}({_q(c, 'celery_exporter_scrape_duration_seconds')})", "{{instance}}"),
         ),
         w=8,
     )

@@ -10,14 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from celery_signal_exporter.mixin.config import Config, seconds
+from celery_signal_exporter.mixin import panels
+from celery_signal_exporter.mixin.config import Config, matcher, seconds
+from celery_signal_exporter.mixin.panels import OVERVIEW, QUEUES, TASKS
 
 QUANTILES = ("0.5", "0.95", "0.99")
 
 
 @dataclass(frozen=True)
 class Alert:
-    """One alert rule; `description` may template `$labels` and `$value`."""
+    """One alert rule; `description` may template `$labels` and `$value`; `panel` is (dashboard, title)."""
 
     name: str
     expr: str
@@ -25,6 +27,7 @@ class Alert:
     severity: str
     summary: str
     description: str
+    panel: tuple[str, str]
 
 
 def _num(value: float) -> str:
@@ -32,16 +35,10 @@ def _num(value: float) -> str:
     return f"{value:g}" if value != int(value) else str(int(value))
 
 
-def _matcher(label: str, value: str, op: str = "=~") -> str:
-    """A label matcher with the value quoted as PromQL wants it."""
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-    return f'{label}{op}"{escaped}"'
-
-
 def recording_rules(c: Config) -> list[dict[str, Any]]:
     """Rules whose names follow `level:metric:operation`, the levels being `queue` and `task`."""
     g = c.by
-    finished = c.sel(_matcher("__name__", "celery_task_(failed|succeeded)_total"))
+    finished = c.sel(matcher("__name__", "celery_task_(failed|succeeded)_total"))
     rules: list[dict[str, Any]] = [
         {
             "record": "queue:celery_task_sent:rate",
@@ -95,7 +92,15 @@ def recording_rules(c: Config) -> list[dict[str, Any]]:
 
 
 def alerts(c: Config) -> list[Alert]:
-    """Every alert, in the order of docs/runbooks.md."""
+    """Every alert the config leaves on, in the order of docs/runbooks.md."""
+    every = _all_alerts(c)
+    unknown = sorted(set(c.disabled_alerts) - {a.name for a in every})
+    if unknown:
+        raise ValueError(f"disabled_alerts: no alert named {', '.join(unknown)}")
+    return [a for a in every if a.name not in c.disabled_alerts]
+
+
+def _all_alerts(c: Config) -> list[Alert]:
     g = c.by
     where = "".join(f"{{{{ $labels.{label} }}}}/" for label in c.group_labels)
     queue = f"{where}{{{{ $labels.queue_name }}}}"
@@ -103,11 +108,11 @@ def alerts(c: Config) -> list[Alert]:
     broker = "{{ $labels.broker }} (node {{ $labels.node }})"
     periodic = "\nor\n".join(
         f"time() - max by ({g}name) "
-        f"(celery_task_last_success_timestamp_seconds{{{c.sel(_matcher('name', p.name_regex))}}}) "
+        f"(celery_task_last_success_timestamp_seconds{{{c.sel(matcher('name', p.name_regex))}}}) "
         f"> {_num(seconds(p.max_age))}"
         for p in c.periodic_tasks
     )
-    expired = c.sel(_matcher("reason", "expired", "="))
+    expired = c.sel(matcher("reason", "expired", "="))
     return [
         Alert(
             "CeleryBacklogGrowing",
@@ -117,6 +122,7 @@ def alerts(c: Config) -> list[Alert]:
             "A Celery queue's backlog keeps growing.",
             f"Queue {queue} holds {{{{ $value | humanize }}}} messages and has grown for {c.backlog_for}: "
             "tasks arrive faster than workers take them.",
+            (OVERVIEW, "Backlog growth"),
         ),
         Alert(
             "CeleryBacklogWillBreach",
@@ -128,6 +134,7 @@ def alerts(c: Config) -> list[Alert]:
             "A Celery queue will pass its limit soon.",
             f"At its current growth queue {queue} will hold {{{{ $value | humanize }}}} messages "
             f"within {c.backlog_horizon}, over the limit of {c.queue_limit}.",
+            (OVERVIEW, "Queue length"),
         ),
         Alert(
             "CeleryQueueDrainTooSlow",
@@ -137,6 +144,7 @@ def alerts(c: Config) -> list[Alert]:
             "A Celery queue will take too long to empty.",
             f"At its current consumption rate queue {queue} needs {{{{ $value | humanizeDuration }}}} "
             f"to empty; the target is {c.drain_max}.",
+            (OVERVIEW, "Estimated time to drain"),
         ),
         Alert(
             "CeleryQueueWaitHigh",
@@ -146,6 +154,7 @@ def alerts(c: Config) -> list[Alert]:
             "Celery tasks wait too long in a queue.",
             f"95% of tasks from queue {queue} started within {{{{ $value | humanizeDuration }}}} of being due; "
             f"the target is {c.queue_wait_p95_max}.",
+            (QUEUES, "Queue wait p95"),
         ),
         Alert(
             "CeleryOldestMessageTooOld",
@@ -156,6 +165,7 @@ def alerts(c: Config) -> list[Alert]:
             "The next message in a Celery queue has waited too long.",
             f"The message at the head of queue {queue} has been due for {{{{ $value | humanizeDuration }}}}; "
             f"the limit is {c.oldest_message_max}.",
+            (QUEUES, "Oldest message age"),
         ),
         Alert(
             "CeleryQueueNoConsumers",
@@ -167,6 +177,7 @@ def alerts(c: Config) -> list[Alert]:
             "Messages wait in a Celery queue that nobody consumes.",
             f"Queue {queue} holds {{{{ $value | humanize }}}} messages and no worker has taken one "
             f"for {c.no_consumers_for}.",
+            (QUEUES, "Consumers"),
         ),
         Alert(
             "CeleryBrokerMemoryHigh",
@@ -178,6 +189,7 @@ def alerts(c: Config) -> list[Alert]:
             "A Celery broker is close to its memory limit.",
             f"Broker {broker} uses {{{{ $value | humanizePercentage }}}} of its memory limit; "
             f"the threshold is {_num(c.broker_memory_ratio * 100)}%.",
+            (QUEUES, "Memory"),
         ),
         Alert(
             "CeleryBrokerMemoryWillBreach",
@@ -189,6 +201,7 @@ def alerts(c: Config) -> list[Alert]:
             "A Celery broker will reach its memory limit soon.",
             f"At its current growth broker {broker} will use {{{{ $value | humanize1024 }}}}B "
             f"within {c.broker_memory_horizon}, over its memory limit.",
+            (QUEUES, "Memory"),
         ),
         Alert(
             "CeleryBrokerMemoryAlarm",
@@ -198,6 +211,7 @@ def alerts(c: Config) -> list[Alert]:
             "A RabbitMQ memory alarm is blocking publishers.",
             f"Broker {broker} has raised its memory alarm: it blocks every connection that publishes "
             "until memory use falls below the watermark.",
+            (QUEUES, "Alarms"),
         ),
         Alert(
             "CeleryBrokerDiskAlarm",
@@ -207,6 +221,7 @@ def alerts(c: Config) -> list[Alert]:
             "A RabbitMQ disk alarm is blocking publishers.",
             f"Broker {broker} has raised its free-disk alarm: it blocks every connection that publishes "
             "until disk space is freed.",
+            (QUEUES, "Alarms"),
         ),
         Alert(
             "CeleryBrokerDown",
@@ -216,6 +231,7 @@ def alerts(c: Config) -> list[Alert]:
             "The exporter cannot reach a Celery broker.",
             "Every probe of broker {{ $labels.broker }} has failed for "
             f"{c.broker_down_for}; celery_exporter_probe_errors_total says why.",
+            (QUEUES, "Broker up"),
         ),
         Alert(
             "CeleryExporterDown",
@@ -225,6 +241,7 @@ def alerts(c: Config) -> list[Alert]:
             "Prometheus cannot scrape a Celery exporter.",
             "Target {{ $labels.job }}/{{ $labels.instance }} is down, or no target matches at all: "
             "Celery is not monitored there.",
+            (QUEUES, "Scrape duration"),
         ),
         Alert(
             "CeleryTaskFailureRatioHigh",
@@ -236,6 +253,7 @@ def alerts(c: Config) -> list[Alert]:
             "A Celery task fails too often.",
             f"{{{{ $value | humanizePercentage }}}} of runs of task {task} failed over the last {c.failure_window}; "
             f"the threshold is {_num(c.failure_ratio * 100)}%.",
+            (OVERVIEW, "Failure ratio"),
         ),
         Alert(
             "CeleryWorkerDown",
@@ -244,6 +262,7 @@ def alerts(c: Config) -> list[Alert]:
             "warning",
             "A Celery worker has stopped.",
             f"Worker {where}{{{{ $labels.hostname }}}} has sent no heartbeat for {c.worker_down_for} or has shut down.",
+            (OVERVIEW, "Workers up"),
         ),
         Alert(
             "CeleryTasksExpiring",
@@ -253,6 +272,7 @@ def alerts(c: Config) -> list[Alert]:
             "Celery tasks expire before a worker runs them.",
             f"{{{{ $value | humanize }}}} messages of task {task} from queue {{{{ $labels.queue_name }}}} "
             f"expired before they started over the last {c.failure_window}.",
+            (TASKS, "Retries, revokes and expirations"),
         ),
         Alert(
             "CeleryPeriodicTaskMissed",
@@ -261,6 +281,7 @@ def alerts(c: Config) -> list[Alert]:
             "warning",
             "A periodic Celery task has not succeeded in time.",
             f"Task {task} last succeeded {{{{ $value | humanizeDuration }}}} ago.",
+            (TASKS, "Time since last success"),
         ),
     ]
 
@@ -277,6 +298,7 @@ def rule_groups(c: Config) -> dict[str, Any]:
             "summary": a.summary,
             "description": a.description,
             "runbook_url": f"{c.runbook_url}#{a.name.lower()}",
+            "dashboard_url": panels.url(c, *a.panel),
         }
         alert_rules.append(rule)
     # One group: Prometheus runs the rules of a group in order at one evaluation time, so every
