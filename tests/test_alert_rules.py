@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from celery_signal_exporter.mixin import panels
 from celery_signal_exporter.mixin.config import PRODUCTION
 from celery_signal_exporter.mixin.rules import alerts
 
@@ -46,6 +47,7 @@ def expected(alert: str, labels: dict[str, str], value: str = "") -> dict[str, A
             "summary": rule.summary,
             "description": fill(rule.description),
             "runbook_url": f"{PRODUCTION.runbook_url}#{alert.lower()}",
+            "dashboard_url": panels.url(PRODUCTION, *rule.panel),
         },
     }
 

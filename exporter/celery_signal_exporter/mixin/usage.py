@@ -35,22 +35,32 @@ def _metrics(expr: str) -> set[str]:
 
 
 def index(config: Config) -> dict[str, dict[str, list[str]]]:
-    """metric -> {"panels": [...], "rules": [...]}."""
+    """metric -> {"panels": [...], "rules": [...]}.
+
+    A panel that reads a recorded series also counts as reading the metrics its rule reads, so a
+    raw metric shown only through a recording rule is still on a dashboard.
+    """
     found: dict[str, dict[str, list[str]]] = defaultdict(lambda: {"panels": [], "rules": []})
+    rules = [rule for group in rule_groups(config)["groups"] for rule in group["rules"]]
+    sources: dict[str, set[str]] = {}
+    for rule in rules:  # in file order, so a rule's recorded inputs are already resolved
+        if "record" in rule:
+            read = _metrics(rule["expr"])
+            sources.setdefault(rule["record"], set()).update(read.union(*(sources.get(name, set()) for name in read)))
     for build in DASHBOARDS.values():
         d: Any = build(config).build()
         for panel in d.panels or []:
             for target in getattr(panel, "targets", None) or []:
-                for name in _metrics(target.expr):
+                read = _metrics(target.expr)
+                for name in sorted(read.union(*(sources.get(n, set()) for n in read))):
                     where = f"{d.title}: {panel.title}"
                     if where not in found[name]["panels"]:
                         found[name]["panels"].append(where)
-    for group in rule_groups(config)["groups"]:
-        for rule in group["rules"]:
-            rule_name = rule.get("alert") or rule["record"]
-            for name in _metrics(rule["expr"]):
-                if rule_name not in found[name]["rules"]:
-                    found[name]["rules"].append(rule_name)
+    for rule in rules:
+        rule_name = rule.get("alert") or rule["record"]
+        for name in _metrics(rule["expr"]):
+            if rule_name not in found[name]["rules"]:
+                found[name]["rules"].append(rule_name)
     return dict(sorted(found.items()))
 
 
