@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from celery_signal_exporter.mixin import panels
-from celery_signal_exporter.mixin.config import PRODUCTION, Config
+from celery_signal_exporter.mixin.config import PRODUCTION, Config, load
 from celery_signal_exporter.mixin.generate import LAYOUT, generated, outputs
 from celery_signal_exporter.mixin.generate import main as generate_main
 from celery_signal_exporter.mixin.rules import alerts, rule_groups
@@ -48,8 +48,6 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def config(out: Path) -> Config:
-    from celery_signal_exporter.mixin.config import load
-
     return load(out.parent / "mine.yaml")
 
 
@@ -123,12 +121,27 @@ def test_a_disabled_alert_is_absent(out: Path, config: Config) -> None:
     assert names == {a.name for a in alerts(PRODUCTION)} - {"CeleryWorkerDown"}
     assert "CeleryWorkerDown" not in (out / "prometheusrule.yaml").read_text()
     assert {a.name for a in alerts(config)} == names
+    # Each panel lists the alerts that link to it; the switched-off one is in no list.
+    listed = {
+        name
+        for d in dashboards(out).values()
+        for p in d["panels"]
+        for line in p.get("description", "").splitlines()
+        if line.startswith("Alerts: ")
+        for name in line.removeprefix("Alerts: ").rstrip(".").split(", ")
+    }
+    assert listed == names
+    assert "CeleryWorkerDown" not in json.dumps(dashboards(out))
+    production = json.loads(generated(PRODUCTION)["dashboards/celery-overview.json"])
+    (workers_up,) = [p for p in production["panels"] if p["title"] == "Workers up"]
+    assert workers_up["description"].endswith("\n\nAlerts: CeleryWorkerDown.")
 
 
 def test_promtool_checks_the_generated_rules(out: Path) -> None:
-    for name in ("prometheus-rules.yaml",):
-        run = subprocess.run([promtool(), "check", "rules", str(out / name)], capture_output=True, text=True)
-        assert run.returncode == 0, run.stdout + run.stderr
+    run = subprocess.run(
+        [promtool(), "check", "rules", str(out / "prometheus-rules.yaml")], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
     operator = yaml.safe_load((out / "prometheusrule.yaml").read_text())
     assert operator["spec"] == yaml.safe_load((out / "prometheus-rules.yaml").read_text())
 
@@ -170,8 +183,7 @@ def test_dashboards_read_the_recorded_series_of_the_alerts(out: Path) -> None:
     """One definition of each derived quantity: the panel an alert links to plots what it watches."""
     exprs = dict(panel_exprs(out))
     assert exprs["celery-overview.json / Estimated time to drain"] == (
-        'queue:celery_queue_drain_seconds:estimate{cluster=~"$cluster", namespace=~"$namespace", '
-        'queue_name=~"$queue"}'
+        'queue:celery_queue_drain_seconds:estimate{cluster=~"$cluster", namespace=~"$namespace", queue_name=~"$queue"}'
     )
     for where, series in (
         ("celery-overview.json / Queue length", "queue:celery_queue_length:sum"),

@@ -27,7 +27,7 @@ from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 from celery_signal_exporter.mixin.config import Config
 from celery_signal_exporter.mixin.panels import IDS, OVERVIEW, QUEUES, TASKS, uid
-from celery_signal_exporter.mixin.rules import QUANTILES
+from celery_signal_exporter.mixin.rules import QUANTILES, alerts
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "$__rate_interval"
@@ -69,11 +69,17 @@ def _target(expr: str, legend: str, ref: str, fmt: str | None = None) -> prometh
 
 
 class _Layout:
-    """Places panels left to right, wrapping at Grafana's 24 columns, each with its id from panels.IDS."""
+    """Places panels left to right, wrapping at Grafana's 24 columns, each with its id from panels.IDS
+    and, in its description, the list of the alerts that link to it."""
 
-    def __init__(self, dashboard: Dashboard, slug: str) -> None:
+    def __init__(self, c: Config, dashboard: Dashboard, slug: str) -> None:
         self.dashboard = dashboard
         self.ids = IDS[slug]
+        # The alerts whose dashboard_url opens each panel; a switched-off alert is not listed.
+        self.alerts: dict[str, list[str]] = {}
+        for alert in alerts(c):
+            if alert.panel[0] == slug:
+                self.alerts.setdefault(alert.panel[1], []).append(alert.name)
         self.x = 0
         self.y = 0
         self.row_height = 0
@@ -86,7 +92,10 @@ class _Layout:
     def add(self, panel: PanelBuilder, w: int = 12, h: int = 8) -> None:
         if self.x + w > 24:
             self._newline()
-        panel.id(self.ids[panel.build().title])
+        title = panel.build().title
+        panel.id(self.ids[title])
+        if title in self.alerts:
+            panel.description(f"{panel.build().description}\n\nAlerts: {', '.join(self.alerts[title])}.")
         panel.grid_pos(GridPos(h=h, w=w, x=self.x, y=self.y))
         self.dashboard.with_panel(panel)
         self.x += w
@@ -169,7 +178,7 @@ def _base(c: Config, slug: str, title: str, description: str, with_task: bool) -
     if not with_task:
         task = task.hide(VariableHide.HIDE_VARIABLE)
     dashboard = dashboard.with_variable(task)
-    return dashboard, _Layout(dashboard, slug)
+    return dashboard, _Layout(c, dashboard, slug)
 
 
 def _q_groups(c: Config, metric: str, first: int) -> str:
@@ -216,8 +225,8 @@ def overview(c: Config) -> Dashboard:
             c,
             "Failure ratio",
             "Failed runs as a share of finished runs (failed + succeeded) per task, over "
-            f"{c.failure_window}: the recorded series CeleryTaskFailureRatioHigh watches. Retries are not "
-            "failures; a task that never failed reads 0.",
+            f"{c.failure_window} (a recorded series). Retries are not failures; a task that never failed "
+            "reads 0.",
             "percentunit",
             (_r(c, "task:celery_task_failure:ratio", TASK), "{{name}}"),
         )
@@ -239,7 +248,7 @@ def overview(c: Config) -> Dashboard:
             c,
             "Backlog growth",
             "How fast each queue grows (positive) or drains (negative), in messages per second, over "
-            f"{c.backlog_window}: the recorded series CeleryBacklogGrowing watches.",
+            f"{c.backlog_window} (a recorded series).",
             "short",
             (_r(c, "queue:celery_queue_length:deriv", QUEUE), "{{queue_name}}"),
         ),
@@ -250,8 +259,8 @@ def overview(c: Config) -> Dashboard:
             c,
             "Estimated time to drain",
             "Queue length divided by the rate workers take messages from it: how long the queue "
-            "would take to empty if nothing new arrived. The recorded series CeleryQueueDrainTooSlow "
-            "watches; +Inf (off the chart) while nobody consumes the queue.",
+            "would take to empty if nothing new arrived (a recorded series); +Inf (off the chart) while "
+            "nobody consumes the queue.",
             "s",
             (_r(c, "queue:celery_queue_drain_seconds:estimate", QUEUE), "{{queue_name}}"),
         ),
@@ -434,7 +443,7 @@ def tasks(c: Config) -> Dashboard:
             table.Panel,
             "Time since last success",
             "Seconds since each task last succeeded, oldest first. For periodic tasks this is the "
-            "number the CeleryPeriodicTaskMissed alert watches.",
+            "number their alert watches.",
             "s",
             [
                 (
@@ -505,8 +514,7 @@ def queues(c: Config) -> Dashboard:
         _ts(
             c,
             "Queue wait p95",
-            "95th percentile of the time tasks from each queue waited between due and start: the "
-            "recorded series CeleryQueueWaitHigh watches.",
+            "95th percentile of the time tasks from each queue waited between due and start (a recorded series).",
             "s",
             (_r(c, "queue:celery_task_queue_wait_seconds:quantile", QUEUE, 'quantile="0.95"'), "{{queue_name}}"),
         )
