@@ -18,7 +18,7 @@ import yaml
 
 from celery_signal_exporter.mixin import panels
 from celery_signal_exporter.mixin.config import PRODUCTION, Config, load
-from celery_signal_exporter.mixin.generate import LAYOUT, generated, outputs
+from celery_signal_exporter.mixin.generate import LAYOUT, generated, outputs, repository_root
 from celery_signal_exporter.mixin.generate import main as generate_main
 from celery_signal_exporter.mixin.rules import alerts, rule_groups
 from tests.test_mixin import ROOT, promtool, substitute, vector_selectors
@@ -227,6 +227,7 @@ def test_out_writes_exactly_the_documented_flat_layout(
         "disabled_alerts: [CeleryNoSuchAlert]\n",
         "ignore_tasks: '.*'\n",  # would drop every series without a name label
         "ignore_queues: '(unclosed'\n",
+        "group_labels: [queue]\n",  # the name of a dashboard variable
     ],
 )
 def test_bad_switches_and_regexes_are_one_line_and_exit_2(
@@ -249,3 +250,10 @@ def test_every_runbook_links_its_panel_and_says_how_to_switch_it_off() -> None:
         link = f"/d/{panels.uid(PRODUCTION, dashboard)}?viewPanel={panels.IDS[dashboard][title]}"
         assert link in section, f"{alert.name}: runbook does not link {link}"
         assert f"disabled_alerts: [{alert.name}]" in section, f"{alert.name}: runbook does not say how to switch it off"
+
+
+def test_without_out_the_checkout_is_regenerated_in_place() -> None:
+    """The repository's own files keep their places, so the stale check and the deploy/ paths hold."""
+    assert repository_root() == ROOT
+    assert generate_main(["--check"]) == 0
+    assert set(outputs(PRODUCTION)) >= {"deploy/prometheus/celery-rules.yml", "docs/metric-usage.md"}

@@ -177,6 +177,10 @@ def load(path: Path | None, base: Config = PRODUCTION) -> Config:
         value = getattr(config, f.name)
         if f.name.endswith(("_window", "_for", "_max", "_horizon")) and isinstance(value, str):
             seconds(value)  # raises with the bad value named
+    taken = sorted({"datasource", "queue", "task"} & set(config.group_labels))
+    if taken:
+        # Each group label becomes a dashboard variable of its name.
+        raise ValueError(f"{path}: group_labels: {', '.join(taken)} would clash with a dashboard variable")
     for key in ("ignore_tasks", "ignore_queues"):
         pattern = getattr(config, key)
         try:

@@ -69,6 +69,7 @@ IDS: dict[str, dict[str, int]] = {
 
 
 def uid(c: Config, dashboard: str) -> str:
+    """A dashboard's uid: the prefix lets two installs of the mixin share one Grafana."""
     return f"{c.uid_prefix}-{dashboard}"
 
 
