@@ -98,7 +98,7 @@ def _write_pool_series(store: Any, pairs: list[tuple[str, str]], finished: bool)
     """What a pool process records for each pair it ran (finished: its in-progress is back to 0)."""
     from celery_signal_exporter import metrics as m
 
-    metrics = {spec.name: m.Metric(store, spec, m.DEFAULT_RUNTIME_BUCKETS if spec.kind == "histogram" else ())
+    metrics = {spec.name: m.Recorder(store, spec, m.DEFAULT_RUNTIME_BUCKETS if spec.kind == "histogram" else ())
                for spec in (m.RECEIVED, m.STARTED, m.SUCCEEDED, m.RUNTIME, m.QUEUE_WAIT, m.IN_PROGRESS,
                             m.LAST_SUCCESS)}
     for i, (name, queue) in enumerate(pairs):

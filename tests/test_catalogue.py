@@ -1,40 +1,53 @@
-"""docs/metrics.md is the contract: /metrics must expose exactly what it lists."""
+"""The catalogue module is the contract: /metrics serves exactly what it defines,
+and docs/metrics.md is what it generates."""
 
 from __future__ import annotations
 
+import ast
 import os
-import re
 import time
+from pathlib import Path
 
 import pytest
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
+from celery_signal_exporter import catalogue
+from celery_signal_exporter.metrics import Recorder
+from celery_signal_exporter.probes import BrokerSnapshot
+from celery_signal_exporter.probes.base import NodeStats, QueueStats
+from celery_signal_exporter.probes.loop import ProbeGroup, ProbeLoop
+from celery_signal_exporter.service import Exporter, ServiceConfig
+from celery_signal_exporter.store import Store
 from tests.harness import ROOT, env_for, exporter, produce, value, wait_until, worker
 
 Catalogue = dict[str, frozenset[str]]
+#: Sample-side name -> (type, help, label names), as served.
+Families = dict[str, tuple[str, str, frozenset[str]]]
+
+PACKAGE = Path(ROOT) / "exporter" / "celery_signal_exporter"
+STALE = "docs/metrics.md is stale: run python -m celery_signal_exporter.catalogue"
 
 
 def documented() -> Catalogue:
-    """metric name -> label names, from every table row of docs/metrics.md."""
-    rows: Catalogue = {}
-    with open(os.path.join(ROOT, "docs", "metrics.md"), encoding="utf-8") as f:
-        for line in f:
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if len(cells) >= 3 and re.fullmatch(r"`celery_[a-z_]+`", cells[0]):
-                rows[cells[0].strip("`")] = frozenset(re.findall(r"`([a-z_]+)`", cells[2]))
-    return rows
+    """metric name (counters with `_total`) -> label names, for every metric the catalogue serves."""
+    return {spec.sample_name: frozenset(spec.labels) for spec in catalogue.SERVED}
+
+
+def families(text: str) -> Families:
+    """Family name (counters with `_total`) -> type, help and the label names seen on its samples
+    (histogram `le` aside)."""
+    found: Families = {}
+    for family in text_string_to_metric_families(text):
+        name = family.name + ("_total" if family.type == "counter" else "")
+        labels = {k for sample in family.samples for k in sample.labels if k != "le"}
+        found[name] = (family.type, family.documentation, frozenset(labels))
+    return found
 
 
 def exposed(text: str) -> Catalogue:
     """Family name -> label names seen on its samples (histogram `le` aside)."""
-    found: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(text):
-        name = family.name + ("_total" if family.type == "counter" else "")
-        labels = found.setdefault(name, set())
-        for sample in family.samples:
-            labels.update(k for k in sample.labels if k != "le")
-    return {k: frozenset(v) for k, v in found.items()}
+    return {name: labels for name, (_, _, labels) in families(text).items()}
 
 
 def test_catalogue_parses() -> None:
@@ -42,6 +55,98 @@ def test_catalogue_parses() -> None:
     assert len(docs) >= 30
     assert docs["celery_task_failed_total"] == {"name", "queue_name", "exception"}
     assert docs["celery_exporter_scrape_duration_seconds"] == frozenset()
+
+
+def test_docs_metrics_md_is_what_the_catalogue_generates() -> None:
+    assert (Path(ROOT) / "docs" / "metrics.md").read_text(encoding="utf-8") == catalogue.render(), STALE
+
+
+def test_check_mode_reports_a_stale_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    page = tmp_path / "metrics.md"
+    assert catalogue.main(["--check", "--out", str(page)]) == 1
+    assert "run python -m celery_signal_exporter.catalogue" in capsys.readouterr().err
+    assert catalogue.main(["--out", str(page)]) == 0
+    assert catalogue.main(["--check", "--out", str(page)]) == 0
+
+
+def test_every_name_is_defined_once() -> None:
+    served = [spec.name for spec in catalogue.SERVED]
+    assert len(served) == len(set(served))
+    assert set(catalogue.RECORDED) - set(catalogue.SERVED) == {catalogue.HEARTBEAT}, "only the heartbeat is internal"
+    assert all(spec.mode for spec in catalogue.RECORDED if spec.kind == "gauge"), "a recorded gauge needs a merge mode"
+
+
+def test_no_metric_name_or_help_outside_the_catalogue() -> None:
+    """Names and help texts live in catalogue.py only (the mixin's queries aside: they use metrics, not define them)."""
+    specs = (*catalogue.SERVED, *catalogue.RECORDED)
+    defined = {s.name for s in specs} | {s.sample_name for s in specs} | {s.help for s in specs}
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "catalogue.py" or "mixin" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in defined:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert found == []
+
+
+class CachedProbe:
+    """A probe that answers with a snapshot built by the test: the loop's cached state, no broker."""
+
+    schemes = ("redis",)
+
+    def __init__(self, snapshot: BrokerSnapshot) -> None:
+        self._snapshot = snapshot
+
+    def discover(self) -> set[str]:
+        return set()
+
+    def snapshot(self, queues: set[str]) -> BrokerSnapshot:
+        return self._snapshot
+
+    def close(self) -> None:
+        pass
+
+
+def write_every_recorded_metric(directory: str) -> Store:
+    """One series of every metric the instrumentation records, written by the real Store and recorders."""
+    store = Store(directory)
+    for spec in catalogue.RECORDED:
+        series = Recorder(store, spec, (0.1, 1.0)).labels(*("x" for _ in spec.labels))
+        if spec.kind == "histogram":
+            series.observe(0.5)
+        elif spec.kind == "counter":
+            series.inc()
+        else:
+            now = time.time()
+            series.set(now if spec is catalogue.HEARTBEAT else 1.0, now)
+    return store
+
+
+def test_served_without_brokers_equals_the_catalogue(tmp_path: Path) -> None:
+    """The real collectors on real inputs: a metrics directory written by the real writer, merged by the
+    DirectoryCollector; a ProbeLoop holding a full snapshot; the service's own families; rendered as /metrics."""
+    metrics_dir = str(tmp_path / "metrics")
+    os.makedirs(metrics_dir)
+    store = write_every_recorded_metric(metrics_dir)
+    snapshot = BrokerSnapshot(
+        queues=[QueueStats("celery", "0", 3, unacked=1, consumers=2, oldest_message_age_seconds=1.5)],
+        nodes=[NodeStats("rabbit@h", 1e6, 2e6, memory_alarm=False, disk_alarm=True)],
+        unacked_total=4,
+    )
+    loop = ProbeLoop(CachedProbe(snapshot), "redis://127.0.0.1:1/0")
+    assert loop.probe_once()
+    try:
+        service = Exporter(ServiceConfig(metrics_dir, sources=[ProbeGroup([loop])]))
+        body, _ = service.render(None)
+    finally:
+        loop.stop()
+        store.close()
+    served = families(body.decode())
+    expected = {s.sample_name: (s.kind, s.help, frozenset(s.labels)) for s in catalogue.SERVED}
+    assert sorted(set(served) - set(expected)) == [], "served but not in the catalogue"
+    assert sorted(set(expected) - set(served)) == [], "in the catalogue but not served"
+    assert {n: served[n] for n in expected if served[n] != expected[n]} == {}, "type, help or labels differ"
 
 
 def test_metrics_endpoint_equals_catalogue(amqp_url: str, redis_url: str, tmp_path: pytest.TempPathFactory) -> None:
@@ -65,7 +170,7 @@ def test_metrics_endpoint_equals_catalogue(amqp_url: str, redis_url: str, tmp_pa
 
         text = wait_until(complete, 90, "every metric to appear")
     docs, seen = documented(), exposed(text)
-    assert sorted(set(seen) - set(docs)) == [], "exposed but not in docs/metrics.md"
-    assert sorted(set(docs) - set(seen)) == [], "in docs/metrics.md but never exposed"
+    assert sorted(set(seen) - set(docs)) == [], "exposed but not in the catalogue"
+    assert sorted(set(docs) - set(seen)) == [], "in the catalogue but never exposed"
     mismatched = {n: (sorted(seen[n]), sorted(docs[n])) for n in docs if seen[n] != docs[n]}
-    assert mismatched == {}, "label names differ (exposed, documented)"
+    assert mismatched == {}, "label names differ (exposed, catalogued)"

@@ -14,7 +14,7 @@ from tests.test_compaction import write_as_dead_process
 
 def publish_and_die(directory: str, n: int) -> None:
     def body(store: Store) -> None:
-        m.Metric(store, m.SENT).labels("proj.send_mail", "mail").inc(n)
+        m.Recorder(store, m.SENT).labels("proj.send_mail", "mail").inc(n)
 
     write_as_dead_process(directory, body)
 

@@ -111,9 +111,9 @@ def test_laid_out_families_from_a_real_merge_encode_like_prometheus_client(tmp_p
 
     def body(store: Store) -> None:
         for name in ("t.ok", HOSTILE, "ünï"):
-            m.Metric(store, m.SENT).labels(name, 'q"1').inc(3)
-            m.Metric(store, m.RUNTIME, (0.1, 1.0)).labels(name, "q").observe(0.5)
-            m.Metric(store, m.LAST_SUCCESS).labels(name).set(1700000000.25)
+            m.Recorder(store, m.SENT).labels(name, 'q"1').inc(3)
+            m.Recorder(store, m.RUNTIME, (0.1, 1.0)).labels(name, "q").observe(0.5)
+            m.Recorder(store, m.LAST_SUCCESS).labels(name).set(1700000000.25)
 
     directory = str(tmp_path)
     for _ in range(3):

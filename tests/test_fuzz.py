@@ -59,8 +59,8 @@ def hostile_metrics(directory: Path) -> None:
     directory.mkdir(exist_ok=True)
     store = Store(str(directory))
     for name in ['quote"d', "back\\slash", "new\nline", "snow\u2603man", "x" * 2000]:
-        m.Metric(store, m.SENT).labels(name, "q").inc()
-        m.Metric(store, m.RUNTIME, (0.1, 1)).labels(name, "q").observe(0.5)
+        m.Recorder(store, m.SENT).labels(name, "q").inc()
+        m.Recorder(store, m.RUNTIME, (0.1, 1)).labels(name, "q").observe(0.5)
 
 
 def test_fuzz_open_service_never_answers_5xx(tmp_path: Path, redis_url: str) -> None:

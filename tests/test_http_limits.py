@@ -36,8 +36,8 @@ def fill(directory: Path, names: int) -> None:
     """A metrics directory whose /metrics is about 5.6 kB per task name (8.5 MB at 1500)."""
     directory.mkdir(exist_ok=True)
     store = Store(str(directory))
-    runtime = m.Metric(store, m.RUNTIME, [0.001 * 2 ** i for i in range(20)])
-    sent = m.Metric(store, m.SENT)
+    runtime = m.Recorder(store, m.RUNTIME, [0.001 * 2 ** i for i in range(20)])
+    sent = m.Recorder(store, m.SENT)
     for i in range(names):
         name = f"app.tasks.some_module.task_number_{i:05d}"
         for queue in ("default", "priority"):

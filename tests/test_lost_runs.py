@@ -138,8 +138,8 @@ def _dead_mid_task(directory: str, runs: int) -> int:
         code = 0
         try:
             store = Store(directory)
-            m.Metric(store, m.STARTED).labels("a", "q").inc(runs)
-            m.Metric(store, m.IN_PROGRESS).labels("a", "q").inc(runs)
+            m.Recorder(store, m.STARTED).labels("a", "q").inc(runs)
+            m.Recorder(store, m.IN_PROGRESS).labels("a", "q").inc(runs)
         except BaseException:  # noqa: BLE001 - reported through the exit code
             code = 1
         os._exit(code)

@@ -25,8 +25,8 @@ def _grow(directory: str, ready: Any, done: Any) -> None:
     """Count 1000 starts of one task, then add 4000 new histogram series: the file grows (past the
     reader's first 4 KB read and past its 64 KB preallocation) while the reader reads it."""
     store = Store(directory)
-    m.Metric(store, m.STARTED).labels("steady", "q").inc(1000)
-    runtime = m.Metric(store, m.RUNTIME, m.DEFAULT_RUNTIME_BUCKETS)
+    m.Recorder(store, m.STARTED).labels("steady", "q").inc(1000)
+    runtime = m.Recorder(store, m.RUNTIME, m.DEFAULT_RUNTIME_BUCKETS)
     ready.set()
     for n in range(4000):
         runtime.labels(f"young-{n}", "q").observe(0.1)
@@ -72,8 +72,8 @@ def _recycled_child(directory: str, seed: int) -> None:
     store = Store(directory)
     names = NAMES[:]
     random.Random(seed).shuffle(names)
-    started = m.Metric(store, m.STARTED)
-    runtime = m.Metric(store, m.RUNTIME, m.DEFAULT_RUNTIME_BUCKETS)
+    started = m.Recorder(store, m.STARTED)
+    runtime = m.Recorder(store, m.RUNTIME, m.DEFAULT_RUNTIME_BUCKETS)
     for name in names:
         started.labels(name, "q").inc()
         runtime.labels(name, "q").observe(0.01)

@@ -97,8 +97,8 @@ def write_dead(directory: str, sent: int) -> int:
         code = 0
         try:
             store = Store(directory)
-            m.Metric(store, m.SENT).labels("a", "q").inc(sent)
-            m.Metric(store, m.IN_PROGRESS).labels("a", "q").inc()
+            m.Recorder(store, m.SENT).labels("a", "q").inc(sent)
+            m.Recorder(store, m.IN_PROGRESS).labels("a", "q").inc()
         except BaseException:  # noqa: BLE001 - reported through the exit code
             code = 1
         os._exit(code)
@@ -113,7 +113,7 @@ def test_a_tick_opens_only_what_may_have_changed(tmp_path: Any) -> None:
     junk = set(os.listdir(d))
     before = fingerprint(d, junk)
     live = Store(d)
-    m.Metric(live, m.SENT).labels("a", "q").inc(5)  # a live writer: counter_<us>.db, judged on every tick
+    m.Recorder(live, m.SENT).labels("a", "q").inc(5)  # a live writer: counter_<us>.db, judged on every tick
     write_dead(d, 3)
 
     first = compaction.compact(d, by_pid=True)

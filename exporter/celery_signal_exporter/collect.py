@@ -30,6 +30,14 @@ from typing import Any
 from prometheus_client.core import Metric
 from prometheus_client.samples import Sample
 
+from celery_signal_exporter.catalogue import (
+    HEARTBEAT,
+    POOL_PROCESSES,
+    QUEUE_NAMES_FOLDED,
+    TASK_NAMES_FOLDED,
+    TASKS_ACTIVE,
+    WORKER_UP,
+)
 from celery_signal_exporter.compact import (
     ARCHIVE_SUFFIX,
     FUTURE_SLACK,
@@ -41,7 +49,7 @@ from celery_signal_exporter.compact import (
 )
 from celery_signal_exporter.exposition import line_prefix
 from celery_signal_exporter.labels import cut
-from celery_signal_exporter.metrics import HEARTBEAT, POOL_PROCESSES, TASKS_ACTIVE, format_le
+from celery_signal_exporter.metrics import format_le
 from celery_signal_exporter.store import MAGIC, held_by_a_live_writer, padded_length, walk_entries
 
 log = logging.getLogger("celery_signal_exporter")
@@ -134,7 +142,7 @@ class _Family:
                 shown += [(metric + "_bucket", labels) for labels, _ in buckets]
                 shown += [(metric + "_count", label_map), (metric + "_sum", label_map)]
         else:
-            up = "celery_worker_up" if metric == HEARTBEAT.name else None
+            up = WORKER_UP.name if metric == HEARTBEAT.name else None
             shown = [(up or sample, label_map) for sample, _, label_map, _ in rows]
         self.entries = [(n, labels, line_prefix(n, labels)) for n, labels in shown]
 
@@ -439,11 +447,9 @@ class DirectoryCollector:
 
     def _folded_families(self) -> list[Metric]:
         families = []
-        for what, folded in (("task", self._folded), ("queue", self._folded_queues)):
-            name = f"celery_exporter_{what}_names_folded"
-            family = Metric(name, f"Distinct {what} names beyond the exporter's cap, shown as __overflow__.",
-                            "gauge")
-            family.add_sample(name, {}, float(len(folded)))
+        for spec, folded in ((TASK_NAMES_FOLDED, self._folded), (QUEUE_NAMES_FOLDED, self._folded_queues)):
+            family = Metric(spec.name, spec.help, spec.kind)
+            family.add_sample(spec.name, {}, float(len(folded)))
             families.append(family)
         return families
 
@@ -554,8 +560,7 @@ class DirectoryCollector:
             entries = family.entries
             if family.metric == HEARTBEAT.name:
                 shown = [0.0 if labels in stale else 1.0 for _, labels, _, _ in family.rows]
-                families.append(LaidOut("celery_worker_up", "1 if the worker's heartbeat is fresher than the "
-                                        "timeout.", "gauge", entries, shown))
+                families.append(LaidOut(WORKER_UP.name, WORKER_UP.help, WORKER_UP.kind, entries, shown))
                 continue
             if family.kind == "histogram":
                 shown = []

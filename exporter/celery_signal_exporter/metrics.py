@@ -1,8 +1,9 @@
-"""Where every signal-side metric is defined: name, type, labels, help.
+"""The recording machinery: a catalogue entry bound to this process's store.
 
-`docs/metrics.md` is the human copy of this module plus the broker-probe and
-exporter metrics; a test keeps them equal. Recording happens in
-`receivers.py` (task side) and `worker.py` (worker side).
+What each metric is (name, type, labels, help, merge mode) is defined in
+`catalogue.py`; this module writes its values into the process's file in the
+metrics directory, in prometheus-client's format. The task side records
+through it in `receivers.py`, the worker side in `worker.py`.
 """
 
 from __future__ import annotations
@@ -10,9 +11,39 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from celery_signal_exporter.catalogue import (
+    COMPACTED,
+    DROPPED_LABELS,
+    FAILED,
+    HANDLER_ERRORS,
+    HEARTBEAT,
+    IN_PROGRESS,
+    LABELS_TRUNCATED,
+    LAST_SUCCESS,
+    POOL_PROCESSES,
+    QUEUE_WAIT,
+    RECEIVED,
+    REDELIVERED,
+    REJECTED,
+    RETRIED,
+    REVOKED,
+    RUNTIME,
+    SENT,
+    STARTED,
+    SUCCEEDED,
+    TASKS_ACTIVE,
+    Spec,
+)
 from celery_signal_exporter.store import Doubles, MetricFile, Store, series_key, write_gauge
+
+# The recorded specs are re-exported for callers that record through this module (compact.py, the tests).
+__all__ = [
+    "COMPACTED", "DEFAULT_QUEUE_WAIT_BUCKETS", "DEFAULT_RUNTIME_BUCKETS", "DROPPED_LABELS", "FAILED",
+    "HANDLER_ERRORS", "HEARTBEAT", "IN_PROGRESS", "LABELS_TRUNCATED", "LAST_SUCCESS", "POOL_PROCESSES",
+    "QUEUE_WAIT", "RECEIVED", "REDELIVERED", "REJECTED", "RETRIED", "REVOKED", "RUNTIME", "SENT", "STARTED",
+    "SUCCEEDED", "TASKS_ACTIVE", "Recorder", "Series", "Spec", "file_prefix", "format_le", "write_observation",
+]
 
 DEFAULT_RUNTIME_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600,
@@ -22,88 +53,8 @@ DEFAULT_QUEUE_WAIT_BUCKETS: tuple[float, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Spec:
-    """One metric of the catalogue. `mode` is the multiprocess merge rule for gauges."""
-
-    name: str
-    kind: str  # counter | gauge | histogram
-    help: str
-    labels: tuple[str, ...]
-    mode: str = ""
-
-
-TASK = ("name", "queue_name")
-
-SENT = Spec("celery_task_sent", "counter", "Tasks published, counted by the producer.", TASK)
-RECEIVED = Spec(
-    "celery_task_received", "counter",
-    "Task deliveries a worker took off a queue and accepted; a redelivered message counts again.", TASK,
-)
-REDELIVERED = Spec(
-    "celery_task_redelivered", "counter",
-    "Received deliveries the broker flagged as redelivered (restored or requeued after a first delivery).", TASK,
-)
-STARTED = Spec("celery_task_started", "counter", "Tasks that began executing.", TASK)
-SUCCEEDED = Spec("celery_task_succeeded", "counter", "Tasks that returned successfully.", TASK)
-FAILED = Spec(
-    "celery_task_failed", "counter", "Tasks that raised; exception is the class name.",
-    ("name", "queue_name", "exception"),
-)
-RETRIED = Spec("celery_task_retried", "counter", "Task executions that asked to be retried.", TASK)
-REVOKED = Spec(
-    "celery_task_revoked", "counter", "Tasks revoked, expired or terminated instead of completing.",
-    ("name", "queue_name", "reason"),
-)
-REJECTED = Spec(
-    "celery_task_rejected", "counter", "Messages the worker rejected: unknown task or bad format.",
-    ("queue_name",),
-)
-RUNTIME = Spec("celery_task_runtime_seconds", "histogram", "Task execution time, prerun to postrun.", TASK)
-QUEUE_WAIT = Spec(
-    "celery_task_queue_wait_seconds", "histogram",
-    "Time from when a task was due (publish, or its ETA) until it started.", TASK,
-)
-IN_PROGRESS = Spec(
-    "celery_task_in_progress", "gauge", "Tasks executing right now.", TASK, mode="livesum",
-)
-LAST_SUCCESS = Spec(
-    "celery_task_last_success_timestamp_seconds", "gauge",
-    "When the task last succeeded, as a UNIX time.", ("name",), mode="max",
-)
-HEARTBEAT = Spec(
-    "celery_worker_heartbeat_timestamp_seconds", "gauge",
-    "Internal: the worker's last heartbeat; the exporter turns it into celery_worker_up.",
-    ("hostname",), mode="mostrecent",
-)
-POOL_PROCESSES = Spec(
-    "celery_worker_pool_processes", "gauge", "Pool size: processes or threads that run tasks.",
-    ("hostname",), mode="livesum",
-)
-TASKS_ACTIVE = Spec(
-    "celery_worker_tasks_active", "gauge", "Tasks the worker is executing now.",
-    ("hostname",), mode="livesum",
-)
-DROPPED_LABELS = Spec(
-    "celery_exporter_dropped_label_values", "counter",
-    "Label values folded into the overflow value because a cap was reached.", ("label",),
-)
-LABELS_TRUNCATED = Spec(
-    "celery_exporter_label_values_truncated", "counter",
-    "Label values longer than the cap, cut to a prefix and a hash of the whole value.", ("label",),
-)
-HANDLER_ERRORS = Spec(
-    "celery_exporter_handler_errors", "counter",
-    "Signal handler errors swallowed so they never reach Celery.", ("signal",),
-)
-
-COMPACTED = Spec(
-    "celery_exporter_compacted_processes", "counter",
-    "Dead processes whose counter files were folded into the archive.", (),
-)
-
-
 def file_prefix(spec: Spec) -> str:
+    """The file kind a spec's series go to: gauges are split by merge mode, as prometheus-client does."""
     return f"gauge_{spec.mode}" if spec.kind == "gauge" else spec.kind
 
 
@@ -181,8 +132,8 @@ def write_observation(values: Doubles, index: list[int], bounds: list[float], va
     values[index[-1]] += value
 
 
-class Metric:
-    """A spec bound to a store, with its series cached by label values."""
+class Recorder:
+    """A catalogue entry bound to a store, with its series cached by label values."""
 
     def __init__(self, store: Store, spec: Spec, buckets: Sequence[float] = ()) -> None:
         self.spec = spec
@@ -198,9 +149,3 @@ class Metric:
             self._series[values] = series
         return series
 
-
-ALL_SPECS: tuple[Spec, ...] = (
-    SENT, RECEIVED, REDELIVERED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, REJECTED, RUNTIME, QUEUE_WAIT,
-    IN_PROGRESS, LAST_SUCCESS, HEARTBEAT, POOL_PROCESSES, TASKS_ACTIVE, DROPPED_LABELS, LABELS_TRUNCATED,
-    HANDLER_ERRORS, COMPACTED,
-)

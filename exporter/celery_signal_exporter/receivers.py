@@ -27,6 +27,7 @@ from celery import Celery, signals
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from celery.states import SUCCESS
 
+from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import metrics as m
 from celery_signal_exporter.buckets import parse_buckets
 from celery_signal_exporter.labels import MAX_LABEL_LENGTH, OVERFLOW, cut
@@ -65,22 +66,22 @@ class Instrumentation:
         self.options = options
         self.store = Store(options.metrics_dir)
         s = self.store
-        self.sent = m.Metric(s, m.SENT)
-        self.received = m.Metric(s, m.RECEIVED)
-        self.redelivered = m.Metric(s, m.REDELIVERED)
-        self.started = m.Metric(s, m.STARTED)
-        self.succeeded = m.Metric(s, m.SUCCEEDED)
-        self.failed = m.Metric(s, m.FAILED)
-        self.retried = m.Metric(s, m.RETRIED)
-        self.revoked = m.Metric(s, m.REVOKED)
-        self.rejected = m.Metric(s, m.REJECTED)
-        self.runtime = m.Metric(s, m.RUNTIME, options.runtime_buckets)
-        self.queue_wait = m.Metric(s, m.QUEUE_WAIT, options.queue_wait_buckets)
-        self.in_progress = m.Metric(s, m.IN_PROGRESS)
-        self.last_success = m.Metric(s, m.LAST_SUCCESS)
-        self.dropped = m.Metric(s, m.DROPPED_LABELS)
-        self.truncated = m.Metric(s, m.LABELS_TRUNCATED)
-        self.handler_errors = m.Metric(s, m.HANDLER_ERRORS)
+        self.sent = m.Recorder(s, c.SENT)
+        self.received = m.Recorder(s, c.RECEIVED)
+        self.redelivered = m.Recorder(s, c.REDELIVERED)
+        self.started = m.Recorder(s, c.STARTED)
+        self.succeeded = m.Recorder(s, c.SUCCEEDED)
+        self.failed = m.Recorder(s, c.FAILED)
+        self.retried = m.Recorder(s, c.RETRIED)
+        self.revoked = m.Recorder(s, c.REVOKED)
+        self.rejected = m.Recorder(s, c.REJECTED)
+        self.runtime = m.Recorder(s, c.RUNTIME, options.runtime_buckets)
+        self.queue_wait = m.Recorder(s, c.QUEUE_WAIT, options.queue_wait_buckets)
+        self.in_progress = m.Recorder(s, c.IN_PROGRESS)
+        self.last_success = m.Recorder(s, c.LAST_SUCCESS)
+        self.dropped = m.Recorder(s, c.DROPPED_LABELS)
+        self.truncated = m.Recorder(s, c.LABELS_TRUNCATED)
+        self.handler_errors = m.Recorder(s, c.HANDLER_ERRORS)
         self.queues = QueueResolver(app, self.queue_label)
         # Raw value -> label value, for the names and queues below their caps.
         self._names: dict[str, str] = {}

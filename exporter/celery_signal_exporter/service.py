@@ -18,10 +18,11 @@ from typing import Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from starlette.concurrency import run_in_threadpool
 
 from celery_signal_exporter import __version__
+from celery_signal_exporter import catalogue as c
 from celery_signal_exporter._http import choose_encoding
 from celery_signal_exporter.collect import DEFAULT_MAX_TASK_NAMES, DirectoryCollector, MergeStats
 from celery_signal_exporter.compact import compact
@@ -74,30 +75,22 @@ class Exporter:
                                   self.directory.directory, self._merge_errors, exc)
                 families, stats = [], MergeStats()
             yield from families
-            yield CounterMetricFamily("celery_exporter_merge_errors",
-                                      "Scrapes whose merge of the metrics directory failed; they answered without it.",
-                                      value=self._merge_errors)
-            files = GaugeMetricFamily(
-                "celery_exporter_metrics_files",
-                "Files in the metrics directory at the last scrape: read, unreadable, or dead (a gone process's "
-                "live gauges, left out).",
-                labels=["state"],
-            )
+            merge_errors = c.family(c.MERGE_ERRORS)
+            merge_errors.add_metric([], self._merge_errors)
+            yield merge_errors
+            files = c.family(c.METRICS_FILES)
             files.add_metric(["read"], stats.files_read)
             files.add_metric(["unreadable"], stats.files_unreadable)
             files.add_metric(["dead"], stats.files_dead)
             yield files
         for source in self.config.sources:
             yield from source.collect()
-        info = GaugeMetricFamily(
-            "celery_exporter_build_info", "The exporter's version; always 1.", labels=["version", "python"],
-        )
+        info = c.family(c.BUILD_INFO)
         info.add_metric([__version__, platform.python_version()], 1.0)
         yield info
-        yield GaugeMetricFamily(
-            "celery_exporter_scrape_duration_seconds", "How long the previous scrape took to gather.",
-            value=self._last_duration,
-        )
+        duration = c.family(c.SCRAPE_DURATION)
+        duration.add_metric([], self._last_duration)
+        yield duration
         self._last_duration = time.perf_counter() - start
 
     def render(self, accept: str | None) -> tuple[bytes, str]:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery, bootsteps, signals
 
+from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import metrics as m
 from celery_signal_exporter.compact import compact, directory_lock, reap
 from celery_signal_exporter.compact import pid_alive as pid_alive  # where the tests and older callers look for it
@@ -87,10 +88,10 @@ class TickThread:
 class WorkerMetrics:
     def __init__(self, inst: Instrumentation) -> None:
         self.inst = inst
-        self.heartbeat = m.Metric(inst.store, m.HEARTBEAT)
-        self.pool_processes = m.Metric(inst.store, m.POOL_PROCESSES)
-        self.tasks_active = m.Metric(inst.store, m.TASKS_ACTIVE)
-        self.compacted = m.Metric(inst.store, m.COMPACTED)
+        self.heartbeat = m.Recorder(inst.store, c.HEARTBEAT)
+        self.pool_processes = m.Recorder(inst.store, c.POOL_PROCESSES)
+        self.tasks_active = m.Recorder(inst.store, c.TASKS_ACTIVE)
+        self.compacted = m.Recorder(inst.store, c.COMPACTED)
 
     def initialise(self) -> None:
         """Write the error counters at 0, so rate() works from the first error on."""

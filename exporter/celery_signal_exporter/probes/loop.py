@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from celery_signal_exporter import catalogue as c
 from celery_signal_exporter.probes import probe_for_url
 from celery_signal_exporter.probes.base import (
     ERROR_REASONS,
@@ -272,57 +273,21 @@ class ProbeLoop:
             last_success, duration = self._last_success, self._duration
             errors, dropped = dict(self._errors), self._dropped_total
         b = [self.broker]
-        q_labels = ["queue_name", "vhost"]
-        n_labels = ["broker", "node"]
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
-            "length": GaugeMetricFamily(
-                "celery_queue_length",
-                "Messages waiting in the queue, every priority (RabbitMQ: ready)",
-                labels=q_labels,
-            ),
-            "unacked": GaugeMetricFamily(
-                "celery_queue_unacked", "Messages delivered to consumers but not yet acknowledged", labels=q_labels
-            ),
-            "consumers": GaugeMetricFamily(
-                "celery_queue_consumers", "Consumers subscribed to the queue", labels=q_labels
-            ),
-            "age": GaugeMetricFamily(
-                "celery_queue_oldest_message_age_seconds",
-                "Seconds since the next message to be consumed became due",
-                labels=q_labels,
-            ),
-            "broker_unacked": GaugeMetricFamily(
-                "celery_broker_unacked", "Unacknowledged messages over all queues", labels=["broker"]
-            ),
-            "up": GaugeMetricFamily("celery_broker_up", "1 if the last broker probe succeeded", labels=["broker"]),
-            "mem_used": GaugeMetricFamily(
-                "celery_broker_memory_used_bytes", "Memory the broker node uses", labels=n_labels
-            ),
-            "mem_limit": GaugeMetricFamily(
-                "celery_broker_memory_limit_bytes", "Broker node memory limit, 0 for none", labels=n_labels
-            ),
-            "mem_alarm": GaugeMetricFamily(
-                "celery_broker_memory_alarm", "1 if the node's memory alarm blocks publishers", labels=n_labels
-            ),
-            "disk_alarm": GaugeMetricFamily(
-                "celery_broker_disk_alarm", "1 if the node's disk alarm blocks publishers", labels=n_labels
-            ),
-            "duration": GaugeMetricFamily(
-                "celery_exporter_probe_duration_seconds", "Seconds the last probe cycle took", labels=["broker"]
-            ),
-            "last_success": GaugeMetricFamily(
-                "celery_exporter_probe_last_success_timestamp_seconds",
-                "UNIX time of the last successful probe",
-                labels=["broker"],
-            ),
-            "errors": CounterMetricFamily(
-                "celery_exporter_probe_errors", "Failed probe cycles by reason", labels=["broker", "reason"]
-            ),
-            "dropped": CounterMetricFamily(
-                "celery_exporter_probe_queues_dropped",
-                "Queues left out of a probe cycle by the queue cap, summed over cycles",
-                labels=["broker"],
-            ),
+            "length": c.family(c.QUEUE_LENGTH),
+            "unacked": c.family(c.QUEUE_UNACKED),
+            "consumers": c.family(c.QUEUE_CONSUMERS),
+            "age": c.family(c.QUEUE_OLDEST_AGE),
+            "broker_unacked": c.family(c.BROKER_UNACKED),
+            "up": c.family(c.BROKER_UP),
+            "mem_used": c.family(c.BROKER_MEMORY_USED),
+            "mem_limit": c.family(c.BROKER_MEMORY_LIMIT),
+            "mem_alarm": c.family(c.BROKER_MEMORY_ALARM),
+            "disk_alarm": c.family(c.BROKER_DISK_ALARM),
+            "duration": c.family(c.PROBE_DURATION),
+            "last_success": c.family(c.PROBE_LAST_SUCCESS),
+            "errors": c.family(c.PROBE_ERRORS),
+            "dropped": c.family(c.PROBE_QUEUES_DROPPED),
         }
         families["up"].add_metric(b, 1.0 if up else 0.0)
         for reason, count in errors.items():

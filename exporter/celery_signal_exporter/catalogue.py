@@ -1,0 +1,540 @@
+"""Every metric the exporter serves, defined once: name, type, labels, help,
+and the words `docs/metrics.md` shows for it.
+
+The recorders (`receivers.py`, `worker.py`, through `metrics.py`), the merge
+(`collect.py`), the probe loop (`probes/loop.py`) and the service
+(`service.py`) take names, help texts and labels from here, so the page and
+`/metrics` cannot drift apart. `python -m celery_signal_exporter.catalogue`
+writes `docs/metrics.md` from this module; a test fails when the committed
+page differs, and another holds what the real collectors serve to `SERVED`.
+
+This module imports nothing heavy: pool processes load it through `metrics.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One metric. `name` is the family name (a counter's samples add `_total`);
+    `mode` is the multiprocess merge rule of a gauge written to the metrics
+    directory; `recorded_by` and `notes` are docs/metrics.md's columns (markdown)."""
+
+    name: str
+    kind: str  # counter | gauge | histogram
+    help: str
+    labels: tuple[str, ...]
+    mode: str = ""
+    recorded_by: str = ""
+    notes: str = ""
+
+    @property
+    def sample_name(self) -> str:
+        """The name as a query uses it: counters end in `_total`."""
+        return self.name + "_total" if self.kind == "counter" else self.name
+
+
+TASK = ("name", "queue_name")
+QUEUE = ("queue_name", "vhost")
+NODE = ("broker", "node")
+
+# -- task metrics (signal side): written by the instrumentation, merged from the metrics directory
+
+SENT = Spec(
+    "celery_task_sent", "counter", "Tasks published, counted by the producer.", TASK,
+    recorded_by="`after_task_publish`, in every producer",
+    notes="every publish, retries included; `queue_name` is the configured queue the routing key points to",
+)
+RECEIVED = Spec(
+    "celery_task_received", "counter",
+    "Task deliveries a worker took off a queue and accepted; a redelivered message counts again.", TASK,
+    recorded_by="`task_received`, worker main",
+    notes="counts deliveries: a redelivered message counts again (see *Redelivery* below); messages that expired "
+          "or were revoked before they arrived are not received: they count under `revoked`",
+)
+REDELIVERED = Spec(
+    "celery_task_redelivered", "counter",
+    "Received deliveries the broker flagged as redelivered (restored or requeued after a first delivery).", TASK,
+    recorded_by="`task_received`, worker main",
+    notes="the received deliveries whose `delivery_info[\"redelivered\"]` flag is set; 0 beside every `received` "
+          "series, so `received - redelivered` is first deliveries",
+)
+STARTED = Spec(
+    "celery_task_started", "counter", "Tasks that began executing.", TASK,
+    recorded_by="`task_prerun`, pool process",
+)
+SUCCEEDED = Spec(
+    "celery_task_succeeded", "counter", "Tasks that returned successfully.", TASK,
+    recorded_by="`task_postrun` with state `SUCCESS`",
+    notes="the same moment as `task_success`, one signal fewer per task",
+)
+FAILED = Spec(
+    "celery_task_failed", "counter", "Tasks that raised; exception is the class name.",
+    ("name", "queue_name", "exception"),
+    recorded_by="`task_failure`",
+    notes="`exception` is the class name only, e.g. `WorkerLostError` for a killed child; for an exception Celery "
+          "cannot pickle, the class it wrapped",
+)
+RETRIED = Spec(
+    "celery_task_retried", "counter", "Task executions that asked to be retried.", TASK,
+    recorded_by="`task_retry`",
+    notes="one per `self.retry()`",
+)
+REVOKED = Spec(
+    "celery_task_revoked", "counter", "Tasks revoked, expired or terminated instead of completing.",
+    ("name", "queue_name", "reason"),
+    recorded_by="`task_revoked`, worker main",
+    notes="`reason` is `revoked`, `expired` or `terminated`",
+)
+REJECTED = Spec(
+    "celery_task_rejected", "counter", "Messages the worker rejected: unknown task or bad format.", ("queue_name",),
+    recorded_by="`task_rejected`, `task_unknown`",
+    notes="unknown task names and messages Celery cannot decode",
+)
+RUNTIME = Spec(
+    "celery_task_runtime_seconds", "histogram", "Task execution time, prerun to postrun.", TASK,
+    recorded_by="`task_prerun` to `task_postrun`",
+    notes="`_count` counts finished executions (a retried run counts too)",
+)
+QUEUE_WAIT = Spec(
+    "celery_task_queue_wait_seconds", "histogram",
+    "Time from when a task was due (publish, or its ETA) until it started.", TASK,
+    recorded_by="`csx_due` header to `task_prerun`",
+    notes="see *Queue wait* below",
+)
+IN_PROGRESS = Spec(
+    "celery_task_in_progress", "gauge", "Tasks executing right now.", TASK, mode="livesum",
+    recorded_by="prerun +1, postrun −1",  # noqa: RUF001 - a true minus sign, as the page always had
+    notes="live sum: a dead process's share disappears",
+)
+LAST_SUCCESS = Spec(
+    "celery_task_last_success_timestamp_seconds", "gauge", "When the task last succeeded, as a UNIX time.",
+    ("name",), mode="max",
+    recorded_by="`task_postrun` with state `SUCCESS`",
+    notes="newest across processes; for periodic-task freshness",
+)
+
+# -- worker metrics: written by the worker main; the heartbeat is served as celery_worker_up
+
+HEARTBEAT = Spec(
+    "celery_worker_heartbeat_timestamp_seconds", "gauge",
+    "Internal: the worker's last heartbeat; the exporter turns it into celery_worker_up.",
+    ("hostname",), mode="mostrecent",
+)
+WORKER_UP = Spec(
+    "celery_worker_up", "gauge", "1 if the worker's heartbeat is fresher than the timeout.", ("hostname",),
+    recorded_by="computed at scrape",
+    notes="1 while the heartbeat is fresher than `--worker-timeout` (default 10 s); 0 at once after a graceful "
+          "shutdown",
+)
+POOL_PROCESSES = Spec(
+    "celery_worker_pool_processes", "gauge", "Pool size: processes or threads that run tasks.",
+    ("hostname",), mode="livesum",
+    recorded_by="worker main, every heartbeat",
+    notes="processes (prefork), threads (threads) or 1 (solo)",
+)
+TASKS_ACTIVE = Spec(
+    "celery_worker_tasks_active", "gauge", "Tasks the worker is executing now.", ("hostname",), mode="livesum",
+    recorded_by="worker main, every heartbeat",
+    notes="tasks executing now",
+)
+
+# -- broker metrics: built by the probe loop from each probe's snapshot
+
+QUEUE_LENGTH = Spec(
+    "celery_queue_length", "gauge", "Messages waiting in the queue, every priority (RabbitMQ: ready)", QUEUE,
+    recorded_by="probe",
+    notes="Redis: every priority sub-queue summed (`vhost` is the db index); RabbitMQ: ready messages",
+)
+QUEUE_UNACKED = Spec(
+    "celery_queue_unacked", "gauge", "Messages delivered to consumers but not yet acknowledged", QUEUE,
+    recorded_by="probe", notes="RabbitMQ only",
+)
+QUEUE_CONSUMERS = Spec(
+    "celery_queue_consumers", "gauge", "Consumers subscribed to the queue", QUEUE,
+    recorded_by="probe", notes="RabbitMQ only",
+)
+QUEUE_OLDEST_AGE = Spec(
+    "celery_queue_oldest_message_age_seconds", "gauge", "Seconds since the next message to be consumed became due",
+    QUEUE,
+    recorded_by="probe", notes="Redis only, for queues whose next message carries the `csx_due` header",
+)
+BROKER_UP = Spec(
+    "celery_broker_up", "gauge", "1 if the last broker probe succeeded", ("broker",),
+    recorded_by="probe", notes="1 if the last probe cycle succeeded",
+)
+BROKER_UNACKED = Spec(
+    "celery_broker_unacked", "gauge", "Unacknowledged messages over all queues", ("broker",),
+    recorded_by="probe", notes="Redis only: the size of kombu's unacked hash, covering all queues",
+)
+BROKER_MEMORY_USED = Spec(
+    "celery_broker_memory_used_bytes", "gauge", "Memory the broker node uses", NODE,
+    recorded_by="probe", notes="Redis `used_memory`; RabbitMQ `mem_used` of every node",
+)
+BROKER_MEMORY_LIMIT = Spec(
+    "celery_broker_memory_limit_bytes", "gauge", "Broker node memory limit, 0 for none", NODE,
+    recorded_by="probe", notes="Redis `maxmemory`; RabbitMQ memory high watermark; 0 = no limit",
+)
+BROKER_MEMORY_ALARM = Spec(
+    "celery_broker_memory_alarm", "gauge", "1 if the node's memory alarm blocks publishers", NODE,
+    recorded_by="probe", notes="RabbitMQ only",
+)
+BROKER_DISK_ALARM = Spec(
+    "celery_broker_disk_alarm", "gauge", "1 if the node's disk alarm blocks publishers", NODE,
+    recorded_by="probe", notes="RabbitMQ only",
+)
+
+# -- the exporter's own metrics
+
+BUILD_INFO = Spec(
+    "celery_exporter_build_info", "gauge", "The exporter's version; always 1.", ("version", "python"),
+    recorded_by="service", notes="always 1",
+)
+SCRAPE_DURATION = Spec(
+    "celery_exporter_scrape_duration_seconds", "gauge", "How long the previous scrape took to gather.", (),
+    recorded_by="service", notes="how long the previous scrape took to gather",
+)
+METRICS_FILES = Spec(
+    "celery_exporter_metrics_files", "gauge",
+    "Files in the metrics directory at the last scrape: read, unreadable, or dead (a gone process's "
+    "live gauges, left out).",
+    ("state",),
+    recorded_by="service",
+    notes="files in the metrics directory, by state: `read`, `unreadable` (skipped, logged once, never deleted) "
+          "or `dead` (live gauges of a process that is gone, left out)",
+)
+MERGE_ERRORS = Spec(
+    "celery_exporter_merge_errors", "counter",
+    "Scrapes whose merge of the metrics directory failed; they answered without it.", (),
+    recorded_by="service",
+    notes="scrapes whose merge of the metrics directory raised; they still answered 200, without the directory's "
+          "series, and the error was logged (the first, then every 100th). Should stay 0",
+)
+DROPPED_LABELS = Spec(
+    "celery_exporter_dropped_label_values", "counter",
+    "Label values folded into the overflow value because a cap was reached.", ("label",),
+    recorded_by="instrumentation",
+    notes="values folded into `__overflow__` once `max_task_names` (`label=\"name\"`) or `max_queue_names` "
+          "(`label=\"queue_name\"`) is reached, one per fold",
+)
+LABELS_TRUNCATED = Spec(
+    "celery_exporter_label_values_truncated", "counter",
+    "Label values longer than the cap, cut to a prefix and a hash of the whole value.", ("label",),
+    recorded_by="instrumentation",
+    notes="label values longer than 200 characters, cut (see *Label values* below); once per value in each "
+          "process that meets it; `label` is `name`, `queue_name` or `exception`",
+)
+HANDLER_ERRORS = Spec(
+    "celery_exporter_handler_errors", "counter", "Signal handler errors swallowed so they never reach Celery.",
+    ("signal",),
+    recorded_by="instrumentation",
+    notes="receiver errors swallowed so that they never reach Celery; `worker_compact` counts compactions that "
+          "could not write an archive (full disk)",
+)
+TASK_NAMES_FOLDED = Spec(
+    "celery_exporter_task_names_folded", "gauge",
+    "Distinct task names beyond the exporter's cap, shown as __overflow__.", (),
+    recorded_by="service (merge)",
+    notes="distinct task names beyond the exporter's directory-wide cap (2 000), merged into "
+          "`name=\"__overflow__\"`",
+)
+QUEUE_NAMES_FOLDED = Spec(
+    "celery_exporter_queue_names_folded", "gauge",
+    "Distinct queue names beyond the exporter's cap, shown as __overflow__.", (),
+    recorded_by="service (merge)",
+    notes="distinct queue names beyond the exporter's directory-wide cap (1 000), merged into "
+          "`queue_name=\"__overflow__\"`",
+)
+COMPACTED = Spec(
+    "celery_exporter_compacted_processes", "counter",
+    "Dead processes whose counter files were folded into the archive.", (),
+    recorded_by="worker main (compaction)",
+    notes="dead processes whose counter files were folded into `counter_archive.db`; 0 from the worker's start",
+)
+PROBE_DURATION = Spec(
+    "celery_exporter_probe_duration_seconds", "gauge", "Seconds the last probe cycle took", ("broker",),
+    recorded_by="probe loop", notes="the last cycle, success or not",
+)
+PROBE_LAST_SUCCESS = Spec(
+    "celery_exporter_probe_last_success_timestamp_seconds", "gauge", "UNIX time of the last successful probe",
+    ("broker",),
+    recorded_by="probe loop",
+)
+PROBE_ERRORS = Spec(
+    "celery_exporter_probe_errors", "counter", "Failed probe cycles by reason", ("broker", "reason"),
+    recorded_by="probe loop", notes="`reason`: connection, timeout, auth, protocol, other",
+)
+PROBE_QUEUES_DROPPED = Spec(
+    "celery_exporter_probe_queues_dropped", "counter",
+    "Queues left out of a probe cycle by the queue cap, summed over cycles", ("broker",),
+    recorded_by="probe loop", notes="queue names over `--max-queues`, summed per cycle",
+)
+
+
+@dataclass(frozen=True)
+class Section:
+    """A part of docs/metrics.md: a heading, prose around one table of metrics."""
+
+    title: str
+    specs: tuple[Spec, ...]
+    before: str = ""
+    after: str = ""
+
+
+SECTIONS: tuple[Section, ...] = (
+    Section(
+        "Task metrics (signal side)",
+        (SENT, RECEIVED, REDELIVERED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, REJECTED, RUNTIME, QUEUE_WAIT,
+         IN_PROGRESS, LAST_SUCCESS),
+    ),
+    Section(
+        "Worker metrics",
+        (WORKER_UP, POOL_PROCESSES, TASKS_ACTIVE),
+        after=f"""\
+The worker main process writes a heartbeat every 2 s (`heartbeat_interval`),
+using the worker's own timer. The heartbeat is stored as an internal gauge,
+`{HEARTBEAT.name}`, and the exporter turns it into
+`{WORKER_UP.name}`. The raw timestamp is not exposed. A worker that was
+SIGKILLed stops writing, so it reads 0 once the timeout has passed.
+""",
+    ),
+    Section(
+        "Broker metrics (probes)",
+        (QUEUE_LENGTH, QUEUE_UNACKED, QUEUE_CONSUMERS, QUEUE_OLDEST_AGE, BROKER_UP, BROKER_UNACKED,
+         BROKER_MEMORY_USED, BROKER_MEMORY_LIMIT, BROKER_MEMORY_ALARM, BROKER_DISK_ALARM),
+        after="""\
+`broker` is the broker URL with the user, password, query and fragment
+removed, e.g. `redis://10.0.0.5:6379/0`.
+
+### What each broker can and cannot report
+
+| what | Redis | RabbitMQ |
+| --- | --- | --- |
+| queue length (`celery_queue_length`) | yes: waiting messages, every priority sub-queue summed; a deleted empty list is 0 | yes: ready messages; delivered but unacked ones are in `celery_queue_unacked` |
+| unacked per queue (`celery_queue_unacked`) | **no**: kombu keeps one unacked hash for all queues, reported as `celery_broker_unacked` | yes |
+| consumers (`celery_queue_consumers`) | **no**: a BRPOP client does not say which queues it serves | yes |
+| oldest-message age (`celery_queue_oldest_message_age_seconds`) | yes, for queues whose next message carries the `csx_due` header | **no**: the management API cannot read a message without consuming it |
+| memory used and limit | yes: `used_memory`, `maxmemory` (0 = none) | yes: `mem_used`, `mem_limit` of every node |
+| memory and disk alarms | **no** | yes, per node |
+| broker up | yes | yes |
+
+A series the broker cannot give is absent, never a misleading 0. On
+RabbitMQ the numbers are those of the management API, which refreshes its
+statistics every 5 s by default (`collect_statistics_interval`).
+""",  # noqa: E501 - a markdown table row is one line
+    ),
+    Section(
+        "Exporter metrics",
+        (BUILD_INFO, SCRAPE_DURATION, METRICS_FILES, MERGE_ERRORS, DROPPED_LABELS, LABELS_TRUNCATED, HANDLER_ERRORS,
+         TASK_NAMES_FOLDED, QUEUE_NAMES_FOLDED, COMPACTED, PROBE_DURATION, PROBE_LAST_SUCCESS, PROBE_ERRORS,
+         PROBE_QUEUES_DROPPED),
+        before="""\
+What these count is also logged, once per cause (a damaged file, a broker
+going down), on the one logger `celery_signal_exporter`, which both the
+service and the instrumentation use.
+""",
+    ),
+)
+
+#: Every metric on /metrics, in the page's order.
+SERVED: tuple[Spec, ...] = tuple(spec for section in SECTIONS for spec in section.specs)
+#: Every metric written to the metrics directory by the instrumentation (the heartbeat included, which is
+#: served as celery_worker_up); the merge in collect.py serves them.
+RECORDED: tuple[Spec, ...] = (
+    SENT, RECEIVED, REDELIVERED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, REJECTED, RUNTIME, QUEUE_WAIT,
+    IN_PROGRESS, LAST_SUCCESS, HEARTBEAT, POOL_PROCESSES, TASKS_ACTIVE, DROPPED_LABELS, LABELS_TRUNCATED,
+    HANDLER_ERRORS, COMPACTED,
+)
+
+
+def family(spec: Spec) -> GaugeMetricFamily | CounterMetricFamily:
+    """An empty family for a metric served from code (probe loop, service), with the catalogue's
+    name, help, type and label names. prometheus-client is imported here, not at the top, because
+    pool processes import this module and never serve anything."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    if spec.kind == "counter":
+        return CounterMetricFamily(spec.name, spec.help, labels=spec.labels)
+    if spec.kind == "gauge":
+        return GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
+    raise ValueError(f"{spec.name}: a {spec.kind} is not served from code")
+
+
+# -- docs/metrics.md ----------------------------------------------------------
+
+DOC_PATH = Path("docs") / "metrics.md"
+
+INTRO = """\
+<!-- Generated from exporter/celery_signal_exporter/catalogue.py by
+     `python -m celery_signal_exporter.catalogue`: edit there, not here. -->
+
+# Metric catalogue
+
+This is the contract between the instrumentation, the exporter, the
+dashboards and the rules. `tests/test_catalogue.py` checks that `/metrics`
+exposes exactly these names with exactly these types and labels, no more
+and no fewer, and that this page is what the catalogue generates.
+
+- **Defined** in `exporter/celery_signal_exporter/catalogue.py`: every
+  metric's name, type, labels and help text, and the columns of this page.
+  Every other module takes them from there, and
+  `python -m celery_signal_exporter.catalogue` writes this page.
+- **Recorded**: task metrics in `exporter/celery_signal_exporter/receivers.py`
+  and worker metrics in `exporter/celery_signal_exporter/worker.py`, both
+  through `exporter/celery_signal_exporter/metrics.py`, which writes each
+  process's file in the metrics directory. Broker metrics are built in
+  `exporter/celery_signal_exporter/probes/loop.py` from what each probe in
+  `exporter/celery_signal_exporter/probes/` reads; [probes.md](probes.md)
+  says what each broker can and cannot report.
+- **Served** by `exporter/celery_signal_exporter/service.py`: the merge of
+  the metrics directory (`exporter/celery_signal_exporter/collect.py`, which
+  also turns the worker heartbeat into `celery_worker_up`), the probe loops'
+  cached results, and the service's own metrics.
+
+Label names follow the most widely used Celery exporter (`name`,
+`queue_name`, `hostname`), so alert expressions written for it keep working.
+Task series carry no pod or producer hostname, because Prometheus target
+labels already say where a series came from.
+"""
+
+PROSE = """\
+## Queue wait
+
+- **Where it starts.** `before_task_publish` stamps every message with a
+  `csx_due` header. The header holds the UNIX time the task becomes due: the
+  publish time, or its ETA when a `countdown` or `eta` pushes it later. The
+  wait runs from that time until `task_prerun` in the pool process.
+- **What it leaves out.** A countdown is never counted as waiting.
+- **Retries.** A retry is a new publish, so its wait starts at the retry's own
+  publish, or at its own countdown.
+- **Clocks.** Producer and worker clocks must agree. A negative wait, from a
+  clock running ahead, is recorded as 0.
+
+## Redelivery
+
+`celery_task_received_total` counts deliveries, not distinct tasks. A message
+a worker took but did not finish comes back to the queue and is received
+again: the messages a worker prefetched and had not started when it stopped
+(warm shutdown), and, with `acks_late`, the ones it was running when it died.
+`celery_task_redelivered_total` counts the received deliveries the transport
+flags as redelivered, so `received - redelivered` counts first deliveries.
+
+- **RabbitMQ.** The broker sets the `redelivered` flag of `basic.deliver` on
+  every message it delivers again after a consumer went away without acking.
+- **Redis.** kombu sets `delivery_info["redelivered"]` when it restores an
+  unacked message to its queue: at a warm shutdown, and when the visibility
+  timeout restores the messages of a worker that died.
+
+A task republished by hand, or by `self.retry()`, is a new message and is
+never counted as redelivered.
+
+## Label values
+
+Task names, queue names and exception class names come from outside the
+exporter, so each is checked once, when a process first meets it:
+
+- **Length.** A value longer than 200 characters (`MAX_LABEL_LENGTH` in
+  `exporter/celery_signal_exporter/labels.py`) becomes its first 187 characters, `~`, and 12 hex
+  digits of a hash of the whole value, 200 characters in all. Distinct long
+  values stay distinct, and every process cuts a value the same way, so their
+  series still add up. `celery_exporter_label_values_truncated_total` counts
+  the cuts.
+- **Number.** Task names beyond `max_task_names` (default 500) and queue
+  names beyond `max_queue_names` (default 100) distinct values in a process
+  become `__overflow__` (see *Broker-dependent behaviour* below).
+
+## Queue names
+
+Celery's request keeps only the exchange and the routing key, so the worker
+works out the queue a message really came from:
+
+- **AMQP.** The message's consumer tag names the consumer, and so the queue.
+- **Redis and other kombu virtual transports.** The worker matches the
+  message's exchange and routing key against the bindings of the queues it
+  consumes.
+
+The worker main process passes the answer to the pool process in the request,
+so success, failure and retry carry the same `queue_name` as `received`. A
+producer labels `sent` with the configured queue that its exchange and routing
+key point to.
+
+## Broker-dependent behaviour to know
+
+- **Expired tasks on RabbitMQ.** Celery turns `expires` into an AMQP
+  per-message TTL, so RabbitMQ drops an expired message before any worker sees
+  it, and `celery_task_revoked_total{reason="expired"}` stays 0 there. On
+  Redis the worker receives expired messages and counts them.
+- **Task names.** Names beyond `max_task_names` distinct names (default 500)
+  in a process become `__overflow__`, and
+  `celery_exporter_dropped_label_values_total{label="name"}` counts each fold.
+  The exporter caps the whole directory too, over every `celery_task_*`
+  series: the first 2 000 distinct names it sees keep their series for the
+  life of the exporter process; the rest are merged into
+  `name="__overflow__"` (counts are kept, added up) and
+  `celery_exporter_task_names_folded` says how many. So `/metrics` holds at
+  most 2 001 names whatever the number of processes.
+- **Queue names.** A producer labels `sent` with the queue its exchange and
+  routing key point to, which is the routing key itself when no configured
+  queue matches; routing keys made up per call would make a series each.
+  Queue names beyond `max_queue_names` distinct names (default 100) in a
+  process become `__overflow__`, and
+  `celery_exporter_dropped_label_values_total{label="queue_name"}` counts each
+  fold. Every publish is still counted in `sent`.
+"""
+
+
+def _row(spec: Spec) -> str:
+    labels = ", ".join(f"`{label}`" for label in spec.labels)
+    return f"| `{spec.sample_name}` | {spec.kind} | {labels} | {spec.recorded_by} | {spec.notes} |".replace(
+        "|  |", "| |")
+
+
+def render() -> str:
+    """docs/metrics.md as the catalogue says it."""
+    parts = [INTRO]
+    for section in SECTIONS:
+        parts.append(f"## {section.title}\n")
+        if section.before:
+            parts.append(section.before)
+        table = ["| metric | type | labels | recorded by | notes |", "| --- | --- | --- | --- | --- |"]
+        table += [_row(spec) for spec in section.specs]
+        parts.append("\n".join(table) + "\n")
+        if section.after:
+            parts.append(section.after)
+    parts.append(PROSE)
+    return "\n".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write docs/metrics.md (or, with --check, say whether it is stale)."""
+    parser = argparse.ArgumentParser(prog="python -m celery_signal_exporter.catalogue",
+                                     description="Write the metric catalogue page from the catalogue module.")
+    parser.add_argument("--out", type=Path, default=DOC_PATH, help=f"file to write (default: {DOC_PATH})")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file is stale")
+    args = parser.parse_args(argv)
+    text = render()
+    out: Path = args.out
+    if args.check:
+        current = out.read_text(encoding="utf-8") if out.is_file() else None
+        if current != text:
+            print(f"{out} is stale: run python -m celery_signal_exporter.catalogue", file=sys.stderr)
+            return 1
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
