@@ -48,6 +48,7 @@ __all__ = [
     "probe_settings",
     "redact_url",
     "register",
+    "schemes",
 ]
 
 #: Extra directories searched for probe modules (os.pathsep-separated): a
