@@ -36,8 +36,8 @@ from pyrabbit2.api import Client
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from celery_signal_exporter.probes import ProbeOptions, probe_for_url
-from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe
-from celery_signal_exporter.probes.redis import DUE_HEADER, RedisProbe
+from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe, RabbitMQSettings
+from celery_signal_exporter.probes.redis import DUE_HEADER, RedisProbe, RedisSettings
 
 REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))
@@ -146,7 +146,8 @@ def _bench_redis(db: int, n_queues: int, repeat: int) -> list[dict[str, Any]]:
         sends = {}
         for label, read_age, scripted in REDIS_MODES:
             transport = {"priority_steps": STEPS, "global_keyprefix": prefix}
-            probe = probe_for_url(url, ProbeOptions(transport_options=transport, read_oldest_age=read_age))
+            probe = probe_for_url(url, ProbeOptions(transport_options=transport,
+                                                    settings=(RedisSettings(read_oldest_age=read_age),)))
             assert isinstance(probe, RedisProbe)
             probe._scripted = scripted
             snap = probe.snapshot(names)  # connect (and load the script) outside the measurement
@@ -192,7 +193,7 @@ def bench_rabbitmq(small: bool, n_queues: int | None = None, repeat: int | None 
             channel = conn.channel()
             for i in range(n_queues):
                 channel.queue_declare(f"bench-q{i}", durable=False, auto_delete=False)
-        probe = probe_for_url(url, ProbeOptions(mgmt_port=MGMT_PORT))
+        probe = probe_for_url(url, ProbeOptions(settings=(RabbitMQSettings(mgmt_port=MGMT_PORT),)))
         assert isinstance(probe, RabbitMQProbe)
         deadline = time.monotonic() + 60
         while len(probe.snapshot(set()).queues) < n_queues:

@@ -24,7 +24,7 @@ from prometheus_client.core import Metric
 
 from celery_signal_exporter.probes import BrokerSnapshot, ProbeOptions, probe_for_url
 from celery_signal_exporter.probes.loop import LoopOptions, ProbeGroup, ProbeLoop, build_probe_loops
-from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe
+from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe, RabbitMQSettings
 from celery_signal_exporter.probes.redis import RedisProbe
 from celery_signal_exporter.redact import redact_url, scrub, secrets_of
 
@@ -336,9 +336,8 @@ def test_unreachable_broker_before_first_success() -> None:
 
 def test_rabbitmq_management_down_counts_connection_errors() -> None:
     url = "amqp://guest:guest@127.0.0.1:5672//"
-    loop = ProbeLoop(
-        probe_for_url(url, ProbeOptions(timeout=2, mgmt_port=free_port())), url, LoopOptions(interval=2, timeout=2)
-    )
+    options = ProbeOptions(timeout=2, settings=(RabbitMQSettings(mgmt_port=free_port()),))
+    loop = ProbeLoop(probe_for_url(url, options), url, LoopOptions(interval=2, timeout=2))
     assert not loop.probe_once()
     families = list(loop.collect())
     assert value(families, "celery_broker_up", broker="amqp://127.0.0.1:5672//") == 0.0
@@ -356,7 +355,7 @@ def probe_threads() -> int:
 def test_hung_management_api_times_out_without_piling_up_threads(silent_port: int) -> None:
     url = "amqp://guest:guest@127.0.0.1:5672//"
     # The HTTP call would wait 30 s; the loop gives up on it after 0.3 s.
-    probe = probe_for_url(url, ProbeOptions(timeout=30, mgmt_port=silent_port))
+    probe = probe_for_url(url, ProbeOptions(timeout=30, settings=(RabbitMQSettings(mgmt_port=silent_port),)))
     loop = ProbeLoop(probe, url, LoopOptions(interval=0.4, timeout=0.3))
     before = probe_threads()
     loop.start()

@@ -23,7 +23,7 @@ from pyrabbit2.api import Client
 
 from celery_signal_exporter.probes import ProbeOptions, probe_for_url
 from celery_signal_exporter.probes.base import BrokerSnapshot, ProbeError
-from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe
+from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe, RabbitMQSettings
 from tests.conftest import AMQP_HOST, RABBIT_MGMT_PORT
 
 T = TypeVar("T")
@@ -42,8 +42,8 @@ def eventually(read: Callable[[], T], check: Callable[[T], bool], what: str, lim
     return value
 
 
-def rabbit_probe(url: str, **options: Any) -> RabbitMQProbe:
-    p = probe_for_url(url, ProbeOptions(**{"timeout": 10, **options}))
+def rabbit_probe(url: str, timeout: float = 10, **settings: Any) -> RabbitMQProbe:
+    p = probe_for_url(url, ProbeOptions(timeout=timeout, settings=(RabbitMQSettings(**settings),)))
     assert isinstance(p, RabbitMQProbe)
     return p
 

@@ -21,7 +21,7 @@ from kombu.connection import Connection
 
 from celery_signal_exporter.probes import ProbeOptions, probe_for_url
 from celery_signal_exporter.probes.base import ProbeError
-from celery_signal_exporter.probes.redis import DUE_HEADER, RedisProbe, due_time
+from celery_signal_exporter.probes.redis import DUE_HEADER, RedisProbe, RedisSettings, due_time
 
 MakeApp = Callable[..., Celery]
 
@@ -269,7 +269,7 @@ def test_foreign_messages_do_not_break_the_probe(redis_url: str, payload: bytes)
 def test_age_reading_can_be_turned_off(redis_url: str, make_app: MakeApp) -> None:
     app = make_app()
     publish(app, "q", headers={DUE_HEADER: time.time()})
-    p = probe_for_url(redis_url, ProbeOptions(read_oldest_age=False))
+    p = probe_for_url(redis_url, ProbeOptions(settings=(RedisSettings(read_oldest_age=False),)))
     (stats,) = p.snapshot({"q"}).queues
     assert stats.length == 1 and stats.oldest_message_age_seconds is None
 

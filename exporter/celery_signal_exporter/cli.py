@@ -18,8 +18,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from celery_signal_exporter import __version__
+from celery_signal_exporter.metrics_dir import metrics_dir_or_env
 
 if TYPE_CHECKING:
+    from celery_signal_exporter.probes.loop import ProbeGroup
+    from celery_signal_exporter.serving import ProbeConfig
     from celery_signal_exporter.webconfig import WebConfig
 
 ENV = "CELERY_EXPORTER_"
@@ -50,6 +53,24 @@ def cli() -> None:
     """Prometheus exporter for Celery, driven by Celery's signals."""
 
 
+def _probe_options(f: F) -> F:
+    """Every registered probe's own options (see celery_signal_exporter.probes),
+    each with its flag, environment variable, default and help as it declares them."""
+    from celery_signal_exporter.probes import kinds
+
+    for kind in reversed(kinds()):
+        for option in reversed(kind.options):
+            f = _option(option.flag, option.key, default=option.default, multiple=option.multiple,
+                        type=option.type, help=option.help)(f)
+    return f
+
+
+def _broker_schemes() -> str:
+    from celery_signal_exporter.probes import schemes
+
+    return ", ".join(schemes())
+
+
 @cli.command()
 @_option("--metrics-dir", type=click.Path(file_okay=False), default=None,
          help="Directory the instrumented Celery processes write to (shared emptyDir in a pod). "
@@ -61,7 +82,7 @@ def cli() -> None:
 @_option("--app", "app_name", default=None,
          help="Celery app (module:attribute) to read the broker URL, queues and transport options from.")
 @_option("--broker-url", "broker_urls", multiple=True,
-         help="Broker to probe for queue depth and memory (redis://, rediss://, sentinel://, amqp://, amqps://); "
+         help=f"Broker to probe for queue depth and memory ({_broker_schemes()}); "
               "repeat for several. As an environment variable, separate URLs with spaces.")
 @_option("--probe-interval", type=click.FloatRange(min=0.1), default=15.0, help="Seconds between broker probes.")
 @_option("--probe-timeout", type=click.FloatRange(min=0.1), default=10.0,
@@ -75,13 +96,7 @@ def cli() -> None:
 @_option("--transport-options", default=None,
          help='JSON of kombu broker_transport_options, e.g. \'{"priority_steps": [0, 5, 9]}\'; '
               "defaults to the --app's.")
-@_option("--oldest-age/--no-oldest-age", default=True,
-         help="Redis: read the head message of each queue for celery_queue_oldest_message_age_seconds.")
-@_option("--rabbitmq-management-url", default=None,
-         help="RabbitMQ management API, e.g. https://rabbit:15671; derived from the broker URL when unset.")
-@_option("--rabbitmq-management-user", default=None, help="Management API user, when not the broker's.")
-@_option("--rabbitmq-management-password", default=None, help="Management API password, when not the broker's.")
-@_option("--rabbitmq-vhost", "rabbitmq_vhosts", multiple=True, help="Extra RabbitMQ vhost to report; repeatable.")
+@_probe_options
 @_option("--web-config-file", "--web.config.file", "web_config_file", default=None,
          help="exporter-toolkit web-config YAML: tls_server_config (cert_file, key_file, client_ca_file, "
               "client_auth_type) and basic_auth_users (bcrypt hashes). Protects every endpoint but /healthz.")
@@ -104,24 +119,20 @@ def cli() -> None:
 def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, app_name: str | None,
           broker_urls: tuple[str, ...], probe_interval: float, probe_timeout: float, queues: tuple[str, ...],
           queue_include: tuple[str, ...], queue_exclude: tuple[str, ...], max_queues: int,
-          transport_options: str | None, oldest_age: bool, rabbitmq_management_url: str | None,
-          rabbitmq_management_user: str | None, rabbitmq_management_password: str | None,
-          rabbitmq_vhosts: tuple[str, ...], web_config_file: str | None, max_task_names: int,
+          transport_options: str | None, web_config_file: str | None, max_task_names: int,
           compact_interval: float, header_timeout: float, send_timeout: float, max_connections: int,
-          log_level: str) -> None:
+          log_level: str, **probe_values: Any) -> None:
     """Serve /metrics: the merged metrics directory plus broker probes.
 
     An unreachable broker is not a startup error (brokers come and go): it is
     logged once and shows as celery_broker_up 0. Use `check` to fail on it.
     """
-    import uvicorn
-
-    from celery_signal_exporter._http import server_options
-    from celery_signal_exporter.service import Exporter, ServiceConfig, create_app
+    from celery_signal_exporter.probes.loop import DEFAULT_EXCLUDE, LoopOptions
+    from celery_signal_exporter.serving import ProbeConfig, ServeConfig, run
 
     _setup_logging(log_level)
     web = _web_config(web_config_file)
-    metrics_dir = metrics_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+    metrics_dir = metrics_dir_or_env(metrics_dir)
     options: dict[str, Any] = {}
     if app_name:
         broker_urls, queues, options = _from_app(app_name, broker_urls, queues)
@@ -136,34 +147,28 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
             raise click.BadParameter(f"{metrics_dir} is not readable", param_hint="--metrics-dir")
     if probe_timeout > probe_interval:
         raise click.BadParameter("must not exceed --probe-interval", param_hint="--probe-timeout")
-    sources: list[Any] = []
-    if broker_urls:
-        sources = [_probe_group(
-            broker_urls, probe_interval, probe_timeout, queues, queue_include, queue_exclude, max_queues, options,
-            oldest_age, rabbitmq_management_url, rabbitmq_management_user, rabbitmq_management_password,
-            rabbitmq_vhosts,
-        )]
-    listener = _listen(host, port)
-    exporter = Exporter(ServiceConfig(metrics_dir=metrics_dir, worker_timeout=worker_timeout, sources=sources,
-                                      max_task_names=max_task_names))
-    if metrics_dir is not None and compact_interval > 0:
-        exporter.start_compaction(compact_interval)
-    tls: dict[str, Any] = {}
-    if web.tls is not None:
-        tls = {"ssl_certfile": web.tls.cert_file, "ssl_keyfile": web.tls.key_file,
-               "ssl_ca_certs": web.tls.client_ca_file, "ssl_cert_reqs": web.tls.cert_reqs}
-    limits = server_options(header_timeout, send_timeout, max_connections)
-    config = uvicorn.Config(create_app(exporter, users=web.users), host=host, port=port,
-                            log_level=log_level.lower(), access_log=log_level.lower() == "debug", **tls, **limits)
-    for source in sources:
-        source.known_queues = exporter.queues_seen
-        source.start()
+    probes = _build_probes(ProbeConfig(
+        urls=broker_urls, interval=probe_interval, timeout=probe_timeout, transport_options=options,
+        loop=LoopOptions(queues=queues, include=queue_include, exclude=queue_exclude or DEFAULT_EXCLUDE,
+                         max_queues=max_queues),
+        values=probe_values,
+    ))
+    run(ServeConfig(metrics_dir=metrics_dir, host=host, port=port, worker_timeout=worker_timeout,
+                    max_task_names=max_task_names, compact_interval=compact_interval,
+                    header_timeout=header_timeout, send_timeout=send_timeout, max_connections=max_connections,
+                    log_level=log_level, web=web),
+        probes, _listen(host, port))
+
+
+def _build_probes(config: ProbeConfig) -> list[ProbeGroup]:
+    """The probe loops, or exit 2 with one line naming the option at fault."""
+    from celery_signal_exporter.probes import OptionError
+    from celery_signal_exporter.serving import build_probes
+
     try:
-        uvicorn.Server(config).run(sockets=[listener])
-    finally:
-        for source in sources:
-            source.stop()
-        listener.close()
+        return build_probes(config)
+    except OptionError as exc:
+        raise click.BadParameter(exc.message, param_hint=exc.option) from None
 
 
 def _web_config(path: str | None) -> WebConfig:
@@ -230,62 +235,6 @@ def _from_app(name: str, broker_urls: tuple[str, ...], queues: tuple[str, ...]) 
     return urls, tuple(dict.fromkeys(names)), dict(conf.broker_transport_options or {})
 
 
-def _probe_group(urls: tuple[str, ...], interval: float, timeout: float, queues: tuple[str, ...],
-                 include: tuple[str, ...], exclude: tuple[str, ...], max_queues: int, transport: dict[str, Any],
-                 oldest_age: bool, mgmt_url: str | None, mgmt_user: str | None, mgmt_password: str | None,
-                 vhosts: tuple[str, ...]) -> Any:
-    from urllib.parse import urlsplit
-
-    from celery_signal_exporter.probes.base import ProbeOptions
-    from celery_signal_exporter.probes.loop import DEFAULT_EXCLUDE, LoopOptions, ProbeGroup, build_probe_loops
-
-    mgmt: dict[str, Any] = {}
-    if mgmt_url:
-        from celery_signal_exporter.redact import split_credentials
-
-        # Credentials in the URL are used, never echoed; parsed by hand so a
-        # '#' or '?' in the password cannot move the host.
-        bare, url_user, url_password = split_credentials(mgmt_url)
-        mgmt_user = mgmt_user or url_user
-        mgmt_password = mgmt_password if mgmt_password is not None else url_password
-        parts = urlsplit(bare)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise click.BadParameter("must be http(s)://host[:port]", param_hint="--rabbitmq-management-url")
-        try:
-            mgmt_port = parts.port
-        except ValueError:
-            raise click.BadParameter("bad port", param_hint="--rabbitmq-management-url") from None
-        mgmt = {"mgmt_host": parts.hostname, "mgmt_port": mgmt_port, "mgmt_https": parts.scheme == "https"}
-    try:
-        loop_options = LoopOptions(queues=queues, include=include, exclude=exclude or DEFAULT_EXCLUDE,
-                                   max_queues=max_queues)
-        probe_options = ProbeOptions(transport_options=transport, read_oldest_age=oldest_age,
-                                     mgmt_username=mgmt_user, mgmt_password=mgmt_password,
-                                     extra_vhosts=vhosts, **mgmt)
-        loops = build_probe_loops(urls, interval=interval, timeout=timeout, probe_options=probe_options,
-                                  loop_options=loop_options)
-    except ValueError as exc:
-        from celery_signal_exporter.redact import redact_url, scrub
-
-        message = scrub(str(exc), *urls)
-        bad = next((u for u in urls if _url_error(u, probe_options)), None)
-        if bad is not None and redact_url(bad) not in message:
-            message = f"{redact_url(bad)}: {message}"
-        raise click.BadParameter(message, param_hint="--broker-url") from None
-    return ProbeGroup(loops)
-
-
-def _url_error(url: str, options: Any) -> bool:
-    """True if this one URL is what build_probe_loops refused."""
-    from celery_signal_exporter.probes import probe_for_url
-
-    try:
-        probe_for_url(url, options)
-    except ValueError:
-        return True
-    return False
-
-
 @cli.command()
 @_option("--metrics-dir", default=None,
          help="The directory instrumented processes write to: must exist and be writable by this user "
@@ -311,7 +260,7 @@ def check(ctx: click.Context, metrics_dir: str | None, runtime_buckets: str | No
     """
     from celery_signal_exporter.buckets import parse_buckets
 
-    metrics_dir = metrics_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+    metrics_dir = metrics_dir_or_env(metrics_dir)
     given = (runtime_buckets, queue_wait_buckets, web_config_file)
     if not metrics_dir and not broker_urls and all(v is None for v in given):
         raise click.UsageError("nothing to check: set CELERY_EXPORTER_METRICS_DIR or give --metrics-dir, "
@@ -392,12 +341,14 @@ def _check_broker(url: str, timeout: float) -> str:
 def demo(broker_url: str | None, host: str, port: int, duration: float) -> None:
     """Run a real prefork worker, a producer and the exporter; needs no server."""
     from celery_signal_exporter.demo import run_demo
+    from celery_signal_exporter.probes import OptionError
 
-    if broker_url and broker_url.split("://", 1)[0] not in ("redis", "rediss", "amqp", "amqps", "pyamqp"):
-        raise click.BadParameter("must be a redis:// or amqp:// URL", param_hint="--broker-url")
     _setup_logging("warning")
     logging.getLogger("kombu.connection").setLevel(logging.ERROR)
-    run_demo(broker_url, host, port, duration)
+    try:
+        run_demo(broker_url, host, port, duration, _listen(host, port))
+    except OptionError as exc:
+        raise click.BadParameter(exc.message, param_hint=exc.option) from None
 
 
 def main(argv: list[str] | None = None) -> None:

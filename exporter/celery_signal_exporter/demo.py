@@ -11,18 +11,17 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 
 import click
-import uvicorn
 
-from celery_signal_exporter._http import server_options
-from celery_signal_exporter.probes.loop import LoopOptions, ProbeGroup, build_probe_loops
+from celery_signal_exporter.probes.loop import LoopOptions
 from celery_signal_exporter.redact import redact_url
-from celery_signal_exporter.service import Exporter, ServiceConfig, create_app
+from celery_signal_exporter.serving import ProbeConfig, ServeConfig, build_probes, run
 
 
 def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
@@ -40,7 +39,15 @@ def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def run_demo(broker_url: str | None, host: str, port: int, duration: float) -> None:
+def run_demo(broker_url: str | None, host: str, port: int, duration: float, listener: socket.socket) -> None:
+    """Run the demo until Ctrl-C or `duration` seconds, on `listener`; then remove everything it made.
+
+    The exporter is wired exactly as `serve` wires it (`serving`); a real
+    broker is probed for its queue depth and memory too. Raises
+    `OptionError` for a broker URL no probe can use, before anything starts.
+    """
+    urls = (broker_url,) if broker_url else ()
+    probes = build_probes(ProbeConfig(urls=urls, interval=5, timeout=4, loop=LoopOptions(queues=("fast", "slow"))))
     workdir = tempfile.mkdtemp(prefix="celery-exporter-demo-")
     metrics_dir = os.path.join(workdir, "metrics")
     os.makedirs(metrics_dir)
@@ -60,8 +67,7 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float) -> N
         env=env, start_new_session=True, stdout=worker_log, stderr=subprocess.STDOUT,
     )
     stop = threading.Event()
-    server: uvicorn.Server | None = None
-    sources: list[ProbeGroup] = []
+    started = True
     try:
         from celery_signal_exporter import demo_app  # imports instrument the producer: this process
 
@@ -76,28 +82,17 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float) -> N
 
         producer = threading.Thread(target=produce, name="demo-producer", daemon=True)
         producer.start()
-        if broker_url:  # a real broker: show its queue depth and memory too
-            probes = ProbeGroup(build_probe_loops([broker_url], interval=5, timeout=4,
-                                                  loop_options=LoopOptions(queues=("fast", "slow"))))
-            sources.append(probes)
-        exporter = Exporter(ServiceConfig(metrics_dir=metrics_dir, sources=sources))
-        for source in sources:
-            source.known_queues = exporter.queues_seen
-            source.start()
-        config = uvicorn.Config(create_app(exporter), host=host, port=port, log_level="warning", **server_options())
-        server = uvicorn.Server(config)
+        config = ServeConfig(metrics_dir=metrics_dir, host=host, port=port, compact_interval=0,
+                             log_level="warning")
         where = redact_url(broker_url) if broker_url else f"kombu filesystem transport in {workdir}"
         click.echo(f"demo: worker and producer running on {where}; worker log: {log_path}")
         click.echo(f"demo: metrics at http://{host}:{port}/metrics  (Ctrl-C stops everything)")
-        if duration > 0:
-            threading.Timer(duration, lambda: setattr(server, "should_exit", True)).start()
         try:
-            server.run()
+            started = run(config, probes, listener, duration)
         except KeyboardInterrupt:
             pass  # uvicorn re-raises Ctrl-C after its own shutdown: ours is the normal stop
     finally:
-        for source in sources:
-            source.stop()
+        listener.close()
         stop.set()
         _stop_worker(worker)
         worker_log.close()
@@ -107,5 +102,5 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float) -> N
             click.echo(f"demo: the worker exited with {worker.returncode}; its last output:\n{tail}", err=True)
         shutil.rmtree(workdir, ignore_errors=True)
         click.echo("demo: stopped, temporary files removed")
-    if server is not None and not server.started:
-        raise click.ClickException(f"could not listen on {host}:{port}")
+    if not started:
+        raise click.ClickException(f"the exporter did not start on {host}:{port}")

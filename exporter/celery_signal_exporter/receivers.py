@@ -31,6 +31,7 @@ from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import metrics as m
 from celery_signal_exporter.buckets import parse_buckets
 from celery_signal_exporter.labels import MAX_LABEL_LENGTH, OVERFLOW, cut
+from celery_signal_exporter.metrics_dir import METRICS_DIR_ENV, metrics_dir_or_env
 from celery_signal_exporter.queues import CACHE_LIMIT, QueueResolver
 from celery_signal_exporter.store import Store, write_gauge
 
@@ -44,7 +45,6 @@ DUE_HEADER = "csx_due"
 QUEUE_HEADER = "csx_queue"
 #: Set by prerun on the request of the run in progress: (its start, its series), for postrun.
 RUN_ATTR = "csx_run"
-METRICS_DIR_ENV = ("CELERY_EXPORTER_METRICS_DIR", "PROMETHEUS_MULTIPROC_DIR")
 
 
 @dataclass(frozen=True)
@@ -494,15 +494,13 @@ def _or_env(value: Sequence[float] | str | None, name: str, default: Sequence[fl
 
 
 def resolve_metrics_dir(metrics_dir: str | None) -> str:
-    if metrics_dir:
-        return metrics_dir
-    for var in METRICS_DIR_ENV:
-        if os.environ.get(var):
-            return os.environ[var]
-    raise ValueError(
-        "celery-signal-exporter: no metrics directory; pass metrics_dir= or set "
-        "CELERY_EXPORTER_METRICS_DIR (or PROMETHEUS_MULTIPROC_DIR)"
-    )
+    directory = metrics_dir_or_env(metrics_dir)
+    if directory is None:
+        raise ValueError(
+            "celery-signal-exporter: no metrics directory; pass metrics_dir= or set "
+            f"{METRICS_DIR_ENV[0]} (or {METRICS_DIR_ENV[1]})"
+        )
+    return directory
 
 
 _active: Instrumentation | None = None

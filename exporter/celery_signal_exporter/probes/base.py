@@ -7,9 +7,9 @@ new broker is one new file that fills in a `BrokerSnapshot`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 #: Every reason a probe error is counted under; the loop pre-creates them at 0
 #: so that `rate()` works before the first failure.
@@ -48,11 +48,16 @@ class BrokerSnapshot:
     unacked_total: int | None = None
 
 
+S = TypeVar("S")
+
+
 @dataclass(frozen=True)
 class ProbeOptions:
-    """Everything a probe may need besides the URL, flat so a CLI maps onto it.
+    """Everything a probe may need besides the URL, as one object.
 
-    Each probe reads only its own fields; the rest are ignored.
+    The shared part (timeout, transport options) is read by every probe; what
+    only one broker understands sits in that probe's own settings object, so
+    adding a broker never adds fields here.
     """
 
     #: Seconds a single network call may take (socket / HTTP timeout).
@@ -60,20 +65,72 @@ class ProbeOptions:
     #: The Celery app's `broker_transport_options` (Redis: priority_steps,
     #: sep, global_keyprefix, unacked_key, master_name, sentinel_kwargs).
     transport_options: Mapping[str, Any] = field(default_factory=dict)
-    #: Redis: read the head message of every list for the oldest-age metric.
-    read_oldest_age: bool = True
-    #: RabbitMQ management API; None means "derive from the broker URL".
-    mgmt_host: str | None = None
-    mgmt_port: int | None = None
-    mgmt_https: bool | None = None
-    mgmt_username: str | None = None
-    mgmt_password: str | None = None
-    #: RabbitMQ: TLS verification for https (False, True, or a CA bundle path).
-    mgmt_verify: bool | str = True
-    #: RabbitMQ: vhosts to report besides the broker URL's own.
-    extra_vhosts: tuple[str, ...] = ()
-    #: RabbitMQ: queues per management API page (the API allows at most 500).
-    page_size: int = 500
+    #: Probes' own settings objects (e.g. `RedisSettings`, `RabbitMQSettings`).
+    #: Each probe takes the one of its type and its defaults when there is
+    #: none, so one `ProbeOptions` serves every broker of a command line.
+    settings: tuple[object, ...] = ()
+
+    def settings_for(self, kind: type[S]) -> S:
+        """This probe's settings: the object of type `kind`, else `kind()`."""
+        for item in self.settings:
+            if isinstance(item, kind):
+                return item
+        return kind()
+
+
+@dataclass(frozen=True)
+class ProbeOption:
+    """A command-line option a probe declares for itself.
+
+    The CLI adds it to `serve` as `flag`, with the environment variable
+    `CELERY_EXPORTER_<FLAG>`, and hands its value to the probe's settings
+    builder under `key`. Kept free of click so probe modules stay plain.
+    """
+
+    #: "--rabbitmq-vhost", or an on/off pair "--oldest-age/--no-oldest-age".
+    flag: str
+    help: str
+    default: Any = None
+    multiple: bool = False
+    #: A click type or a Python type (int, float); None means a string.
+    type: Any = None
+    #: The value's name when it is not the flag's ("rabbitmq_vhosts").
+    name: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.name or self.flag.split("/")[0].lstrip("-").replace("-", "_")
+
+
+class OptionError(ValueError):
+    """A bad value of one option, for the CLI to report as that option's error.
+
+    The message must never hold a secret: it is printed as is.
+    """
+
+    def __init__(self, option: str, message: str) -> None:
+        self.option = option
+        self.message = message
+        super().__init__(f"{option}: {message}")
+
+
+@dataclass(frozen=True)
+class ProbeKind:
+    """One broker's probe as registered: what the CLI and the loop need to know
+    before (and without) importing the broker's client library."""
+
+    #: Short name, e.g. "redis"; the module's name by convention.
+    name: str
+    #: URL schemes it handles, lower case, e.g. ("redis", "rediss").
+    schemes: tuple[str, ...]
+    #: Makes the probe for one URL; raises ValueError for a bad URL. Imports
+    #: the broker library, so it runs only for a URL of this kind.
+    create: Callable[[str, ProbeOptions], Probe]
+    #: Options only this probe reads.
+    options: tuple[ProbeOption, ...] = ()
+    #: Builds the probe's settings object from its options' values (by
+    #: `ProbeOption.key`); raises `OptionError`. None: no settings.
+    settings: Callable[[Mapping[str, Any]], object] | None = None
 
 
 class ProbeError(Exception):
@@ -91,10 +148,8 @@ class ProbeError(Exception):
 
 
 class Probe(Protocol):
-    """A broker probe. Implementations live one per file in this package."""
-
-    #: URL schemes this probe handles, e.g. ("redis", "rediss").
-    schemes: tuple[str, ...]
+    """A broker probe. Implementations live one per file in this package and
+    register themselves (see `celery_signal_exporter.probes.register`)."""
 
     def discover(self) -> set[str]:
         """Queue names the broker itself can name (e.g. kombu's bindings).

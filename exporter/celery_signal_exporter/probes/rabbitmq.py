@@ -11,23 +11,87 @@ default).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
-from kombu.utils.url import url_to_parts
-from pyrabbit2.api import Client
-from pyrabbit2.http import HTTPError, NetworkError
-
-from celery_signal_exporter.probes.base import BrokerSnapshot, NodeStats, ProbeError, ProbeOptions, QueueStats
+from celery_signal_exporter.probes import register
+from celery_signal_exporter.probes.base import (
+    BrokerSnapshot,
+    NodeStats,
+    OptionError,
+    ProbeError,
+    ProbeKind,
+    ProbeOption,
+    ProbeOptions,
+    QueueStats,
+)
 from celery_signal_exporter.redact import redact_url, scrub, split_credentials
+
+# pyrabbit2 (which loads requests) and kombu's URL parser are imported where
+# they are used, so listing the probes (the CLI does, for --help) loads no
+# broker client.
 
 QUEUE_COLUMNS = "name,vhost,messages_ready,messages_unacknowledged,consumers"
 NODE_COLUMNS = "name,running,mem_used,mem_limit,mem_alarm,disk_free_alarm"
 MAX_PAGE_SIZE = 500  # the management API refuses bigger pages
 
+#: The options only this probe reads; `serve` offers them (see `register` below).
+OPTIONS = (
+    ProbeOption("--rabbitmq-management-url",
+                help="RabbitMQ management API, e.g. https://rabbit:15671; derived from the broker URL when unset."),
+    ProbeOption("--rabbitmq-management-user", help="Management API user, when not the broker's."),
+    ProbeOption("--rabbitmq-management-password", help="Management API password, when not the broker's."),
+    ProbeOption("--rabbitmq-vhost", name="rabbitmq_vhosts", multiple=True,
+                help="Extra RabbitMQ vhost to report; repeatable."),
+)
+
+
+@dataclass(frozen=True)
+class RabbitMQSettings:
+    """What only the RabbitMQ probe reads (ProbeOptions.settings)."""
+
+    #: Management API; None means "derive from the broker URL".
+    mgmt_host: str | None = None
+    mgmt_port: int | None = None
+    mgmt_https: bool | None = None
+    mgmt_username: str | None = None
+    mgmt_password: str | None = None
+    #: TLS verification for https (False, True, or a CA bundle path).
+    mgmt_verify: bool | str = True
+    #: Vhosts to report besides the broker URL's own.
+    extra_vhosts: tuple[str, ...] = ()
+    #: Queues per management API page (the API allows at most 500).
+    page_size: int = MAX_PAGE_SIZE
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any]) -> RabbitMQSettings:
+        """From OPTIONS' values; credentials in the management URL are used, never echoed."""
+        user, password = values["rabbitmq_management_user"], values["rabbitmq_management_password"]
+        where: dict[str, Any] = {}
+        url = values["rabbitmq_management_url"]
+        if url:
+            # Parsed by hand so a '#' or '?' in the password cannot move the host.
+            bare, url_user, url_password = split_credentials(url)
+            user = user or url_user
+            password = password if password is not None else url_password
+            parts = urlsplit(bare)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise OptionError("--rabbitmq-management-url", "must be http(s)://host[:port]")
+            try:
+                port = parts.port
+            except ValueError:
+                raise OptionError("--rabbitmq-management-url", "bad port") from None
+            where = {"mgmt_host": parts.hostname, "mgmt_port": port, "mgmt_https": parts.scheme == "https"}
+        return cls(mgmt_username=user, mgmt_password=password,
+                   extra_vhosts=tuple(values["rabbitmq_vhosts"] or ()), **where)
+
 
 def classify(exc: BaseException) -> str:
     """Map a pyrabbit2 / requests exception to an error reason."""
+    from pyrabbit2.http import HTTPError, NetworkError
+
     if isinstance(exc, HTTPError):
         return "auth" if exc.status in (401, 403) else "protocol"
     if isinstance(exc, NetworkError):
@@ -50,10 +114,12 @@ def _int(item: dict[str, Any], key: str) -> int:
 class RabbitMQProbe:
     """Probe for `amqp://`, `amqps://` and `pyamqp://` URLs."""
 
-    schemes: tuple[str, ...] = ("amqp", "amqps", "pyamqp")
-
     def __init__(self, url: str, options: ProbeOptions | None = None) -> None:
-        opts = options or ProbeOptions()
+        from kombu.utils.url import url_to_parts
+        from pyrabbit2.api import Client
+
+        shared = options or ProbeOptions()
+        opts = shared.settings_for(RabbitMQSettings)
         self.url = url
         self.label = redact_url(url)
         bare, url_user, url_password = split_credentials(re.split(r";(?=\w+://)", url)[0])
@@ -75,7 +141,7 @@ class RabbitMQProbe:
             netloc,
             username.encode("utf-8"),
             self._password.encode("utf-8"),
-            timeout=opts.timeout,
+            timeout=shared.timeout,
             scheme="https" if https else "http",
             verify=opts.mgmt_verify,
         )
@@ -96,6 +162,8 @@ class RabbitMQProbe:
 
         `queues` is not needed: the API lists all queues in the same request.
         """
+        from pyrabbit2.http import HTTPError, NetworkError
+
         try:
             items = self._queues()
             nodes = self._get("nodes", {"columns": NODE_COLUMNS})
@@ -143,3 +211,12 @@ class RabbitMQProbe:
 
     def close(self) -> None:
         """Nothing held open: pyrabbit2 makes a fresh HTTP request per call."""
+
+
+register(ProbeKind(
+    name="rabbitmq",
+    schemes=("amqp", "amqps", "pyamqp"),
+    create=RabbitMQProbe,
+    options=OPTIONS,
+    settings=RabbitMQSettings.from_options,
+))

@@ -26,16 +26,47 @@ import math
 import re
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import redis
-from kombu.utils.url import url_to_parts
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-from redis.sentinel import Sentinel
-
-from celery_signal_exporter.probes.base import BrokerSnapshot, NodeStats, ProbeError, ProbeOptions, QueueStats
+from celery_signal_exporter.probes import register
+from celery_signal_exporter.probes.base import (
+    BrokerSnapshot,
+    NodeStats,
+    ProbeError,
+    ProbeKind,
+    ProbeOption,
+    ProbeOptions,
+    QueueStats,
+)
 from celery_signal_exporter.redact import redact_url, scrub, split_credentials
+
+# redis-py (and kombu's URL parser) are imported where they are used, so
+# listing the probes (the CLI does, for --help) loads no broker client.
+if TYPE_CHECKING:
+    import redis
+    from redis.sentinel import Sentinel
+
+#: The options only this probe reads; `serve` offers them (see `register` below).
+OPTIONS = (
+    ProbeOption(
+        "--oldest-age/--no-oldest-age",
+        default=True,
+        help="Redis: read the head message of each queue for celery_queue_oldest_message_age_seconds.",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """What only the Redis probe reads (ProbeOptions.settings)."""
+
+    #: Read the head message of every list for the oldest-age metric.
+    read_oldest_age: bool = True
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any]) -> RedisSettings:
+        return cls(read_oldest_age=bool(values["oldest_age"]))
 
 #: Header our instrumentation puts on every published task: the UNIX time
 #: the task became due, i.e. max(publish time, ETA).
@@ -127,6 +158,8 @@ def due_time(raw: object) -> float | None:
 
 def classify(exc: BaseException) -> str:
     """Map a redis-py (or socket) exception to an error reason."""
+    import redis
+
     if isinstance(exc, (redis.AuthenticationError, redis.exceptions.AuthorizationError)):
         return "auth"
     if isinstance(exc, redis.exceptions.NoPermissionError):
@@ -143,9 +176,13 @@ def classify(exc: BaseException) -> str:
 class RedisProbe:
     """Probe for `redis://`, `rediss://` and kombu's `sentinel://` URLs."""
 
-    schemes: tuple[str, ...] = ("redis", "rediss", "sentinel")
-
     def __init__(self, url: str, options: ProbeOptions | None = None) -> None:
+        import redis
+        from kombu.utils.url import url_to_parts
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+        from redis.sentinel import Sentinel
+
         opts = options or ProbeOptions()
         transport = opts.transport_options
         self.url = url
@@ -155,7 +192,7 @@ class RedisProbe:
         self.sep = str(transport.get("sep") or DEFAULT_SEP)
         self.prefix = str(transport.get("global_keyprefix") or "")
         self.unacked_key = self.prefix + str(transport.get("unacked_key") or DEFAULT_UNACKED_KEY)
-        self.read_oldest_age = opts.read_oldest_age
+        self.read_oldest_age = opts.settings_for(RedisSettings).read_oldest_age
         #: False once the server refused the script; then every snapshot pipelines plain commands.
         self._scripted = True
         self._script_sha: str | None = None
@@ -217,6 +254,8 @@ class RedisProbe:
     def discover(self) -> set[str]:
         """Queue names in kombu's binding sets (`_kombu.binding.<exchange>`,
         members `routing_key<sep>pattern<sep>queue`)."""
+        import redis
+
         try:
             match = _glob_escape(self.prefix + BINDING_PREFIX) + "*"
             keys = list(self.client.scan_iter(match=match, count=1000, _type="set"))
@@ -252,6 +291,8 @@ class RedisProbe:
 
     def _snapshot_scripted(self, names: list[str]) -> BrokerSnapshot:
         """The script's per-queue depth and oldest due, plus HLEN and INFO, in one pipeline."""
+        import redis
+
         keys = [key for name in names for key in self._keys(name)]
         args = (len(self.priority_steps), "1" if self.read_oldest_age else "0")
         try:
@@ -300,6 +341,8 @@ class RedisProbe:
 
     def _snapshot_pipelined(self, names: list[str]) -> BrokerSnapshot:
         """Without scripting: LLEN (and LINDEX -1) per sub-queue, HLEN and INFO in one pipeline."""
+        import redis
+
         per_key = 2 if self.read_oldest_age else 1
         try:
             with self.client.pipeline(transaction=False) as pipe:
@@ -345,6 +388,8 @@ class RedisProbe:
 
     def _length(self, reply: object) -> int:
         """LLEN's answer; a key of another type (WRONGTYPE) is not a queue."""
+        import redis
+
         if isinstance(reply, Exception):
             if isinstance(reply, redis.ResponseError) and str(reply).startswith("WRONGTYPE"):
                 return 0
@@ -373,6 +418,8 @@ _REFUSALS = ("noperm", "no permissions", "unknown command", "disabled", "not all
 
 def _refused(reply: object) -> bool:
     """An error that means no scripts here, as against a broker that is down or denies a key."""
+    import redis
+
     if isinstance(reply, redis.exceptions.NoScriptError):
         return True  # still missing right after SCRIPT LOAD: a proxy that drops scripts
     if isinstance(reply, redis.ResponseError):  # NoPermissionError is one
@@ -445,3 +492,12 @@ def _ssl_options(query: Mapping[str, str]) -> dict[str, Any]:
     if check:
         out["ssl_check_hostname"] = check.lower() != "false"
     return out
+
+
+register(ProbeKind(
+    name="redis",
+    schemes=("redis", "rediss", "sentinel"),
+    create=RedisProbe,
+    options=OPTIONS,
+    settings=RedisSettings.from_options,
+))
