@@ -177,3 +177,17 @@ def test_a_third_broker_is_one_file(tmp_path: Path) -> None:
                   "--probe-timeout", "1", env={**env, "CELERY_EXPORTER_FIXEDQ_LENGTH": "5"}) as ex:
         wait_until(lambda: value(ex.scrape(), "celery_queue_length", queue_name="fixed") == 5, 20,
                    "the length from CELERY_EXPORTER_FIXEDQ_LENGTH")
+
+
+def test_a_broken_probe_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    plugins = tmp_path / "probes"
+    plugins.mkdir()
+    (plugins / "broken.py").write_text("import not_a_module_anywhere\n")
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, PATH_ENV: str(plugins)}
+    run = subprocess.run([sys.executable, "-m", "celery_signal_exporter.cli", "serve", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"celery-signal-exporter: error: probe module 'broken' in {plugins} cannot be loaded: "
+        "ModuleNotFoundError: No module named 'not_a_module_anywhere'"
+    ]

@@ -21,6 +21,7 @@ from celery_signal_exporter import __version__
 from celery_signal_exporter.metrics_dir import metrics_dir_or_env
 
 if TYPE_CHECKING:
+    from celery_signal_exporter.probes import ProbeKind
     from celery_signal_exporter.probes.loop import ProbeGroup
     from celery_signal_exporter.serving import ProbeConfig
     from celery_signal_exporter.webconfig import WebConfig
@@ -53,12 +54,22 @@ def cli() -> None:
     """Prometheus exporter for Celery, driven by Celery's signals."""
 
 
+def _registered() -> list[ProbeKind]:
+    """The probe registry, read while this module is imported (for options and help);
+    a probe file that cannot load is a one-line error here, before click could report it."""
+    from celery_signal_exporter.probes import ProbeLoadError, kinds
+
+    try:
+        return kinds()
+    except ProbeLoadError as exc:
+        click.echo(f"celery-signal-exporter: error: {exc}", err=True)
+        sys.exit(2)
+
+
 def _probe_options(f: F) -> F:
     """Every registered probe's own options (see celery_signal_exporter.probes),
     each with its flag, environment variable, default and help as it declares them."""
-    from celery_signal_exporter.probes import kinds
-
-    for kind in reversed(kinds()):
+    for kind in reversed(_registered()):
         for option in reversed(kind.options):
             f = _option(option.flag, option.key, default=option.default, multiple=option.multiple,
                         type=option.type, help=option.help)(f)
@@ -66,9 +77,7 @@ def _probe_options(f: F) -> F:
 
 
 def _broker_schemes() -> str:
-    from celery_signal_exporter.probes import schemes
-
-    return ", ".join(schemes())
+    return ", ".join(f"{s}://" for kind in _registered() for s in kind.schemes)
 
 
 @cli.command()

@@ -39,6 +39,7 @@ __all__ = [
     "Probe",
     "ProbeError",
     "ProbeKind",
+    "ProbeLoadError",
     "ProbeOption",
     "ProbeOptions",
     "QueueStats",
@@ -58,6 +59,12 @@ PATH_ENV = "CELERY_EXPORTER_PROBE_PATH"
 _NOT_PROBES = frozenset({"base", "loop"})
 
 _kinds: dict[str, ProbeKind] = {}
+
+
+class ProbeLoadError(Exception):
+    """A probe module that fails to import (typically one on CELERY_EXPORTER_PROBE_PATH)."""
+
+
 _discovered = False
 
 
@@ -89,7 +96,12 @@ def _discover() -> None:
             __path__.append(extra)
     for module in pkgutil.iter_modules(__path__):
         if module.name not in _NOT_PROBES and not module.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{module.name}")
+            try:
+                importlib.import_module(f"{__name__}.{module.name}")
+            except Exception as exc:  # a broken probe file of the user's: one line, not a traceback
+                where = getattr(module.module_finder, "path", "?")
+                raise ProbeLoadError(f"probe module {module.name!r} in {where} cannot be loaded: "
+                                     f"{type(exc).__name__}: {exc}") from exc
 
 
 def kinds() -> list[ProbeKind]:
