@@ -124,6 +124,38 @@ LAST_SUCCESS = Spec(
     notes="newest across processes; for periodic-task freshness",
 )
 
+OLDEST_RUNNING_AGE = Spec(
+    "celery_task_oldest_running_age_seconds", "gauge", "Age of the task's oldest run in progress; 0 when none runs.",
+    TASK, mode="livemax",
+    recorded_by="worker main, every heartbeat, from `celery.worker.state`",
+    notes="shows a stuck run while it runs, not only when it ends; 0 once no run is in progress",
+)
+TIME_LIMIT = Spec(
+    "celery_task_time_limit_seconds", "gauge", "The task's hard time limit, where one is set.", ("name",),
+    mode="livemax",
+    recorded_by="worker main, from the app's task registry",
+    notes="the task's `time_limit`, else `task_time_limit`; absent when neither is set",
+)
+MEMORY_GROWTH = Spec(
+    "celery_task_memory_growth_bytes", "histogram",
+    "How far a run raised its process's peak resident memory; 0 when it set no new peak.", TASK,
+    recorded_by="`task_prerun` to `task_postrun`, pool process (`getrusage` peak RSS)",
+    notes="RAM-hungry tasks stand out; a child recycled by `worker_max_memory_per_child` is charged to the "
+          "task it ran last. Threads and greenlets share one process: a run is charged the peak its "
+          "neighbours set",
+)
+CPU = Spec(
+    "celery_task_cpu_seconds", "counter", "CPU time spent by task runs.", TASK,
+    recorded_by="`task_prerun` to `task_postrun`, the running thread's CPU clock",
+    notes="divided by `celery_task_runtime_seconds_sum`: near 1 a task computes, near 0 it waits (I/O, locks); "
+          "greenlet pools charge a run its neighbours' CPU while it is switched out",
+)
+PUBLISH = Spec(
+    "celery_task_publish_seconds", "histogram", "Time one publish took, in the producer.", TASK,
+    recorded_by="`before_task_publish` to `after_task_publish`, in every producer",
+    notes="slow publishing (a far or blocked broker) per producer instance",
+)
+
 # -- worker metrics: written by the worker main; the heartbeat is served as celery_worker_up
 
 HEARTBEAT = Spec(
@@ -147,6 +179,36 @@ TASKS_ACTIVE = Spec(
     "celery_worker_tasks_active", "gauge", "Tasks the worker is executing now.", ("hostname",), mode="livesum",
     recorded_by="worker main, every heartbeat",
     notes="tasks executing now",
+)
+
+TASKS_RESERVED = Spec(
+    "celery_worker_tasks_reserved", "gauge", "Tasks the worker received and holds, not started, without an ETA.",
+    ("hostname", "queue_name"), mode="livesum",
+    recorded_by="worker main, every heartbeat, from `celery.worker.state`",
+    notes="prefetched work the broker no longer counts as waiting",
+)
+TASKS_SCHEDULED = Spec(
+    "celery_worker_tasks_scheduled", "gauge", "ETA or countdown tasks the worker holds until they are due.",
+    ("hostname", "queue_name"), mode="livesum",
+    recorded_by="worker main, every heartbeat, from the consumer's timer",
+)
+CONSUMING = Spec(
+    "celery_worker_consuming", "gauge", "1 for each queue the worker consumes from.", ("hostname", "queue_name"),
+    mode="livesum",
+    recorded_by="worker main, every heartbeat, from its consumer",
+    notes="times `celery_worker_pool_processes`: slots per queue, on every broker",
+)
+RESIDENT_MEMORY = Spec(
+    "celery_worker_resident_memory_bytes", "gauge", "Resident memory of the worker: main process and pool.",
+    ("hostname",), mode="livesum",
+    recorded_by="worker main, every heartbeat, from `/proc`",
+    notes="Linux only",
+)
+POOL_PROCESS_MAX_MEMORY = Spec(
+    "celery_worker_pool_process_max_resident_memory_bytes", "gauge",
+    "Resident memory of the worker's largest pool process.", ("hostname",), mode="livemax",
+    recorded_by="worker main, every heartbeat, from `/proc`",
+    notes="Linux only; prefork pools (other pools run tasks in the main process)",
 )
 
 # -- broker metrics: built by the probe loop from each probe's snapshot
@@ -295,11 +357,12 @@ SECTIONS: tuple[Section, ...] = (
     Section(
         "Task metrics (signal side)",
         (SENT, RECEIVED, REDELIVERED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, REJECTED, RUNTIME, QUEUE_WAIT,
-         IN_PROGRESS, LAST_SUCCESS),
+         IN_PROGRESS, LAST_SUCCESS, OLDEST_RUNNING_AGE, TIME_LIMIT, MEMORY_GROWTH, CPU, PUBLISH),
     ),
     Section(
         "Worker metrics",
-        (WORKER_UP, POOL_PROCESSES, TASKS_ACTIVE),
+        (WORKER_UP, POOL_PROCESSES, TASKS_ACTIVE, TASKS_RESERVED, TASKS_SCHEDULED, CONSUMING, RESIDENT_MEMORY,
+         POOL_PROCESS_MAX_MEMORY),
         after=f"""\
 The worker main process writes a heartbeat every 2 s (`heartbeat_interval`),
 using the worker's own timer. The heartbeat is stored as an internal gauge,
@@ -352,8 +415,9 @@ SERVED: tuple[Spec, ...] = tuple(spec for section in SECTIONS for spec in sectio
 #: served as celery_worker_up); the merge in collect.py serves them.
 RECORDED: tuple[Spec, ...] = (
     SENT, RECEIVED, REDELIVERED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, REJECTED, RUNTIME, QUEUE_WAIT,
-    IN_PROGRESS, LAST_SUCCESS, HEARTBEAT, POOL_PROCESSES, TASKS_ACTIVE, DROPPED_LABELS, LABELS_TRUNCATED,
-    HANDLER_ERRORS, COMPACTED,
+    IN_PROGRESS, LAST_SUCCESS, OLDEST_RUNNING_AGE, TIME_LIMIT, MEMORY_GROWTH, CPU, PUBLISH, HEARTBEAT,
+    POOL_PROCESSES, TASKS_ACTIVE, TASKS_RESERVED, TASKS_SCHEDULED, CONSUMING, RESIDENT_MEMORY,
+    POOL_PROCESS_MAX_MEMORY, DROPPED_LABELS, LABELS_TRUNCATED, HANDLER_ERRORS, COMPACTED,
 )
 
 
