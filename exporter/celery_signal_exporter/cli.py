@@ -69,8 +69,12 @@ def _registered() -> list[ProbeKind]:
 def _probe_options(f: F) -> F:
     """Every registered probe's own options (see celery_signal_exporter.probes),
     each with its flag, environment variable, default and help as it declares them."""
+    seen: set[str] = set()
     for kind in reversed(_registered()):
         for option in reversed(kind.options):
+            if option.key in seen:
+                continue  # one option shared by several probes is offered once
+            seen.add(option.key)
             f = _option(option.flag, option.key, default=option.default, multiple=option.multiple,
                         type=option.type, help=option.help)(f)
     return f

@@ -72,14 +72,16 @@ def register(kind: ProbeKind) -> ProbeKind:
     """Make a probe known; called by each probe module when it is imported.
 
     A scheme or option key already claimed by another probe is a bug in one
-    of the two modules, so it fails loudly instead of one silently winning.
+    of the two modules, so it fails loudly instead of one silently winning;
+    the very same `ProbeOption` declared by both is one shared option.
     """
     for other in _kinds.values():
         if other.name == kind.name:
             continue
         if clash := set(other.schemes) & set(kind.schemes):
             raise ValueError(f"probe {kind.name!r}: scheme(s) {sorted(clash)} already belong to {other.name!r}")
-        if clash := {o.key for o in other.options} & {o.key for o in kind.options}:
+        # An option declared identically (e.g. base.OLDEST_AGE) is shared, not a clash.
+        if clash := {o.key for o in other.options if o not in kind.options} & {o.key for o in kind.options}:
             raise ValueError(f"probe {kind.name!r}: option(s) {sorted(clash)} already belong to {other.name!r}")
     _kinds[kind.name] = kind
     return kind

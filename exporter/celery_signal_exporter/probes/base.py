@@ -102,6 +102,16 @@ class ProbeOption:
         return self.name or self.flag.split("/")[0].lstrip("-").replace("-", "_")
 
 
+#: The one option several probes read, declared once so they share it: the CLI
+#: offers it once and hands its value to each (see `register`).
+OLDEST_AGE = ProbeOption(
+    "--oldest-age/--no-oldest-age",
+    default=True,
+    help="Report celery_queue_oldest_message_age_seconds. Redis: reads the head message of each queue; "
+         "RabbitMQ: one more column (head_message_timestamp) of the same queue listing.",
+)
+
+
 class OptionError(ValueError):
     """A bad value of one option, for the CLI to report as that option's error.
 

@@ -2,15 +2,19 @@
 
 The API already aggregates what we need, so a cycle costs one paginated
 `GET /api/queues` (only the needed columns) and one `GET /api/nodes`,
-however many queues there are. What the API cannot give without consuming
-is the age of the oldest message, so that is never reported here. Its
-figures lag the broker by up to the management stats interval (5 s by
-default).
+however many queues there are. The oldest-message age comes from the same
+listing: classic queues report `head_message_timestamp`, the AMQP
+`timestamp` property (whole seconds) of the next message to be delivered,
+when it has one and is in memory; quorum queues and streams do not report it
+(RabbitMQ 3.10). Every figure lags the broker by up to the management stats
+interval (5 s by default).
 """
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +22,7 @@ from urllib.parse import quote, urlsplit
 
 from celery_signal_exporter.probes import register
 from celery_signal_exporter.probes.base import (
+    OLDEST_AGE,
     BrokerSnapshot,
     NodeStats,
     OptionError,
@@ -34,6 +39,11 @@ from celery_signal_exporter.redact import redact_url, scrub, split_credentials
 # broker client.
 
 QUEUE_COLUMNS = "name,vhost,messages_ready,messages_unacknowledged,consumers"
+#: The head message's AMQP `timestamp`; null or missing when there is none to read.
+AGE_COLUMN = "head_message_timestamp"
+#: A head timestamp further ahead of our clock than this is not UNIX seconds
+#: (milliseconds, say): no age rather than a misleading 0.
+MAX_FUTURE_SKEW = 3600.0
 NODE_COLUMNS = "name,running,mem_used,mem_limit,mem_alarm,disk_free_alarm"
 MAX_PAGE_SIZE = 500  # the management API refuses bigger pages
 
@@ -45,6 +55,7 @@ OPTIONS = (
     ProbeOption("--rabbitmq-management-password", help="Management API password, when not the broker's."),
     ProbeOption("--rabbitmq-vhost", name="rabbitmq_vhosts", multiple=True,
                 help="Extra RabbitMQ vhost to report; repeatable."),
+    OLDEST_AGE,  # shared with the Redis probe
 )
 
 
@@ -64,6 +75,8 @@ class RabbitMQSettings:
     extra_vhosts: tuple[str, ...] = ()
     #: Queues per management API page (the API allows at most 500).
     page_size: int = MAX_PAGE_SIZE
+    #: Ask for each queue's head_message_timestamp for the oldest-age metric.
+    read_oldest_age: bool = True
 
     @classmethod
     def from_options(cls, values: Mapping[str, Any]) -> RabbitMQSettings:
@@ -85,7 +98,8 @@ class RabbitMQSettings:
                 raise OptionError("--rabbitmq-management-url", "bad port") from None
             where = {"mgmt_host": parts.hostname, "mgmt_port": port, "mgmt_https": parts.scheme == "https"}
         return cls(mgmt_username=user, mgmt_password=password,
-                   extra_vhosts=tuple(values["rabbitmq_vhosts"] or ()), **where)
+                   extra_vhosts=tuple(values["rabbitmq_vhosts"] or ()),
+                   read_oldest_age=bool(values["oldest_age"]), **where)
 
 
 def classify(exc: BaseException) -> str:
@@ -111,6 +125,21 @@ def _int(item: dict[str, Any], key: str) -> int:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
 
+def _head_age(item: dict[str, Any], now: float) -> float | None:
+    """Seconds since the head message's `timestamp`; None when the API has none.
+
+    The API gives null for an empty queue, a head without the property or a
+    paged-out head, and leaves the key out for quorum queues and streams.
+    A timestamp slightly ahead of our clock (publisher skew) reads 0.
+    """
+    stamp = item.get(AGE_COLUMN)
+    if not isinstance(stamp, (int, float)) or isinstance(stamp, bool) or not math.isfinite(stamp):
+        return None
+    if stamp > now + MAX_FUTURE_SKEW:
+        return None
+    return max(0.0, now - stamp)
+
+
 class RabbitMQProbe:
     """Probe for `amqp://`, `amqps://` and `pyamqp://` URLs."""
 
@@ -134,6 +163,8 @@ class RabbitMQProbe:
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.api_url = f"{'https' if https else 'http'}://{netloc}/api/"
         self.page_size = max(1, min(opts.page_size, MAX_PAGE_SIZE))
+        self.read_oldest_age = opts.read_oldest_age
+        self._columns = f"{QUEUE_COLUMNS},{AGE_COLUMN}" if self.read_oldest_age else QUEUE_COLUMNS
         # As UTF-8 bytes: requests encodes str credentials as latin-1, so a
         # password with any other character (a snowman, an emoji) would fail
         # every request with a UnicodeEncodeError instead of logging in.
@@ -166,6 +197,7 @@ class RabbitMQProbe:
 
         try:
             items = self._queues()
+            now = time.time()
             nodes = self._get("nodes", {"columns": NODE_COLUMNS})
             stats = [
                 QueueStats(
@@ -174,6 +206,7 @@ class RabbitMQProbe:
                     length=_int(item, "messages_ready"),
                     unacked=_int(item, "messages_unacknowledged"),
                     consumers=_int(item, "consumers"),
+                    oldest_message_age_seconds=_head_age(item, now) if self.read_oldest_age else None,
                 )
                 for item in items
                 if item.get("vhost") in self.vhosts
@@ -202,7 +235,7 @@ class RabbitMQProbe:
         items: dict[tuple[str, str], dict[str, Any]] = {}
         page = 1
         while True:
-            result = self._get(path, {"columns": QUEUE_COLUMNS, "page": page, "page_size": self.page_size})
+            result = self._get(path, {"columns": self._columns, "page": page, "page_size": self.page_size})
             # Keyed, so a queue that shifts between pages is never reported twice.
             items.update({(str(i["vhost"]), str(i["name"])): i for i in result["items"]})
             if page >= int(result.get("page_count") or 0):

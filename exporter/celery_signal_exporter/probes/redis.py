@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 from celery_signal_exporter.probes import register
 from celery_signal_exporter.probes.base import (
+    OLDEST_AGE,
     BrokerSnapshot,
     NodeStats,
     ProbeError,
     ProbeKind,
-    ProbeOption,
     ProbeOptions,
     QueueStats,
 )
@@ -48,13 +48,7 @@ if TYPE_CHECKING:
     from redis.sentinel import Sentinel
 
 #: The options only this probe reads; `serve` offers them (see `register` below).
-OPTIONS = (
-    ProbeOption(
-        "--oldest-age/--no-oldest-age",
-        default=True,
-        help="Redis: read the head message of each queue for celery_queue_oldest_message_age_seconds.",
-    ),
-)
+OPTIONS = (OLDEST_AGE,)
 
 
 @dataclass(frozen=True)
