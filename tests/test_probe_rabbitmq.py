@@ -8,6 +8,7 @@ default), so assertions poll until the exact expected value shows up.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -25,9 +26,11 @@ from celery_signal_exporter.probes import ProbeOptions, probe_for_url
 from celery_signal_exporter.probes.base import BrokerSnapshot, ProbeError
 from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe, RabbitMQSettings
 from tests.conftest import AMQP_HOST, RABBIT_MGMT_PORT
+from tests.harness import PYTHONPATH, Samples, exporter, has, value, wait_until
 
 T = TypeVar("T")
 STATS_LAG = 30.0  # seconds to wait for the management API to catch up
+AGE = "celery_queue_oldest_message_age_seconds"
 
 
 def eventually(read: Callable[[], T], check: Callable[[T], bool], what: str, limit: float = STATS_LAG) -> T:
@@ -211,10 +214,108 @@ def test_connection_refused_is_a_connection_error() -> None:
     assert "S3cret-x" not in str(err.value)
 
 
-def test_oldest_age_is_never_reported(amqp_url: str, app: Celery) -> None:
-    app.send_task("probe_test.noop", queue="aged", headers={"csx_due": time.time() - 100})
+def put(amqp_url: str, queue: str, timestamp: int | None = None, queue_type: str = "classic") -> None:
+    """One message straight through kombu (no Celery, so no publish signal can add or change a timestamp)."""
+    arguments = {} if queue_type == "classic" else {"x-queue-type": queue_type}
+    with Connection(amqp_url) as conn:
+        Queue(queue, routing_key=queue, durable=True, queue_arguments=arguments)(conn.channel()).declare()
+        properties = {} if timestamp is None else {"timestamp": timestamp}
+        conn.Producer().publish(b"{}", routing_key=queue, **properties)
+
+
+def declare_empty(amqp_url: str, queue: str) -> None:
+    with Connection(amqp_url) as conn:
+        Queue(queue, routing_key=queue, durable=True)(conn.channel()).declare()
+
+
+def ages(snap: BrokerSnapshot) -> dict[str, float | None]:
+    return {q.name: q.oldest_message_age_seconds for q in snap.queues}
+
+
+HELD = 5.0  # seconds the timestamped message waits, unconsumed, before we look
+
+
+def aged_queues(amqp_url: str) -> int:
+    """The queues of the oldest-age tests; returns the timestamp (whole UNIX seconds) of the held head."""
+    stamp = int(time.time())
+    put(amqp_url, "aged", stamp)
+    put(amqp_url, "aged", stamp + 3)  # a newer one behind it: the head is what counts
+    put(amqp_url, "plain")  # no timestamp property
+    declare_empty(amqp_url, "empty")
+    # RabbitMQ 3.10 reports no head_message_timestamp for these two queue types.
+    put(amqp_url, "quorum", stamp, queue_type="quorum")
+    put(amqp_url, "stream", stamp, queue_type="stream")
+    time.sleep(max(0.0, stamp + HELD - time.time()))
+    return stamp
+
+
+def test_oldest_age_from_the_head_timestamp(amqp_url: str) -> None:
+    stamp = aged_queues(amqp_url)
     p = rabbit_probe(amqp_url)
-    snap = eventually(lambda: p.snapshot(set()), lambda s: bool(s.queues) and s.queues[0].length == 1, "aged")
+    snap = eventually(lambda: p.snapshot(set()), lambda s: ages(s).get("aged") is not None, "aged head timestamp")
+    after = time.time()
+    age = ages(snap)["aged"]
+    assert age is not None
+    # Held 5 s; the stats interval (5 s) and the 1 s resolution widen the band.
+    assert 4.0 <= age <= 12.0 and age <= after - stamp, (age, after - stamp)
+    assert {q.name: q.length for q in snap.queues}["aged"] == 2
+    # No timestamp on the head, nothing in the queue, quorum and stream: no age, never a 0.
+    assert {n: a for n, a in ages(snap).items() if n != "aged"} == {
+        "plain": None, "empty": None, "quorum": None, "stream": None}
+
+    calls = CountingGets(p)
+    p.snapshot(set())
+    assert [c.split("/")[0] for c in calls.paths] == ["queues", "nodes"]  # no extra request for the ages
+
+    off = rabbit_probe(amqp_url, read_oldest_age=False)
+    assert set(ages(off.snapshot(set())).values()) == {None}
+
+
+def test_head_age_reading() -> None:
+    from celery_signal_exporter.probes.rabbitmq import MAX_FUTURE_SKEW, _head_age
+
+    now = 1_800_000_000.0
+    assert _head_age({"head_message_timestamp": 1_799_999_990}, now) == 10.0
+    assert _head_age({"head_message_timestamp": now + 2}, now) == 0.0  # publisher clock slightly ahead
+    for item in ({}, {"head_message_timestamp": None}, {"head_message_timestamp": ""},
+                 {"head_message_timestamp": True}, {"head_message_timestamp": float("nan")},
+                 {"head_message_timestamp": now * 1000},  # milliseconds, not the AMQP seconds
+                 {"head_message_timestamp": now + MAX_FUTURE_SKEW + 1}):
+        assert _head_age(item, now) is None, item
+
+
+def test_oldest_age_through_the_exporter(amqp_url: str, amqp_vhost: str, tmp_path: Any) -> None:
+    stamp = aged_queues(amqp_url)
+    args = ["--broker-url", amqp_url, "--probe-interval", "1", "--probe-timeout", "1"]
+    with exporter(str(tmp_path), *args) as ex:
+        def aged() -> float | None:
+            s = ex.scrape()
+            return value(s, AGE, queue_name="aged", vhost=amqp_vhost) if has(s, AGE, queue_name="aged") else None
+
+        age = wait_until(aged, STATS_LAG, "the aged queue's oldest-message age on /metrics")
+        assert 4.0 <= age <= time.time() - stamp, age
+        s = ex.scrape()
+        assert [dict(k[1])["queue_name"] for k in s if k[0] == AGE] == ["aged"]
+        assert value(s, "celery_queue_length", queue_name="plain", vhost=amqp_vhost) == 1.0
+
+    # --no-oldest-age, through its environment variable, turns it off for RabbitMQ too.
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH, CELERY_EXPORTER_OLDEST_AGE="false")
+    with exporter(str(tmp_path), *args, env=env) as ex:
+        def probed() -> Samples | None:
+            s = ex.scrape()
+            return s if has(s, "celery_queue_length", queue_name="aged", vhost=amqp_vhost) else None
+
+        s = wait_until(probed, STATS_LAG, "the aged queue's length on /metrics")
+        assert not [k for k in s if k[0] == AGE]
+
+
+def test_a_due_header_alone_gives_no_age(amqp_url: str, app: Celery) -> None:
+    """RabbitMQ reads the AMQP timestamp property, not the Redis probe's csx_due header."""
+    with Connection(amqp_url) as conn:
+        Queue("due", routing_key="due")(conn.channel()).declare()
+        conn.Producer().publish(b"{}", routing_key="due", headers={"csx_due": time.time() - 100})
+    p = rabbit_probe(amqp_url)
+    snap = eventually(lambda: p.snapshot(set()), lambda s: bool(s.queues) and s.queues[0].length == 1, "due")
     assert snap.queues[0].oldest_message_age_seconds is None
     assert snap.unacked_total is None
     assert p.discover() == set()
