@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from kombu.connection import Connection
+from kombu.messaging import Queue
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 
@@ -256,6 +258,11 @@ def test_rabbitmq_loop_and_exposition(amqp_url: str, amqp_vhost: str, redis_url:
     for _ in range(3):
         app.send_task("x.y", queue="rq")
     app.close()
+    # A head with the AMQP timestamp property, 100 s old: the oldest-message age reaches /metrics.
+    stamp = int(time.time()) - 100
+    with Connection(amqp_url) as conn:
+        Queue("rq-aged", routing_key="rq-aged")(conn.channel()).declare()
+        conn.Producer().publish(b"{}", routing_key="rq-aged", timestamp=stamp)
     rabbit = ProbeLoop(probe_for_url(amqp_url), amqp_url)
     label = redact_url(amqp_url)
     assert "guest" not in label
@@ -264,11 +271,16 @@ def test_rabbitmq_loop_and_exposition(amqp_url: str, amqp_vhost: str, redis_url:
         rabbit.probe_once()
         return value(list(rabbit.collect()), "celery_queue_length", queue_name="rq", vhost=amqp_vhost)
 
-    wait_for(lambda: rabbit_length() == 3.0, 30, "rq length 3 in the management API")
+    def aged() -> float | None:
+        return value(list(rabbit.collect()), "celery_queue_oldest_message_age_seconds", queue_name="rq-aged",
+                     vhost=amqp_vhost)
+
+    wait_for(lambda: rabbit_length() == 3.0 and aged() is not None, 30, "rq length 3 and rq-aged's age")
     families = list(rabbit.collect())
     assert value(families, "celery_queue_unacked", queue_name="rq", vhost=amqp_vhost) == 0.0
     assert value(families, "celery_queue_consumers", queue_name="rq", vhost=amqp_vhost) == 0.0
-    assert "celery_queue_oldest_message_age_seconds" not in samples(families)
+    age = aged()
+    assert age is not None and 100.0 <= age <= time.time() - stamp
     node_alarms = samples(families)["celery_broker_memory_alarm"]
     assert node_alarms and all(dict(k)["broker"] == label for k in node_alarms)
 
