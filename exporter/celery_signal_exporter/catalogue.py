@@ -227,9 +227,12 @@ QUEUE_CONSUMERS = Spec(
     recorded_by="probe", notes="RabbitMQ only",
 )
 QUEUE_OLDEST_AGE = Spec(
-    "celery_queue_oldest_message_age_seconds", "gauge", "Seconds since the next message to be consumed became due",
+    "celery_queue_oldest_message_age_seconds", "gauge",
+    "Seconds the next message to be consumed has waited: since it became due (Redis) or was published (RabbitMQ)",
     QUEUE,
-    recorded_by="probe", notes="Redis only, for queues whose next message carries the `csx_due` header",
+    recorded_by="probe",
+    notes="Redis: queues whose next message carries the `csx_due` header. RabbitMQ: classic queues whose next "
+          "message carries the AMQP `timestamp` property (whole seconds; the head as of the last 5 s stats refresh)",
 )
 BROKER_UP = Spec(
     "celery_broker_up", "gauge", "1 if the last broker probe succeeded", ("broker",),
@@ -386,14 +389,18 @@ removed, e.g. `redis://10.0.0.5:6379/0`.
 | queue length (`celery_queue_length`) | yes: waiting messages, every priority sub-queue summed; a deleted empty list is 0 | yes: ready messages; delivered but unacked ones are in `celery_queue_unacked` |
 | unacked per queue (`celery_queue_unacked`) | **no**: kombu keeps one unacked hash for all queues, reported as `celery_broker_unacked` | yes |
 | consumers (`celery_queue_consumers`) | **no**: a BRPOP client does not say which queues it serves | yes |
-| oldest-message age (`celery_queue_oldest_message_age_seconds`) | yes, for queues whose next message carries the `csx_due` header | **no**: the management API cannot read a message without consuming it |
+| oldest-message age (`celery_queue_oldest_message_age_seconds`) | yes, for queues whose next message carries the `csx_due` header | classic queues only, whose next message carries the AMQP `timestamp` property and is in memory (`head_message_timestamp`); **no** for quorum queues, streams, or a paged-out head (lazy queues) (checked on 3.10.8) |
 | memory used and limit | yes: `used_memory`, `maxmemory` (0 = none) | yes: `mem_used`, `mem_limit` of every node |
 | memory and disk alarms | **no** | yes, per node |
 | broker up | yes | yes |
 
 A series the broker cannot give is absent, never a misleading 0. On
 RabbitMQ the numbers are those of the management API, which refreshes its
-statistics every 5 s by default (`collect_statistics_interval`).
+statistics every 5 s by default (`collect_statistics_interval`). Its
+oldest-message age is now minus the head's `timestamp`, a whole number of
+seconds, so it reads up to 1 s high, and a head consumed since the last
+refresh keeps counting for up to those 5 s. On a priority queue the head
+is the next message to be delivered (highest priority), not the oldest.
 """,  # noqa: E501 - a markdown table row is one line
     ),
     Section(
