@@ -20,7 +20,7 @@ import pytest
 from celery_signal_exporter import compact as compaction
 from celery_signal_exporter import metrics as m
 from celery_signal_exporter.collect import DirectoryCollector, merged_samples
-from celery_signal_exporter.compact import pid_alive
+from celery_signal_exporter.directory import is_lost_runs, pid_alive
 from celery_signal_exporter.store import Store, read_entries
 from tests.harness import ROOT, Samples, env_for, exporter, produce, value, wait_until, worker
 
@@ -50,7 +50,7 @@ def running_children(metrics_dir: str, task: str) -> set[int]:
 
 
 def lost_run_files(metrics_dir: str) -> list[str]:
-    return [f for f in os.listdir(metrics_dir) if compaction._LOST_RUNS.match(f)]
+    return [f for f in os.listdir(metrics_dir) if is_lost_runs(f)]
 
 
 def outcomes_balance(s: Samples, task: str) -> bool:
