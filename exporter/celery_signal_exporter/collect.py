@@ -367,9 +367,8 @@ class DirectoryCollector:
     def _read_archive(self, path: str, kind: str) -> tuple[int, _Loaded | Exception]:
         """An archive's generation and contents, read once; a damaged one has generation 0."""
         try:
-            parsed = parse_name(os.path.basename(path))
-            mode = parsed[1] if parsed else ""
-            loaded = self._load(path, kind, mode, "archive", settled=True)
+            _, mode, pid = parse_name(os.path.basename(path)) or ("", "", "")
+            loaded = self._load(path, kind, mode, pid, settled=True)
             assert loaded is not None
             return read_generation(path), loaded
         except (OSError, ValueError) as exc:

@@ -69,6 +69,7 @@ from celery_signal_exporter.directory import (
     ARCHIVE_SUFFIX,
     LOCK_NAME,
     MAGIC,
+    MERGE_RULES,
     STAGING_PREFIX,
     archive_generation,
     archive_name,
@@ -107,11 +108,6 @@ __all__ = [
 
 log = logging.getLogger("celery_signal_exporter")
 
-#: How two values of one series merge, per archived kind.
-MERGE_RULES: dict[str, str] = {
-    "counter": "sum", "histogram": "sum", "gauge_sum": "sum",
-    "gauge_max": "max", "gauge_min": "min", "gauge_mostrecent": "mostrecent",
-}
 #: Seconds a verdict that a file is foreign or damaged is trusted before the file is opened again.
 #: Without a bound, a file a process later adopts in place (store.open_owned tags an untagged file
 #: under its own name; the directory's mtime does not change) would never be compacted.

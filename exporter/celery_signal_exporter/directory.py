@@ -36,8 +36,13 @@ from contextlib import contextmanager
 LOCK_NAME = ".compact.lock"
 STAGING_PREFIX = ".compact-"
 ARCHIVE_SUFFIX = "_archive.db"
-#: Kinds whose files outlive their writer and are folded into archives (live gauges are not).
-ARCHIVED_KINDS = ("counter", "histogram", "gauge_sum", "gauge_max", "gauge_min", "gauge_mostrecent")
+#: Kinds whose files outlive their writer and are folded into one archive each (live gauges are
+#: not), and how two values of one series merge there.
+MERGE_RULES: dict[str, str] = {
+    "counter": "sum", "histogram": "sum", "gauge_sum": "sum",
+    "gauge_max": "max", "gauge_min": "min", "gauge_mostrecent": "mostrecent",
+}
+ARCHIVED_KINDS = tuple(MERGE_RULES)
 GAUGE_MODES = frozenset({"all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum",
                          "mostrecent", "livemostrecent"})
 _ARCHIVED = "|".join(ARCHIVED_KINDS)
