@@ -14,8 +14,13 @@
   lock means a dead writer, seen from any container, with no pid to reuse. Files without
   `MAGIC` are judged by nobody, except live gauges by the pid in their name, and only by a
   worker main (a pid means something in its own pid namespace only).
-- **Compaction.** Compactors take ``.compact.lock`` exclusive, readers shared. A staged file
+- **Compaction.** Compactors take ``.compact.lock`` exclusive, readers shared. A dead
+  writer's live gauges are removed (its runs in progress counted lost first); its other files
+  move into staging, then fold into their kind's archive by `MERGE_RULES`. A staged file
   counts only while its generation is newer than its kind's archive.
+
+store.py writes by these rules, collect.py reads by them, compact.py and worker.py judge and
+move files by them; none of them spells a rule out again.
 """
 
 from __future__ import annotations
@@ -46,14 +51,13 @@ ARCHIVED_KINDS = tuple(MERGE_RULES)
 GAUGE_MODES = frozenset({"all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum",
                          "mostrecent", "livemostrecent"})
 _ARCHIVED = "|".join(ARCHIVED_KINDS)
-_SOURCE = re.compile(rf"^({_ARCHIVED})_([0-9][0-9-]*)\.db$")
-_STAGING = re.compile(r"^\.compact-(\d+)$")
+_ID = r"[0-9][0-9-]*"
+_SOURCE = re.compile(rf"^({_ARCHIVED})_({_ID})\.db$")
+_STAGING = re.compile(rf"^{re.escape(STAGING_PREFIX)}(\d+)$")
 _TMP = re.compile(r"^\..+\.tmp$")
-_LIVE = re.compile(r"^gauge_live[a-z]+_([0-9][0-9-]*)\.db$")
+_LIVE = re.compile(rf"^gauge_live[a-z]+_({_ID})\.db$")
 _LIVE_PID = re.compile(r"^gauge_live[a-z]+_(\d+)(?:-\d+)?\.db$")
 _LOST_RUNS = re.compile(r"^counter_[0-9]+(?:-[0-9]+){2,}\.db$")
-#: Every name a compactor has to look at; the rest of a listing is ignored by name alone.
-_WORK = re.compile(rf"^(?:\..+\.tmp|gauge_live[a-z]+_[0-9][0-9-]*\.db|(?:{_ARCHIVED})_[0-9][0-9-]*\.db)$")
 
 
 def writer_file(prefix: str, pid: int, n: int = 0) -> str:
@@ -142,8 +146,11 @@ def live_file_pid(filename: str) -> int | None:
 
 
 def needs_a_look(filename: str) -> bool:
-    """Whether a compactor has anything to judge under this name (a writer's or temporary file)."""
-    return _WORK.match(filename) is not None
+    """Whether a compactor has anything to judge under this name (a writer's or temporary file).
+
+    The rest of a listing (archives, staging, the lock, anything foreign) is ignored by name alone.
+    """
+    return bool(_SOURCE.match(filename) or _LIVE.match(filename) or _TMP.match(filename))
 
 
 # ---- contents -------------------------------------------------------------------------------
