@@ -592,17 +592,10 @@ def _reap_live(directory: str, name: str, file_id: str, by_pid: bool,
         except (OSError, ValueError) as exc:
             result.damaged.append(f"{name}: {exc}")
             return st.st_ino
-        counted = ""
-        if lost:
-            counted = os.path.join(directory, lost_runs_file(file_id, st.st_ino, st.st_mtime_ns))
-            try:
-                _write_lost_runs(directory, counted, lost)
-            except OSError as exc:
-                result.reap_errors.append(f"{name}: lost runs not written: {exc}")
-                return "alive"  # the live file stays, so the runs are counted on a later tick
-            result.lost_runs += int(sum(lost.values()))
-            if _crash_after == "reap_link":
-                return "alive"
+        counted = _count_lost_runs(directory, name, lost_runs_file(file_id, st.st_ino, st.st_mtime_ns), lost,
+                                   result) if lost else ""
+        if counted is None or (counted and _crash_after == "reap_link"):
+            return "alive"  # the live file stays, so its runs are counted (once) on a later tick
         return _unlink_reaped(path, counted, lost, result)
     except FileNotFoundError:
         return "gone"
@@ -610,6 +603,19 @@ def _reap_live(directory: str, name: str, file_id: str, by_pid: bool,
         return "alive"
     finally:
         os.close(fd)
+
+
+def _count_lost_runs(directory: str, name: str, counter_name: str, lost: dict[str, float],
+                     result: CompactResult) -> str | None:
+    """Write a dead live file's lost runs as the counter file `counter_name`; its path, or None if not written."""
+    counted = os.path.join(directory, counter_name)
+    try:
+        _write_lost_runs(directory, counted, lost)
+    except OSError as exc:
+        result.reap_errors.append(f"{name}: lost runs not written: {exc}")
+        return None
+    result.lost_runs += int(sum(lost.values()))
+    return counted
 
 
 def _unlink_reaped(path: str, counted: str, lost: dict[str, float], result: CompactResult) -> str | tuple[str, int]:
