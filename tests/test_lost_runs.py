@@ -15,10 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from celery_signal_exporter import compact as compaction
 from celery_signal_exporter import metrics as m
 from celery_signal_exporter.collect import DirectoryCollector, merged_samples
-from celery_signal_exporter.compact import pid_alive
+from celery_signal_exporter.directory import is_lost_runs, pid_alive
 from celery_signal_exporter.store import Store, read_entries
 from tests.harness import ROOT, Samples, env_for, exporter, produce, value, wait_until, worker
 
@@ -48,7 +50,7 @@ def running_children(metrics_dir: str, task: str) -> set[int]:
 
 
 def lost_run_files(metrics_dir: str) -> list[str]:
-    return [f for f in os.listdir(metrics_dir) if compaction._LOST_RUNS.match(f)]
+    return [f for f in os.listdir(metrics_dir) if is_lost_runs(f)]
 
 
 def outcomes_balance(s: Samples, task: str) -> bool:
@@ -147,11 +149,14 @@ def _dead_mid_task(directory: str, runs: int) -> int:
     return pid
 
 
-def test_a_reaper_that_crashes_between_link_and_unlink_counts_once(tmp_path: Path) -> None:
+def test_a_reaper_that_crashes_between_link_and_unlink_counts_once(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Crash after the lost runs' counter file is linked and before the live file is removed."""
     d = str(tmp_path)
     pid = _dead_mid_task(d, 2)
-    crashed = compaction.compact(d, _crash_after="reap_link")
+    monkeypatch.setattr(compaction, "_crash_after", "reap_link")
+    crashed = compaction.compact(d)
+    monkeypatch.setattr(compaction, "_crash_after", "")
     assert crashed.lost_runs == 2 and os.path.exists(os.path.join(d, f"gauge_livesum_{pid}.db"))
     assert len(lost_run_files(d)) == 1
     assert merged_samples(DirectoryCollector(d))[LOST] == 2

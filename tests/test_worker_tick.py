@@ -152,6 +152,57 @@ def test_a_tick_opens_only_what_may_have_changed(tmp_path: Any) -> None:
     live.close()
 
 
+def test_a_tick_reaps_a_dead_writers_live_file_once(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One heartbeat tick judges, reads and reaps a dead writer's live gauges exactly once.
+
+    The tick (WorkerMetrics.tick, as the worker's timer runs it) opens the dead
+    live file once and reads it through the descriptor whose lock told it the
+    writer was dead. Before: the reaper locked one descriptor and read the file
+    again by its name, a second open per dead file per tick (and a file
+    replaced in between would have been judged by one inode and read from another).
+    """
+    from celery import Celery
+
+    from celery_signal_exporter.receivers import Instrumentation, Options
+    from celery_signal_exporter.worker import WorkerMetrics
+
+    d = str(tmp_path)
+    dead = write_dead(d, 3)
+    live_name = f"gauge_livesum_{dead}.db"
+    tick = WorkerMetrics(Instrumentation(Celery("tick"), Options(metrics_dir=d)))
+    consumer = type("Consumer", (), {"hostname": "w@test", "pool": type("Pool", (), {"num_processes": 2})()})()
+
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: Any, *args: Any, **kwargs: Any) -> int:
+        opened.append(os.path.basename(os.fsdecode(path)))
+        return real_open(path, *args, **kwargs)
+
+    judged: list[str] = []
+    real_reap_live = compaction._reap_live
+
+    def counting_reap_live(directory: str, name: str, *args: Any) -> Any:
+        judged.append(name)
+        return real_reap_live(directory, name, *args)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    monkeypatch.setattr(compaction, "_reap_live", counting_reap_live)
+    tick.tick(consumer)
+    monkeypatch.undo()
+
+    assert judged.count(live_name) == 1, judged
+    assert opened.count(live_name) == 1, f"the dead live file opened {opened.count(live_name)} times in one tick"
+    assert live_name not in os.listdir(d)
+    from celery_signal_exporter.collect import DirectoryCollector, merged_samples
+
+    s = merged_samples(DirectoryCollector(d))
+    assert s['celery_task_failed_total{exception="WorkerLostError",name="a",queue_name="q"}'] == 1
+    assert s['celery_task_sent_total{name="a",queue_name="q"}'] == 3
+    assert s['celery_worker_pool_processes{hostname="w@test"}'] == 2
+    tick.inst.store.close()
+
+
 def test_a_foreign_file_adopted_in_place_is_compacted_once_its_verdict_expires(
         tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """An empty counter_<pid>.db is judged foreign; a process with that pid then adopts it in place

@@ -38,24 +38,27 @@ from celery_signal_exporter.catalogue import (
     TASKS_ACTIVE,
     WORKER_UP,
 )
-from celery_signal_exporter.compact import (
-    ARCHIVE_SUFFIX,
-    FUTURE_SLACK,
-    LOCK_NAME,
-    archive_generation,
+from celery_signal_exporter.compact import FUTURE_SLACK
+from celery_signal_exporter.directory import (
+    archive_kind,
     directory_lock,
+    held_by_a_live_writer,
+    is_ours,
     kind_of,
+    lock_path,
+    open_to_read,
+    padded_length,
+    parse_name,
+    read_generation,
+    read_prefix,
     staging_dirs,
+    walk_entries,
 )
 from celery_signal_exporter.exposition import line_prefix
 from celery_signal_exporter.labels import cut
 from celery_signal_exporter.metrics import format_le
-from celery_signal_exporter.store import MAGIC, held_by_a_live_writer, padded_length, walk_entries
 
 log = logging.getLogger("celery_signal_exporter")
-
-_GAUGE_MODES = {"all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum",
-                "mostrecent", "livemostrecent"}
 
 #: Distinct task names the exporter shows across the whole directory; the rest
 #: become `__overflow__`. Each process already caps its own (`max_task_names`,
@@ -80,18 +83,6 @@ class MergeStats:
     files_dead: int = 0  # live-gauge files whose writer is gone, not merged
     queues_seen: set[str] = field(default_factory=set)
     unreadable: dict[str, str] = field(default_factory=dict)  # file -> why, this scrape
-
-
-def _parse_name(filename: str) -> tuple[str, str, str] | None:
-    """'gauge_livesum_123.db' -> ('gauge', 'livesum', '123'); None if not ours."""
-    if not filename.endswith(".db"):
-        return None
-    parts = filename[:-3].split("_")
-    if parts[0] == "gauge" and len(parts) >= 3 and parts[1] in _GAUGE_MODES:
-        return "gauge", parts[1], "_".join(parts[2:])
-    if parts[0] in ("counter", "histogram", "summary") and len(parts) >= 2:
-        return parts[0], "", "_".join(parts[1:])
-    return None
 
 
 class _Layout:
@@ -252,17 +243,12 @@ class DirectoryCollector:
     def _read_used(path: str) -> tuple[bytes, int, int]:
         """A consistent prefix of a file, its used size, and the open descriptor (the caller closes it).
 
-        Only the used size read first is trusted: a live file grows while we
-        read it, and whatever its header says by the time the rest is read,
-        the prefix we were told of is complete (see store.walk_entries). So a
-        growing file is never taken for a damaged one.
+        Only the used size read first is trusted (see directory.read_prefix), so
+        a growing file is never taken for a damaged one.
         """
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO in a file's place must not hang us
+        fd = open_to_read(path)
         try:
-            data = os.read(fd, 4096)  # files are preallocated: read only the used part
-            used = int.from_bytes(data[:4], "little", signed=True) if len(data) >= 4 else len(data)
-            if len(data) == 4096 and used > len(data):
-                data = os.pread(fd, used, 0)  # one read, no concatenation: live files run to megabytes
+            data, used = read_prefix(fd)
         except BaseException:
             os.close(fd)
             raise
@@ -272,7 +258,7 @@ class DirectoryCollector:
         """A file's layout, its values now, and whether its writer lives; None for a live-gauge file
         whose writer is dead.
 
-        The writer's lock (see store.py) says whether it is alive, from any
+        The writer's lock (see directory.py) says whether it is alive, from any
         container: no pid is compared. It is asked only where it matters: live
         gauges (a dead writer's are left out) and gauges that pick one writer's
         value. Archives and staged files (`settled`) have no writer. Files
@@ -284,7 +270,7 @@ class DirectoryCollector:
         data, used, fd = self._read_used(path)
         alive = not settled
         try:
-            if not settled and data[4:8] == MAGIC and (mode.startswith("live") or mode in _PICK_ONE):
+            if not settled and is_ours(data) and (mode.startswith("live") or mode in _PICK_ONE):
                 alive = held_by_a_live_writer(fd)
                 if not alive and mode.startswith("live"):
                     return None
@@ -353,7 +339,7 @@ class DirectoryCollector:
     def _plan(self, names: list[str]) -> list[tuple[str, str, str, str, str, bool]]:
         """(path, display name, kind, mode, pid, settled) of every file to merge, archives first.
 
-        Staged files (see compact.py) count only while their staging
+        Staged files (see directory.py) count only while their staging
         generation is newer than their kind's archive. Archives and staged
         files are settled: their writers are gone.
         """
@@ -361,14 +347,14 @@ class DirectoryCollector:
         generations: dict[str, int] = {}
         rest: list[tuple[str, str, str, str, str, bool]] = []
         for filename in names:
-            parsed = _parse_name(filename)
+            parsed = parse_name(filename)
             if parsed is None:
                 continue
             kind, mode, pid = parsed
             path = os.path.join(self.directory, filename)
-            if filename.endswith(ARCHIVE_SUFFIX):
-                prefix = filename[: -len(ARCHIVE_SUFFIX)]
-                generations[prefix], self._archives[path] = self._read_archive(path, kind)
+            archived = archive_kind(filename)
+            if archived is not None:
+                generations[archived], self._archives[path] = self._read_archive(path, kind)
                 plan.append((path, filename, kind, mode, pid, True))
             else:
                 rest.append((path, filename, kind, mode, pid, False))
@@ -380,7 +366,7 @@ class DirectoryCollector:
                 continue  # finished and removed since the listing
             for filename in staged:
                 kind_prefix = kind_of(filename)
-                parsed = _parse_name(filename)
+                parsed = parse_name(filename)
                 if kind_prefix is None or parsed is None or gen <= generations.get(kind_prefix, 0):
                     continue
                 rest.append((os.path.join(sdir, filename), f"{sname}/{filename}", *parsed, True))
@@ -389,12 +375,10 @@ class DirectoryCollector:
     def _read_archive(self, path: str, kind: str) -> tuple[int, _Loaded | Exception]:
         """An archive's generation and contents, read once; a damaged one has generation 0."""
         try:
-            parsed = _parse_name(os.path.basename(path))
-            mode = parsed[1] if parsed else ""
-            loaded = self._load(path, kind, mode, "archive", settled=True)
+            _, mode, pid = parse_name(os.path.basename(path)) or ("", "", "")
+            loaded = self._load(path, kind, mode, pid, settled=True)
             assert loaded is not None
-            with open(path, "rb") as f:
-                return archive_generation(f.read(8)), loaded
+            return read_generation(path), loaded
         except (OSError, ValueError) as exc:
             return 0, exc
 
@@ -402,7 +386,7 @@ class DirectoryCollector:
         if len(self._meta) > 2 * len(self._skeleton_of) + _CACHE_SLACK \
                 or len(self._keys) > 2 * len(self._skeleton_of) + _CACHE_SLACK:
             self._forget()
-        lock_file = os.path.join(self.directory, LOCK_NAME)
+        lock_file = lock_path(self.directory)
         while True:
             stats = MergeStats()
             locked_before = os.path.exists(lock_file)

@@ -6,7 +6,7 @@ directory at one archive per kind plus the files of live processes.
 
 Who and when: the worker main process, on its heartbeat tick (and anyone
 calling `compact()`, e.g. ``python -m celery_signal_exporter.compact DIR``). A file is dead
-when its writer's lock (see store.py) is free, so compaction never needs to
+when its writer's lock (see directory.py) is free, so compaction never needs to
 see the writer's pid and is not fooled by pid reuse.
 
 Atomicity, without counting anything twice or losing it on a crash:
@@ -54,47 +54,60 @@ directory.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
 import os
-import re
 import stat
-import struct
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from celery_signal_exporter.directory import (
+    ARCHIVE_SUFFIX,
+    LOCK_NAME,
+    MAGIC,
+    MERGE_RULES,
+    STAGING_PREFIX,
+    archive_generation,
+    archive_name,
+    claim_if_dead,
+    dead_by_pid,
+    directory_lock,
+    generation_tag,
+    is_lost_runs,
+    is_ours,
+    is_tmp,
+    kind_of,
+    live_file_id,
+    live_file_pid,
+    lost_runs_file,
+    needs_a_look,
+    open_to_read,
+    pid_alive,
+    read_generation,
+    read_prefix,
+    read_used,
+    same_file,
+    staging_dirs,
+    staging_name,
+    tmp_file,
+    used_size,
+)
 from celery_signal_exporter.metrics import COMPACTED, FAILED, IN_PROGRESS
-from celery_signal_exporter.store import MAGIC, encode_entries, read_entries, series_key
+from celery_signal_exporter.store import encode_entries, read_entries, series_key
+
+# Some names moved to directory.py (the directory's rules) and stay importable from here.
+__all__ = [
+    "ARCHIVE_SUFFIX", "COMPACTED_KEY", "FUTURE_SLACK", "LOCK_NAME", "LOST_EXCEPTION", "MERGE_RULES",
+    "STAGING_PREFIX", "VERDICT_TTL", "CompactResult", "archive_generation", "archive_name", "compact",
+    "directory_lock", "kind_of", "main", "merge_into", "pid_alive", "reap", "staging_dirs",
+]
 
 log = logging.getLogger("celery_signal_exporter")
 
-LOCK_NAME = ".compact.lock"
-STAGING_PREFIX = ".compact-"
-ARCHIVE_SUFFIX = "_archive.db"
-#: Kinds whose values outlive their process, and how two values merge.
-MERGE_RULES: dict[str, str] = {
-    "counter": "sum", "histogram": "sum", "gauge_sum": "sum",
-    "gauge_max": "max", "gauge_min": "min", "gauge_mostrecent": "mostrecent",
-}
-_SOURCE = re.compile(r"^(counter|histogram|gauge_sum|gauge_max|gauge_min|gauge_mostrecent)_([0-9][0-9-]*)\.db$")
-_STAGING = re.compile(r"^\.compact-(\d+)$")
-_TMP = re.compile(r"^\..+\.tmp$")
-_LIVE = re.compile(r"^gauge_live[a-z]+_([0-9][0-9-]*)\.db$")
-#: A live file name's pid, for files without our tag (judged by the pid, in the worker main only).
-_LIVE_PID = re.compile(r"^gauge_live[a-z]+_(\d+)(?:-\d+)?\.db$")
-#: Counter files the reaper writes for lost runs: `counter_<live file's id>-<inode>-<mtime_ns>.db`.
-#: Our writers never name a file with two dashes, so these never collide with a process's file.
-_LOST_RUNS = re.compile(r"^counter_[0-9]+(?:-[0-9]+){2,}\.db$")
-#: Every name a tick has to look at; the rest of a listing is ignored by name alone.
-_WORK = re.compile(
-    r"^(?:\..+\.tmp|gauge_live[a-z]+_[0-9][0-9-]*\.db"
-    r"|(?:counter|histogram|gauge_sum|gauge_max|gauge_min|gauge_mostrecent)_[0-9][0-9-]*\.db)$")
-_GEN = struct.Struct("<I")
 #: Seconds a verdict that a file is foreign or damaged is trusted before the file is opened again.
 #: Without a bound, a file a process later adopts in place (store.open_owned tags an untagged file
 #: under its own name; the directory's mtime does not change) would never be compacted.
@@ -104,33 +117,11 @@ VERDICT_TTL = 1800.0
 LISTING_SETTLE_NS = 2_000_000_000
 LOST_EXCEPTION = "WorkerLostError"
 
+#: For tests only: "reap_link", "stage" or "archive" makes `compact()` stop there, as a crash would.
+_crash_after = ""
+
 Entries = dict[str, tuple[float, float]]
 COMPACTED_KEY = series_key(COMPACTED.name, COMPACTED.name + "_total", {}, COMPACTED.help)
-
-
-def kind_of(filename: str) -> str | None:
-    """'counter_123.db' -> 'counter'; None for archives, live gauges and foreign files."""
-    match = _SOURCE.match(filename)
-    return match.group(1) if match else None
-
-
-def archive_name(kind: str) -> str:
-    return kind + ARCHIVE_SUFFIX
-
-
-def archive_generation(data: bytes) -> int:
-    """The compaction generation recorded in an archive's header."""
-    return int(_GEN.unpack_from(data, 4)[0]) if len(data) >= 8 else 0
-
-
-def staging_dirs(names: list[str]) -> dict[int, str]:
-    """Staging generation -> directory name, from a directory listing."""
-    out: dict[int, str] = {}
-    for name in names:
-        match = _STAGING.match(name)
-        if match:
-            out[int(match.group(1))] = name
-    return out
 
 
 #: How far ahead of our clock a writer's timestamp may be and still count as now: pods on other
@@ -161,55 +152,6 @@ def merge_into(target: Entries, entries: Iterator[tuple[str, float, float]], rul
             target[key] = (min(old[0], value), max(old[1], stamp))
         elif stamp > old[1]:  # mostrecent
             target[key] = (value, stamp)
-
-
-def _read(path: str) -> bytes:
-    """The used part of a file; O_NONBLOCK so that a FIFO in a file's place cannot hang us."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError("not a regular file")
-        data = os.read(fd, 4096)
-        if len(data) >= 4:
-            used = int.from_bytes(data[:4], "little", signed=True)
-            while 0 < len(data) < used:
-                more = os.read(fd, used - len(data))
-                if not more:
-                    break
-                data += more
-    finally:
-        os.close(fd)
-    return data
-
-
-@contextmanager
-def directory_lock(directory: str, exclusive: bool, wait: float = 0.0) -> Iterator[bool]:
-    """Hold ``.compact.lock``; yields False if it could not be had in `wait` seconds.
-
-    The reader takes it shared so that it never sees half a compaction; a
-    read-only mount or a directory no compactor has used yet has no lock
-    file, and then yields True with nothing held (nothing to be consistent with).
-    """
-    path = os.path.join(directory, LOCK_NAME)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644) if exclusive else os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        yield not exclusive
-        return
-    try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    yield False
-                    return
-                time.sleep(0.002)
-        yield True
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -262,25 +204,20 @@ class _View:
         verdicts: dict[str, tuple[int, float]] = {}
         work: dict[str, int] = {}
         ignored: set[str] = set()
-        staging: list[str] = []
         for name in sorted(listed):
             inode = listed[name]
             if name in self.ignored:
                 ignored.add(name)
-                if name.startswith(STAGING_PREFIX):
-                    staging.append(name)
                 continue
             known = self.verdicts.get(name)
             if known is not None and known[0] == inode and known[1] > now:
                 verdicts[name] = known
-            elif _WORK.match(name):
+            elif needs_a_look(name):
                 work[name] = inode
             else:
                 ignored.add(name)
-                if name.startswith(STAGING_PREFIX):
-                    staging.append(name)
         self.verdicts, self.work, self.ignored = verdicts, work, ignored
-        self.staging = staging_dirs(staging)
+        self.staging = staging_dirs(ignored)  # no compactor's name: never looked at, never judged
         self.next_look = min((t for _, t in verdicts.values()), default=math.inf)
         return True
 
@@ -314,20 +251,6 @@ def _identity(path: str) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _header_generation(path: str) -> int:
-    """An archive's generation from its header alone (0 if it has none)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError:
-        return 0
-    try:
-        return archive_generation(os.pread(fd, 8, 0))
-    except OSError:
-        return 0
-    finally:
-        os.close(fd)
-
-
 def _load_archive(path: str, rule: str) -> tuple[int, Entries]:
     """(generation, a private copy of the entries); (0, {}) if there is no archive yet."""
     try:
@@ -337,9 +260,9 @@ def _load_archive(path: str, rule: str) -> tuple[int, Entries]:
     cached = _archive_cache.get(path)
     if cached is not None and cached[0] == ident:
         return cached[1], dict(cached[2])
-    data = _read(path)
+    data, used = read_used(path)
     entries: Entries = {}
-    merge_into(entries, read_entries(data), rule)
+    merge_into(entries, read_entries(data, used), rule)
     generation = archive_generation(data)
     _archive_cache[path] = (ident, generation, entries)
     return generation, dict(entries)
@@ -362,8 +285,8 @@ def _fsync_dir(path: str) -> None:
 
 def _write_archive(directory: str, kind: str, entries: Entries, generation: int) -> None:
     path = os.path.join(directory, archive_name(kind))
-    tmp = os.path.join(directory, f".{archive_name(kind)}.{os.getpid()}.tmp")
-    _write_durably(tmp, encode_entries([(k, v, t) for k, (v, t) in entries.items()], _GEN.pack(generation)))
+    tmp = os.path.join(directory, tmp_file(archive_name(kind)))
+    _write_durably(tmp, encode_entries([(k, v, t) for k, (v, t) in entries.items()], generation_tag(generation)))
     os.rename(tmp, path)
 
 
@@ -385,193 +308,235 @@ def _write_durably(tmp: str, data: bytes) -> None:
     os.close(fd)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"  # a zombie is dead
-    except (OSError, IndexError):
-        return True
-
-
-def reap(directory: str, by_pid: bool = False) -> CompactResult:
-    """Only the reaping pass of `compact()`, under the same lock: for the worker's start."""
+@contextmanager
+def _tending(directory: str) -> Iterator[tuple[CompactResult, _View | None]]:
+    """The prologue `reap()` and `compact()` share: the exclusive lock, and this process's view of
+    the directory brought up to date. The view is None when another compactor holds the lock."""
     result = CompactResult()
     with directory_lock(directory, exclusive=True) as held:
         if not held:
             result.busy = True
-            return result
+            yield result, None
+            return
         view = _views.setdefault(directory, _View())
         result.relisted = view.refresh(directory)
-        _reap_pass(directory, view, result, by_pid)
+        yield result, view
+
+
+def reap(directory: str, by_pid: bool = False) -> CompactResult:
+    """Only the reaping pass of `compact()`, under the same lock: for the worker's start."""
+    with _tending(directory) as (result, view):
+        if view is not None:
+            _reap_pass(directory, view, result, by_pid)
     return result
 
 
-def compact(directory: str, max_files: int = 5000, _crash_after: str = "", by_pid: bool = False) -> CompactResult:
+def compact(directory: str, max_files: int = 5000, by_pid: bool = False) -> CompactResult:
     """Reap dead writers' live gauges, then fold dead writers' files into the archives.
 
     Safe to call from anywhere, any time. Bounded work: at most `max_files`
     dead files are absorbed per call. `by_pid`: also remove live-gauge files
     without our tag whose pid is dead; only a worker main may ask for that,
     since a pid means something in its own pid namespace only.
-    `_crash_after` ("reap_link", "stage" or "archive") is for tests: stop as a crash would.
     """
-    result = CompactResult()
-    with directory_lock(directory, exclusive=True) as held:
-        if not held:
-            result.busy = True
+    with _tending(directory) as (result, view):
+        if view is None:
             return result
-        view = _views.setdefault(directory, _View())
-        result.relisted = view.refresh(directory)
-
-        # 0. Live gauges of dead writers, their lost runs written as counter files first. A pass
-        #    of its own, so no counter file it writes is staged while its live file still exists.
-        _reap_pass(directory, view, result, by_pid, _crash_after)
+        # Live gauges first, in a pass of their own: no lost-run file is staged while its live file exists.
+        _reap_pass(directory, view, result, by_pid)
         if _crash_after == "reap_link":
             return result
-
-        generations = {kind: _header_generation(os.path.join(directory, archive_name(kind))) for kind in MERGE_RULES}
-        archives: dict[str, Entries | None] = {}  # read only for kinds with work to do; None: damaged
-
-        def archive(kind: str) -> Entries | None:
-            if kind not in archives:
-                try:
-                    generations[kind], archives[kind] = _load_archive(
-                        os.path.join(directory, archive_name(kind)), MERGE_RULES[kind])
-                except (OSError, ValueError) as exc:
-                    result.errors.append(f"{archive_name(kind)}: {exc}")  # never overwritten: kind left alone
-                    archives[kind] = None
-            return archives[kind]
-
-        staged = dict(view.staging)
-        new_gen = max([0, *generations.values(), *staged]) + 1
-
-        # 1. Move dead writers' files into the new staging directory.
-        stage = os.path.join(directory, f"{STAGING_PREFIX}{new_gen}")
-        moved = 0
-        for name in sorted(view.work):
-            source_kind = kind_of(name)
-            if source_kind is None:
-                continue
-            path = os.path.join(directory, name)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-            except FileNotFoundError:
-                view.gone(name)
-                continue
-            except OSError:
-                view.judged(name, view.work[name], VERDICT_TTL)  # unreadable: not ours to judge
-                continue
-            result.opened += 1
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode) or os.pread(fd, 8, 0)[4:8] != MAGIC:
-                    view.judged(name, st.st_ino, VERDICT_TTL)
-                    continue  # not written by us: its writer holds no lock to judge by
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:  # held by its live writer (or no flock here: then never judged dead)
-                    result.live += 1
-                    continue
-                if moved >= max_files:
-                    result.remaining += 1
-                    continue
-                if archive(source_kind) is None:
-                    continue  # its archive is damaged: leave the file where it is, counted by readers
-                try:
-                    list(read_entries(_read(path)))
-                except (OSError, ValueError) as exc:
-                    result.damaged.append(f"{name}: {exc}")  # left where it is; the reader counts it
-                    view.judged(name, st.st_ino, VERDICT_TTL)
-                    continue
-                now = os.stat(path)
-                if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
-                    continue
-                if moved == 0:
-                    os.makedirs(stage, exist_ok=True)
-                    staged[new_gen] = os.path.basename(stage)
-                os.rename(path, os.path.join(stage, name))  # still locked: no writer can take it now
-                view.gone(name)
-                moved += 1
-            except FileNotFoundError:
-                view.gone(name)
-                continue
-            finally:
-                os.close(fd)
-        if moved:
-            _fsync_dir(stage)
-            _fsync_dir(directory)
+        archives = _Archives(directory, view.staging, result)
+        staged = _stage_dead(directory, view, archives, result, max_files)
         if _crash_after == "stage":
             return result
-
-        # 2. Rewrite each archive that has staged files newer than it.
-        written: dict[str, int] = {}
-        damaged: set[str] = set()
-        pending: dict[str, list[tuple[int, str]]] = {}
-        for gen in sorted(staged):
-            for name in sorted(os.listdir(os.path.join(directory, staged[gen]))):
-                staged_kind = kind_of(name)
-                if staged_kind is not None and gen > generations[staged_kind]:
-                    pending.setdefault(staged_kind, []).append((gen, name))
-        for kind, files in pending.items():
-            entries = archive(kind)
-            if entries is None:
-                continue
-            absorbed = processes = 0
-            for gen, name in files:
-                if gen <= generations[kind]:
-                    continue  # the full read of the archive knows better than its header did
-                path = os.path.join(directory, staged[gen], name)
-                try:
-                    merge_into(entries, read_entries(_read(path)), MERGE_RULES[kind])
-                    absorbed += 1
-                    processes += not _LOST_RUNS.match(name)  # a reaper's file is no process
-                except (OSError, ValueError) as exc:
-                    damaged.add(path)
-                    result.damaged.append(f"{staged[gen]}/{name}: {exc}")
-            if not absorbed:
-                continue
-            if kind == "counter" and processes:  # one counter file per process: exact, and atomic with it
-                entries[COMPACTED_KEY] = (entries.get(COMPACTED_KEY, (0.0, 0.0))[0] + processes, 0.0)
-            try:
-                _write_archive(directory, kind, entries, new_gen)
-                _remember_archive(os.path.join(directory, archive_name(kind)), new_gen, entries)
-            except OSError as exc:
-                result.errors.append(f"{archive_name(kind)}: {exc}")  # staged files stay counted
-                continue
-            written[kind] = new_gen
-            result.absorbed += absorbed if kind != "counter" else processes  # processes' files, not the reaper's
-        if written:
-            _fsync_dir(directory)
+        kept = _fold_staged(directory, staged, archives, result)
         if _crash_after == "archive":
             return result
-
-        # 3. Delete what the archives now hold; keep anything they do not.
-        for gen, sname in sorted(staged.items()):
-            sdir = os.path.join(directory, sname)
-            for name in os.listdir(sdir):
-                staged_kind = kind_of(name)
-                path = os.path.join(sdir, name)
-                # Only what a readable archive of generation >= gen holds; a damaged one holds nothing.
-                if staged_kind is not None and path not in damaged and archive(staged_kind) is not None \
-                        and gen <= written.get(staged_kind, generations[staged_kind]):
-                    os.unlink(path)
-            try:
-                os.rmdir(sdir)
-            except OSError:
-                pass  # something not absorbed is left in it
+        _remove_absorbed(directory, staged, archives, kept)
     return result
 
 
-def _reap_pass(directory: str, view: _View, result: CompactResult, by_pid: bool, _crash_after: str = "") -> None:
+class _Archives:
+    """One compaction's archives: generations from their headers, contents read only for kinds with work.
+
+    A kind whose archive cannot be read is left alone (its entries are None): never overwritten,
+    and nothing is deleted on its word.
+    """
+
+    def __init__(self, directory: str, staged: dict[int, str], result: CompactResult) -> None:
+        self.directory, self.result = directory, result
+        self.generations = {kind: _header_generation(self._path(kind)) for kind in MERGE_RULES}
+        self.new = max([0, *self.generations.values(), *staged]) + 1  # this compaction's generation
+        self.written: dict[str, int] = {}
+        self._entries: dict[str, Entries | None] = {}
+
+    def _path(self, kind: str) -> str:
+        return os.path.join(self.directory, archive_name(kind))
+
+    def entries(self, kind: str) -> Entries | None:
+        """The archive's entries (a private copy, to add to), read on first use; None if it is damaged."""
+        if kind not in self._entries:
+            try:
+                self.generations[kind], self._entries[kind] = _load_archive(self._path(kind), MERGE_RULES[kind])
+            except (OSError, ValueError) as exc:
+                self.result.errors.append(f"{archive_name(kind)}: {exc}")
+                self._entries[kind] = None
+        return self._entries[kind]
+
+    def newer(self, kind: str, generation: int) -> bool:
+        """Whether staged files of `generation` are newer than the archive of their kind (so not in it)."""
+        return generation > self.written.get(kind, self.generations[kind])
+
+    def write(self, kind: str, entries: Entries) -> None:
+        _write_archive(self.directory, kind, entries, self.new)
+        _remember_archive(self._path(kind), self.new, entries)
+        self.written[kind] = self.new
+
+
+def _header_generation(path: str) -> int:
+    """An archive's generation from its header alone (0 if it has none)."""
+    try:
+        return read_generation(path)
+    except OSError:
+        return 0
+
+
+def _stage_dead(directory: str, view: _View, archives: _Archives, result: CompactResult,
+                max_files: int) -> dict[int, str]:
+    """Move dead writers' files into a new staging directory; every staging directory, by generation."""
+    staged = dict(view.staging)
+    stage = os.path.join(directory, staging_name(archives.new))
+    moved = 0
+    for name in sorted(view.work):
+        kind = kind_of(name)
+        if kind is not None and _stage_one(directory, name, kind, stage, view, archives, result,
+                                           room=moved < max_files):
+            moved += 1
+    if moved:
+        staged[archives.new] = staging_name(archives.new)
+        _fsync_dir(stage)
+        _fsync_dir(directory)
+    return staged
+
+
+def _stage_one(directory: str, name: str, kind: str, stage: str, view: _View, archives: _Archives,
+               result: CompactResult, room: bool) -> bool:
+    """Move one file into `stage` if its writer is dead and it is whole; True if moved.
+
+    It is moved still locked, so a new writer with the same pid cannot take it meanwhile.
+    """
+    path = os.path.join(directory, name)
+    try:
+        fd = open_to_read(path)
+    except FileNotFoundError:
+        view.gone(name)
+        return False
+    except OSError:
+        view.judged(name, view.work[name], VERDICT_TTL)  # unreadable: not ours to judge
+        return False
+    result.opened += 1
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not is_ours(os.pread(fd, 8, 0)):
+            view.judged(name, st.st_ino, VERDICT_TTL)  # not written by us: its writer holds no lock to judge by
+            return False
+        if not claim_if_dead(fd):
+            result.live += 1
+            return False
+        if not room:
+            result.remaining += 1
+            return False
+        if archives.entries(kind) is None:
+            return False  # its archive is damaged: leave the file where it is, counted by readers
+        try:
+            list(read_entries(*read_prefix(fd)))
+        except (OSError, ValueError) as exc:
+            result.damaged.append(f"{name}: {exc}")  # left where it is; the reader counts it
+            view.judged(name, st.st_ino, VERDICT_TTL)
+            return False
+        if not same_file(fd, path):
+            return False
+        os.makedirs(stage, exist_ok=True)
+        os.rename(path, os.path.join(stage, name))
+        view.gone(name)
+        return True
+    except FileNotFoundError:
+        view.gone(name)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _fold_staged(directory: str, staged: dict[int, str], archives: _Archives, result: CompactResult) -> set[str]:
+    """Rewrite each archive that has staged files newer than it; the staged files it could not read."""
+    pending: dict[str, list[tuple[int, str]]] = {}
+    for gen in sorted(staged):
+        for name in sorted(os.listdir(os.path.join(directory, staged[gen]))):
+            kind = kind_of(name)
+            if kind is not None and archives.newer(kind, gen):
+                pending.setdefault(kind, []).append((gen, name))
+    unread: set[str] = set()
+    for kind, files in pending.items():
+        _fold_kind(directory, kind, [(gen, os.path.join(staged[gen], name)) for gen, name in files],
+                   archives, result, unread)
+    if archives.written:
+        _fsync_dir(directory)
+    return unread
+
+
+def _fold_kind(directory: str, kind: str, files: list[tuple[int, str]], archives: _Archives,
+               result: CompactResult, unread: set[str]) -> None:
+    """Add one kind's staged files (generation, path under `directory`) into its archive and write it."""
+    entries = archives.entries(kind)
+    if entries is None:
+        return
+    absorbed = processes = 0
+    for gen, name in files:
+        if not archives.newer(kind, gen):
+            continue  # the full read of the archive knows better than its header did
+        path = os.path.join(directory, name)
+        try:
+            merge_into(entries, iter(list(read_entries(*read_used(path)))), MERGE_RULES[kind])  # whole or not at all
+        except (OSError, ValueError) as exc:
+            unread.add(path)
+            result.damaged.append(f"{name}: {exc}")
+            continue
+        absorbed += 1
+        processes += not is_lost_runs(os.path.basename(name))  # a reaper's file is no process
+    if not absorbed:
+        return
+    if kind == "counter" and processes:  # one counter file per process: exact, and atomic with it
+        entries[COMPACTED_KEY] = (entries.get(COMPACTED_KEY, (0.0, 0.0))[0] + processes, 0.0)
+    try:
+        archives.write(kind, entries)
+    except OSError as exc:
+        result.errors.append(f"{archive_name(kind)}: {exc}")  # staged files stay counted
+        return
+    result.absorbed += absorbed if kind != "counter" else processes  # processes' files, not the reaper's
+
+
+def _remove_absorbed(directory: str, staged: dict[int, str], archives: _Archives, unread: set[str]) -> None:
+    """Delete what the archives now hold, and staging directories left empty; keep anything they do not."""
+    for gen, sname in sorted(staged.items()):
+        sdir = os.path.join(directory, sname)
+        for name in os.listdir(sdir):
+            kind = kind_of(name)
+            path = os.path.join(sdir, name)
+            # Only what a readable archive of generation >= gen holds; a damaged one holds nothing.
+            if kind is not None and path not in unread and archives.entries(kind) is not None \
+                    and not archives.newer(kind, gen):
+                os.unlink(path)
+        try:
+            os.rmdir(sdir)
+        except OSError:
+            pass  # something not absorbed is left in it
+
+
+def _reap_pass(directory: str, view: _View, result: CompactResult, by_pid: bool) -> None:
     """Remove dead writers' live-gauge files (their lost runs counted first) and abandoned temporary files."""
     for name in sorted(view.work):
-        if _TMP.match(name):
+        if is_tmp(name):
             look_again = _remove_abandoned_tmp(os.path.join(directory, name))
             if look_again is None:
                 view.gone(name)
@@ -579,10 +544,10 @@ def _reap_pass(directory: str, view: _View, result: CompactResult, by_pid: bool,
                 view.judged(name, view.work[name], look_again)
             result.opened += 1
             continue
-        match = _LIVE.match(name)
-        if match is None:
+        file_id = live_file_id(name)
+        if file_id is None:
             continue
-        verdict = _reap_live(directory, name, match.group(1), by_pid, result, _crash_after)
+        verdict = _reap_live(directory, name, file_id, by_pid, result)
         if isinstance(verdict, tuple):  # reaped; the counter file of its lost runs, if any, is staged next
             result.reaped += 1
             view.gone(name)
@@ -594,8 +559,8 @@ def _reap_pass(directory: str, view: _View, result: CompactResult, by_pid: bool,
             view.judged(name, verdict, VERDICT_TTL)
 
 
-def _reap_live(directory: str, name: str, file_id: str, by_pid: bool, result: CompactResult,
-               _crash_after: str = "") -> str | int | tuple[str, int]:
+def _reap_live(directory: str, name: str, file_id: str, by_pid: bool,
+               result: CompactResult) -> str | int | tuple[str, int]:
     """Judge one live-gauge file: 'alive', 'gone', the inode of a foreign or damaged file, or, once
     reaped, (the name of the counter file its lost runs went to, or "", that file's inode).
 
@@ -605,7 +570,7 @@ def _reap_live(directory: str, name: str, file_id: str, by_pid: bool, result: Co
     """
     path = os.path.join(directory, name)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd = open_to_read(path)
     except FileNotFoundError:
         return "gone"
     except OSError:
@@ -616,51 +581,22 @@ def _reap_live(directory: str, name: str, file_id: str, by_pid: bool, result: Co
         if not stat.S_ISREG(st.st_mode):
             return st.st_ino
         head = os.pread(fd, 8, 0)
-        if head[4:8] != MAGIC:
-            return _reap_untagged(path, fd, st, head, by_pid)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # BlockingIOError: alive; no flock on this filesystem: taken for alive
-            return "alive"
-        now = os.stat(path)
-        if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+        if not is_ours(head):
+            return _reap_untagged(path, st, head, by_pid)
+        if not claim_if_dead(fd):
+            return "alive"  # its writer holds the lock (or this filesystem has no flock: taken for alive)
+        if not same_file(fd, path):
             return "gone"  # replaced since it was opened: the new one is judged next tick
         try:
-            lost = _lost_runs(_read(path))
+            lost = _lost_runs(*read_prefix(fd))  # read through the locked descriptor: the file judged dead
         except (OSError, ValueError) as exc:
             result.damaged.append(f"{name}: {exc}")
             return st.st_ino
-        counted = ""
-        if lost:
-            counted = os.path.join(directory, f"counter_{file_id}-{st.st_ino}-{st.st_mtime_ns}.db")
-            try:
-                _write_lost_runs(directory, counted, lost)
-            except OSError as exc:
-                result.reap_errors.append(f"{name}: lost runs not written: {exc}")
-                return "alive"  # the live file stays, so the runs are counted on a later tick
-            result.lost_runs += int(sum(lost.values()))
-            if _crash_after == "reap_link":
-                return "alive"
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return "gone"
-        except OSError as exc:
-            # The live file must go before its counter file may be compacted: undo, retry next tick.
-            if counted:
-                try:
-                    os.unlink(counted)
-                    result.lost_runs -= int(sum(lost.values()))
-                except OSError:
-                    pass
-            result.reap_errors.append(f"{name}: not removed: {exc}")
-            return "alive"
-        if not counted:
-            return ("", 0)
-        try:
-            return (os.path.basename(counted), os.stat(counted).st_ino)
-        except OSError:
-            return ("", 0)
+        counted = _count_lost_runs(directory, name, lost_runs_file(file_id, st.st_ino, st.st_mtime_ns), lost,
+                                   result) if lost else ""
+        if counted is None or (counted and _crash_after == "reap_link"):
+            return "alive"  # the live file stays, so its runs are counted (once) on a later tick
+        return _unlink_reaped(path, counted, lost, result)
     except FileNotFoundError:
         return "gone"
     except OSError:
@@ -669,20 +605,55 @@ def _reap_live(directory: str, name: str, file_id: str, by_pid: bool, result: Co
         os.close(fd)
 
 
-def _reap_untagged(path: str, fd: int, st: os.stat_result, head: bytes, by_pid: bool) -> str | int | tuple[str, int]:
+def _count_lost_runs(directory: str, name: str, counter_name: str, lost: dict[str, float],
+                     result: CompactResult) -> str | None:
+    """Write a dead live file's lost runs as the counter file `counter_name`; its path, or None if not written."""
+    counted = os.path.join(directory, counter_name)
+    try:
+        _write_lost_runs(directory, counted, lost)
+    except OSError as exc:
+        result.reap_errors.append(f"{name}: lost runs not written: {exc}")
+        return None
+    result.lost_runs += int(sum(lost.values()))
+    return counted
+
+
+def _unlink_reaped(path: str, counted: str, lost: dict[str, float], result: CompactResult) -> str | tuple[str, int]:
+    """Remove a dead live file whose lost runs are in `counted` (if any): the reap's last step."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return "gone"
+    except OSError as exc:
+        # The live file must go before its counter file may be compacted: undo, retry next tick.
+        if counted:
+            try:
+                os.unlink(counted)
+                result.lost_runs -= int(sum(lost.values()))
+            except OSError:
+                pass
+        result.reap_errors.append(f"{os.path.basename(path)}: not removed: {exc}")
+        return "alive"
+    if not counted:
+        return ("", 0)
+    try:
+        return (os.path.basename(counted), os.stat(counted).st_ino)
+    except OSError:
+        return ("", 0)
+
+
+def _reap_untagged(path: str, st: os.stat_result, head: bytes, by_pid: bool) -> str | int | tuple[str, int]:
     """A live file without our tag (prometheus-client's, or an old version's): by its pid, or not at all.
 
     Its in-progress runs are not counted: a writer without our tag is not ours, or
     is an older version of us that counted its lost runs itself.
     """
-    used = int.from_bytes(head[:4], "little", signed=True)
-    if len(head) < 8 or used < 8 or used > st.st_size:
+    if len(head) < 8 or not 8 <= used_size(head) <= st.st_size:
         return st.st_ino  # damaged: never removed
-    match = _LIVE_PID.match(os.path.basename(path))
-    if not by_pid or match is None:
+    pid = live_file_pid(os.path.basename(path))
+    if not by_pid or pid is None:
         return st.st_ino  # nobody here can judge it
-    pid = int(match.group(1))
-    if pid == os.getpid() or pid_alive(pid):
+    if not dead_by_pid(pid):
         return "alive"
     try:
         os.unlink(path)
@@ -696,10 +667,10 @@ def _reap_untagged(path: str, fd: int, st: os.stat_result, head: bytes, by_pid: 
 _IN_PROGRESS_JSON = json.dumps(IN_PROGRESS.name)
 
 
-def _lost_runs(data: bytes) -> dict[str, float]:
+def _lost_runs(data: bytes, used: int) -> dict[str, float]:
     """The WorkerLostError counter entries for the runs a dead writer's live file still shows in progress."""
     lost: dict[str, float] = {}
-    for key, value, _ in read_entries(data):
+    for key, value, _ in read_entries(data, used):
         if value <= 0 or not key.startswith("[" + _IN_PROGRESS_JSON):
             continue
         metric, _sample, labels, _help = json.loads(key)
@@ -720,7 +691,7 @@ def _write_lost_runs(directory: str, path: str, lost: dict[str, float]) -> None:
     """
     if os.path.lexists(path):
         return
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    tmp = os.path.join(directory, tmp_file(os.path.basename(path)))
     _write_durably(tmp, encode_entries([(k, v, 0.0) for k, v in sorted(lost.items())], MAGIC))
     try:
         os.link(tmp, path)
@@ -739,7 +710,7 @@ def _remove_abandoned_tmp(path: str, min_age: float = 60.0) -> float | None:
     is gone, else the seconds until it is worth looking at again.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd = open_to_read(path)
     except FileNotFoundError:
         return None
     except OSError:
@@ -748,7 +719,8 @@ def _remove_abandoned_tmp(path: str, min_age: float = 60.0) -> float | None:
         age = time.time() - os.fstat(fd).st_mtime
         if age < min_age:
             return max(1.0, min_age - age + 1.0)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not claim_if_dead(fd):
+            return min_age  # its maker still holds it
         os.unlink(path)
         return None
     except FileNotFoundError:

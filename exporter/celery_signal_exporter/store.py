@@ -8,23 +8,19 @@ pid check, and grows files with posix_fallocate so a full disk raises ENOSPC
 instead of killing the worker with SIGBUS. The file format is unchanged, so
 prometheus-client's own MultiProcessCollector can still read the directory.
 
-File names follow prometheus-client: ``counter_<pid>.db``,
-``histogram_<pid>.db`` and ``gauge_<mode>_<pid>.db``. When that name is held
-by another live process (the same pid in another container's pid namespace)
-the file is ``counter_<pid>-<n>.db``.
-
-Liveness is a lock, not a pid: the process that writes a file holds an
-exclusive flock(2) on it for as long as it lives, and the kernel drops the
-lock when the process dies, however it dies. Whoever can take the lock knows
-the writer is gone, from any container that shares the directory, with no pid
-to compare and no pid reuse to fool it. Our files carry ``MAGIC`` in the four
-header bytes prometheus-client leaves unused, so files written by anything
-else (users' own prometheus-client metrics) are never judged by the lock.
+File names, the header, the writer's lock and what it says about liveness are
+the directory's contract, written down in directory.py; this module writes by
+it. In short: ``counter_<pid>.db``, ``histogram_<pid>.db`` and
+``gauge_<mode>_<pid>.db`` (``counter_<pid>-<n>.db`` when a live process in
+another pid namespace holds the name); the writer holds an exclusive flock(2)
+on its file for as long as it lives, so whoever can take the lock knows the
+writer is gone; our files carry ``MAGIC`` in the four header bytes
+prometheus-client leaves unused, so files written by anything else are never
+judged by the lock.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import mmap
 import os
@@ -32,73 +28,42 @@ import stat
 import struct
 import sys
 import threading
-from collections.abc import Iterator
 from typing import Protocol
 
+# The file format's names live in directory.py; they stay importable from here.
+from celery_signal_exporter.directory import (
+    MAGIC,
+    TAG_OFFSET,
+    encode_entries,
+    encode_entry,
+    encode_used,
+    held_by_a_live_writer,
+    is_live_kind,
+    is_ours,
+    lock_as_writer,
+    new_header,
+    padded_length,
+    read_entries,
+    same_file,
+    tmp_file,
+    used_size,
+    walk_entries,
+    writer_file,
+)
+
+__all__ = [
+    "INITIAL_SIZE", "MAGIC", "Doubles", "MetricFile", "Store", "as_doubles", "encode_entries",
+    "held_by_a_live_writer", "open_owned", "padded_length", "read_entries", "series_key", "walk_entries",
+    "write_gauge",
+]
+
 INITIAL_SIZE = 1 << 16
-#: Bytes 4-8 of our files' header (prometheus-client leaves them zero).
-MAGIC = b"csx\x01"
-_INT = struct.Struct("<i")
 _DOUBLE = struct.Struct("<d")
-_TWO_DOUBLES = struct.Struct("<dd")
 
 
 def series_key(metric: str, sample: str, labels: dict[str, str], help_text: str) -> str:
     """The mmap key prometheus-client uses for one series of one sample."""
     return json.dumps([metric, sample, labels, help_text], sort_keys=True)
-
-
-def walk_entries(data: bytes, used: int | None = None) -> Iterator[tuple[str, int, int]]:
-    """Yield (key, encoded key length, offset) of every entry in one file's bytes.
-
-    `used` is the used size the reader settled on; by default the header's.
-    A reader of a live file passes the size it read, not the header in the
-    bytes: the writer may have appended (and raised the header) between the
-    two, and the prefix it read is complete, since a writer fills an entry
-    before its header counts it.
-
-    Raises ValueError on anything that is not a well-formed file, so the
-    reader can count the file as damaged instead of failing the scrape.
-    """
-    if len(data) < 8:
-        raise ValueError("shorter than its 8-byte header")
-    if used is None:
-        used = _INT.unpack_from(data, 0)[0]
-    if used < 8 or used > len(data):
-        raise ValueError(f"header says {used} bytes used of {len(data)}")
-    pos = 8
-    while pos < used:
-        if pos + 4 > used:
-            raise ValueError("truncated entry length")
-        length = _INT.unpack_from(data, pos)[0]
-        if length <= 0 or pos + 4 + padded_length(length) + 16 > used:
-            raise ValueError("entry runs past the used size")
-        yield data[pos + 4 : pos + 4 + length].decode("utf-8"), length, pos
-        pos += 4 + padded_length(length) + 16
-
-
-def padded_length(length: int) -> int:
-    """A key's length padded so that the value after it (and its 4-byte length) is 8-aligned."""
-    return length + (8 - (length + 4) % 8)
-
-
-def read_entries(data: bytes) -> Iterator[tuple[str, float, float]]:
-    """Yield (key, value, timestamp) from one file's bytes; ValueError on a damaged file."""
-    for key, length, pos in walk_entries(data):
-        value, timestamp = _TWO_DOUBLES.unpack_from(data, pos + 4 + padded_length(length))
-        yield key, value, timestamp
-
-
-def encode_entries(entries: Iterator[tuple[str, float, float]] | list[tuple[str, float, float]],
-                   tag: bytes = b"\0\0\0\0") -> bytes:
-    """A whole file's bytes for `entries`; `tag` fills the unused header bytes 4-8."""
-    parts = [b"", tag]
-    for key, value, timestamp in entries:
-        encoded = key.encode("utf-8")
-        padding = 8 - (len(encoded) + 4) % 8
-        parts.append(_INT.pack(len(encoded)) + encoded + b" " * padding + _TWO_DOUBLES.pack(value, timestamp))
-    body = b"".join(parts)
-    return _INT.pack(len(body) + 4) + body
 
 
 class Doubles(Protocol):
@@ -140,20 +105,6 @@ def write_gauge(values: Doubles, index: int, value: float, timestamp: float = 0.
     values[index + 1] = timestamp
 
 
-def held_by_a_live_writer(fd: int) -> bool:
-    """True if another open file description holds the writer's lock on this file.
-
-    Taking the lock and dropping it at once is the test; the caller must not
-    keep it (a writer opening the file meanwhile would pick another name).
-    """
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # BlockingIOError: held; anything else (a filesystem without flock): assume alive
-        return True
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    return False
-
-
 class MetricFile:
     """One process's file of (key -> value, timestamp) slots. Not thread safe.
 
@@ -172,11 +123,12 @@ class MetricFile:
         self._map = mmap.mmap(self._fd, size)
         self.values: Doubles = as_doubles(self._map)
         self._slots: dict[str, int] = {}
-        used = _INT.unpack_from(self._map, 0)[0]
+        used = used_size(self._map)
         if used == 0:
-            used = 8
-            self._map[4:8] = MAGIC
-            self._map[0:4] = _INT.pack(used)
+            header = new_header()
+            used = len(header)
+            self._map[TAG_OFFSET:used] = header[TAG_OFFSET:]
+            self._map[0:TAG_OFFSET] = header[:TAG_OFFSET]
         else:
             # A file left by an earlier process with the same pid: keep its
             # values (counters carry on from where they were, nothing is lost).
@@ -189,14 +141,12 @@ class MetricFile:
         known = self._slots.get(key)
         if known is not None:
             return known
-        encoded = key.encode("utf-8")
-        padding = 8 - (len(encoded) + 4) % 8
-        entry = _INT.pack(len(encoded)) + encoded + b" " * padding + _TWO_DOUBLES.pack(0.0, 0.0)
+        entry = encode_entry(key, 0.0, 0.0)
         while self._used + len(entry) > self._size:
             self._grow()
         self._map[self._used : self._used + len(entry)] = entry
         self._used += len(entry)
-        self._map[0:4] = _INT.pack(self._used)
+        self._map[0:TAG_OFFSET] = encode_used(self._used)
         pos = self._used - 16
         self._slots[key] = pos
         return pos
@@ -229,40 +179,17 @@ def _fresh_file(directory: str, name: str) -> tuple[int, str]:
     Readers never see a half-made file: the caller links or renames it into
     place only once its header is written and the writer's lock is held.
     """
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = os.path.join(directory, tmp_file(name))
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _lock(fd)
+        lock_as_writer(fd)
         os.posix_fallocate(fd, 0, INITIAL_SIZE)
-        os.pwrite(fd, _INT.pack(8) + MAGIC, 0)
+        os.pwrite(fd, new_header(), 0)
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
         raise
     return fd, tmp
-
-
-def _lock(fd: int) -> None:
-    """Take the writer's lock; BlockingIOError if another holds it.
-
-    On a filesystem without flock the file is written unlocked, as before
-    locks were used: every reader then takes its writer for alive.
-    """
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise
-    except OSError:
-        pass
-
-
-def _same_file(fd: int, path: str) -> bool:
-    try:
-        now = os.stat(path)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def open_owned(directory: str, prefix: str, pid: int) -> MetricFile:
@@ -274,9 +201,9 @@ def open_owned(directory: str, prefix: str, pid: int) -> MetricFile:
     A file whose lock is held belongs to a live process with the same pid in
     another pid namespace: we take the next name instead.
     """
-    live = prefix.startswith("gauge_live")
+    live = is_live_kind(prefix)
     for n in range(1000):
-        name = f"{prefix}_{pid}{'' if n == 0 else f'-{n}'}.db"
+        name = writer_file(prefix, pid, n)
         path = os.path.join(directory, name)
         for _ in range(10):  # retried only when a compactor moves the file under us
             fd, tmp = _fresh_file(directory, name)
@@ -299,11 +226,11 @@ def open_owned(directory: str, prefix: str, pid: int) -> MetricFile:
                 os.close(fd)
                 break
             try:
-                _lock(fd)
+                lock_as_writer(fd)
             except BlockingIOError:
                 os.close(fd)
                 break  # a live writer has this name: try the next one
-            if not _same_file(fd, path):
+            if not same_file(fd, path):
                 os.close(fd)  # compacted or reaped between open and lock
                 continue
             if live:
@@ -317,8 +244,8 @@ def open_owned(directory: str, prefix: str, pid: int) -> MetricFile:
                 # Damaged: keep it for a human (never deleted blindly), write elsewhere.
                 os.close(fd)
                 break
-            if os.pread(fd, 4, 4) != MAGIC:
-                os.pwrite(fd, MAGIC, 4)
+            if not is_ours(os.pread(fd, 8, 0)):
+                os.pwrite(fd, MAGIC, TAG_OFFSET)
             return f
     raise OSError(f"no free metrics file name for {prefix}_{pid} in {directory}")
 

@@ -33,8 +33,9 @@ from celery import Celery, bootsteps, signals
 
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import metrics as m
-from celery_signal_exporter.compact import compact, directory_lock, reap
-from celery_signal_exporter.compact import pid_alive as pid_alive  # where the tests and older callers look for it
+from celery_signal_exporter.compact import compact, reap
+from celery_signal_exporter.directory import directory_lock
+from celery_signal_exporter.directory import pid_alive as pid_alive  # where the tests and older callers look for it
 
 if TYPE_CHECKING:
     from celery_signal_exporter.receivers import Instrumentation
