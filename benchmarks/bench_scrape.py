@@ -96,20 +96,21 @@ def _pairs(point: Point) -> list[tuple[str, str]]:
 
 def _write_pool_series(store: Any, pairs: list[tuple[str, str]], finished: bool) -> None:
     """What a pool process records for each pair it ran (finished: its in-progress is back to 0)."""
+    from celery_signal_exporter import catalogue as c
     from celery_signal_exporter import metrics as m
 
     metrics = {spec.name: m.Recorder(store, spec, m.DEFAULT_RUNTIME_BUCKETS if spec.kind == "histogram" else ())
-               for spec in (m.RECEIVED, m.STARTED, m.SUCCEEDED, m.RUNTIME, m.QUEUE_WAIT, m.IN_PROGRESS,
-                            m.LAST_SUCCESS)}
+               for spec in (c.RECEIVED, c.STARTED, c.SUCCEEDED, c.RUNTIME, c.QUEUE_WAIT, c.IN_PROGRESS,
+                            c.LAST_SUCCESS)}
     for i, (name, queue) in enumerate(pairs):
-        metrics[m.RECEIVED.name].labels(name, queue).inc(3)
-        metrics[m.STARTED.name].labels(name, queue).inc(3)
-        metrics[m.SUCCEEDED.name].labels(name, queue).inc(3)
-        metrics[m.RUNTIME.name].labels(name, queue).observe(0.001 * (i % 500))
-        metrics[m.QUEUE_WAIT.name].labels(name, queue).observe(0.01 * (i % 300))
+        metrics[c.RECEIVED.name].labels(name, queue).inc(3)
+        metrics[c.STARTED.name].labels(name, queue).inc(3)
+        metrics[c.SUCCEEDED.name].labels(name, queue).inc(3)
+        metrics[c.RUNTIME.name].labels(name, queue).observe(0.001 * (i % 500))
+        metrics[c.QUEUE_WAIT.name].labels(name, queue).observe(0.01 * (i % 300))
         if not finished:
-            metrics[m.IN_PROGRESS.name].labels(name, queue).inc(0)
-        metrics[m.LAST_SUCCESS.name].labels(name).set(1.7e9 + i)
+            metrics[c.IN_PROGRESS.name].labels(name, queue).inc(0)
+        metrics[c.LAST_SUCCESS.name].labels(name).set(1.7e9 + i)
 
 
 def _live_process(dirs: list[str], pairs: list[tuple[str, str]], conn: Connection) -> None:

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import compact as compaction
 from celery_signal_exporter import metrics as m
 from celery_signal_exporter.collect import DirectoryCollector, merged_samples
@@ -48,10 +49,10 @@ def write_as_dead_process(directory: str, body: Callable[[Store], None]) -> int:
 
 def one_task(i: int) -> Callable[[Store], None]:
     def body(store: Store) -> None:
-        m.Recorder(store, m.SENT).labels("a", "q").inc()
-        m.Recorder(store, m.RUNTIME, (0.1, 1)).labels("a", "q").observe(0.5)
-        m.Recorder(store, m.IN_PROGRESS).labels("a", "q").inc()  # died mid-task: must not be counted
-        m.Recorder(store, m.LAST_SUCCESS).labels("a").set(1000.0 + i)
+        m.Recorder(store, c.SENT).labels("a", "q").inc()
+        m.Recorder(store, c.RUNTIME, (0.1, 1)).labels("a", "q").observe(0.5)
+        m.Recorder(store, c.IN_PROGRESS).labels("a", "q").inc()  # died mid-task: must not be counted
+        m.Recorder(store, c.LAST_SUCCESS).labels("a").set(1000.0 + i)
     return body
 
 
@@ -70,7 +71,7 @@ def test_dead_files_fold_into_archives_that_stock_prometheus_client_reads(tmp_pa
     for i in range(20):
         write_as_dead_process(d, one_task(i))
     live = Store(d)
-    m.Recorder(live, m.SENT).labels("a", "q").inc(100)
+    m.Recorder(live, c.SENT).labels("a", "q").inc(100)
     assert len(files(d)) == 20 * 4 + 1
     before = merged_samples(DirectoryCollector(d))
     assert before[SENT] == 120
@@ -104,13 +105,13 @@ def test_dead_files_fold_into_archives_that_stock_prometheus_client_reads(tmp_pa
 def test_mostrecent_gauges_keep_the_newest_timestamp(tmp_path: Any) -> None:
     d = str(tmp_path)
     for stamp, host_value in ((300.0, 3.0), (100.0, 1.0), (200.0, 2.0)):
-        write_as_dead_process(d, lambda s, t=stamp, v=host_value: m.Recorder(s, m.HEARTBEAT).labels("h").set(v, t))
+        write_as_dead_process(d, lambda s, t=stamp, v=host_value: m.Recorder(s, c.HEARTBEAT).labels("h").set(v, t))
     compaction.compact(d)
     assert files(d) == ["gauge_mostrecent_archive.db"]
     with open(os.path.join(d, "gauge_mostrecent_archive.db"), "rb") as f:
         entries = list(read_entries(f.read()))
     assert [(v, t) for _, v, t in entries] == [(3.0, 300.0)]
-    write_as_dead_process(d, lambda s: m.Recorder(s, m.HEARTBEAT).labels("h").set(4.0, 250.0))  # older: loses
+    write_as_dead_process(d, lambda s: m.Recorder(s, c.HEARTBEAT).labels("h").set(4.0, 250.0))  # older: loses
     compaction.compact(d)
     with open(os.path.join(d, "gauge_mostrecent_archive.db"), "rb") as f:
         assert [(v, t) for _, v, t in read_entries(f.read())] == [(3.0, 300.0)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import metrics as m
 from celery_signal_exporter.store import Store
 from tests.harness import exporter, value, wait_until
@@ -14,7 +15,7 @@ from tests.test_compaction import write_as_dead_process
 
 def publish_and_die(directory: str, n: int) -> None:
     def body(store: Store) -> None:
-        m.Recorder(store, m.SENT).labels("proj.send_mail", "mail").inc(n)
+        m.Recorder(store, c.SENT).labels("proj.send_mail", "mail").inc(n)
 
     write_as_dead_process(directory, body)
 

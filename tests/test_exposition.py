@@ -104,6 +104,7 @@ def test_the_fast_path_is_taken_for_our_families() -> None:
 def test_laid_out_families_from_a_real_merge_encode_like_prometheus_client(tmp_path: object) -> None:
     """The merge hands the encoder pre-laid-out families; their text must equal prometheus-client's
     rendering of the very same samples."""
+    from celery_signal_exporter import catalogue as c
     from celery_signal_exporter import metrics as m
     from celery_signal_exporter.collect import DirectoryCollector, LaidOut
     from celery_signal_exporter.store import Store
@@ -111,9 +112,9 @@ def test_laid_out_families_from_a_real_merge_encode_like_prometheus_client(tmp_p
 
     def body(store: Store) -> None:
         for name in ("t.ok", HOSTILE, "ünï"):
-            m.Recorder(store, m.SENT).labels(name, 'q"1').inc(3)
-            m.Recorder(store, m.RUNTIME, (0.1, 1.0)).labels(name, "q").observe(0.5)
-            m.Recorder(store, m.LAST_SUCCESS).labels(name).set(1700000000.25)
+            m.Recorder(store, c.SENT).labels(name, 'q"1').inc(3)
+            m.Recorder(store, c.RUNTIME, (0.1, 1.0)).labels(name, "q").observe(0.5)
+            m.Recorder(store, c.LAST_SUCCESS).labels(name).set(1700000000.25)
 
     directory = str(tmp_path)
     for _ in range(3):

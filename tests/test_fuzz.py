@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import metrics as m
 from celery_signal_exporter.store import Store
 from tests.test_http_security import PASSWORD, USER, make_pki, serve, web_config
@@ -59,8 +60,8 @@ def hostile_metrics(directory: Path) -> None:
     directory.mkdir(exist_ok=True)
     store = Store(str(directory))
     for name in ['quote"d', "back\\slash", "new\nline", "snow\u2603man", "x" * 2000]:
-        m.Recorder(store, m.SENT).labels(name, "q").inc()
-        m.Recorder(store, m.RUNTIME, (0.1, 1)).labels(name, "q").observe(0.5)
+        m.Recorder(store, c.SENT).labels(name, "q").inc()
+        m.Recorder(store, c.RUNTIME, (0.1, 1)).labels(name, "q").observe(0.5)
 
 
 def test_fuzz_open_service_never_answers_5xx(tmp_path: Path, redis_url: str) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import metrics as m
 from celery_signal_exporter._http import choose_encoding
 from celery_signal_exporter.store import Store
@@ -36,8 +37,8 @@ def fill(directory: Path, names: int) -> None:
     """A metrics directory whose /metrics is about 5.6 kB per task name (8.5 MB at 1500)."""
     directory.mkdir(exist_ok=True)
     store = Store(str(directory))
-    runtime = m.Recorder(store, m.RUNTIME, [0.001 * 2 ** i for i in range(20)])
-    sent = m.Recorder(store, m.SENT)
+    runtime = m.Recorder(store, c.RUNTIME, [0.001 * 2 ** i for i in range(20)])
+    sent = m.Recorder(store, c.SENT)
     for i in range(names):
         name = f"app.tasks.some_module.task_number_{i:05d}"
         for queue in ("default", "priority"):

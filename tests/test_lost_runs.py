@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import compact as compaction
 from celery_signal_exporter import metrics as m
 from celery_signal_exporter.collect import DirectoryCollector, merged_samples
@@ -140,8 +141,8 @@ def _dead_mid_task(directory: str, runs: int) -> int:
         code = 0
         try:
             store = Store(directory)
-            m.Recorder(store, m.STARTED).labels("a", "q").inc(runs)
-            m.Recorder(store, m.IN_PROGRESS).labels("a", "q").inc(runs)
+            m.Recorder(store, c.STARTED).labels("a", "q").inc(runs)
+            m.Recorder(store, c.IN_PROGRESS).labels("a", "q").inc(runs)
         except BaseException:  # noqa: BLE001 - reported through the exit code
             code = 1
         os._exit(code)

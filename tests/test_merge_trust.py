@@ -13,6 +13,7 @@ import time
 import tracemalloc
 from typing import Any
 
+from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import metrics as m
 from celery_signal_exporter.collect import DirectoryCollector, merged_samples
 from celery_signal_exporter.compact import compact
@@ -25,8 +26,8 @@ def _grow(directory: str, ready: Any, done: Any) -> None:
     """Count 1000 starts of one task, then add 4000 new histogram series: the file grows (past the
     reader's first 4 KB read and past its 64 KB preallocation) while the reader reads it."""
     store = Store(directory)
-    m.Recorder(store, m.STARTED).labels("steady", "q").inc(1000)
-    runtime = m.Recorder(store, m.RUNTIME, m.DEFAULT_RUNTIME_BUCKETS)
+    m.Recorder(store, c.STARTED).labels("steady", "q").inc(1000)
+    runtime = m.Recorder(store, c.RUNTIME, m.DEFAULT_RUNTIME_BUCKETS)
     ready.set()
     for n in range(4000):
         runtime.labels(f"young-{n}", "q").observe(0.1)
@@ -72,8 +73,8 @@ def _recycled_child(directory: str, seed: int) -> None:
     store = Store(directory)
     names = NAMES[:]
     random.Random(seed).shuffle(names)
-    started = m.Recorder(store, m.STARTED)
-    runtime = m.Recorder(store, m.RUNTIME, m.DEFAULT_RUNTIME_BUCKETS)
+    started = m.Recorder(store, c.STARTED)
+    runtime = m.Recorder(store, c.RUNTIME, m.DEFAULT_RUNTIME_BUCKETS)
     for name in names:
         started.labels(name, "q").inc()
         runtime.labels(name, "q").observe(0.01)

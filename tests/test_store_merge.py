@@ -8,6 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import metrics as m
 from celery_signal_exporter.collect import DirectoryCollector, merged_samples
 from celery_signal_exporter.store import MetricFile, Store, read_entries, series_key
@@ -15,9 +16,9 @@ from celery_signal_exporter.store import MetricFile, Store, read_entries, series
 
 def test_files_are_prometheus_client_compatible(tmp_path: pytest.TempPathFactory) -> None:
     store = Store(str(tmp_path))
-    m.Recorder(store, m.SENT).labels("a", "q").inc(3)
-    m.Recorder(store, m.RUNTIME, (0.1, 1)).labels("a", "q").observe(0.5)
-    m.Recorder(store, m.IN_PROGRESS).labels("a", "q").inc(2)
+    m.Recorder(store, c.SENT).labels("a", "q").inc(3)
+    m.Recorder(store, c.RUNTIME, (0.1, 1)).labels("a", "q").observe(0.5)
+    m.Recorder(store, c.IN_PROGRESS).labels("a", "q").inc(2)
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))
     stock = generate_latest(registry).decode()
@@ -34,7 +35,7 @@ def test_files_are_prometheus_client_compatible(tmp_path: pytest.TempPathFactory
 
 def test_forked_children_write_their_own_files_and_sum(tmp_path: pytest.TempPathFactory) -> None:
     store = Store(str(tmp_path))
-    sent = m.Recorder(store, m.SENT)
+    sent = m.Recorder(store, c.SENT)
     sent.labels("a", "q").inc()
     pids = []
     for _ in range(3):
@@ -64,7 +65,7 @@ def test_reopened_file_keeps_counting_from_its_values(tmp_path: pytest.TempPathF
 
 def test_file_grows_past_its_first_size(tmp_path: pytest.TempPathFactory) -> None:
     store = Store(str(tmp_path))
-    sent = m.Recorder(store, m.SENT)
+    sent = m.Recorder(store, c.SENT)
     for i in range(3000):  # ~300 KB of keys, several doublings
         sent.labels(f"task-{i}", "q").inc(i)
     ours = merged_samples(DirectoryCollector(str(tmp_path), max_task_names=3000))
@@ -74,7 +75,7 @@ def test_file_grows_past_its_first_size(tmp_path: pytest.TempPathFactory) -> Non
 
 def test_damaged_files_are_skipped_and_counted(tmp_path: pytest.TempPathFactory) -> None:
     store = Store(str(tmp_path))
-    m.Recorder(store, m.SENT).labels("a", "q").inc(7)
+    m.Recorder(store, c.SENT).labels("a", "q").inc(7)
     (tmp_path / "counter_999.db").write_bytes(b"")  # 0-byte: fails prometheus-client's whole scrape
     (tmp_path / "counter_998.db").write_bytes(b"\xff" * 100)  # garbage
     good = next(p for p in os.listdir(tmp_path) if p.startswith("counter_") and p not in
@@ -101,7 +102,7 @@ def test_heartbeat_becomes_worker_up(tmp_path: pytest.TempPathFactory) -> None:
     import time
 
     store = Store(str(tmp_path))
-    beat = m.Recorder(store, m.HEARTBEAT)
+    beat = m.Recorder(store, c.HEARTBEAT)
     now = time.time()
     beat.labels("fresh@h").set(now, now)
     beat.labels("stale@h").set(now - 60, now - 60)
@@ -114,12 +115,12 @@ def test_heartbeat_becomes_worker_up(tmp_path: pytest.TempPathFactory) -> None:
 
 def test_live_gauge_of_a_previous_process_with_our_pid_is_not_inherited(tmp_path: pytest.TempPathFactory) -> None:
     first = Store(str(tmp_path))
-    m.Recorder(first, m.IN_PROGRESS).labels("a", "q").inc(4)
-    m.Recorder(first, m.SENT).labels("a", "q").inc(4)
+    m.Recorder(first, c.IN_PROGRESS).labels("a", "q").inc(4)
+    m.Recorder(first, c.SENT).labels("a", "q").inc(4)
     first.close()
     second = Store(str(tmp_path))  # same pid, new process life
-    m.Recorder(second, m.IN_PROGRESS).labels("a", "q").inc(1)
-    m.Recorder(second, m.SENT).labels("a", "q").inc(1)
+    m.Recorder(second, c.IN_PROGRESS).labels("a", "q").inc(1)
+    m.Recorder(second, c.SENT).labels("a", "q").inc(1)
     ours = merged_samples(DirectoryCollector(str(tmp_path)))
     assert ours['celery_task_in_progress{name="a",queue_name="q"}'] == 1
     assert ours['celery_task_sent_total{name="a",queue_name="q"}'] == 5
@@ -134,7 +135,7 @@ def test_hostile_label_values_round_trip(tmp_path: pytest.TempPathFactory) -> No
     hostile = ['quote " back \\ slash', "new\nline", "unicodé ✓", "x" * 10_000]
     store = Store(str(tmp_path))
     for name in hostile:
-        m.Recorder(store, m.FAILED).labels(name, "q", name).inc()
+        m.Recorder(store, c.FAILED).labels(name, "q", name).inc()
     body, _ = Exporter(ServiceConfig(metrics_dir=str(tmp_path))).render(None)
     names = {s.labels["name"] for f in text_string_to_metric_families(body.decode())
              for s in f.samples if s.name == "celery_task_failed_total"}
@@ -149,9 +150,9 @@ def test_pool_gauges_of_a_worker_with_a_stale_heartbeat_are_dropped(tmp_path: py
     store = Store(str(tmp_path))
     now = time.time()
     for host, stamp in (("fresh@h", now), ("stale@h", now - 60)):
-        m.Recorder(store, m.HEARTBEAT).labels(host).set(stamp, stamp)
-        m.Recorder(store, m.POOL_PROCESSES).labels(host).set(4)
-        m.Recorder(store, m.TASKS_ACTIVE).labels(host).set(3)
+        m.Recorder(store, c.HEARTBEAT).labels(host).set(stamp, stamp)
+        m.Recorder(store, c.POOL_PROCESSES).labels(host).set(4)
+        m.Recorder(store, c.TASKS_ACTIVE).labels(host).set(3)
     ours = merged_samples(DirectoryCollector(str(tmp_path), worker_timeout=10))
     assert {k: v for k, v in ours.items() if k.startswith("celery_worker_")} == {
         'celery_worker_up{hostname="fresh@h"}': 1, 'celery_worker_up{hostname="stale@h"}': 0,
@@ -166,7 +167,7 @@ def test_task_names_are_capped_across_the_whole_directory(tmp_path: pytest.TempP
         if pid == 0:
             store = Store(str(tmp_path))
             for i in range(30):
-                m.Recorder(store, m.SENT).labels(f"p{proc}-t{i}", "q").inc(2)
+                m.Recorder(store, c.SENT).labels(f"p{proc}-t{i}", "q").inc(2)
             os._exit(0)
         assert os.waitpid(pid, 0)[1] == 0
     collector = DirectoryCollector(str(tmp_path), max_task_names=50)
@@ -206,7 +207,7 @@ def test_a_file_rewritten_on_the_same_inode_with_other_keys_is_not_misread(tmp_p
 def test_series_bound_before_a_file_grows_keep_writing_into_the_new_map(tmp_path: pytest.TempPathFactory) -> None:
     """Growing remaps the file and replaces its view of doubles; a series bound earlier must follow."""
     store = Store(str(tmp_path))
-    sent = m.Recorder(store, m.SENT)
+    sent = m.Recorder(store, c.SENT)
     first = sent.labels("first", "q")
     first.inc()
     size_before = os.path.getsize(next(tmp_path.glob("counter_*.db")))  # type: ignore[attr-defined]
@@ -244,8 +245,8 @@ def test_a_bound_spelled_two_ways_and_a_garbage_key_still_add_up(tmp_path: pytes
     path, and a garbage key in the middle of a file leaves the series around it intact."""
     d = str(tmp_path)
     store = Store(d)
-    m.Recorder(store, m.RUNTIME, (0.1, 1)).labels("a", "q").observe(0.5)
-    m.Recorder(store, m.SENT).labels("a", "q").inc(2)
+    m.Recorder(store, c.RUNTIME, (0.1, 1)).labels("a", "q").observe(0.5)
+    m.Recorder(store, c.SENT).labels("a", "q").inc(2)
     labels = {"name": "a", "queue_name": "q"}
     other = MetricFile(os.path.join(d, "histogram_77.db"))  # a foreign writer: prometheus-client spellings
     for sample, extra, value in (("_bucket", {"le": "0.1"}, 1.0), ("_bucket", {"le": "1.0"}, 2.0),
@@ -276,7 +277,7 @@ def test_a_merge_that_raises_still_answers_the_scrape(tmp_path: pytest.TempPathF
     it), the scrape answers with everything else and counts the failed merge."""
     from celery_signal_exporter.service import Exporter, ServiceConfig
 
-    m.Recorder(Store(str(tmp_path)), m.SENT).labels("a", "q").inc()
+    m.Recorder(Store(str(tmp_path)), c.SENT).labels("a", "q").inc()
     ex = Exporter(ServiceConfig(metrics_dir=str(tmp_path)))
     assert b'celery_task_sent_total{name="a",queue_name="q"} 1.0' in ex.render(None)[0]
 
@@ -293,7 +294,7 @@ def test_queue_names_are_capped_across_the_directory(tmp_path: pytest.TempPathFa
     """Each process caps its own queue names; many processes with different ones must still not add a
     series each: past the directory-wide cap they fold into __overflow__, counted, totals kept."""
     store = Store(str(tmp_path))
-    sent = m.Recorder(store, m.SENT)
+    sent = m.Recorder(store, c.SENT)
     for i in range(1500):
         sent.labels("a", f"queue-{i}").inc()
     merged = merged_samples(DirectoryCollector(str(tmp_path), max_queue_names=1000))

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import compact as compaction
 from celery_signal_exporter import metrics as m
 from celery_signal_exporter.store import Store, open_owned, series_key
@@ -97,8 +98,8 @@ def write_dead(directory: str, sent: int) -> int:
         code = 0
         try:
             store = Store(directory)
-            m.Recorder(store, m.SENT).labels("a", "q").inc(sent)
-            m.Recorder(store, m.IN_PROGRESS).labels("a", "q").inc()
+            m.Recorder(store, c.SENT).labels("a", "q").inc(sent)
+            m.Recorder(store, c.IN_PROGRESS).labels("a", "q").inc()
         except BaseException:  # noqa: BLE001 - reported through the exit code
             code = 1
         os._exit(code)
@@ -113,7 +114,7 @@ def test_a_tick_opens_only_what_may_have_changed(tmp_path: Any) -> None:
     junk = set(os.listdir(d))
     before = fingerprint(d, junk)
     live = Store(d)
-    m.Recorder(live, m.SENT).labels("a", "q").inc(5)  # a live writer: counter_<us>.db, judged on every tick
+    m.Recorder(live, c.SENT).labels("a", "q").inc(5)  # a live writer: counter_<us>.db, judged on every tick
     write_dead(d, 3)
 
     first = compaction.compact(d, by_pid=True)
@@ -214,7 +215,7 @@ def test_a_foreign_file_adopted_in_place_is_compacted_once_its_verdict_expires(
     first = compaction.compact(d)
     assert (first.absorbed, first.opened) == (0, 1)
     adopted = open_owned(d, "counter", pid)  # what Store.file does in a process with that pid
-    key = series_key(m.SENT.name, m.SENT.name + "_total", {"name": "a", "queue_name": "q"}, m.SENT.help)
+    key = series_key(c.SENT.name, c.SENT.name + "_total", {"name": "a", "queue_name": "q"}, c.SENT.help)
     adopted.add(adopted.slot(key), 7)
     adopted.close()  # and it dies
     wait_until(lambda: compaction.compact(d).absorbed == 1, 10, "the adopted file to be compacted")

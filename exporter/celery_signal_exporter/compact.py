@@ -65,6 +65,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from celery_signal_exporter.catalogue import COMPACTED, FAILED, IN_PROGRESS
 from celery_signal_exporter.directory import (
     ARCHIVE_SUFFIX,
     LOCK_NAME,
@@ -96,7 +97,6 @@ from celery_signal_exporter.directory import (
     tmp_file,
     used_size,
 )
-from celery_signal_exporter.metrics import COMPACTED, FAILED, IN_PROGRESS
 from celery_signal_exporter.store import encode_entries, read_entries, series_key
 
 # Some names moved to directory.py (the directory's rules) and stay importable from here.

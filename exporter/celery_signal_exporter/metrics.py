@@ -12,38 +12,8 @@ import bisect
 import math
 from collections.abc import Sequence
 
-from celery_signal_exporter.catalogue import (
-    COMPACTED,
-    DROPPED_LABELS,
-    FAILED,
-    HANDLER_ERRORS,
-    HEARTBEAT,
-    IN_PROGRESS,
-    LABELS_TRUNCATED,
-    LAST_SUCCESS,
-    POOL_PROCESSES,
-    QUEUE_WAIT,
-    RECEIVED,
-    REDELIVERED,
-    REJECTED,
-    RETRIED,
-    REVOKED,
-    RUNTIME,
-    SENT,
-    STARTED,
-    SUCCEEDED,
-    TASKS_ACTIVE,
-    Spec,
-)
+from celery_signal_exporter.catalogue import Spec
 from celery_signal_exporter.store import Doubles, MetricFile, Store, series_key, write_gauge
-
-# The recorded specs are re-exported for callers that record through this module (compact.py, the tests).
-__all__ = [
-    "COMPACTED", "DEFAULT_QUEUE_WAIT_BUCKETS", "DEFAULT_RUNTIME_BUCKETS", "DROPPED_LABELS", "FAILED",
-    "HANDLER_ERRORS", "HEARTBEAT", "IN_PROGRESS", "LABELS_TRUNCATED", "LAST_SUCCESS", "POOL_PROCESSES",
-    "QUEUE_WAIT", "RECEIVED", "REDELIVERED", "REJECTED", "RETRIED", "REVOKED", "RUNTIME", "SENT", "STARTED",
-    "SUCCEEDED", "TASKS_ACTIVE", "Recorder", "Series", "Spec", "file_prefix", "format_le", "write_observation",
-]
 
 DEFAULT_RUNTIME_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600,
