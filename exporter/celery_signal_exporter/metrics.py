@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from celery_signal_exporter.catalogue import (
     COMPACTED,
+    CPU,
     DROPPED_LABELS,
     FAILED,
     HANDLER_ERRORS,
@@ -21,7 +22,9 @@ from celery_signal_exporter.catalogue import (
     IN_PROGRESS,
     LABELS_TRUNCATED,
     LAST_SUCCESS,
+    MEMORY_GROWTH,
     POOL_PROCESSES,
+    PUBLISH,
     QUEUE_WAIT,
     RECEIVED,
     REDELIVERED,
@@ -39,9 +42,10 @@ from celery_signal_exporter.store import Doubles, MetricFile, Store, series_key,
 
 # The recorded specs are re-exported for callers that record through this module (compact.py, the tests).
 __all__ = [
-    "COMPACTED", "DEFAULT_QUEUE_WAIT_BUCKETS", "DEFAULT_RUNTIME_BUCKETS", "DROPPED_LABELS", "FAILED",
-    "HANDLER_ERRORS", "HEARTBEAT", "IN_PROGRESS", "LABELS_TRUNCATED", "LAST_SUCCESS", "POOL_PROCESSES",
-    "QUEUE_WAIT", "RECEIVED", "REDELIVERED", "REJECTED", "RETRIED", "REVOKED", "RUNTIME", "SENT", "STARTED",
+    "COMPACTED", "CPU", "DEFAULT_MEMORY_GROWTH_BUCKETS", "DEFAULT_PUBLISH_BUCKETS", "DEFAULT_QUEUE_WAIT_BUCKETS",
+    "DEFAULT_RUNTIME_BUCKETS", "DROPPED_LABELS", "FAILED", "HANDLER_ERRORS", "HEARTBEAT", "IN_PROGRESS",
+    "LABELS_TRUNCATED", "LAST_SUCCESS", "MEMORY_GROWTH", "POOL_PROCESSES", "PUBLISH", "QUEUE_WAIT", "RECEIVED",
+    "REDELIVERED", "REJECTED", "RETRIED", "REVOKED", "RUNTIME", "SENT", "STARTED",
     "SUCCEEDED", "TASKS_ACTIVE", "Recorder", "Series", "Spec", "file_prefix", "format_le", "write_observation",
 ]
 
@@ -50,6 +54,13 @@ DEFAULT_RUNTIME_BUCKETS: tuple[float, ...] = (
 )
 DEFAULT_QUEUE_WAIT_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600,
+)
+#: Bytes, powers of two from 1 MiB to 4 GiB: a run that set no new peak (0) sits in the lowest
+#: bucket, and a 200 MB run lands two buckets below a 1 GB one.
+DEFAULT_MEMORY_GROWTH_BUCKETS: tuple[float, ...] = tuple(float(2**i) for i in range(20, 33))
+#: Seconds: a local broker answers in about a millisecond, a far or blocked one in seconds.
+DEFAULT_PUBLISH_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
 )
 
 
