@@ -53,6 +53,7 @@ RUN_ATTR = "csx_run"
 _MAXRSS_BYTES = 1 if sys.platform == "darwin" else 1024
 _getrusage = resource.getrusage
 _RUSAGE_SELF = resource.RUSAGE_SELF
+_thread_time = time.thread_time
 
 
 @dataclass(frozen=True)
@@ -225,8 +226,8 @@ class Instrumentation:
         routing_key: Any = None, **_: Any,
     ) -> None:
         try:
-            publishing = self._publishing
-            start, publishing.start = publishing.start, -1.0
+            # Not reset after use: Celery always sends before_task_publish first, in the same thread.
+            start = self._publishing.start
             took = time.perf_counter() - start if start >= 0 else None
             # Celery sends the task name as the sender. The series are remembered per
             # (name, exchange, routing key), so a publish costs one dict lookup.
@@ -342,7 +343,7 @@ class Instrumentation:
             # Kept on the request, which Celery pushes per run, thread and greenlet: keyed by task id,
             # a retry of the same id starting in another thread before the first run's postrun
             # would overwrite it, losing a runtime and leaving in-progress up.
-            setattr(request, RUN_ATTR, (time.perf_counter(), time.thread_time(), series))
+            setattr(request, RUN_ATTR, (time.perf_counter(), _thread_time(), series))
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
             self.handler_failed("task_prerun", exc)
 
@@ -359,7 +360,7 @@ class Instrumentation:
                 begin, cpu_begin, series = started
                 # One getrusage per run, against the peak the previous run left (0.8 µs; a second
                 # call at prerun would double that): a run that set no new peak grew 0.
-                series.finish(time.perf_counter() - begin, success_at, time.thread_time() - cpu_begin,
+                series.finish(time.perf_counter() - begin, success_at, _thread_time() - cpu_begin,
                               _getrusage(_RUSAGE_SELF).ru_maxrss)
             elif success_at is not None:  # prerun skipped or failed to write: still count the success
                 found = self.series_for(task.name, self.queue_of(task.request))
@@ -486,11 +487,13 @@ class _TaskSeries:
                 self.cpus.values[self.cpu_i] += cpu
                 # Compared under the lock, so that two threads finishing at once charge a rise once.
                 peak = self.peak
-                grew = maxrss - peak.maxrss if peak.maxrss >= 0 else 0
-                if grew > 0:
+                last = peak.maxrss
+                if maxrss > last >= 0:
                     peak.maxrss = maxrss
-                m.write_observation(self.growths.values, self.growth_i, self.growth_bounds,
-                                    grew * _MAXRSS_BYTES if grew > 0 else 0.0)
+                    m.write_observation(self.growths.values, self.growth_i, self.growth_bounds,
+                                        (maxrss - last) * _MAXRSS_BYTES)
+                else:  # no new peak, the common case: 0, the lowest bucket (bounds are > 0)
+                    self.growths.values[self.growth_i[0]] += 1.0
             if success_at is not None:
                 self.successes.values[self.succeeded_i] += 1.0
                 write_gauge(self.stamps.values, self.last_i, success_at, success_at)  # stamped: see collect.py
