@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from tests.conftest import AMQP_HOST, RABBIT_MGMT_PORT
-from tests.harness import ROOT, Samples, env_for, exporter, has, value, wait_until, worker
+from tests.harness import PYTHONPATH, ROOT, Samples, env_for, exporter, has, value, wait_until, worker
 
 APP = "tests.resources_app"
 MiB = 2**20
@@ -224,3 +224,28 @@ def test_rabbitmq_messages_carry_the_timestamp_property(amqp_url: str, amqp_vhos
     assert isinstance(first.properties["timestamp"], int)
     assert before <= first.properties["timestamp"] <= after
     assert second.properties["timestamp"] == 1234567890  # the user's own is kept
+
+
+BUCKETS = """
+from celery import Celery
+import celery_signal_exporter
+inst = celery_signal_exporter.instrument(Celery("x"), metrics_dir={d!r})
+print(inst.options.memory_growth_buckets, inst.options.publish_buckets)
+"""
+
+
+def test_buckets_from_the_environment_and_their_defaults(tmp_path: Path) -> None:
+    def run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", BUCKETS.format(d=str(tmp_path))], cwd=ROOT, capture_output=True,
+                              text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": PYTHONPATH, **env})
+
+    out = run({})
+    assert out.returncode == 0, out.stderr
+    growth, publish_ = out.stdout.strip().split(") (")
+    assert growth.startswith(f"({float(MiB)}, ") and growth.endswith(f", {float(4096 * MiB)}")
+    assert publish_.startswith("0.001, ") and publish_.endswith(", 10.0)")
+    out = run({"CELERY_EXPORTER_MEMORY_GROWTH_BUCKETS": "1e6,1e9", "CELERY_EXPORTER_PUBLISH_BUCKETS": "0.5,2"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(1000000.0, 1000000000.0) (0.5, 2.0)"
+    out = run({"CELERY_EXPORTER_MEMORY_GROWTH_BUCKETS": "0"})
+    assert out.stderr.strip().splitlines()[-1] == "ValueError: memory_growth_buckets: bucket '0' must be greater than 0"
