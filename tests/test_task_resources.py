@@ -91,7 +91,7 @@ def test_memory_growth_and_cpu_seconds_per_run(request: pytest.FixtureRequest, t
     # Memory: the 200 MB run stands out; no trivial run set a new peak worth a bucket.
     assert v("celery_task_memory_growth_bytes_count", name="r.alloc") == 1
     assert v("celery_task_memory_growth_bytes_sum", name="r.alloc") >= 150e6
-    assert v("celery_task_memory_growth_bytes_bucket", name="r.alloc", le=str(128 * MiB)) == 0
+    assert v("celery_task_memory_growth_bytes_bucket", name="r.alloc", le=str(64 * MiB)) == 0
     assert v("celery_task_memory_growth_bytes_bucket", name="r.alloc", le=str(4096 * MiB)) == 1
     assert v("celery_task_memory_growth_bytes_count", name="r.trivial") == 5
     assert v("celery_task_memory_growth_bytes_bucket", name="r.trivial", le=str(MiB)) == 5
@@ -179,8 +179,9 @@ def test_publish_time_through_a_slow_link(redis_url: str, tmp_path: Path) -> Non
 
     assert v("celery_task_sent_total", name="r.via_slow_link") == 8
     assert v("celery_task_publish_seconds_count", name="r.via_slow_link") == 8
-    # p50 above 90 ms: more than half the publishes took longer than the 0.05 s bound (in fact all).
-    assert v("celery_task_publish_seconds_bucket", name="r.via_slow_link", le="0.05") == 0
+    # p50 above 90 ms: more than half the publishes took longer than the 0.1 s bound (in fact all).
+    assert v("celery_task_publish_seconds_bucket", name="r.via_slow_link", le="0.1") < 8 / 2
+    assert v("celery_task_publish_seconds_bucket", name="r.via_slow_link", le="0.03") == 0
     assert v("celery_task_publish_seconds_sum", name="r.via_slow_link") >= 8 * DELAY
     assert v("celery_task_sent_total", name="r.direct") == 20
     assert v("celery_task_publish_seconds_count", name="r.direct") == 20

@@ -144,7 +144,7 @@ MEMORY_GROWTH = Spec(
           "run ended (a process's first run: since its prerun), one `getrusage` per run; memory a run frees "
           "again still counts, memory under an earlier peak does not. A child recycled by "
           "`worker_max_memory_per_child` is charged to the task it ran last. Threads and greenlets share one "
-          "process: a run is charged the peak its neighbours set. Buckets 1 MiB … 4 GiB, powers of two "
+          "process: a run is charged the peak its neighbours set. Buckets 1 MiB … 4 GiB, powers of four "
           "(`memory_growth_buckets`, `CELERY_EXPORTER_MEMORY_GROWTH_BUCKETS`, bytes)",
 )
 CPU = Spec(
