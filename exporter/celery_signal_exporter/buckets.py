@@ -11,20 +11,21 @@ from __future__ import annotations
 import math
 
 
-def parse_buckets(text: str, option: str) -> tuple[float, ...]:
-    """Comma-separated upper bounds in seconds, e.g. ``"0.01,0.1,1,10"``.
+def parse_buckets(text: str, option: str, unit: str = "seconds") -> tuple[float, ...]:
+    """Comma-separated upper bounds in `unit` (seconds, or bytes for memory), e.g. ``"0.01,0.1,1,10"``.
 
     They must be finite numbers greater than 0, in strictly increasing order
     (+Inf is always added by the histogram itself, so it is refused here).
     Raises ValueError with one line naming `option` and the bad item.
     """
+    example = "1048576,16777216,268435456" if unit == "bytes" else "0.1,1,10"
     items = [item.strip() for item in text.split(",")]
     if not text.strip():
-        raise ValueError(f"{option}: no buckets given; expected comma-separated seconds such as 0.1,1,10")
+        raise ValueError(f"{option}: no buckets given; expected comma-separated {unit} such as {example}")
     bounds: list[float] = []
     for position, item in enumerate(items, 1):
         if not item:
-            raise ValueError(f"{option}: bucket {position} is empty; expected comma-separated seconds such as 0.1,1,10")
+            raise ValueError(f"{option}: bucket {position} is empty; expected comma-separated {unit} such as {example}")
         try:
             bound = float(item)
         except ValueError:

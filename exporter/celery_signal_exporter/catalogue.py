@@ -139,21 +139,28 @@ TIME_LIMIT = Spec(
 MEMORY_GROWTH = Spec(
     "celery_task_memory_growth_bytes", "histogram",
     "How far a run raised its process's peak resident memory; 0 when it set no new peak.", TASK,
-    recorded_by="`task_prerun` to `task_postrun`, pool process (`getrusage` peak RSS)",
-    notes="RAM-hungry tasks stand out; a child recycled by `worker_max_memory_per_child` is charged to the "
-          "task it ran last. Threads and greenlets share one process: a run is charged the peak its "
-          "neighbours set",
+    recorded_by="`task_postrun`, pool process (`getrusage` peak RSS)",
+    notes="RAM-hungry tasks stand out: the rise of the process's peak RSS (`ru_maxrss`) since the previous "
+          "run ended (a process's first run: since its prerun), one `getrusage` per run; memory a run frees "
+          "again still counts, memory under an earlier peak does not. A child recycled by "
+          "`worker_max_memory_per_child` is charged to the task it ran last. Threads and greenlets share one "
+          "process: a run is charged the peak its neighbours set. Buckets 1 MiB … 4 GiB, powers of four "
+          "(`memory_growth_buckets`, `CELERY_EXPORTER_MEMORY_GROWTH_BUCKETS`, bytes)",
 )
 CPU = Spec(
     "celery_task_cpu_seconds", "counter", "CPU time spent by task runs.", TASK,
     recorded_by="`task_prerun` to `task_postrun`, the running thread's CPU clock",
-    notes="divided by `celery_task_runtime_seconds_sum`: near 1 a task computes, near 0 it waits (I/O, locks); "
-          "greenlet pools charge a run its neighbours' CPU while it is switched out",
+    notes="`time.thread_time()` at prerun and postrun; divided by `celery_task_runtime_seconds_sum`: near 1 a "
+          "task computes, near 0 it waits (I/O, locks, sleep). Exact per run on prefork, threads and solo. "
+          "gevent and eventlet run every greenlet on one OS thread, so a run is also charged what ran while it "
+          "was switched out (other runs, the worker's own consumer)",
 )
 PUBLISH = Spec(
     "celery_task_publish_seconds", "histogram", "Time one publish took, in the producer.", TASK,
     recorded_by="`before_task_publish` to `after_task_publish`, in every producer",
-    notes="slow publishing (a far or blocked broker) per producer instance",
+    notes="slow publishing (a far or blocked broker, a full outbound buffer) per producer instance; the first "
+          "publish of a connection includes connecting and declaring. Timed in the publishing thread (greenlet, "
+          "when patched). Buckets 1 ms … 10 s (`publish_buckets`, `CELERY_EXPORTER_PUBLISH_BUCKETS`)",
 )
 
 # -- worker metrics: written by the worker main; the heartbeat is served as celery_worker_up
@@ -490,6 +497,11 @@ PROSE = """\
   publish, or at its own countdown.
 - **Clocks.** Producer and worker clocks must agree. A negative wait, from a
   clock running ahead, is recorded as 0.
+- **The AMQP timestamp.** `before_task_publish` also sets the message's
+  `timestamp` property (whole UNIX seconds, the publish time) unless the
+  caller set one (`apply_async(timestamp=...)`). RabbitMQ's management API
+  shows it for a queue's next message as `head_message_timestamp`. Redis
+  carries it along unused.
 
 ## Redelivery
 

@@ -256,6 +256,10 @@ def _from_app(name: str, broker_urls: tuple[str, ...], queues: tuple[str, ...]) 
          help="Histogram bounds in seconds for celery_task_runtime_seconds, comma-separated, e.g. 0.1,1,10.")
 @_option("--queue-wait-buckets", default=None,
          help="Histogram bounds in seconds for celery_task_queue_wait_seconds, comma-separated.")
+@_option("--memory-growth-buckets", default=None,
+         help="Histogram bounds in bytes for celery_task_memory_growth_bytes, comma-separated.")
+@_option("--publish-buckets", default=None,
+         help="Histogram bounds in seconds for celery_task_publish_seconds, comma-separated.")
 @_option("--broker-url", "broker_urls", multiple=True,
          help="Broker(s) to probe once: unlike serve, an unreachable broker is an error here.")
 @_option("--probe-timeout", type=click.FloatRange(min=0.1), default=5.0, help="Seconds one broker probe may take.")
@@ -263,29 +267,33 @@ def _from_app(name: str, broker_urls: tuple[str, ...], queues: tuple[str, ...]) 
          help="Web-config file to validate, as serve would load it.")
 @click.pass_context
 def check(ctx: click.Context, metrics_dir: str | None, runtime_buckets: str | None, queue_wait_buckets: str | None,
-          broker_urls: tuple[str, ...], probe_timeout: float, web_config_file: str | None) -> None:
+          memory_growth_buckets: str | None, publish_buckets: str | None, broker_urls: tuple[str, ...],
+          probe_timeout: float, web_config_file: str | None) -> None:
     """Validate configuration, print one line, exit 0 (ok) or 2 (the first problem).
 
     Reads the same environment variables the instrumented workers use
     (CELERY_EXPORTER_METRICS_DIR, CELERY_EXPORTER_RUNTIME_BUCKETS,
-    CELERY_EXPORTER_QUEUE_WAIT_BUCKETS), so it can run as an init container
+    CELERY_EXPORTER_QUEUE_WAIT_BUCKETS, CELERY_EXPORTER_MEMORY_GROWTH_BUCKETS,
+    CELERY_EXPORTER_PUBLISH_BUCKETS), so it can run as an init container
     in the worker's pod before a bad value costs a silent histogram.
     """
     from celery_signal_exporter.buckets import parse_buckets
 
     metrics_dir = metrics_dir_or_env(metrics_dir)
-    given = (runtime_buckets, queue_wait_buckets, web_config_file)
+    buckets = {"runtime_buckets": runtime_buckets, "queue_wait_buckets": queue_wait_buckets,
+               "memory_growth_buckets": memory_growth_buckets, "publish_buckets": publish_buckets}
+    given = (*buckets.values(), web_config_file)
     if not metrics_dir and not broker_urls and all(v is None for v in given):
         raise click.UsageError("nothing to check: set CELERY_EXPORTER_METRICS_DIR or give --metrics-dir, "
                                "--broker-url or --web-config-file")
     done: list[str] = []
-    for name, text in (("runtime_buckets", runtime_buckets), ("queue_wait_buckets", queue_wait_buckets)):
+    for name, text in buckets.items():
         if text is None:
             continue
         source = ctx.get_parameter_source(name)
         option = _env(name) if source == click.core.ParameterSource.ENVIRONMENT else "--" + name.replace("_", "-")
         try:
-            count = len(parse_buckets(text, option))
+            count = len(parse_buckets(text, option, "bytes" if name == "memory_growth_buckets" else "seconds"))
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
         done.append(f"{count} {name.replace('_', ' ')}")

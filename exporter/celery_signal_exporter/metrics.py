@@ -21,6 +21,12 @@ DEFAULT_RUNTIME_BUCKETS: tuple[float, ...] = (
 DEFAULT_QUEUE_WAIT_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600,
 )
+#: Bytes, powers of four from 1 MiB to 4 GiB: a run that set no new peak (0) sits in the lowest
+#: bucket, a 200 MB run in the one below 256 MiB. Few buckets: one histogram per (task, queue).
+DEFAULT_MEMORY_GROWTH_BUCKETS: tuple[float, ...] = tuple(float(4**i * 2**20) for i in range(7))
+#: Seconds, about 3 times apart: a local broker answers in about a millisecond, a far or blocked one in
+#: seconds. Few buckets: every producer writes one histogram per (task, queue) it publishes.
+DEFAULT_PUBLISH_BUCKETS: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10)
 
 
 def file_prefix(spec: Spec) -> str:

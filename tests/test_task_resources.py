@@ -1,0 +1,252 @@
+"""Per-task measures against real workers, producers and brokers: memory growth, CPU seconds,
+publish time, and the AMQP timestamp property.
+
+- Memory and CPU: each pool (prefork, threads, solo, gevent, eventlet on Redis; prefork on
+  RabbitMQ) runs, phase by phase so that no run overlaps another: trivial runs and a 1 s
+  sleep, then 1 s of CPU spinning, then a run holding 200 MB, then trivial runs again.
+- Publish: a producer behind a loopback proxy that delays every chunk it forwards to Redis
+  by 100 ms, against one talking to Redis directly.
+- Timestamp: a message published to RabbitMQ carries the `timestamp` property (read back with
+  kombu, and as the management API's `head_message_timestamp`); a user's own one is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import pytest
+
+from tests.conftest import AMQP_HOST, RABBIT_MGMT_PORT
+from tests.harness import PYTHONPATH, ROOT, Samples, env_for, exporter, has, value, wait_until, worker
+
+APP = "tests.resources_app"
+MiB = 2**20
+#: (pool, concurrency, broker)
+POOLS = [("prefork", 2, "redis"), ("threads", 2, "redis"), ("solo", 1, "redis"), ("gevent", 4, "redis"),
+         ("eventlet", 4, "redis"), ("prefork", 2, "rabbitmq")]
+DELAY = 0.1
+
+
+def publish(env: dict[str, str], name: str, count: int, *args: float) -> list[float]:
+    """Run one producer process; returns how long each of its send_task calls took."""
+    out = subprocess.run([sys.executable, "-m", APP, "publish", name, str(count), *map(str, args)], env=env,
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise AssertionError(f"producer of {name} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    took: list[float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return took
+
+
+def run_phase(ex: Any, env: dict[str, str], runs: dict[str, int], name: str, count: int, *args: float) -> Samples:
+    """Publish `count` runs of `name` and wait until every run so far has succeeded."""
+    publish(env, name, count, *args)
+    runs[name] = runs.get(name, 0) + count
+
+    def done() -> Samples | None:
+        s = ex.scrape()
+        finished = all(value(s, "celery_task_succeeded_total", name=n) == c for n, c in runs.items())
+        return s if finished and value(s, "celery_task_in_progress") == 0 else None
+
+    result: Samples = wait_until(done, 60, f"{runs} to succeed")
+    return result
+
+
+@pytest.mark.parametrize(("pool", "concurrency", "broker"), POOLS, ids=[f"{p}-{b}" for p, _, b in POOLS])
+def test_memory_growth_and_cpu_seconds_per_run(request: pytest.FixtureRequest, tmp_path: Path, pool: str,
+                                               concurrency: int, broker: str) -> None:
+    url = str(request.getfixturevalue("redis_url" if broker == "redis" else "amqp_url"))
+    metrics_dir = str(tmp_path / "metrics")
+    env = env_for(url, metrics_dir)
+    runs: dict[str, int] = {}
+    with worker(env, str(tmp_path), pool=pool, concurrency=concurrency, queues="res", app=APP) as w, \
+            exporter(str(tmp_path), "--metrics-dir", metrics_dir) as ex:
+        s = run_phase(ex, env, runs, "r.trivial", 3)
+        # Created with the other task series, at the first run: at 0 for a run that used next to nothing.
+        for metric in ("celery_task_cpu_seconds_total", "celery_task_memory_growth_bytes_sum"):
+            assert has(s, metric, name="r.trivial", queue_name="res"), metric
+        run_phase(ex, env, runs, "r.sleep", 1, 1.0)
+        run_phase(ex, env, runs, "r.spin", 1, 1.0)
+        run_phase(ex, env, runs, "r.alloc", 1)
+        s = run_phase(ex, env, runs, "r.trivial", 2)
+        log = w.log()
+
+    def v(metric: str, /, **labels: str) -> float:
+        return value(s, metric, queue_name="res", **labels)
+
+    # CPU: spinning 1 s of its thread's CPU against sleeping 1 s.
+    assert v("celery_task_cpu_seconds_total", name="r.spin") >= 0.8
+    assert v("celery_task_cpu_seconds_total", name="r.sleep") <= 0.1
+    assert v("celery_task_cpu_seconds_total", name="r.trivial") <= 0.1
+    assert v("celery_task_runtime_seconds_sum", name="r.sleep") >= 1.0
+    # Memory: the 200 MB run stands out; no trivial run set a new peak worth a bucket.
+    assert v("celery_task_memory_growth_bytes_count", name="r.alloc") == 1
+    assert v("celery_task_memory_growth_bytes_sum", name="r.alloc") >= 150e6
+    assert v("celery_task_memory_growth_bytes_bucket", name="r.alloc", le=str(64 * MiB)) == 0
+    assert v("celery_task_memory_growth_bytes_bucket", name="r.alloc", le=str(4096 * MiB)) == 1
+    assert v("celery_task_memory_growth_bytes_count", name="r.trivial") == 5
+    assert v("celery_task_memory_growth_bytes_bucket", name="r.trivial", le=str(MiB)) == 5
+    for name in ("r.sleep", "r.spin"):
+        assert v("celery_task_memory_growth_bytes_count", name=name) == 1
+    assert value(s, "celery_exporter_handler_errors_total") == 0, log
+
+
+class DelayProxy:
+    """A loopback TCP proxy that forwards what a client sends `delay` seconds after it arrived
+    (in order), and what the server answers at once: a far broker, for the producer."""
+
+    def __init__(self, port: int, delay: float) -> None:
+        self.target, self.delay = port, delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [client, upstream]
+            chunks: queue.Queue[tuple[float, bytes]] = queue.Queue()
+            threading.Thread(target=self._read, args=(client, chunks), daemon=True).start()
+            threading.Thread(target=self._forward_late, args=(chunks, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _read(self, src: socket.socket, chunks: queue.Queue[tuple[float, bytes]]) -> None:
+        try:
+            while data := src.recv(65536):
+                chunks.put((time.monotonic() + self.delay, data))
+        except OSError:
+            pass
+        chunks.put((0.0, b""))
+
+    @staticmethod
+    def _forward_late(chunks: queue.Queue[tuple[float, bytes]], dst: socket.socket) -> None:
+        try:
+            while True:
+                due, data = chunks.get()
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+                time.sleep(max(0.0, due - time.monotonic()))
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_publish_time_through_a_slow_link(redis_url: str, tmp_path: Path) -> None:
+    metrics_dir = str(tmp_path / "metrics")
+    parts = urlsplit(redis_url)
+    assert parts.port is not None
+    proxy = DelayProxy(parts.port, DELAY)
+    try:
+        slow_url = urlunsplit(parts._replace(netloc=f"127.0.0.1:{proxy.port}"))
+        slow = publish(env_for(slow_url, metrics_dir), "r.via_slow_link", 8)
+    finally:
+        proxy.close()
+    publish(env_for(redis_url, metrics_dir), "r.direct", 20)
+    assert min(slow) >= DELAY, slow  # the producer's own clock agrees the link is slow
+    with exporter(str(tmp_path), "--metrics-dir", metrics_dir) as ex:
+        s = ex.scrape()
+
+    def v(metric: str, /, **labels: str) -> float:
+        return value(s, metric, queue_name="res", **labels)
+
+    assert v("celery_task_sent_total", name="r.via_slow_link") == 8
+    assert v("celery_task_publish_seconds_count", name="r.via_slow_link") == 8
+    # p50 above 90 ms: more than half the publishes took longer than the 0.1 s bound (in fact all).
+    assert v("celery_task_publish_seconds_bucket", name="r.via_slow_link", le="0.1") < 8 / 2
+    assert v("celery_task_publish_seconds_bucket", name="r.via_slow_link", le="0.03") == 0
+    assert v("celery_task_publish_seconds_sum", name="r.via_slow_link") >= 8 * DELAY
+    assert v("celery_task_sent_total", name="r.direct") == 20
+    assert v("celery_task_publish_seconds_count", name="r.direct") == 20
+    # p50 below 10 ms: more than half took at most 0.01 s.
+    assert v("celery_task_publish_seconds_bucket", name="r.direct", le="0.01") > 10
+    assert value(s, "celery_exporter_handler_errors_total") == 0
+
+
+STAMPED = """
+import sys, time
+from tests.resources_app import app
+app.send_task("r.trivial", queue="res")
+app.send_task("r.trivial", queue="res", timestamp=1234567890)
+"""
+
+
+def test_rabbitmq_messages_carry_the_timestamp_property(amqp_url: str, amqp_vhost: str, tmp_path: Path) -> None:
+    from kombu import Connection, Queue
+
+    env = env_for(amqp_url, str(tmp_path / "metrics"))
+    before = int(time.time())
+    out = subprocess.run([sys.executable, "-c", STAMPED], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    after = time.time()
+
+    # The management API shows the head message's timestamp, which the RabbitMQ probe reads as its age.
+    def head_stamp() -> int | None:
+        r = httpx.get(f"http://{AMQP_HOST}:{RABBIT_MGMT_PORT}/api/queues/{amqp_vhost}/res", auth=("guest", "guest"),
+                      timeout=10)
+        stamp = r.json().get("head_message_timestamp") if r.status_code == 200 else None
+        return stamp if isinstance(stamp, int) else None
+
+    stamp = wait_until(head_stamp, 30, "the management API to show the queue's head_message_timestamp", interval=0.5)
+    assert before <= stamp <= after
+
+    with Connection(amqp_url) as conn, conn.channel() as channel:
+        res = Queue("res")(channel)
+        first, second = res.get(no_ack=True), res.get(no_ack=True)
+    assert first is not None and second is not None
+    assert isinstance(first.properties["timestamp"], int)
+    assert before <= first.properties["timestamp"] <= after
+    assert second.properties["timestamp"] == 1234567890  # the user's own is kept
+
+
+BUCKETS = """
+from celery import Celery
+import celery_signal_exporter
+inst = celery_signal_exporter.instrument(Celery("x"), metrics_dir={d!r})
+print(inst.options.memory_growth_buckets, inst.options.publish_buckets)
+"""
+
+
+def test_buckets_from_the_environment_and_their_defaults(tmp_path: Path) -> None:
+    def run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", BUCKETS.format(d=str(tmp_path))], cwd=ROOT, capture_output=True,
+                              text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": PYTHONPATH, **env})
+
+    out = run({})
+    assert out.returncode == 0, out.stderr
+    growth, publish_ = out.stdout.strip().split(") (")
+    assert growth.startswith(f"({float(MiB)}, ") and growth.endswith(f", {float(4096 * MiB)}")
+    assert publish_.startswith("0.001, ") and publish_.endswith(", 10.0)")
+    out = run({"CELERY_EXPORTER_MEMORY_GROWTH_BUCKETS": "1e6,1e9", "CELERY_EXPORTER_PUBLISH_BUCKETS": "0.5,2"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(1000000.0, 1000000000.0) (0.5, 2.0)"
+    out = run({"CELERY_EXPORTER_MEMORY_GROWTH_BUCKETS": "0"})
+    assert out.stderr.strip().splitlines()[-1] == "ValueError: memory_growth_buckets: bucket '0' must be greater than 0"
