@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import socket
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
@@ -77,8 +77,10 @@ def interval_of(schedule: Any) -> float | None:
         return None
     now = _aware_now(schedule)
     first = now + estimate(now)  # the next due time after a run now
-    second = now + estimate(first)  # the one after a run at `first`
-    gap = _seconds(second - first)
+    # The one after a run at `first`. Each estimate reads the clock anew, so `first` can land a hair before
+    # the due time it stands for; a quarter second later is past it, and short of any sane schedule's next.
+    second = now + estimate(first + timedelta(seconds=0.25))
+    gap = round(_seconds(second - first), 3)  # the clock reads between the estimates are µs apart
     return gap if gap > 0 else None
 
 
