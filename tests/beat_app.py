@@ -31,7 +31,7 @@ app.conf.update(
 celery_signal_exporter.instrument(app, heartbeat_interval=0.5, schedule_refresh=1.0)
 
 
-class aligned(BaseSchedule):  # noqa: N801 - named like Celery's own schedules (crontab, solar)
+class aligned(BaseSchedule):  # named like Celery's own schedules (crontab, solar)
     """Crontab-style: due at every wall-clock multiple of `every` seconds, no `run_every`.
 
     crontab itself counts in minutes, too slow for a test.
