@@ -120,7 +120,9 @@ def test_beat_schedule_runs_alerts_and_a_dead_beat(tmp_path: Path, redis_url: st
             # The schedule as beat reads it: intervals exact, crontab-style ones too.
             def schedule_read() -> Any:
                 s = beat_exporter.scrape()
-                return s if has(s, "celery_beat_entry_last_dispatch_timestamp_seconds", entry="aligned-3s") else None
+                once = all(has(s, "celery_beat_entry_last_dispatch_timestamp_seconds", entry=name)
+                           for name in ("aligned-3s", "every-1s", "echo-a", "echo-b", "slow"))
+                return s if once else None
 
             s = wait_until(schedule_read, 30, "beat to dispatch every entry once")
             intervals = {"every-1s": 1.0, "echo-a": 2.0, "echo-b": 2.0, "aligned-3s": 3.0, "always-fails": 1.0,
