@@ -27,6 +27,7 @@ from celery_signal_exporter.mixin.config import short_profile
 from celery_signal_exporter.mixin.rules import rule_groups
 from tests.harness import ROOT, env_for, exporter, has, value, wait_until, worker
 from tests.stack import Prometheus, prometheus
+from tests.test_catalogue import BEAT, documented, exposed
 
 #: No Alertmanager: these tests read alert states from Prometheus itself.
 NO_ALERTMANAGER = "http://127.0.0.1:9"
@@ -161,17 +162,18 @@ def test_beat_schedule_runs_alerts_and_a_dead_beat(tmp_path: Path, redis_url: st
             assert value(w, "celery_beat_entry_started_total", entry="always-fails") >= 4
 
             # Alerts: the failing entry does not succeed, the slow one overlaps, the late one expires.
-            wait_until(lambda: "always-fails" in entries_firing(prom, "PeriodicTaskNotSucceeding"), 40,
-                       "PeriodicTaskNotSucceeding for always-fails")
-            wait_until(lambda: "slow" in entries_firing(prom, "PeriodicTaskOverlapping"), 40,
-                       "PeriodicTaskOverlapping for slow")
+            wait_until(lambda: "always-fails" in entries_firing(prom, "CeleryPeriodicTaskNotSucceeding"), 40,
+                       "CeleryPeriodicTaskNotSucceeding for always-fails")
+            wait_until(lambda: "slow" in entries_firing(prom, "CeleryPeriodicTaskOverlapping"), 40,
+                       "CeleryPeriodicTaskOverlapping for slow")
             assert value(worker_exporter.scrape(), "celery_beat_entry_overlaps_total", entry="slow") >= 1
-            wait_until(lambda: "late" in entries_firing(prom, "PeriodicTaskExpiring"), 40,
-                       "PeriodicTaskExpiring for late")
-            for alert in ("PeriodicTaskNotSucceeding", "PeriodicTaskOverlapping", "PeriodicTaskExpiring"):
+            wait_until(lambda: "late" in entries_firing(prom, "CeleryPeriodicTaskExpiring"), 40,
+                       "CeleryPeriodicTaskExpiring for late")
+            for alert in ("CeleryPeriodicTaskNotSucceeding", "CeleryPeriodicTaskOverlapping",
+                          "CeleryPeriodicTaskExpiring"):
                 quiet = entries_firing(prom, alert) & {"every-1s", "echo-a", "echo-b", "aligned-3s"}
                 assert not quiet, (alert, quiet)
-            assert not firing(prom, "CeleryBeatDown") and not firing(prom, "PeriodicTaskMissed")
+            assert not firing(prom, "CeleryBeatDown") and not firing(prom, "CeleryPeriodicTaskMissed")
 
             # The schedule changes at run time: a new entry appears, a removed one's series goes.
             flag.touch()
@@ -190,12 +192,18 @@ def test_beat_schedule_runs_alerts_and_a_dead_beat(tmp_path: Path, redis_url: st
             wait_until(lambda: value(worker_exporter.scrape(), "celery_beat_entry_expired_total", entry="late") > 0,
                        40, "expired runs of late counted by the worker")
 
+            # Beat and its workers, together, serve exactly the catalogue's beat section.
+            text = beat_exporter.get("/metrics").text + worker_exporter.get("/metrics").text
+            seen = {n: ls for n, ls in exposed(text).items() if n.startswith("celery_beat_")}
+            assert seen == documented(BEAT)
+
             beat_proc.proc.send_signal(signal.SIGKILL)
             beat_proc.proc.wait()
 
         # Beat is dead: it is down, and its entries are missed.
         wait_until(lambda: firing(prom, "CeleryBeatDown"), 40, "CeleryBeatDown")
-        wait_until(lambda: "every-1s" in entries_firing(prom, "PeriodicTaskMissed"), 40, "PeriodicTaskMissed")
+        wait_until(lambda: "every-1s" in entries_firing(prom, "CeleryPeriodicTaskMissed"), 40,
+                   "CeleryPeriodicTaskMissed")
 
         # The worker pod is replaced: a fresh metrics directory, a new worker. Nothing beat said changes.
         main_worker.proc.send_signal(signal.SIGTERM)
@@ -207,7 +215,7 @@ def test_beat_schedule_runs_alerts_and_a_dead_beat(tmp_path: Path, redis_url: st
                        20, "the fresh worker directory to hold no beat run")
             time.sleep(5)  # several evaluations with the worker's series gone
             assert firing(prom, "CeleryBeatDown")
-            missed = entries_firing(prom, "PeriodicTaskMissed")
+            missed = entries_firing(prom, "CeleryPeriodicTaskMissed")
             assert {"every-1s", "echo-a", "echo-b", "aligned-3s", "added"} <= missed, missed
             assert value(beat_exporter.scrape(), "celery_beat_up") == 0.0
 
@@ -226,8 +234,8 @@ def test_expiring_on_rabbitmq_where_the_broker_drops_expired_runs(tmp_path: Path
         prometheus(tmp, {"celery-worker": f"127.0.0.1:{ex.port}"}, [rules_file(tmp_path)], NO_ALERTMANAGER) as prom,
         beat(env, tmp),
     ):
-        wait_until(lambda: "late" in entries_firing(prom, "PeriodicTaskExpiring"), 40,
-                   "PeriodicTaskExpiring for late on RabbitMQ")
+        wait_until(lambda: "late" in entries_firing(prom, "CeleryPeriodicTaskExpiring"), 40,
+                   "CeleryPeriodicTaskExpiring for late on RabbitMQ")
         s = ex.scrape()
         assert value(s, "celery_beat_entry_dispatched_total", entry="late") >= 5
         assert value(s, "celery_beat_entry_started_total", entry="late") == 0

@@ -36,6 +36,7 @@ from celery import signals
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import metrics as m
 from celery_signal_exporter.labels import cut
+from celery_signal_exporter.queues import CACHE_LIMIT
 
 if TYPE_CHECKING:
     from celery_signal_exporter.receivers import Instrumentation
@@ -127,6 +128,8 @@ class BeatMetrics:
             for name, entry in list(scheduler.schedule.items()):
                 labels = self.labels(entry)
                 seen[name] = labels
+                if name not in self.known:
+                    self.failures.labels(*labels).inc(0)  # at 0 from the start, so increase() sees the first
                 every = interval_of(entry.schedule)
                 if every is not None:
                     self.interval.labels(*labels).set(every, now)
@@ -236,10 +239,14 @@ class BeatRuns:
         self.last_success = m.Recorder(s, c.BEAT_ENTRY_LAST_SUCCESS)
         self.overlaps = m.Recorder(s, c.BEAT_ENTRY_OVERLAPS)
         self.expired = m.Recorder(s, c.BEAT_ENTRY_EXPIRED)
+        self.seen: set[tuple[str, str]] = set()
 
     def start(self, request: Any, entry: Any, name: str) -> None:
         try:
             labels = cut(str(entry)), cut(name)
+            if labels not in self.seen and len(self.seen) < CACHE_LIMIT:
+                self.seen.add(labels)
+                self.overlaps.labels(*labels).inc(0)  # at 0 from the first run, so increase() sees the first
             self.started.labels(*labels).inc()
             self.running.labels(*labels).inc()
             due = getattr(request, NEXT_DUE_HEADER, None)

@@ -236,7 +236,7 @@ BEAT_ENTRY_NEXT_DUE = Spec(
     "celery_beat_entry_next_due_timestamp_seconds", "gauge", "When the entry's next run is due, as a UNIX time.",
     ENTRY, mode="mostrecent",
     recorded_by="beat, at each dispatch and every `schedule_refresh`",
-    notes="kept from beat's last word when beat dies, so `time() - next_due` grows: PeriodicTaskMissed",
+    notes="kept from beat's last word when beat dies, so `time() - next_due` grows: CeleryPeriodicTaskMissed",
 )
 BEAT_ENTRY_LAST_DISPATCH = Spec(
     "celery_beat_entry_last_dispatch_timestamp_seconds", "gauge", "When beat last sent the entry's task.",
@@ -437,7 +437,7 @@ left out of `/metrics`.
 **Expired runs.** On Redis a worker receives an expired message and drops it:
 `celery_beat_entry_expired_total` counts it. On RabbitMQ, Celery's `expires`
 is a per-message TTL and the broker drops the message unseen; there the
-PeriodicTaskExpiring alert compares runs beat dispatched with runs that
+CeleryPeriodicTaskExpiring alert compares runs beat dispatched with runs that
 started (`celery_beat_entry_dispatched_total` against
 `celery_beat_entry_started_total`), which catches an entry none of whose
 runs dispatched in the window started, not one run in many lost.

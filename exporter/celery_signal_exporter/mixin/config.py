@@ -104,11 +104,11 @@ class Config:
 
     # Periodic tasks, from beat's schedule.
     beat_down_for: str = "5m"
-    beat_seen_window: str = "1d"  # beat counts as down when its series vanished within this window
+    beat_seen_window: str = "24h"  # beat counts as down when its series vanished within this window
     periodic_missed_grace: str = "5m"  # how late past its due time an entry may be dispatched
     periodic_missed_for: str = "0s"
     periodic_not_succeeding_intervals: int = 3  # dispatched runs without a success, counted in intervals
-    periodic_lookback: str = "2d"  # history kept for last success across worker pod replacements
+    periodic_lookback: str = "48h"  # history kept for last success across worker pod replacements
     periodic_not_succeeding_for: str = "0s"
     periodic_window: str = "1h"  # overlaps and expirations are counted over this window
     periodic_start_lag: str = "15m"  # a dispatched run that has not started after this is taken as lost

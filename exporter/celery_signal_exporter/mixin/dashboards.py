@@ -683,9 +683,11 @@ def periodic(c: Config) -> Dashboard:
             c,
             table.Panel,
             "Alerts",
-            "The periodic-task alerts pending or firing now, per entry.",
+            "The periodic-task alerts pending or firing now, per entry (Prometheus' own ALERTS series, "
+            "which carries the alerts' labels, not a job).",
             "short",
-            [(f'max by (alertname, alertstate, entry, name) (ALERTS{{alertname=~"{names}"}})', "{{alertname}}")],
+            [(f"max {_by(c, 'alertname', 'alertstate', 'entry', 'name')}"
+              f"({_r(c, 'ALERTS', f'alertname=~{chr(34)}{names}{chr(34)}')})", "{{alertname}}")],
             PromQueryFormat.TABLE,
         ),
         w=16,
@@ -713,10 +715,10 @@ def periodic(c: Config) -> Dashboard:
         _ts(
             c,
             "Overlaps",
-            "Runs still in progress when their entry's next run was due, per entry and "
-            f"{c.periodic_window}.",
+            "Runs still in progress when their entry's next run was due, per entry. The count is made as a "
+            "run ends, so overlaps shorter than a scrape show too.",
             "short",
-            (f"sum {e}(increase({_q(c, 'celery_beat_entry_overlaps_total')}[{c.periodic_window}]))",
+            (f"sum {e}(increase({_q(c, 'celery_beat_entry_overlaps_total')}[{RATE}]))",
              "{{entry}}"),
         ),
         w=8,
@@ -728,10 +730,10 @@ def periodic(c: Config) -> Dashboard:
             "Runs a worker dropped as expired (Redis), and runs sent that have not started (on RabbitMQ "
             "expired runs vanish in the broker), per entry.",
             "short",
-            (f"sum {e}(increase({_q(c, 'celery_beat_entry_expired_total')}[{c.periodic_window}]))",
+            (f"sum {e}(increase({_q(c, 'celery_beat_entry_expired_total')}[{RATE}]))",
              "{{entry}} expired"),
-            (f"sum {e}(increase({_q(c, 'celery_beat_entry_dispatched_total')}[{c.periodic_window}])) - "
-             f"sum {e}(increase({_q(c, 'celery_beat_entry_started_total')}[{c.periodic_window}]))",
+            (f"sum {e}(increase({_q(c, 'celery_beat_entry_dispatched_total')}[{RATE}])) - "
+             f"sum {e}(increase({_q(c, 'celery_beat_entry_started_total')}[{RATE}]))",
              "{{entry}} sent, not started"),
         ),
         w=8,
@@ -742,7 +744,7 @@ def periodic(c: Config) -> Dashboard:
             "Dispatch failures",
             "Dispatches beat could not send (broker down, a task it cannot find), per entry.",
             "short",
-            (f"sum {e}(increase({_q(c, 'celery_beat_entry_dispatch_failures_total')}[{c.periodic_window}]))",
+            (f"sum {e}(increase({_q(c, 'celery_beat_entry_dispatch_failures_total')}[{RATE}]))",
              "{{entry}}"),
         ),
         w=8,

@@ -281,7 +281,7 @@ def _celery_alerts(c: Config) -> list[Alert]:
     ] + ([
         # For tasks beat does not schedule (cron, another scheduler): by name regex; off unless configured.
         Alert(
-            "CeleryPeriodicTaskMissed",
+            "CeleryTaskSuccessStale",
             periodic,
             "0s",
             "warning",
@@ -303,7 +303,7 @@ def _beat_alerts(c: Config) -> list[Alert]:
     def q(metric: str) -> str:
         return f"{metric}{{{c.sel()}}}"
 
-    window, lag = c.periodic_window, c.periodic_start_lag
+    window, lag = c.periodic_window, f"{_num(seconds(c.periodic_start_lag))}s"
     started_window = f"{_num(seconds(window) + seconds(lag))}s"
     return [
         Alert(
@@ -319,7 +319,7 @@ def _beat_alerts(c: Config) -> list[Alert]:
             (PERIODIC, "Beat up"),
         ),
         Alert(
-            "PeriodicTaskMissed",
+            "CeleryPeriodicTaskMissed",
             f"time() - max by ({e}) ({q('celery_beat_entry_next_due_timestamp_seconds')})\n"
             f"> {_num(seconds(c.periodic_missed_grace))}",
             c.periodic_missed_for,
@@ -330,7 +330,7 @@ def _beat_alerts(c: Config) -> list[Alert]:
             (PERIODIC, "Entries"),
         ),
         Alert(
-            "PeriodicTaskNotSucceeding",
+            "CeleryPeriodicTaskNotSucceeding",
             f"(\n  max by ({e}) ({q('celery_beat_entry_last_dispatch_timestamp_seconds')})\n  - (\n"
             f"    max by ({e}) (max_over_time({q('celery_beat_entry_last_success_timestamp_seconds')}"
             f"[{c.periodic_lookback}]))\n    or\n"
@@ -345,7 +345,7 @@ def _beat_alerts(c: Config) -> list[Alert]:
             (PERIODIC, "Entries"),
         ),
         Alert(
-            "PeriodicTaskOverlapping",
+            "CeleryPeriodicTaskOverlapping",
             f"sum by ({e}) (increase({q('celery_beat_entry_overlaps_total')}[{window}])) > 0\nor\n"
             f"sum by ({e}) ({q('celery_beat_entry_running')}) > 1",
             "0s",
@@ -356,15 +356,18 @@ def _beat_alerts(c: Config) -> list[Alert]:
             (PERIODIC, "Overlaps"),
         ),
         Alert(
-            "PeriodicTaskExpiring",
+            "CeleryPeriodicTaskExpiring",
             f"sum by ({e}) (increase({q('celery_beat_entry_expired_total')}[{window}])) > 0\nor\n"
-            f"(\n  sum by ({e}) (increase({q('celery_beat_entry_dispatched_total')}[{window}] offset {lag})) > 0\n"
+            # Runs sent between `lag` and `lag + window` ago (each increase is extrapolated alike, hence > 0.5)
+            # of which none started since: on RabbitMQ the broker drops expired runs unseen.
+            f"(\n  (\n    sum by ({e}) (increase({q('celery_beat_entry_dispatched_total')}[{started_window}]))\n"
+            f"    - sum by ({e}) (increase({q('celery_beat_entry_dispatched_total')}[{lag}]))\n  ) > 0.5\n"
             f"  unless\n  sum by ({e}) (increase({q('celery_beat_entry_started_total')}[{started_window}])) > 0\n)",
             "0s",
             "warning",
             "Runs of a periodic task expire before they start.",
             f"Entry {entry}: {{{{ $value | humanize }}}} runs expired before a worker started them, or none of the "
-            f"runs sent over {window} started within {lag}.",
+            f"runs sent over {window} started within {c.periodic_start_lag}.",
             (PERIODIC, "Expired and unstarted runs"),
         ),
     ]
