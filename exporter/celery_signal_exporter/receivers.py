@@ -533,6 +533,8 @@ def instrument(
     an app module twice never double counts. Buckets not given come from
     CELERY_EXPORTER_RUNTIME_BUCKETS / CELERY_EXPORTER_QUEUE_WAIT_BUCKETS
     ("0.1,1,10"), which `celery-signal-exporter check` validates, else the defaults.
+    In a beat process (standalone or `worker -B`) the schedule is read at `beat_init` and
+    again every `schedule_refresh` seconds (beat.py).
     """
     global _active
     # Options are checked on every call, so a bad one fails loudly even where a first call won.
