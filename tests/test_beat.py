@@ -28,6 +28,10 @@ from celery_signal_exporter.mixin.rules import rule_groups
 from tests.harness import ROOT, env_for, exporter, has, value, wait_until, worker
 from tests.stack import Prometheus, prometheus
 from tests.test_catalogue import BEAT, documented, exposed
+from tests.test_mixin import dashboards, panels, substitute
+
+#: Its panels have data only where beat runs: this module checks them (test_monitoring_e2e, the others).
+PERIODIC_DASHBOARD = "celery-periodic.json"
 
 #: No Alertmanager: these tests read alert states from Prometheus itself.
 NO_ALERTMANAGER = "http://127.0.0.1:9"
@@ -90,6 +94,12 @@ def firing(prom: Prometheus, alertname: str, **labels: str) -> list[dict[str, An
 
 def entries_firing(prom: Prometheus, alertname: str) -> set[str]:
     return {a["labels"].get("entry", "") for a in firing(prom, alertname)}
+
+
+def empty_periodic_panels(prom: Prometheus) -> list[str]:
+    """The Periodic tasks dashboard's queries that return nothing, with its variables at All."""
+    return [f"{p['title']} / {t['refId']}: {t['expr']}" for p in panels(dashboards()[PERIODIC_DASHBOARD])
+            for t in p["targets"] if not prom.query(substitute(t["expr"]))]
 
 
 def rules_file(tmp_path: Path) -> str:
@@ -174,6 +184,8 @@ def test_beat_schedule_runs_alerts_and_a_dead_beat(tmp_path: Path, redis_url: st
                 quiet = entries_firing(prom, alert) & {"every-1s", "echo-a", "echo-b", "aligned-3s"}
                 assert not quiet, (alert, quiet)
             assert not firing(prom, "CeleryBeatDown") and not firing(prom, "CeleryPeriodicTaskMissed")
+            # Every panel of the Periodic tasks dashboard has something to show, alert states included.
+            wait_until(lambda: not empty_periodic_panels(prom), 20, "every Periodic tasks panel to have data")
 
             # The schedule changes at run time: a new entry appears, a removed one's series goes.
             flag.touch()
