@@ -2,7 +2,8 @@
 
 Configured from the environment: CSX_TEST_BROKER (URL), CELERY_EXPORTER_METRICS_DIR,
 CSX_TEST_BEAT_CHANGE (a path: once it exists, the changing scheduler adds the
-entry `added` and removes `removed`).
+entry `added` and removes `removed`), CSX_TEST_BEAT_LATE (adds `late`, whose
+runs expire after 1 s), CSX_TEST_BEAT_EXTRA (adds `gone-later`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ ENTRIES: dict[str, dict[str, Any]] = {
 if os.environ.get("CSX_TEST_BEAT_LATE"):
     # Runs of `late` expire after 1 s; a worker held up by a long run lets them.
     ENTRIES["late"] = {"task": "b.ok", "schedule": 1.0, "options": {"queue": "late", "expires": 1.0}}
+if os.environ.get("CSX_TEST_BEAT_EXTRA"):
+    ENTRIES["gone-later"] = {"task": "b.ok", "schedule": 1.0}
 app.conf.beat_schedule = ENTRIES
 
 

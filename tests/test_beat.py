@@ -253,6 +253,36 @@ def test_expiring_on_rabbitmq_where_the_broker_drops_expired_runs(tmp_path: Path
         assert value(s, "celery_beat_entry_started_total", entry="late") == 0
 
 
+def test_a_restarted_beat_drops_entries_it_no_longer_has(tmp_path: Path, redis_url: str) -> None:
+    """A beat restarted on the same directory (a container restart) with an entry gone from its schedule:
+    the old beat's frozen due time for it must not stay, or CeleryPeriodicTaskMissed would page forever."""
+    tmp = str(tmp_path)
+    metrics_dir = str(tmp_path / "metrics")
+
+    def merged() -> dict[str, float]:
+        return merged_samples(DirectoryCollector(metrics_dir, worker_timeout=3))
+
+    def shows(entry: str) -> bool:
+        return any(k.startswith("celery_beat_entry_next_due_timestamp_seconds{") and f'entry="{entry}"' in k
+                   for k in merged())
+
+    with beat(env_for(redis_url, metrics_dir, CSX_TEST_BEAT_EXTRA="1"), tmp) as first:
+        wait_until(lambda: shows("gone-later"), 20, "the first beat to write gone-later")
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait()
+    with beat(env_for(redis_url, metrics_dir), tmp):
+        restarted = time.time()
+
+        def dispatched_again() -> bool:
+            s = merged()
+            last = [v for k, v in s.items()
+                    if k.startswith("celery_beat_entry_last_dispatch_timestamp_seconds{") and '"every-1s"' in k]
+            return bool(last) and last[0] > restarted
+
+        wait_until(dispatched_again, 20, "the restarted beat to dispatch")
+        assert shows("every-1s") and not shows("gone-later")
+
+
 def test_embedded_beat_in_a_worker(tmp_path: Path, redis_url: str) -> None:
     """`celery worker -B`: beat runs in a child of the worker and is watched the same."""
     tmp = str(tmp_path)

@@ -25,7 +25,9 @@ in progress when its entry's next run was due) and expirations.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import socket
 import time
 from datetime import datetime, timedelta
@@ -37,6 +39,7 @@ from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import metrics as m
 from celery_signal_exporter.labels import cut
 from celery_signal_exporter.queues import CACHE_LIMIT
+from celery_signal_exporter.store import read_entries
 
 if TYPE_CHECKING:
     from celery_signal_exporter.receivers import Instrumentation
@@ -99,7 +102,7 @@ class BeatMetrics:
         self.dispatched = m.Recorder(s, c.BEAT_ENTRY_DISPATCHED)
         self.failures = m.Recorder(s, c.BEAT_ENTRY_DISPATCH_FAILURES)
         self.hostname = cut(socket.gethostname())
-        self.known: dict[str, tuple[str, str]] = {}  # entry name -> its labels (entry, task)
+        self.known: set[tuple[str, str]] = set()  # (entry, task) labels of the entries last read
         self.read_at = 0.0
 
     def labels(self, entry: Any) -> tuple[str, str]:
@@ -124,11 +127,11 @@ class BeatMetrics:
         try:
             now = time.time()
             self.read_at = now
-            seen: dict[str, tuple[str, str]] = {}
-            for name, entry in list(scheduler.schedule.items()):
+            seen: set[tuple[str, str]] = set()
+            for entry in list(scheduler.schedule.values()):
                 labels = self.labels(entry)
-                seen[name] = labels
-                if name not in self.known:
+                seen.add(labels)
+                if labels not in self.known:
                     self.failures.labels(*labels).inc(0)  # at 0 from the start, so increase() sees the first
                 every = interval_of(entry.schedule)
                 if every is not None:
@@ -136,10 +139,9 @@ class BeatMetrics:
                 due = next_due_after(entry.schedule, entry.last_run_at)
                 if due is not None:
                     self.next_due.labels(*labels).set(due, now)
-            for name, labels in self.known.items():
-                if name not in seen or seen[name] != labels:
-                    for gauge in (self.interval, self.next_due, self.last_dispatch):
-                        gauge.labels(*labels).set(0.0, now)  # 0: the merge leaves it out
+            for labels in self.known - seen:
+                for gauge in (self.interval, self.next_due, self.last_dispatch):
+                    gauge.labels(*labels).set(0.0, now)  # 0: the merge leaves it out
             self.known = seen
         except Exception as exc:  # noqa: BLE001 - never raise into beat
             self.inst.handler_failed("beat_schedule", exc)
@@ -189,7 +191,7 @@ class BeatMetrics:
             entry.options = {**original, "headers": headers}
             try:
                 result = apply_async(entry, *args, **kwargs)
-            except BaseException:
+            except Exception:
                 metrics.dispatched_one(labels, due, ok=False)
                 raise  # Celery's own error: beat logs it and goes on
             finally:
@@ -201,6 +203,29 @@ class BeatMetrics:
         scheduler.apply_async = wrapped_apply_async
 
 
+def entries_on_disk(directory: str) -> set[tuple[str, str]]:
+    """(entry, task) of every schedule entry a beat wrote a next due time for into `directory`, not zeroed.
+
+    Read once at beat_init, from local files; a file that cannot be read is passed over.
+    """
+    found: set[tuple[str, str]] = set()
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith("gauge_mostrecent_") and n.endswith(".db")]
+    except OSError:
+        return found
+    for filename in names:
+        try:
+            with open(os.path.join(directory, filename), "rb") as f:
+                data = f.read()
+            for key, value, _ in read_entries(data):
+                metric, _, labels, _ = json.loads(key)
+                if metric == c.BEAT_ENTRY_NEXT_DUE.name and value != 0.0:
+                    found.add((str(labels.get("entry", "")), str(labels.get("name", ""))))
+        except (OSError, ValueError, TypeError, AttributeError):  # damaged or foreign: not ours to judge
+            continue
+    return found
+
+
 def install_beat_metrics(inst: Instrumentation) -> None:
     """Watch the schedule in whichever process runs beat (standalone or `-B`)."""
 
@@ -209,6 +234,9 @@ def install_beat_metrics(inst: Instrumentation) -> None:
 
         try:
             metrics = BeatMetrics(inst, inst.options.schedule_refresh)
+            # A beat restarted on the same directory (a container restart) finds its predecessor's entries:
+            # those no longer scheduled are zeroed at the first read, or their frozen due times would page.
+            metrics.known = entries_on_disk(inst.options.metrics_dir)
             metrics.beat()
             thread = TickThread(inst.options.heartbeat_interval, metrics.beat)
             scheduler = sender.scheduler
