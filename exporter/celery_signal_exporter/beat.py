@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 ENTRY_HEADER = "csx_entry"
 #: Message header holding the UNIX time the entry's next run is due, as beat saw it at dispatch.
 NEXT_DUE_HEADER = "csx_next_due"
+#: The `signal` labels beat's own errors count under in celery_exporter_handler_errors_total.
+BEAT_SIGNALS = ("beat_init", "beat_tick", "beat_schedule", "beat_dispatch", "beat_shutdown")
 #: Attribute prerun sets on the request of a beat run: (entry series, next due), for postrun.
 BEAT_RUN_ATTR = "csx_beat_run"
 
@@ -237,6 +239,8 @@ def install_beat_metrics(inst: Instrumentation) -> None:
             # A beat restarted on the same directory (a container restart) finds its predecessor's entries:
             # those no longer scheduled are zeroed at the first read, or their frozen due times would page.
             metrics.known = entries_on_disk(inst.options.metrics_dir)
+            for signal in BEAT_SIGNALS:
+                inst.handler_errors.labels(signal).inc(0)  # at 0 from the start, so rate() works from the first
             metrics.beat()
             thread = TickThread(inst.options.heartbeat_interval, metrics.beat)
             scheduler = sender.scheduler
