@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import yaml
 from celery_signal_exporter.collect import DirectoryCollector, merged_samples
 from celery_signal_exporter.mixin.config import short_profile
 from celery_signal_exporter.mixin.rules import rule_groups
-from tests.harness import ROOT, env_for, exporter, has, value, wait_until, worker
+from tests.harness import ROOT, env_for, exporter, free_port, has, value, wait_until, worker
 from tests.stack import Prometheus, prometheus
 from tests.test_catalogue import BEAT, documented, exposed
 from tests.test_mixin import dashboards, panels, substitute
@@ -117,15 +117,18 @@ def test_beat_schedule_runs_alerts_and_a_dead_beat(tmp_path: Path, redis_url: st
     beat_env = env_for(redis_url, str(beat_dir), CSX_TEST_BEAT_CHANGE=str(flag), CSX_TEST_BEAT_LATE="1")
     worker_env = env_for(redis_url, str(worker_dir))
     publish_blocker(worker_env, 18)
+    worker_port = free_port()  # the worker pod's sidecar, replaced later on the same address
+    sidecar_args = ("--metrics-dir", str(worker_dir), "--worker-timeout", "3")
     with (
         worker(worker_env, tmp, concurrency=3, queues="periodic", app="tests.beat_app") as main_worker,
         worker(worker_env, tmp, concurrency=1, queues="late", app="tests.beat_app"),
-        exporter(tmp, "--metrics-dir", str(worker_dir), "--worker-timeout", "3") as worker_exporter,
+        ExitStack() as worker_sidecar,
         exporter(tmp, "--metrics-dir", str(beat_dir), "--worker-timeout", "3") as beat_exporter,
-        prometheus(tmp, {"celery-worker": f"127.0.0.1:{worker_exporter.port}",
+        prometheus(tmp, {"celery-worker": f"127.0.0.1:{worker_port}",
                          "celery-beat": f"127.0.0.1:{beat_exporter.port}"},
                    [rules_file(tmp_path)], NO_ALERTMANAGER) as prom,
     ):
+        worker_exporter = worker_sidecar.enter_context(exporter(tmp, *sidecar_args, port=worker_port))
         with beat(beat_env, tmp) as beat_proc:
             started = time.time()
             # The schedule as beat reads it: intervals exact, crontab-style ones too.
@@ -217,14 +220,20 @@ def test_beat_schedule_runs_alerts_and_a_dead_beat(tmp_path: Path, redis_url: st
         wait_until(lambda: "every-1s" in entries_firing(prom, "CeleryPeriodicTaskMissed"), 40,
                    "CeleryPeriodicTaskMissed")
 
-        # The worker pod is replaced: a fresh metrics directory, a new worker. Nothing beat said changes.
+        # The worker pod is replaced: its sidecar, a fresh metrics directory, a new worker. Nothing beat
+        # said changes.
         main_worker.proc.send_signal(signal.SIGTERM)
         main_worker.proc.wait(30)
+        worker_sidecar.close()
         shutil.rmtree(worker_dir)
         worker_dir.mkdir()
-        with worker(worker_env, tmp, concurrency=1, queues="periodic", app="tests.beat_app"):
+        with (
+            worker(worker_env, tmp, concurrency=1, queues="periodic", app="tests.beat_app"),
+            exporter(tmp, *sidecar_args, port=worker_port) as worker_exporter,
+        ):
             wait_until(lambda: not has(worker_exporter.scrape(), "celery_beat_entry_started_total", entry="every-1s"),
                        20, "the fresh worker directory to hold no beat run")
+            wait_until(lambda: prom.query('up{job="celery-worker"} == 1'), 20, "Prometheus to scrape the new sidecar")
             time.sleep(5)  # several evaluations with the worker's series gone
             assert firing(prom, "CeleryBeatDown")
             missed = entries_firing(prom, "CeleryPeriodicTaskMissed")
