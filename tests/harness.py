@@ -99,10 +99,11 @@ class ExporterProcess:
 
 
 @contextmanager
-def exporter(tmp: str, *args: str, env: dict[str, str] | None = None) -> Iterator[ExporterProcess]:
-    """`celery-signal-exporter serve` as a real process on a free port."""
-    port = free_port()
-    log_path = os.path.join(tmp, f"exporter-{port}.log")
+def exporter(tmp: str, *args: str, env: dict[str, str] | None = None,
+             port: int | None = None) -> Iterator[ExporterProcess]:
+    """`celery-signal-exporter serve` as a real process on a free port (or `port`: a replacement sidecar)."""
+    port = port or free_port()
+    log_path = os.path.join(tmp, f"exporter-{port}-{uuid.uuid4().hex[:6]}.log")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "celery_signal_exporter.cli",

@@ -24,6 +24,7 @@ RULES = ROOT / "deploy/prometheus/celery-rules.yml"
 NS = 'namespace="prod"'
 PROBE = f'job="celery-probe", {NS}'
 WORKER = f'job="celery-worker", {NS}'
+BEAT = f'job="celery-beat", {NS}'
 
 
 def promtool() -> str:
@@ -284,15 +285,73 @@ CASES: list[dict[str, Any]] = [
         [expected("CeleryTasksExpiring", {"namespace": "prod", "name": "t.x", "queue_name": "q"}, "30")],
     ),
     case(
+        "CeleryBeatDown",
+        [
+            (ql("celery_beat_up", f'{BEAT}, hostname="beat-a"'), "0x20"),
+            (ql("celery_beat_up", f'{BEAT}, hostname="beat-b"'), "1x20"),
+        ],
+        "10m",
+        [expected("CeleryBeatDown", {"namespace": "prod", "hostname": "beat-a"})],
+    ),
+    case(
+        # Beat's series vanished (its exporter gone) after it had been seen: down, with no labels to go by.
+        "CeleryBeatDown",
+        [
+            (ql("celery_beat_up", f'{BEAT}, hostname="beat-a"'), "1x5 stale"),
+            (ql("celery_beat_up", f'job="other", {NS}, hostname="beat-x"'), "1x20"),  # not ours: no say
+        ],
+        "15m",
+        [expected("CeleryBeatDown", {})],
+    ),
+    case(
         "CeleryPeriodicTaskMissed",
         [
-            (ql("celery_task_last_success_timestamp_seconds", f'{WORKER}, name="proj.periodic_report"'), "0x30"),
-            (ql("celery_task_last_success_timestamp_seconds", f'{WORKER}, name="proj.periodic_fresh"'), "0+3600x30"),
-            (ql("celery_task_last_success_timestamp_seconds", f'{WORKER}, name="proj.ordinary"'), "0x30"),
+            (ql("celery_beat_entry_next_due_timestamp_seconds", f'{BEAT}, entry="nightly", name="t.n"'), "600x30"),
+            (ql("celery_beat_entry_next_due_timestamp_seconds", f'{BEAT}, entry="ok", name="t.n"'), "60+60x30"),
         ],
-        "26h",
-        [expected("CeleryPeriodicTaskMissed", {"namespace": "prod", "name": "proj.periodic_report"}, "1d 2h 0m 0s")],
-        interval="1h",
+        "20m",
+        [expected("CeleryPeriodicTaskMissed", {"namespace": "prod", "entry": "nightly", "name": "t.n"}, "10m 0s")],
+    ),
+    case(
+        "CeleryPeriodicTaskNotSucceeding",
+        [
+            *[(ql("celery_beat_entry_last_dispatch_timestamp_seconds", f'{BEAT}, entry="{e}", name="t.p"'), "0+60x30")
+              for e in ("broken", "never", "fine")],
+            *[(ql("celery_beat_entry_interval_seconds", f'{BEAT}, entry="{e}", name="t.p"'), "60x30")
+              for e in ("broken", "never", "fine")],
+            (ql("celery_beat_entry_last_success_timestamp_seconds", f'{WORKER}, entry="broken", name="t.p"'), "0x30"),
+            (ql("celery_beat_entry_last_success_timestamp_seconds", f'{WORKER}, entry="fine", name="t.p"'),
+             "0+60x30"),
+        ],
+        "20m",
+        [
+            expected("CeleryPeriodicTaskNotSucceeding", {"namespace": "prod", "entry": "broken", "name": "t.p"},
+                     "20m 0s"),
+            expected("CeleryPeriodicTaskNotSucceeding", {"namespace": "prod", "entry": "never", "name": "t.p"},
+                     "20m 0s"),
+        ],
+    ),
+    case(
+        "CeleryPeriodicTaskOverlapping",
+        [
+            (ql("celery_beat_entry_overlaps_total", f'{WORKER}, entry="twice", name="t.p"'), "0x30"),
+            (ql("celery_beat_entry_running", f'{WORKER}, entry="twice", name="t.p"'), "2x30"),
+            (ql("celery_beat_entry_overlaps_total", f'{WORKER}, entry="once", name="t.p"'), "0x30"),
+            (ql("celery_beat_entry_running", f'{WORKER}, entry="once", name="t.p"'), "1x30"),
+        ],
+        "20m",
+        [expected("CeleryPeriodicTaskOverlapping", {"namespace": "prod", "entry": "twice", "name": "t.p"}, "2")],
+    ),
+    case(
+        "CeleryPeriodicTaskExpiring",
+        [
+            (ql("celery_beat_entry_dispatched_total", f'{BEAT}, entry="dropped", name="t.p"'), "0+1x100"),
+            (ql("celery_beat_entry_started_total", f'{WORKER}, entry="dropped", name="t.p"'), "0x100"),
+            (ql("celery_beat_entry_dispatched_total", f'{BEAT}, entry="runs", name="t.p"'), "0+1x100"),
+            (ql("celery_beat_entry_started_total", f'{WORKER}, entry="runs", name="t.p"'), "0+1x100"),
+        ],
+        "90m",
+        [expected("CeleryPeriodicTaskExpiring", {"namespace": "prod", "entry": "dropped", "name": "t.p"}, "60")],
     ),
 ]
 

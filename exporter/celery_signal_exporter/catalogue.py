@@ -218,6 +218,77 @@ POOL_PROCESS_MAX_MEMORY = Spec(
     notes="Linux only; prefork pools (other pools run tasks in the main process)",
 )
 
+# -- beat metrics: the schedule and dispatches written by the beat process, runs per entry by workers
+
+ENTRY = ("entry", "name")
+
+BEAT_HEARTBEAT = Spec(
+    "celery_beat_heartbeat_timestamp_seconds", "gauge",
+    "Internal: beat's last heartbeat; the exporter turns it into celery_beat_up.",
+    ("hostname",), mode="mostrecent",
+)
+BEAT_UP = Spec(
+    "celery_beat_up", "gauge", "1 if beat's heartbeat is fresher than the timeout.", ("hostname",),
+    recorded_by="computed at scrape",
+    notes="beat's heartbeat (a thread in the beat process, every `heartbeat_interval`), fresher than "
+          "`--worker-timeout`; 0 at once after a graceful shutdown. `hostname` is the beat host's name",
+)
+BEAT_ENTRY_INTERVAL = Spec(
+    "celery_beat_entry_interval_seconds", "gauge", "Seconds between the entry's runs.", ENTRY, mode="mostrecent",
+    recorded_by="beat, at `beat_init` and every `schedule_refresh`",
+    notes="`run_every` for interval entries; for crontab (and other) entries, the gap between the next due time "
+          "and the one after it. `entry` is the schedule entry's name, `name` its task",
+)
+BEAT_ENTRY_NEXT_DUE = Spec(
+    "celery_beat_entry_next_due_timestamp_seconds", "gauge", "When the entry's next run is due, as a UNIX time.",
+    ENTRY, mode="mostrecent",
+    recorded_by="beat, at each dispatch and every `schedule_refresh`",
+    notes="kept from beat's last word when beat dies, so `time() - next_due` grows: CeleryPeriodicTaskMissed",
+)
+BEAT_ENTRY_LAST_DISPATCH = Spec(
+    "celery_beat_entry_last_dispatch_timestamp_seconds", "gauge", "When beat last sent the entry's task.",
+    ENTRY, mode="mostrecent",
+    recorded_by="beat, `Scheduler.apply_async`",
+)
+BEAT_ENTRY_DISPATCHED = Spec(
+    "celery_beat_entry_dispatched", "counter", "Runs of the entry beat sent to the broker.", ENTRY,
+    recorded_by="beat, `Scheduler.apply_async`",
+)
+BEAT_ENTRY_DISPATCH_FAILURES = Spec(
+    "celery_beat_entry_dispatch_failures", "counter", "Dispatches of the entry that raised (broker down, "
+    "unknown task).", ENTRY,
+    recorded_by="beat, `Scheduler.apply_async`",
+)
+BEAT_ENTRY_STARTED = Spec(
+    "celery_beat_entry_started", "counter", "Runs of the entry that began executing.", ENTRY,
+    recorded_by="`task_prerun`, pool process, for messages with the `csx_entry` header",
+)
+BEAT_ENTRY_RUNNING = Spec(
+    "celery_beat_entry_running", "gauge", "Runs of the entry in progress now; more than 1 is an overlap.", ENTRY,
+    mode="livesum",
+    recorded_by="`task_prerun` +1, `task_postrun` −1",  # noqa: RUF001 - a true minus sign, as above
+    notes="live sum over every worker sharing the directory",
+)
+BEAT_ENTRY_LAST_SUCCESS = Spec(
+    "celery_beat_entry_last_success_timestamp_seconds", "gauge", "When a run of the entry last succeeded.",
+    ENTRY, mode="max",
+    recorded_by="`task_postrun` with state `SUCCESS`",
+    notes="two entries calling one task (with different arguments) are told apart by `entry`",
+)
+BEAT_ENTRY_OVERLAPS = Spec(
+    "celery_beat_entry_overlaps", "counter", "Runs of the entry still in progress when its next run was due.",
+    ENTRY,
+    recorded_by="`task_postrun`, from the `csx_next_due` header",
+    notes="a run counts one overlap when it started before, and ended after, the time beat had set for the "
+          "entry's next run; caught however short the overlap",
+)
+BEAT_ENTRY_EXPIRED = Spec(
+    "celery_beat_entry_expired", "counter", "Runs of the entry a worker dropped because they had expired.", ENTRY,
+    recorded_by="`task_revoked` with `expired`, worker main",
+    notes="Redis (and any broker that delivers expired messages); on RabbitMQ the broker drops them itself, "
+          "see *Periodic tasks* below",
+)
+
 # -- broker metrics: built by the probe loop from each probe's snapshot
 
 QUEUE_LENGTH = Spec(
@@ -353,6 +424,36 @@ PROBE_QUEUES_DROPPED = Spec(
 )
 
 
+BEAT_BEFORE = """\
+`instrument(app)` in the beat process (standalone `celery beat`, or a worker
+started with `-B`) reads the schedule at `beat_init` and again every
+`schedule_refresh` seconds (default 30), on beat's own thread after one of its
+ticks, so entries added or removed at run time (django-celery-beat, RedBeat,
+any scheduler whose `schedule` changes) are followed; a removed entry's beat
+gauges go. Beat puts the entry's name (`csx_entry`) and its next due time
+(`csx_next_due`) in each message's headers, so workers count runs per entry:
+two entries that call one task with different arguments stay apart. Beat
+writes into its own metrics directory (its own pod and exporter sidecar), so
+replacing a worker pod changes nothing beat said.
+"""
+
+BEAT_AFTER = """\
+`celery_beat_up` comes from `celery_beat_heartbeat_timestamp_seconds`
+(internal, not exposed) as `celery_worker_up` does from the worker's. The
+heartbeat runs on a thread, since beat sleeps up to `beat_max_loop_interval`
+between ticks. A beat entry gauge at 0 (an entry that left the schedule) is
+left out of `/metrics`.
+
+**Expired runs.** On Redis a worker receives an expired message and drops it:
+`celery_beat_entry_expired_total` counts it. On RabbitMQ, Celery's `expires`
+is a per-message TTL and the broker drops the message unseen; there the
+CeleryPeriodicTaskExpiring alert compares runs beat dispatched with runs that
+started (`celery_beat_entry_dispatched_total` against
+`celery_beat_entry_started_total`), which catches an entry none of whose
+runs dispatched in the window started, not one run in many lost.
+"""
+
+
 @dataclass(frozen=True)
 class Section:
     """A part of docs/metrics.md: a heading, prose around one table of metrics."""
@@ -380,6 +481,14 @@ using the worker's own timer. The heartbeat is stored as an internal gauge,
 `{WORKER_UP.name}`. The raw timestamp is not exposed. A worker that was
 SIGKILLed stops writing, so it reads 0 once the timeout has passed.
 """,
+    ),
+    Section(
+        "Beat metrics",
+        (BEAT_UP, BEAT_ENTRY_INTERVAL, BEAT_ENTRY_NEXT_DUE, BEAT_ENTRY_LAST_DISPATCH, BEAT_ENTRY_DISPATCHED,
+         BEAT_ENTRY_DISPATCH_FAILURES, BEAT_ENTRY_STARTED, BEAT_ENTRY_RUNNING, BEAT_ENTRY_LAST_SUCCESS,
+         BEAT_ENTRY_OVERLAPS, BEAT_ENTRY_EXPIRED),
+        before=BEAT_BEFORE,
+        after=BEAT_AFTER,
     ),
     Section(
         "Broker metrics (probes)",
@@ -432,6 +541,9 @@ RECORDED: tuple[Spec, ...] = (
     IN_PROGRESS, LAST_SUCCESS, OLDEST_RUNNING_AGE, TIME_LIMIT, MEMORY_GROWTH, CPU, PUBLISH, HEARTBEAT,
     POOL_PROCESSES, TASKS_ACTIVE, TASKS_RESERVED, TASKS_SCHEDULED, CONSUMING, RESIDENT_MEMORY,
     POOL_PROCESS_MAX_MEMORY, DROPPED_LABELS, LABELS_TRUNCATED, HANDLER_ERRORS, COMPACTED,
+    BEAT_HEARTBEAT, BEAT_ENTRY_INTERVAL, BEAT_ENTRY_NEXT_DUE, BEAT_ENTRY_LAST_DISPATCH, BEAT_ENTRY_DISPATCHED,
+    BEAT_ENTRY_DISPATCH_FAILURES, BEAT_ENTRY_STARTED, BEAT_ENTRY_RUNNING, BEAT_ENTRY_LAST_SUCCESS,
+    BEAT_ENTRY_OVERLAPS, BEAT_ENTRY_EXPIRED,
 )
 
 

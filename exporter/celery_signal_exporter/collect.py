@@ -3,7 +3,8 @@
 Merge rules are prometheus-client's multiprocess rules (counters and
 histograms add up, gauges follow their mode), with these differences: a
 damaged file is skipped and counted instead of failing the scrape; the
-heartbeat gauge becomes `celery_worker_up`; the queue names seen are
+heartbeat gauges become `celery_worker_up` and `celery_beat_up`; a beat entry gauge at 0 (an entry
+that left the schedule) is left out; the queue names seen are
 remembered for the broker probes; and for gauges that pick one writer's value
 (mostrecent, max, min) a live writer's heartbeat beats a dead or archived
 one's, and a value stamped in our future (a clock since stepped back) loses to
@@ -31,12 +32,18 @@ from prometheus_client.core import Metric
 from prometheus_client.samples import Sample
 
 from celery_signal_exporter.catalogue import (
+    BEAT_ENTRY_INTERVAL,
+    BEAT_ENTRY_LAST_DISPATCH,
+    BEAT_ENTRY_NEXT_DUE,
+    BEAT_HEARTBEAT,
+    BEAT_UP,
     HEARTBEAT,
     POOL_PROCESSES,
     QUEUE_NAMES_FOLDED,
     TASK_NAMES_FOLDED,
     TASKS_ACTIVE,
     WORKER_UP,
+    Spec,
 )
 from celery_signal_exporter.compact import FUTURE_SLACK
 from celery_signal_exporter.directory import (
@@ -70,6 +77,10 @@ OVERFLOW = "__overflow__"
 #: Parsed series and keys kept beyond those in the directory now before every cache is rebuilt.
 _CACHE_SLACK = 4096
 
+#: Heartbeat gauges and the `up` gauge each becomes at scrape: 1 while the heartbeat is fresher than the timeout.
+_UP: dict[str, Spec] = {HEARTBEAT.name: WORKER_UP, BEAT_HEARTBEAT.name: BEAT_UP}
+#: Beat entry gauges a beat writes 0 when the entry leaves the schedule: a 0 is left out, so the series goes.
+_GONE_AT_ZERO = frozenset({BEAT_ENTRY_INTERVAL.name, BEAT_ENTRY_NEXT_DUE.name, BEAT_ENTRY_LAST_DISPATCH.name})
 #: Live gauges labelled by worker hostname: dropped once that worker's heartbeat is stale.
 _PER_WORKER_LIVE = frozenset({POOL_PROCESSES.name, TASKS_ACTIVE.name})
 #: Gauge modes whose merge picks one writer's value, so the writer's liveness can matter.
@@ -133,8 +144,8 @@ class _Family:
                 shown += [(metric + "_bucket", labels) for labels, _ in buckets]
                 shown += [(metric + "_count", label_map), (metric + "_sum", label_map)]
         else:
-            up = WORKER_UP.name if metric == HEARTBEAT.name else None
-            shown = [(up or sample, label_map) for sample, _, label_map, _ in rows]
+            up = _UP.get(metric)
+            shown = [(up.name if up else sample, label_map) for sample, _, label_map, _ in rows]
         self.entries = [(n, labels, line_prefix(n, labels)) for n, labels in shown]
 
 
@@ -504,7 +515,7 @@ class DirectoryCollector:
             by_metric[self._meta[i][0]].append(i)
         skeleton: list[_Family] = []
         for metric in sorted(by_metric):
-            kind = "gauge" if metric == HEARTBEAT.name else self._types[metric]
+            kind = "gauge" if metric in _UP else self._types[metric]
             rows: list[Any] = []
             indices = by_metric[metric]
             if kind == "histogram":
@@ -537,14 +548,16 @@ class DirectoryCollector:
         now = time.time()
         stale: set[tuple[tuple[str, str], ...]] = set()
         for family in skeleton:
-            if family.metric == HEARTBEAT.name:
+            if family.metric == HEARTBEAT.name:  # only a worker's heartbeat speaks for its pool
                 stale = {labels for _, labels, _, i in family.rows
                          if not (values[i] > 0 and now - values[i] <= self.worker_timeout)}
         for family in skeleton:
             entries = family.entries
-            if family.metric == HEARTBEAT.name:
-                shown = [0.0 if labels in stale else 1.0 for _, labels, _, _ in family.rows]
-                families.append(LaidOut(WORKER_UP.name, WORKER_UP.help, WORKER_UP.kind, entries, shown))
+            up = _UP.get(family.metric)
+            if up is not None:
+                shown = [1.0 if values[i] > 0 and now - values[i] <= self.worker_timeout else 0.0
+                         for _, _, _, i in family.rows]
+                families.append(LaidOut(up.name, up.help, up.kind, entries, shown))
                 continue
             if family.kind == "histogram":
                 shown = []
@@ -556,6 +569,10 @@ class DirectoryCollector:
                     shown += counts[1:]
                     shown.append(counts[-1])
                     shown.append(values[sum_index] if sum_index is not None else 0.0)
+            elif family.metric in _GONE_AT_ZERO:
+                keep = [values[i] != 0.0 for _, _, _, i in family.rows]
+                entries = [e for e, k in zip(entries, keep, strict=True) if k]
+                shown = [values[i] for (_, _, _, i), k in zip(family.rows, keep, strict=True) if k]
             elif family.metric in _PER_WORKER_LIVE and stale:
                 # A worker that stopped beating says nothing about its pool: do not echo its last word.
                 keep = [labels not in stale for _, labels, _, _ in family.rows]

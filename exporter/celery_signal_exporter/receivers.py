@@ -33,6 +33,7 @@ from celery.states import SUCCESS
 
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import metrics as m
+from celery_signal_exporter.beat import ENTRY_HEADER, BeatRuns, install_beat_metrics
 from celery_signal_exporter.buckets import parse_buckets
 from celery_signal_exporter.labels import MAX_LABEL_LENGTH, OVERFLOW, cut
 from celery_signal_exporter.metrics_dir import METRICS_DIR_ENV, metrics_dir_or_env
@@ -68,6 +69,7 @@ class Options:
     max_queue_names: int = 100
     ignore_tasks: frozenset[str] = frozenset()
     heartbeat_interval: float = 2.0
+    schedule_refresh: float = 30.0
 
 
 class _Peak:
@@ -122,6 +124,7 @@ class Instrumentation:
         self.truncated = m.Recorder(s, c.LABELS_TRUNCATED)
         self.handler_errors = m.Recorder(s, c.HANDLER_ERRORS)
         self.queues = QueueResolver(app, self.queue_label)
+        self.beat_runs = BeatRuns(self)
         # Raw value -> label value, for the names and queues below their caps.
         self._names: dict[str, str] = {}
         self._queue_labels: dict[str, str] = {}
@@ -290,6 +293,7 @@ class Instrumentation:
             return
         reason = "expired" if expired else "terminated" if terminated else "revoked"
         self.revoked.labels(name, self.queue_of(request), reason).inc()
+        self.beat_runs.revoked(request, name, expired)
 
     # -- pool process --------------------------------------------------------
 
@@ -328,6 +332,9 @@ class Instrumentation:
     ) -> None:
         try:
             request = task.request
+            entry = getattr(request, ENTRY_HEADER, None)  # a run beat dispatched: counted per schedule entry
+            if entry is not None:
+                self.beat_runs.start(request, entry, task.name)
             # The common case in one lookup: a known task from the queue the worker main process named.
             series = self._series.get((task.name, getattr(request, QUEUE_HEADER, None)))
             if series is None:
@@ -356,6 +363,8 @@ class Instrumentation:
         Celery dispatching task_success to us on every task."""
         try:
             success_at = time.time() if state == SUCCESS else None
+            if getattr(task.request, ENTRY_HEADER, None) is not None:
+                self.beat_runs.finish(task.request, success_at is not None)
             started = getattr(task.request, RUN_ATTR, None)
             if started is not None:
                 begin, cpu_begin, series = started
@@ -414,7 +423,7 @@ class Instrumentation:
         ]
 
     def signal_names(self) -> list[str]:
-        worker_side = ["worker_tick", "worker_init", "worker_shutdown", "worker_compact"]
+        worker_side = ["worker_tick", "worker_init", "worker_shutdown", "worker_compact", "beat_run"]
         return [label for _, label, _ in self.receivers()] + worker_side
 
     def connect(self) -> None:
@@ -616,6 +625,7 @@ def instrument(
     max_queue_names: int = 100,
     ignore_tasks: Iterable[str] = (),
     heartbeat_interval: float = 2.0,
+    schedule_refresh: float = 30.0,
 ) -> Instrumentation:
     """Connect the exporter's signal receivers for `app`, once per process.
 
@@ -625,6 +635,8 @@ def instrument(
     CELERY_EXPORTER_PUBLISH_BUCKETS ("0.1,1,10", seconds) and
     CELERY_EXPORTER_MEMORY_GROWTH_BUCKETS (bytes), which `celery-signal-exporter
     check` validates, else the defaults.
+    In a beat process (standalone or `worker -B`) the schedule is read at `beat_init` and
+    again every `schedule_refresh` seconds (beat.py).
     """
     global _active
     # Options are checked on every call, so a bad one fails loudly even where a first call won.
@@ -652,11 +664,13 @@ def instrument(
         max_queue_names=max_queue_names,
         ignore_tasks=frozenset(ignore_tasks),
         heartbeat_interval=heartbeat_interval,
+        schedule_refresh=schedule_refresh,
     )
     inst = Instrumentation(app, options)
     inst.connect()
     from celery_signal_exporter.worker import install_worker_metrics
 
     install_worker_metrics(app, inst)
+    install_beat_metrics(inst)
     _active = inst
     return inst

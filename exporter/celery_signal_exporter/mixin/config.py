@@ -98,7 +98,20 @@ class Config:
     failure_min: int = 5  # at least this many failures in the window before the ratio pages
     failure_for: str = "10m"
     expiring_for: str = "5m"
-    periodic_tasks: tuple[PeriodicTask, ...] = (PeriodicTask(name_regex=".*periodic.*", max_age="25h"),)
+    # Tasks beat does not schedule (another scheduler, cron, a producer's loop) that must succeed often; by
+    # name regex. Beat's own entries need none of this: the Periodic tasks alerts read beat's schedule.
+    periodic_tasks: tuple[PeriodicTask, ...] = ()
+
+    # Periodic tasks, from beat's schedule.
+    beat_down_for: str = "5m"
+    beat_seen_window: str = "24h"  # beat counts as down when its series vanished within this window
+    periodic_missed_grace: str = "5m"  # how late past its due time an entry may be dispatched
+    periodic_missed_for: str = "0s"
+    periodic_not_succeeding_intervals: int = 3  # dispatched runs without a success, counted in intervals
+    periodic_lookback: str = "48h"  # history kept for last success across worker pod replacements
+    periodic_not_succeeding_for: str = "0s"
+    periodic_window: str = "1h"  # overlaps and expirations are counted over this window
+    periodic_start_lag: str = "15m"  # a dispatched run that has not started after this is taken as lost
 
     # Dashboards.
     dashboard_refresh: str = "30s"
@@ -153,6 +166,12 @@ def short_profile(base: Config = PRODUCTION) -> Config:
         worker_down_for="20s",
         failure_for="20s",
         expiring_for="0s",
+        beat_down_for="3s",
+        beat_seen_window="10m",
+        periodic_missed_grace="3s",
+        periodic_lookback="10m",
+        periodic_window="10s",
+        periodic_start_lag="3s",
     )
 
 

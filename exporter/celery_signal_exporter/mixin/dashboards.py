@@ -17,6 +17,7 @@ from grafana_foundation_sdk.builders.dashboard import Dashboard, DatasourceVaria
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import (
     DataSourceRef,
+    DataTransformerConfig,
     GridPos,
     VariableHide,
     VariableOption,
@@ -26,7 +27,7 @@ from grafana_foundation_sdk.models.dashboard import (
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 from celery_signal_exporter.mixin.config import Config
-from celery_signal_exporter.mixin.panels import IDS, OVERVIEW, QUEUES, TASKS, uid
+from celery_signal_exporter.mixin.panels import IDS, OVERVIEW, PERIODIC, QUEUES, TASKS, uid
 from celery_signal_exporter.mixin.rules import QUANTILES, alerts
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
@@ -659,10 +660,103 @@ def queues(c: Config) -> Dashboard:
     return d
 
 
+def periodic(c: Config) -> Dashboard:
+    """Periodic tasks, as beat's schedule says they should run and as the workers ran them."""
+    d, lay = _base(c, PERIODIC, "Celery / Periodic tasks",
+                   "Beat, each schedule entry's last dispatch and success, overlaps and expired runs.", False)
+    e = _by(c, "entry", "name")
+    lay.row("Beat")
+    lay.add(
+        _stat(
+            c,
+            "Beat up",
+            "1 while beat's heartbeat is fresh; 0 when it stopped or shut down. Without beat no periodic "
+            "task is sent.",
+            "short",
+            (f"max {_by(c, 'hostname')}({_q(c, 'celery_beat_up')})", "{{hostname}}"),
+        ),
+        w=8,
+    )
+    names = "|".join(a.name for a in alerts(c) if a.panel[0] == PERIODIC)
+    lay.add(
+        _panel(
+            c,
+            table.Panel,
+            "Alerts",
+            "The periodic-task alerts pending or firing now, per entry (Prometheus' own ALERTS series, "
+            "which carries the alerts' labels, not a job).",
+            "short",
+            [(f"max {_by(c, 'alertname', 'alertstate', 'entry', 'name')}"
+              f"({_r(c, 'ALERTS', f'alertname=~{chr(34)}{names}{chr(34)}')})", "{{alertname}}")],
+            PromQueryFormat.TABLE,
+        ),
+        w=16,
+    )
+    entries = _panel(
+        c,
+        table.Panel,
+        "Entries",
+        "One row per schedule entry: its interval (for crontab entries the gap to the run after next), "
+        "seconds since beat last sent it, since a run last succeeded, until it is next due (negative: "
+        "overdue), and runs in progress now (more than 1 is an overlap).",
+        "s",
+        [
+            (f"max {e}({_q(c, 'celery_beat_entry_interval_seconds')})", "interval"),
+            (f"time() - max {e}({_q(c, 'celery_beat_entry_last_dispatch_timestamp_seconds')})", "since dispatch"),
+            (f"time() - max {e}({_q(c, 'celery_beat_entry_last_success_timestamp_seconds')})", "since success"),
+            (f"max {e}({_q(c, 'celery_beat_entry_next_due_timestamp_seconds')}) - time()", "until due"),
+            (f"sum {e}({_q(c, 'celery_beat_entry_running')})", "running"),
+        ],
+        PromQueryFormat.TABLE,
+    ).with_transformation(DataTransformerConfig(id_val="merge", options={}))
+    lay.add(entries, w=24, h=10)
+    lay.row("Runs")
+    lay.add(
+        _ts(
+            c,
+            "Overlaps",
+            "Runs still in progress when their entry's next run was due, per entry. The count is made as a "
+            "run ends, so overlaps shorter than a scrape show too.",
+            "short",
+            (f"sum {e}(increase({_q(c, 'celery_beat_entry_overlaps_total')}[{RATE}]))",
+             "{{entry}}"),
+        ),
+        w=8,
+    )
+    lay.add(
+        _ts(
+            c,
+            "Expired and unstarted runs",
+            "Runs a worker dropped as expired (Redis), and runs sent that have not started (on RabbitMQ "
+            "expired runs vanish in the broker), per entry.",
+            "short",
+            (f"sum {e}(increase({_q(c, 'celery_beat_entry_expired_total')}[{RATE}]))",
+             "{{entry}} expired"),
+            (f"sum {e}(increase({_q(c, 'celery_beat_entry_dispatched_total')}[{RATE}])) - "
+             f"sum {e}(increase({_q(c, 'celery_beat_entry_started_total')}[{RATE}]))",
+             "{{entry}} sent, not started"),
+        ),
+        w=8,
+    )
+    lay.add(
+        _ts(
+            c,
+            "Dispatch failures",
+            "Dispatches beat could not send (broker down, a task it cannot find), per entry.",
+            "short",
+            (f"sum {e}(increase({_q(c, 'celery_beat_entry_dispatch_failures_total')}[{RATE}]))",
+             "{{entry}}"),
+        ),
+        w=8,
+    )
+    return d
+
+
 DASHBOARDS: dict[str, Callable[[Config], Dashboard]] = {
     "celery-overview.json": overview,
     "celery-tasks.json": tasks,
     "celery-queues.json": queues,
+    "celery-periodic.json": periodic,
 }
 
 

@@ -13,6 +13,7 @@ from celery_signal_exporter.mixin.config import Config
 OVERVIEW = "overview"
 TASKS = "tasks"
 QUEUES = "queues"
+PERIODIC = "periodic"
 
 IDS: dict[str, dict[str, int]] = {
     OVERVIEW: {
@@ -64,6 +65,16 @@ IDS: dict[str, dict[str, int]] = {
         "Instrumentation errors": 16,
         "Metrics files and cardinality": 17,
         "Scrape duration": 18,
+    },
+    PERIODIC: {
+        "Beat": 1,
+        "Beat up": 2,
+        "Alerts": 3,
+        "Entries": 4,
+        "Runs": 5,
+        "Overlaps": 6,
+        "Expired and unstarted runs": 7,
+        "Dispatch failures": 8,
     },
 }
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from celery_signal_exporter.mixin import panels
 from celery_signal_exporter.mixin.config import Config, matcher, seconds
-from celery_signal_exporter.mixin.panels import OVERVIEW, QUEUES, TASKS
+from celery_signal_exporter.mixin.panels import OVERVIEW, PERIODIC, QUEUES, TASKS
 
 QUANTILES = ("0.5", "0.95", "0.99")
 
@@ -101,6 +101,10 @@ def alerts(c: Config) -> list[Alert]:
 
 
 def _all_alerts(c: Config) -> list[Alert]:
+    return _celery_alerts(c) + _beat_alerts(c)
+
+
+def _celery_alerts(c: Config) -> list[Alert]:
     g = c.by
     where = "".join(f"{{{{ $labels.{label} }}}}/" for label in c.group_labels)
     queue = f"{where}{{{{ $labels.queue_name }}}}"
@@ -274,14 +278,97 @@ def _all_alerts(c: Config) -> list[Alert]:
             f"expired before they started over the last {c.failure_window}.",
             (TASKS, "Retries, revokes and expirations"),
         ),
+    ] + ([
+        # For tasks beat does not schedule (cron, another scheduler): by name regex; off unless configured.
         Alert(
-            "CeleryPeriodicTaskMissed",
+            "CeleryTaskSuccessStale",
             periodic,
             "0s",
             "warning",
             "A periodic Celery task has not succeeded in time.",
             f"Task {task} last succeeded {{{{ $value | humanizeDuration }}}} ago.",
             (TASKS, "Time since last success"),
+        ),
+    ] if c.periodic_tasks else [])
+
+
+def _beat_alerts(c: Config) -> list[Alert]:
+    """Periodic tasks, read from beat's schedule: beat down, entries missed, not succeeding,
+    overlapping, expiring. `entry` is the schedule entry's name, `name` its task."""
+    g = c.by
+    where = "".join(f"{{{{ $labels.{label} }}}}/" for label in c.group_labels)
+    entry = f"{where}{{{{ $labels.entry }}}} ({{{{ $labels.name }}}})"
+    e = f"{g}entry, name"
+
+    def q(metric: str) -> str:
+        return f"{metric}{{{c.sel()}}}"
+
+    window, lag = c.periodic_window, f"{_num(seconds(c.periodic_start_lag))}s"
+    started_window = f"{_num(seconds(window) + seconds(lag))}s"
+    return [
+        Alert(
+            "CeleryBeatDown",
+            f"max by ({g}hostname) ({q('celery_beat_up')}) == 0\nor\n"
+            f"(\n  absent({q('celery_beat_up')})\n  and on ()\n"
+            f"  count(last_over_time({q('celery_beat_up')}[{c.beat_seen_window}])) > 0\n)",
+            c.beat_down_for,
+            "critical",
+            "Celery beat is down: no periodic task is being sent.",
+            f"Beat {where}{{{{ $labels.hostname }}}} has sent no heartbeat for {c.beat_down_for}, has shut down, "
+            f"or its exporter no longer serves it (it did within {c.beat_seen_window}).",
+            (PERIODIC, "Beat up"),
+        ),
+        Alert(
+            "CeleryPeriodicTaskMissed",
+            f"time() - max by ({e}) ({q('celery_beat_entry_next_due_timestamp_seconds')})\n"
+            f"> {_num(seconds(c.periodic_missed_grace))}",
+            c.periodic_missed_for,
+            "warning",
+            "A periodic task was not sent when it was due.",
+            f"Entry {entry} was due {{{{ $value | humanizeDuration }}}} ago and beat has not sent it; "
+            f"the grace is {c.periodic_missed_grace}.",
+            (PERIODIC, "Entries"),
+        ),
+        Alert(
+            "CeleryPeriodicTaskNotSucceeding",
+            f"(\n  max by ({e}) ({q('celery_beat_entry_last_dispatch_timestamp_seconds')})\n  - (\n"
+            f"    max by ({e}) (max_over_time({q('celery_beat_entry_last_success_timestamp_seconds')}"
+            f"[{c.periodic_lookback}]))\n    or\n"
+            f"    min by ({e}) (min_over_time({q('celery_beat_entry_last_dispatch_timestamp_seconds')}"
+            f"[{c.periodic_lookback}]))\n  )\n)\n"
+            f"> {c.periodic_not_succeeding_intervals} * max by ({e}) ({q('celery_beat_entry_interval_seconds')})",
+            c.periodic_not_succeeding_for,
+            "warning",
+            "A periodic task is sent but does not succeed.",
+            f"Entry {entry} was last sent {{{{ $value | humanizeDuration }}}} after its last success, more than "
+            f"{c.periodic_not_succeeding_intervals} of its intervals.",
+            (PERIODIC, "Entries"),
+        ),
+        Alert(
+            "CeleryPeriodicTaskOverlapping",
+            f"sum by ({e}) (increase({q('celery_beat_entry_overlaps_total')}[{window}])) > 0\nor\n"
+            f"sum by ({e}) ({q('celery_beat_entry_running')}) > 1",
+            "0s",
+            "warning",
+            "Runs of a periodic task overlap.",
+            f"Entry {entry} was still running when its next run was due ({{{{ $value | humanize }}}} over the last "
+            f"{window}, or as many runs in progress now): it needs a lock, or a longer interval.",
+            (PERIODIC, "Overlaps"),
+        ),
+        Alert(
+            "CeleryPeriodicTaskExpiring",
+            f"sum by ({e}) (increase({q('celery_beat_entry_expired_total')}[{window}])) > 0\nor\n"
+            # Runs sent between `lag` and `lag + window` ago (each increase is extrapolated alike, hence > 0.5)
+            # of which none started since: on RabbitMQ the broker drops expired runs unseen.
+            f"(\n  (\n    sum by ({e}) (increase({q('celery_beat_entry_dispatched_total')}[{started_window}]))\n"
+            f"    - sum by ({e}) (increase({q('celery_beat_entry_dispatched_total')}[{lag}]))\n  ) > 0.5\n"
+            f"  unless\n  sum by ({e}) (increase({q('celery_beat_entry_started_total')}[{started_window}])) > 0\n)",
+            "0s",
+            "warning",
+            "Runs of a periodic task expire before they start.",
+            f"Entry {entry}: {{{{ $value | humanize }}}} runs expired before a worker started them, or none of the "
+            f"runs sent over {window} started within {c.periodic_start_lag}.",
+            (PERIODIC, "Expired and unstarted runs"),
         ),
     ]
 
