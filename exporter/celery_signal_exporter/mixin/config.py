@@ -42,6 +42,14 @@ class PeriodicTask:
 
 
 @dataclass(frozen=True)
+class RunLimit:
+    """How long runs of tasks (by name regex) may take when the task has no Celery time limit."""
+
+    name_regex: str
+    max_age: str
+
+
+@dataclass(frozen=True)
 class Config:
     """Every knob of the generated monitoring content, with production defaults."""
 
@@ -99,6 +107,10 @@ class Config:
     failure_for: str = "10m"
     expiring_for: str = "5m"
     periodic_tasks: tuple[PeriodicTask, ...] = (PeriodicTask(name_regex=".*periodic.*", max_age="25h"),)
+    # CeleryTaskStuck: a run older than its task's Celery time limit where the worker reports one,
+    # else than the first entry whose regex matches the task name (the last entry is the default).
+    run_limits: tuple[RunLimit, ...] = (RunLimit(name_regex=".*", max_age="1h"),)
+    stuck_for: str = "2m"
 
     # Dashboards.
     dashboard_refresh: str = "30s"
@@ -153,6 +165,7 @@ def short_profile(base: Config = PRODUCTION) -> Config:
         worker_down_for="20s",
         failure_for="20s",
         expiring_for="0s",
+        stuck_for="0s",
     )
 
 
@@ -172,11 +185,19 @@ def load(path: Path | None, base: Config = PRODUCTION) -> Config:
             data[key] = tuple(data[key])
     if "periodic_tasks" in data:
         data["periodic_tasks"] = tuple(PeriodicTask(**item) for item in data["periodic_tasks"])
+    if "run_limits" in data:
+        data["run_limits"] = tuple(RunLimit(**item) for item in data["run_limits"])
     config = dataclasses.replace(base, **data)
     for f in dataclasses.fields(Config):
         value = getattr(config, f.name)
         if f.name.endswith(("_window", "_for", "_max", "_horizon")) and isinstance(value, str):
             seconds(value)  # raises with the bad value named
+    for limit in config.run_limits:
+        seconds(limit.max_age)
+        try:
+            re.compile(limit.name_regex)
+        except re.error as exc:
+            raise ValueError(f"{path}: name_regex {limit.name_regex!r}: not a regex: {exc}") from None
     taken = sorted({"datasource", "queue", "task"} & set(config.group_labels))
     if taken:
         # Each group label becomes a dashboard variable of its name.
