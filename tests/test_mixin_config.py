@@ -234,6 +234,9 @@ def test_out_writes_exactly_the_documented_flat_layout(
         "ignore_tasks: '.*'\n",  # would drop every series without a name label
         "ignore_queues: '(unclosed'\n",
         "group_labels: [queue]\n",  # the name of a dashboard variable
+        "run_limits: [{name_regex: '(x', max_age: 1h}]\n",
+        "run_limits: [{name_regex: 'x', max_age: soon}]\n",
+        "run_limits: [{name: 'x', max_age: 1h}]\n",
     ],
 )
 def test_bad_switches_and_regexes_are_one_line_and_exit_2(
