@@ -474,7 +474,7 @@ def _task_resources(c: Config, lay: _Layout) -> None:
         _ts(
             c,
             "CPU per runtime second",
-            "CPU seconds a task's runs used per second of their runtime. Near 1 the task computes: "
+            "CPU seconds a task's runs used per second of their runtime. Near 1 (100%) the task computes: "
             "more processes help only with the CPUs to run them. Near 0 it waits (network, disk, locks, "
             "sleep): more concurrency helps only if what it waits on scales. On gevent and eventlet a run "
             "is also charged what ran while it was switched out.",
