@@ -6,6 +6,7 @@ we expect Prometheus to print written out by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -16,8 +17,8 @@ import pytest
 import yaml
 
 from celery_signal_exporter.mixin import panels
-from celery_signal_exporter.mixin.config import PRODUCTION
-from celery_signal_exporter.mixin.rules import alerts
+from celery_signal_exporter.mixin.config import PRODUCTION, Config, RunLimit
+from celery_signal_exporter.mixin.rules import alerts, rule_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy/prometheus/celery-rules.yml"
@@ -34,9 +35,9 @@ def promtool() -> str:
     return path
 
 
-def expected(alert: str, labels: dict[str, str], value: str = "") -> dict[str, Any]:
+def expected(alert: str, labels: dict[str, str], value: str = "", config: Config = PRODUCTION) -> dict[str, Any]:
     """The alert's labels and annotations as Prometheus should render them for `labels` and `value`."""
-    (rule,) = [a for a in alerts(PRODUCTION) if a.name == alert]
+    (rule,) = [a for a in alerts(config) if a.name == alert]
 
     def fill(template: str) -> str:
         template = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), template)
@@ -47,8 +48,8 @@ def expected(alert: str, labels: dict[str, str], value: str = "") -> dict[str, A
         "exp_annotations": {
             "summary": rule.summary,
             "description": fill(rule.description),
-            "runbook_url": f"{PRODUCTION.runbook_url}#{alert.lower()}",
-            "dashboard_url": panels.url(PRODUCTION, *rule.panel),
+            "runbook_url": f"{config.runbook_url}#{alert.lower()}",
+            "dashboard_url": panels.url(config, *rule.panel),
         },
     }
 
@@ -141,9 +142,19 @@ CASES: list[dict[str, Any]] = [
             (ql("celery_queue_length", f'{PROBE}, queue_name="attached", vhost="/"'), "50x30"),
             (ql("celery_queue_consumers", f'{PROBE}, queue_name="attached", vhost="/"'), "2x30"),
             (ql("celery_queue_length", f'{PROBE}, queue_name="empty", vhost="0"'), "0x30"),
+            # Redis: nothing taken lately (every slot busy with long runs), but a live worker consumes it.
+            (ql("celery_queue_length", f'{PROBE}, queue_name="busy", vhost="0"'), "50x30"),
+            (ql("celery_worker_consuming", f'{WORKER}, hostname="celery@a", queue_name="busy"'), "1x30"),
+            (ql("celery_worker_pool_processes", f'{WORKER}, hostname="celery@a"'), "4x30"),
+            # Its only consumer's heartbeat stopped: the pool is no longer reported, so nobody serves it.
+            (ql("celery_queue_length", f'{PROBE}, queue_name="hung", vhost="0"'), "50x30"),
+            (ql("celery_worker_consuming", f'{WORKER}, hostname="celery@b", queue_name="hung"'), "1x30"),
         ],
         "20m",
-        [expected("CeleryQueueNoConsumers", {"namespace": "prod", "queue_name": "orphan"}, "50")],
+        [
+            expected("CeleryQueueNoConsumers", {"namespace": "prod", "queue_name": "orphan"}, "50"),
+            expected("CeleryQueueNoConsumers", {"namespace": "prod", "queue_name": "hung"}, "50"),
+        ],
     ),
     case(
         "CeleryBrokerMemoryHigh",
@@ -353,6 +364,26 @@ CASES: list[dict[str, Any]] = [
         "90m",
         [expected("CeleryPeriodicTaskExpiring", {"namespace": "prod", "entry": "dropped", "name": "t.p"}, "60")],
     ),
+    case(
+        "CeleryTaskStuck",
+        [
+            # Past its Celery time limit: the pool did not kill it.
+            (ql("celery_task_oldest_running_age_seconds", f'{WORKER}, name="t.limited", queue_name="q"'), "0+60x20"),
+            (ql("celery_task_time_limit_seconds", f'{WORKER}, name="t.limited"'), "300x20"),
+            # Within a longer limit, though past the 1h default: the task's own limit wins.
+            (ql("celery_task_oldest_running_age_seconds", f'{WORKER}, name="t.long", queue_name="q"'), "4000x20"),
+            (ql("celery_task_time_limit_seconds", f'{WORKER}, name="t.long"'), "7200x20"),
+            # No time limit: the run_limits default (1h) applies.
+            (ql("celery_task_oldest_running_age_seconds", f'{WORKER}, name="t.free", queue_name="q"'), "4000x20"),
+            (ql("celery_task_oldest_running_age_seconds", f'{WORKER}, name="t.quick", queue_name="q"'), "100x20"),
+            (ql("celery_task_oldest_running_age_seconds", f'{WORKER}, name="t.idle", queue_name="q"'), "0x20"),
+        ],
+        "10m",
+        [
+            expected("CeleryTaskStuck", {"namespace": "prod", "name": "t.limited", "queue_name": "q"}, "10m 0s"),
+            expected("CeleryTaskStuck", {"namespace": "prod", "name": "t.free", "queue_name": "q"}, "1h 6m 40s"),
+        ],
+    ),
 ]
 
 
@@ -373,3 +404,32 @@ def test_each_case_also_proves_silence() -> None:
     for c in CASES:
         fired = len(c["alert_rule_test"][0]["exp_alerts"])
         assert len(c["input_series"]) > fired or c["input_series"][0]["series"].startswith('up{job="node"'), c
+
+
+def test_run_limits_first_match_wins(tmp_path: Path) -> None:
+    """A specific run_limits entry before the `.*` default: each task is held to the first it matches."""
+    config = dataclasses.replace(
+        PRODUCTION,
+        run_limits=(RunLimit(name_regex=r"proj\.report_.*", max_age="6h"), RunLimit(name_regex=".*", max_age="1h")),
+    )
+    rules = tmp_path / "rules.yml"
+    rules.write_text(yaml.safe_dump(rule_groups(config)))
+    age = "celery_task_oldest_running_age_seconds"
+    series = [
+        (ql(age, f'{WORKER}, name="proj.report_daily", queue_name="q"'), "7200x10"),  # 2h of 6h
+        (ql(age, f'{WORKER}, name="proj.report_weekly", queue_name="q"'), "30000x10"),  # past 6h
+        (ql(age, f'{WORKER}, name="proj.send", queue_name="q"'), "7200x10"),  # past the 1h default
+    ]
+    test = case(
+        "CeleryTaskStuck",
+        series,
+        "5m",
+        [
+            expected("CeleryTaskStuck", {"namespace": "prod", "name": name, "queue_name": "q"}, value, config)
+            for name, value in (("proj.report_weekly", "8h 20m 0s"), ("proj.send", "2h 0m 0s"))
+        ],
+    )
+    tests = tmp_path / "tests.yml"
+    tests.write_text(yaml.safe_dump({"rule_files": [str(rules)], "evaluation_interval": "1m", "tests": [test]}))
+    run = subprocess.run([promtool(), "test", "rules", str(tests)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr

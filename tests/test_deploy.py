@@ -39,7 +39,8 @@ COMPOSE_DIR = ROOT / "deploy" / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "compose.yaml"
 RULES_FILE = ROOT / "deploy" / "prometheus" / "celery-rules.yml"
 DASHBOARDS = ROOT / "dashboards"
-DASHBOARD_FILES = {"celery-overview.json", "celery-tasks.json", "celery-queues.json", "celery-periodic.json"}
+DASHBOARD_FILES = {"celery-overview.json", "celery-tasks.json", "celery-queues.json", "celery-periodic.json",
+                   "celery-workers.json"}
 OVERLAYS = {"redis": "redis://", "rabbitmq": "amqp://"}
 KUSTOMIZATIONS = ["base", *(f"overlays/{name}" for name in OVERLAYS)]
 CRD_GROUP = "monitoring.coreos.com/"

@@ -312,6 +312,22 @@ def test_dashboard_titles_cover_the_issue() -> None:
         "Alarms",
         "Probe errors",
     } <= titles["celery-queues.json"]
+    assert {
+        "CPU per runtime second",
+        "Memory growth p95",
+        "Oldest run vs time limit",
+        "Publish rate by instance",
+        "Publish latency p95 by instance",
+    } <= titles["celery-tasks.json"]
+    assert {
+        "Resident memory",
+        "Largest pool process",
+        "Reserved by queue",
+        "Scheduled by queue",
+        "Consuming queues",
+        "Slots per queue",
+        "Tasks active",
+    } <= titles["celery-workers.json"]
 
 
 def test_every_catalogued_metric_is_on_a_dashboard() -> None:

@@ -73,9 +73,12 @@ COMPAT_RULES = {
 
 # Publishes t.sleep(0.1) at ~40/s, one in five with a negative sleep so that
 # it fails: a task with both outcomes, as the compat fail-rate alert needs.
+# First one countdown task, which the worker holds (scheduled) throughout,
+# for the Workers dashboard's "Scheduled by queue".
 FLOOD = """
 import time
-from tests.workload_app import sleep
+from tests.workload_app import later, sleep
+later.apply_async(countdown=900, queue="alpha")
 start = time.monotonic()
 i = 0
 while time.monotonic() - start < 150:
@@ -143,7 +146,8 @@ def test_dashboards_have_data_and_backlog_alert_pages_then_resolves(tmp_path: Pa
         broker = f"{redis_url}/0"
         env = env_for(broker, str(metrics_dir))
         with (
-            worker(env, tmp, concurrency=1) as slow_worker,
+            # A time limit, so the Tasks dashboard's "Oldest run vs time limit" has its limit line.
+            worker(env, tmp, "--time-limit", "600", concurrency=1) as slow_worker,
             exporter(tmp, "--metrics-dir", str(metrics_dir), "--worker-timeout", "5") as sidecar,
             exporter(
                 tmp, "--broker-url", broker, "--broker-url", amqp_url, "--queue", "alpha", "--queue", "beta",

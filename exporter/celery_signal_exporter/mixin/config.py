@@ -42,6 +42,14 @@ class PeriodicTask:
 
 
 @dataclass(frozen=True)
+class RunLimit:
+    """How long runs of tasks (by name regex) may take when the task has no Celery time limit."""
+
+    name_regex: str
+    max_age: str
+
+
+@dataclass(frozen=True)
 class Config:
     """Every knob of the generated monitoring content, with production defaults."""
 
@@ -112,6 +120,10 @@ class Config:
     periodic_not_succeeding_for: str = "0s"
     periodic_window: str = "1h"  # overlaps and expirations are counted over this window
     periodic_start_lag: str = "15m"  # a dispatched run that has not started after this is taken as lost
+    # CeleryTaskStuck: a run older than its task's Celery time limit where the worker reports one,
+    # else than the first entry whose regex matches the task name (the last entry is the default).
+    run_limits: tuple[RunLimit, ...] = (RunLimit(name_regex=".*", max_age="1h"),)
+    stuck_for: str = "2m"
 
     # Dashboards.
     dashboard_refresh: str = "30s"
@@ -172,6 +184,7 @@ def short_profile(base: Config = PRODUCTION) -> Config:
         periodic_lookback="10m",
         periodic_window="10s",
         periodic_start_lag="3s",
+        stuck_for="0s",
     )
 
 
@@ -191,11 +204,19 @@ def load(path: Path | None, base: Config = PRODUCTION) -> Config:
             data[key] = tuple(data[key])
     if "periodic_tasks" in data:
         data["periodic_tasks"] = tuple(PeriodicTask(**item) for item in data["periodic_tasks"])
+    if "run_limits" in data:
+        data["run_limits"] = tuple(RunLimit(**item) for item in data["run_limits"])
     config = dataclasses.replace(base, **data)
     for f in dataclasses.fields(Config):
         value = getattr(config, f.name)
         if f.name.endswith(("_window", "_for", "_max", "_horizon")) and isinstance(value, str):
             seconds(value)  # raises with the bad value named
+    for limit in config.run_limits:
+        seconds(limit.max_age)
+        try:
+            re.compile(limit.name_regex)
+        except re.error as exc:
+            raise ValueError(f"{path}: name_regex {limit.name_regex!r}: not a regex: {exc}") from None
     taken = sorted({"datasource", "queue", "task"} & set(config.group_labels))
     if taken:
         # Each group label becomes a dashboard variable of its name.

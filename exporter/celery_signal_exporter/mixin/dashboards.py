@@ -1,4 +1,4 @@
-"""The three Grafana dashboards, built with Grafana's foundation SDK.
+"""The Grafana dashboards, built with Grafana's foundation SDK.
 
 Every raw-metric query goes through `_q`, which adds the config's selector,
 its ignore matchers and the group-label filters, so a panel cannot forget one;
@@ -27,7 +27,7 @@ from grafana_foundation_sdk.models.dashboard import (
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 from celery_signal_exporter.mixin.config import Config
-from celery_signal_exporter.mixin.panels import IDS, OVERVIEW, PERIODIC, QUEUES, TASKS, uid
+from celery_signal_exporter.mixin.panels import IDS, OVERVIEW, PERIODIC, QUEUES, TASKS, WORKERS, uid
 from celery_signal_exporter.mixin.rules import QUANTILES, alerts
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
@@ -238,9 +238,12 @@ def overview(c: Config) -> Dashboard:
             c,
             "Queue length",
             "Messages waiting in each queue, as the broker probe reads them (Redis: every priority "
-            "sub-queue summed; RabbitMQ: ready messages).",
+            "sub-queue summed; RabbitMQ: ready messages), and the true backlog: those plus the tasks "
+            "workers hold without running them (prefetched, or waiting for their ETA), which the broker "
+            "no longer counts as waiting (recorded series).",
             "short",
             (_r(c, "queue:celery_queue_length:sum", QUEUE), "{{queue_name}}"),
+            (_r(c, "queue:celery_queue_backlog:sum", QUEUE), "{{queue_name}} true backlog"),
         ),
         w=8,
     )
@@ -303,7 +306,11 @@ def overview(c: Config) -> Dashboard:
             c,
             "Pool utilisation",
             "Tasks executing as a share of each worker's pool processes. Near 100% for long means "
-            "the worker is saturated: add concurrency or workers.",
+            "every slot is taken; what helps depends on what the tasks do, which Tasks \"CPU per runtime "
+            "second\" shows: near 1 they compute, so add processes only with CPUs to run them (more "
+            "workers or nodes); near 0 they wait, and more concurrency helps only if what they wait on "
+            "scales (network or disk I/O, e.g. a threads or gevent pool), never a lock or an overloaded "
+            "database.",
             "percentunit",
             (
                 f"sum {_by(c, 'hostname')}({_q(c, 'celery_worker_tasks_active')})\n/\n"
@@ -456,7 +463,88 @@ def tasks(c: Config) -> Dashboard:
         ),
         w=24,
     )
+    _task_resources(c, lay)
     return d
+
+
+def _task_resources(c: Config, lay: _Layout) -> None:
+    """What runs cost (CPU, memory), runs past their limit, and how long producers take to publish."""
+    qt = (QUEUE, TASK)
+    lay.row("Resources")
+    lay.add(
+        _ts(
+            c,
+            "CPU per runtime second",
+            "CPU seconds a task's runs used per second of their runtime. Near 1 (100%) the task computes: "
+            "more processes help only with the CPUs to run them. Near 0 it waits (network, disk, locks, "
+            "sleep): more concurrency helps only if what it waits on scales. On gevent and eventlet a run "
+            "is also charged what ran while it was switched out.",
+            "percentunit",
+            (
+                f"sum {_by(c, 'name')}(rate({_q(c, 'celery_task_cpu_seconds_total', *qt)}[{RATE}]))\n/\n"
+                f"sum {_by(c, 'name')}(rate({_q(c, 'celery_task_runtime_seconds_sum', *qt)}[{RATE}]))",
+                "{{name}}",
+            ),
+        ),
+        w=8,
+    )
+    lay.add(
+        _ts(
+            c,
+            "Memory growth p95",
+            "95th percentile of how much a run raised its process's peak resident memory. A task "
+            "that keeps growing it leaks or loads too much; worker_max_memory_per_child bounds the damage.",
+            "bytes",
+            (
+                f"histogram_quantile(0.95, sum {_by(c, 'name', 'le')}"
+                f"(rate({_q(c, 'celery_task_memory_growth_bytes_bucket', *qt)}[{RATE}])))",
+                "{{name}}",
+            ),
+        ),
+        w=8,
+    )
+    lay.add(
+        _ts(
+            c,
+            "Oldest run vs time limit",
+            "Age of each task's oldest run in progress (0 when none runs) against its Celery time "
+            "limit (no line: the task has none, and the run_limits setting of the mixin applies).",
+            "s",
+            (
+                f"max {_by(c, 'name')}({_q(c, 'celery_task_oldest_running_age_seconds', *qt)})",
+                "{{name}} oldest run",
+            ),
+            (f"max {_by(c, 'name')}({_q(c, 'celery_task_time_limit_seconds', TASK)})", "{{name}} limit"),
+        ),
+        w=8,
+    )
+    lay.row("Publishing")
+    lay.add(
+        _ts(
+            c,
+            "Publish rate by instance",
+            "Tasks each producer instance (web pod, worker, beat) published per second, timed or not.",
+            "ops",
+            (
+                f"sum {_by(c, 'instance')}(rate({_q(c, 'celery_task_publish_seconds_count', *qt)}[{RATE}]))",
+                "{{instance}}",
+            ),
+        )
+    )
+    lay.add(
+        _ts(
+            c,
+            "Publish latency p95 by instance",
+            "95th percentile of how long apply_async took to hand a message to the broker, per producer "
+            "instance. High on one instance: its network or connection; on all: the broker.",
+            "s",
+            (
+                f"histogram_quantile(0.95, sum {_by(c, 'instance', 'le')}"
+                f"(rate({_q(c, 'celery_task_publish_seconds_bucket', *qt)}[{RATE}])))",
+                "{{instance}}",
+            ),
+        )
+    )
 
 
 def queues(c: Config) -> Dashboard:
@@ -470,9 +558,12 @@ def queues(c: Config) -> Dashboard:
         _ts(
             c,
             "Length",
-            "Messages waiting in each queue.",
+            "Messages waiting in each queue, and the true backlog: those plus the tasks workers hold "
+            "without running them (prefetched or scheduled; RabbitMQ's unacked where no worker reports "
+            "them).",
             "short",
             (_r(c, "queue:celery_queue_length:sum", QUEUE), "{{queue_name}}"),
+            (_r(c, "queue:celery_queue_backlog:sum", QUEUE), "{{queue_name}} true backlog"),
         ),
         w=8,
     )
@@ -752,10 +843,101 @@ def periodic(c: Config) -> Dashboard:
     return d
 
 
+def workers(c: Config) -> Dashboard:
+    """Per worker: memory, the tasks it holds, which queues it serves with how many slots."""
+    d, lay = _base(
+        c, WORKERS, "Celery / Workers", "Memory, held tasks, consumed queues and pool slots of each worker.", False
+    )
+    lay.row("Memory")
+    lay.add(
+        _ts(
+            c,
+            "Resident memory",
+            "Resident memory of each worker: its main process and every pool process (Linux).",
+            "bytes",
+            (f"sum {_by(c, 'hostname')}({_q(c, 'celery_worker_resident_memory_bytes')})", "{{hostname}}"),
+        )
+    )
+    lay.add(
+        _ts(
+            c,
+            "Largest pool process",
+            "Resident memory of each worker's largest pool process (prefork only): the number "
+            "worker_max_memory_per_child and the container's memory limit are set against.",
+            "bytes",
+            (
+                f"max {_by(c, 'hostname')}({_q(c, 'celery_worker_pool_process_max_resident_memory_bytes')})",
+                "{{hostname}}",
+            ),
+        )
+    )
+    lay.row("Held tasks")
+    lay.add(
+        _ts(
+            c,
+            "Reserved by queue",
+            "Tasks workers prefetched and have not started, per queue: the broker no longer counts "
+            "them as waiting. Many here while slots sit idle elsewhere: lower worker_prefetch_multiplier.",
+            "short",
+            (f"sum {_by(c, 'queue_name')}({_q(c, 'celery_worker_tasks_reserved', QUEUE)})", "{{queue_name}}"),
+        )
+    )
+    lay.add(
+        _ts(
+            c,
+            "Scheduled by queue",
+            "Tasks with an ETA or countdown that workers hold until they are due, per queue.",
+            "short",
+            (f"sum {_by(c, 'queue_name')}({_q(c, 'celery_worker_tasks_scheduled', QUEUE)})", "{{queue_name}}"),
+        )
+    )
+    lay.row("Slots")
+    lay.add(
+        _ts(
+            c,
+            "Slots per queue",
+            "Pool processes (threads, greenlets) of the live workers consuming each queue (a worker "
+            "counts for every queue it consumes; a recorded series), and how many run a task from it now.",
+            "short",
+            (_r(c, "queue:celery_worker_slots:sum", QUEUE), "{{queue_name}} slots"),
+            (f"sum {_by(c, 'queue_name')}({_q(c, 'celery_task_in_progress', QUEUE)})", "{{queue_name}} busy"),
+        )
+    )
+    lay.add(
+        _ts(
+            c,
+            "Tasks active",
+            "Tasks executing on each worker against its pool size.",
+            "short",
+            (f"sum {_by(c, 'hostname')}({_q(c, 'celery_worker_tasks_active')})", "{{hostname}} active"),
+            (f"sum {_by(c, 'hostname')}({_q(c, 'celery_worker_pool_processes')})", "{{hostname}} processes"),
+        )
+    )
+    lay.add(
+        _panel(
+            c,
+            table.Panel,
+            "Consuming queues",
+            "Which queues each live worker consumes (1). A queue missing here is served by nobody.",
+            "short",
+            [
+                (
+                    f"max {_by(c, 'hostname', 'queue_name')}({_q(c, 'celery_worker_consuming', QUEUE)})",
+                    "{{hostname}} {{queue_name}}",
+                )
+            ],
+            PromQueryFormat.TABLE,
+        ),
+        w=24,
+    )
+    return d
+
+
 DASHBOARDS: dict[str, Callable[[Config], Dashboard]] = {
     "celery-overview.json": overview,
     "celery-tasks.json": tasks,
     "celery-queues.json": queues,
+    "celery-workers.json": workers,
     "celery-periodic.json": periodic,
 }
 

@@ -121,6 +121,7 @@ LAYOUT = """\
   DIR/dashboards/celery-tasks.json
   DIR/dashboards/celery-queues.json
   DIR/dashboards/celery-periodic.json
+  DIR/dashboards/celery-workers.json
   DIR/prometheus-rules.yaml             recording rules and alerts, for Prometheus' rule_files
   DIR/prometheusrule.yaml               the same rules as a Prometheus Operator PrometheusRule
   DIR/grafana-dashboards.yaml           the dashboards as a ConfigMap for Grafana's sidecar

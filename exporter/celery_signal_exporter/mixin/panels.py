@@ -14,6 +14,7 @@ OVERVIEW = "overview"
 TASKS = "tasks"
 QUEUES = "queues"
 PERIODIC = "periodic"
+WORKERS = "workers"
 
 IDS: dict[str, dict[str, int]] = {
     OVERVIEW: {
@@ -45,6 +46,13 @@ IDS: dict[str, dict[str, int]] = {
         "Queue wait heatmap": 10,
         "Freshness": 11,
         "Time since last success": 12,
+        "Resources": 13,
+        "CPU per runtime second": 14,
+        "Memory growth p95": 15,
+        "Oldest run vs time limit": 16,
+        "Publishing": 17,
+        "Publish rate by instance": 18,
+        "Publish latency p95 by instance": 19,
     },
     QUEUES: {
         "Queues": 1,
@@ -75,6 +83,18 @@ IDS: dict[str, dict[str, int]] = {
         "Overlaps": 6,
         "Expired and unstarted runs": 7,
         "Dispatch failures": 8,
+    },
+    WORKERS: {
+        "Memory": 1,
+        "Resident memory": 2,
+        "Largest pool process": 3,
+        "Held tasks": 4,
+        "Reserved by queue": 5,
+        "Scheduled by queue": 6,
+        "Slots": 7,
+        "Slots per queue": 8,
+        "Tasks active": 9,
+        "Consuming queues": 10,
     },
 }
 

@@ -64,6 +64,7 @@ def recording_rules(c: Config) -> list[dict[str, Any]]:
             "expr": "queue:celery_queue_length:sum\n/\n"
             "(queue:celery_task_received:rate or queue:celery_queue_length:sum * 0)",
         },
+        *_held_rules(c),
         {
             "record": "task:celery_task_failure:ratio",
             "expr": (
@@ -91,9 +92,68 @@ def recording_rules(c: Config) -> list[dict[str, Any]]:
     return rules
 
 
+def _held_rules(c: Config) -> list[dict[str, Any]]:
+    """Work per queue that left the broker's count but has not started, and what serves each queue.
+
+    On both brokers a message a worker prefetched or holds for its ETA is unacked: RabbitMQ counts
+    it in `celery_queue_unacked`, Redis in its one unacked hash. So the true backlog adds the
+    workers' own count of held tasks to the queue length, and RabbitMQ's per-queue unacked only
+    where no worker reports held tasks (adding both would count a prefetched message twice;
+    unacked also counts acks_late runs in progress, which are not backlog).
+    """
+    g = c.by
+    held = c.sel(matcher("__name__", "celery_worker_tasks_(reserved|scheduled)"))
+    return [
+        {
+            # Prefetched (reserved) plus ETA/countdown (scheduled) tasks, summed over the workers.
+            "record": "queue:celery_worker_tasks_held:sum",
+            "expr": f"sum by ({g}queue_name) ({{{held}}})",
+        },
+        {
+            # The true backlog: waiting in the broker plus held in workers, not yet started.
+            "record": "queue:celery_queue_backlog:sum",
+            "expr": "queue:celery_queue_length:sum\n+\n(\n  queue:celery_worker_tasks_held:sum\n  or\n"
+            f"  sum by ({g}queue_name) (celery_queue_unacked{{{c.sel()}}})\n"
+            "  or\n  queue:celery_queue_length:sum * 0\n)",
+        },
+        {
+            # Pool slots serving each queue: a worker's processes count for every queue it consumes.
+            # Both sides are aggregated to one series per worker first, so the match is one-to-one
+            # whatever else (instance, pod) tells two scrapes of a worker apart.
+            "record": "queue:celery_worker_slots:sum",
+            "expr": f"sum by ({g}queue_name) (\n"
+            f"  max by ({g}hostname, queue_name) (celery_worker_consuming{{{c.sel()}}})\n"
+            f"  * on ({g}hostname) group_left\n"
+            f"  max by ({g}hostname) (celery_worker_pool_processes{{{c.sel()}}})\n)",
+        },
+    ]
+
+
+def _stuck(c: Config) -> str:
+    """A run older than its task's Celery time limit, else than its `run_limits` entry (first match)."""
+    g = c.by
+    age = f"max by ({g}name, queue_name) (celery_task_oldest_running_age_seconds{{{c.sel()}}})"
+    limit = f"max by ({g}name) (celery_task_time_limit_seconds{{{c.sel()}}})"
+    taken: list[str] = []
+    parts = []
+    for r in c.run_limits:
+        # Later entries leave out the names an earlier entry matched: the first match wins.
+        mine = c.sel(matcher("name", r.name_regex), *(matcher("name", t, "!~") for t in taken))
+        parts.append(
+            f"max by ({g}name, queue_name) (celery_task_oldest_running_age_seconds{{{mine}}}) "
+            f"> {_num(seconds(r.max_age))}"
+        )
+        taken.append(r.name_regex)
+    configured = "\n  or\n  ".join(parts)
+    return (
+        f"{age}\n> on ({g}name) group_left\n{limit}\n"
+        f"or\n(\n  {configured}\n)\nunless on ({g}name)\n{limit}"
+    )
+
+
 def alerts(c: Config) -> list[Alert]:
     """Every alert the config leaves on, in the order of docs/runbooks.md."""
-    every = _all_alerts(c)
+    every = _all_alerts(c) + _worker_state_alerts(c)
     unknown = sorted(set(c.disabled_alerts) - {a.name for a in every})
     if unknown:
         raise ValueError(f"disabled_alerts: no alert named {', '.join(unknown)}")
@@ -175,12 +235,13 @@ def _celery_alerts(c: Config) -> list[Alert]:
             "CeleryQueueNoConsumers",
             f"queue:celery_queue_length:sum > 0\nunless on ({g}queue_name)\n(\n"
             f"  queue:celery_task_received:rate > 0\n  or\n"
+            f"  queue:celery_worker_slots:sum > 0\n  or\n"
             f"  sum by ({g}queue_name) (celery_queue_consumers{{{c.sel()}}}) > 0\n)",
             c.no_consumers_for,
             "critical",
             "Messages wait in a Celery queue that nobody consumes.",
-            f"Queue {queue} holds {{{{ $value | humanize }}}} messages and no worker has taken one "
-            f"for {c.no_consumers_for}.",
+            f"Queue {queue} holds {{{{ $value | humanize }}}} messages, no live worker consumes it and none has "
+            f"taken one for {c.no_consumers_for}.",
             (QUEUES, "Consumers"),
         ),
         Alert(
@@ -369,6 +430,23 @@ def _beat_alerts(c: Config) -> list[Alert]:
             f"Entry {entry}: {{{{ $value | humanize }}}} runs expired before a worker started them, or none of the "
             f"runs sent over {window} started within {c.periodic_start_lag}.",
             (PERIODIC, "Expired and unstarted runs"),
+        ),
+    ]
+
+
+def _worker_state_alerts(c: Config) -> list[Alert]:
+    """Alerts on what the worker mains report of their runs (issue 15)."""
+    task = "".join(f"{{{{ $labels.{label} }}}}/" for label in c.group_labels) + "{{ $labels.name }}"
+    return [
+        Alert(
+            "CeleryTaskStuck",
+            _stuck(c),
+            c.stuck_for,
+            "warning",
+            "A Celery task has run for longer than it may.",
+            f"A run of task {task} from queue {{{{ $labels.queue_name }}}} has been running for "
+            "{{ $value | humanizeDuration }}, past its time limit (or its run_limits entry where it has none).",
+            (TASKS, "Oldest run vs time limit"),
         ),
     ]
 

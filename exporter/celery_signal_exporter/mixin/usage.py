@@ -14,7 +14,7 @@ from celery_signal_exporter.mixin.dashboards import DASHBOARDS
 from celery_signal_exporter.mixin.rules import rule_groups
 
 _NAME = re.compile(r"\b(celery_[a-z_]+|(?:queue|task):[a-z_]+:[a-z_]+)\b")
-_HISTOGRAM_PART = re.compile(r"_seconds_(bucket|count|sum)$")
+_HISTOGRAM_PART = re.compile(r"_(seconds|bytes)_(bucket|count|sum)$")
 _NAME_REGEX = re.compile(r'__name__=~"([^"]+)"')
 
 
@@ -27,7 +27,7 @@ def expand_name_regex(pattern: str) -> list[str]:
 
 
 def _metrics(expr: str) -> set[str]:
-    names = {_HISTOGRAM_PART.sub("_seconds", name) for name in _NAME.findall(expr)}
+    names = {_HISTOGRAM_PART.sub(r"_\1", name) for name in _NAME.findall(expr)}
     for pattern in _NAME_REGEX.findall(expr):
         names.update(expand_name_regex(pattern))
     # The regex's own prefix (`celery_task_` of `celery_task_(a|b)_total`) is not a metric.
