@@ -5,8 +5,9 @@
     .venv/bin/python -m benchmarks --readme   # … and README.md's "## Performance" section
     .venv/bin/python -m benchmarks --tiny     # every benchmark at toy size (the smoke test)
     .venv/bin/python -m benchmarks --only scrape,probes --out /tmp/r.md
+    .venv/bin/python -m benchmarks cost       # names as arguments: the same as --only cost
 
-Needs Redis (db 10-15) and RabbitMQ with its management plugin on this
+Needs valgrind (the instruction counts), Redis (db 10-15) and RabbitMQ with its management plugin on this
 machine (TEST_REDIS_HOST/PORT, TEST_AMQP_HOST/PORT, TEST_RABBIT_MGMT_PORT),
 and PyPI for the event-based exporter's own virtualenv.
 """
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from benchmarks import (
     bench_exporter_cost,
     bench_hooks,
+    bench_instructions,
     bench_probes,
     bench_publish,
     bench_scrape,
@@ -34,7 +36,8 @@ from benchmarks.common import BENCH_DIR, FULL, TINY, Section, Size, Target, mach
 BENCHMARKS: dict[str, Callable[[Size], Section]] = {
     "publish": bench_publish.run,
     "worker": bench_worker.run,
-    "cost": bench_exporter_cost.run,
+    "cost": bench_instructions.run,
+    "exporter": bench_exporter_cost.run,
     "scrape": bench_scrape.run,
     "probes": bench_probes.section,
     "hooks": bench_hooks.run,
@@ -171,6 +174,7 @@ def update_readme(section_text: str, path: str = README) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run every benchmark; print and write the results table.")
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run, of {','.join(BENCHMARKS)} (default all)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes: checks that every benchmark runs")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     parser.add_argument("--readme", action="store_true", help="also rewrite README.md's Performance section")
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     "with --tiny, nowhere unless given)")
     args = parser.parse_args(argv)
     size = TINY if args.tiny else FULL
-    names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
+    names = [n for n in [*args.names, *args.only.split(",")] if n] or list(BENCHMARKS)
     unknown = set(names) - set(BENCHMARKS)
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
