@@ -29,6 +29,7 @@ from benchmarks import (
     bench_probes,
     bench_publish,
     bench_scrape,
+    bench_tick,
     bench_worker,
 )
 from benchmarks.common import BENCH_DIR, FULL, TINY, Section, Size, Target, machine
@@ -41,6 +42,7 @@ BENCHMARKS: dict[str, Callable[[Size], Section]] = {
     "scrape": bench_scrape.run,
     "probes": bench_probes.section,
     "hooks": bench_hooks.run,
+    "tick": bench_tick.run,
 }
 #: What profiling found behind each target that can miss, shown under "Where targets are missed" when it does.
 #: The causes sit in files the benchmarks do not own; the fixes are described for their owners.
