@@ -18,7 +18,8 @@ As a script it is a producer: `python -m benchmarks.apps publish N` prints
 `{"seconds": …, "n": N}`, the time of N `apply_async` calls after a warm-up;
 `publish-fixed W N` publishes W + N with the warm-up fixed (the instruction
 count benchmark subtracts a run of N = 0); `fill W N` queues W + N noops and
-one `bench.stop`, which shuts the worker down once it reaches it.
+one `bench.stop`, which shuts the worker down once it reaches it; `fill-names N`
+queues N tasks over 30 task names.
 """
 
 from __future__ import annotations
@@ -91,6 +92,18 @@ def noop(i: int = 0) -> int:
     return i
 
 
+#: 30 task names, as a worker that recycles its children would meet them (the recycling benchmark).
+NAMES = [f"bench.t{i:02d}" for i in range(30)]
+
+
+def _named(i: int = 0) -> int:
+    return int(noop.run(i))
+
+
+for _name in NAMES:
+    app.task(name=_name)(_named)
+
+
 @app.task(name="bench.stop")
 def stop() -> None:
     """The last message of a pre-filled queue: a warm shutdown of the worker, as SIGTERM asks for it."""
@@ -112,6 +125,13 @@ def fill(warm: int, n: int) -> dict[str, float]:
     return {"n": n, "warm": warm}
 
 
+def fill_names(n: int) -> dict[str, float]:
+    """Queue n tasks, the 30 names in turn."""
+    for i in range(n):
+        app.send_task(NAMES[i % len(NAMES)], (i,))
+    return {"n": n, "warm": 0}
+
+
 def publish(n: int) -> dict[str, float]:
     warm = max(10, min(200, n // 10))
     for i in range(warm):  # connection, routing and caches warm before the clock starts
@@ -128,6 +148,8 @@ if __name__ == "__main__":
         print(json.dumps(publish(int(sys.argv[2]))))
     elif sys.argv[1:2] == ["publish-fixed"]:
         print(json.dumps(publish_fixed(int(sys.argv[2]), int(sys.argv[3]))))
+    elif sys.argv[1:2] == ["fill-names"]:
+        print(json.dumps(fill_names(int(sys.argv[2]))))
     elif sys.argv[1:2] == ["fill"]:
         print(json.dumps(fill(int(sys.argv[2]), int(sys.argv[3]))))
     else:

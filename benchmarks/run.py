@@ -28,6 +28,7 @@ from benchmarks import (
     bench_instructions,
     bench_probes,
     bench_publish,
+    bench_recycle,
     bench_scrape,
     bench_tick,
     bench_worker,
@@ -43,6 +44,7 @@ BENCHMARKS: dict[str, Callable[[Size], Section]] = {
     "probes": bench_probes.section,
     "hooks": bench_hooks.run,
     "tick": bench_tick.run,
+    "recycle": bench_recycle.run,
 }
 #: What profiling found behind each target that can miss, shown under "Where targets are missed" when it does.
 #: The causes sit in files the benchmarks do not own; the fixes are described for their owners.
