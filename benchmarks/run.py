@@ -5,7 +5,8 @@
     .venv/bin/python -m benchmarks --readme   # … and README.md's "## Performance" section
     .venv/bin/python -m benchmarks --tiny     # every benchmark at toy size (the smoke test)
     .venv/bin/python -m benchmarks --only scrape,probes --out /tmp/r.md
-    .venv/bin/python -m benchmarks cost       # names as arguments: the same as --only cost
+    .venv/bin/python -m benchmarks cost       # names as arguments, as --only; a subset run without --out
+                                              # replaces its sections and targets in benchmarks/results.md
 
 Needs valgrind (the instruction counts), Redis (db 10-15) and RabbitMQ with its management plugin on this
 machine (TEST_REDIS_HOST/PORT, TEST_AMQP_HOST/PORT, TEST_RABBIT_MGMT_PORT),
@@ -145,12 +146,78 @@ def report(size: Size, facts: dict[str, str], sections: list[Section], failures:
     return "\n".join(out)
 
 
+def _blocks(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    """A report split at its "## " headings: the lines before the first, and each section's lines by heading."""
+    head: list[str] = []
+    blocks: dict[str, list[str]] = {}
+    current = head
+    for line in text.split("\n"):
+        if line.startswith("## "):
+            current = blocks.setdefault(line[3:].strip(), [])
+        else:
+            current.append(line)
+    return head, blocks
+
+
+def _targets_from(block: list[str]) -> list[Target]:
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block if line.startswith("| ")]
+    return [Target(r[0], r[1], r[2], r[3] == "pass") for r in rows[1:] if len(r) == 4 and not set(r[0]) <= {"-"}]
+
+
+def merge_report(old: str, new: str, names: list[str]) -> str:
+    """A partial run folded into the full report: its sections and target rows replace theirs, the rest stays.
+
+    Why: `python -m benchmarks cost` must update its table in results.md without
+    throwing away the other benchmarks' figures, which take twenty minutes more.
+    """
+    old_head, old_blocks = _blocks(old)
+    _, new_blocks = _blocks(new)
+    targets = _targets_from(old_blocks.get("Targets", []))
+    for t in _targets_from(new_blocks.get("Targets", [])):
+        i = next((k for k, o in enumerate(targets) if o.what == t.what), None)
+        if i is None:
+            targets.append(t)
+        else:
+            targets[i] = t
+    date = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    stamp = (f"Updated {date} UTC by `.venv/bin/python -m benchmarks {' '.join(names)}`: its sections and target "
+             "rows replace the earlier ones; every other figure is from the run above.")
+    head = [line for line in old_head if not line.startswith(f"Updated {date[:4]}")]
+    head = [*head[:3], stamp, "", *head[3:]] if len(head) >= 3 else [*head, stamp, ""]
+    generated = {"Targets", "Where targets are missed", "Benchmarks that failed"}
+    out = [line for line in head]
+    order = [k for k in old_blocks if k not in generated]
+    order += [k for k in new_blocks if k not in generated and k not in old_blocks]
+    sections = {**{k: v for k, v in old_blocks.items()}, **{k: v for k, v in new_blocks.items() if k not in generated}}
+    for k in order:
+        if k == "Machine":
+            out += ["## Machine", *sections[k]]
+            out += ["## Targets", "", targets_table(targets), ""]
+            missed = [t for t in targets if not t.ok]
+            if missed:
+                out += ["## Where targets are missed", ""]
+                for t in missed:
+                    note = next((v for key, v in MISS_NOTES.items() if key in t.what), "")
+                    out += [f"- **{t.what}** ({t.measured}, target {t.limit}). {note}"]
+                out += [""]
+            if "Benchmarks that failed" in new_blocks:
+                out += ["## Benchmarks that failed", *new_blocks["Benchmarks that failed"]]
+        else:
+            out += [f"## {k}", *sections[k]]
+    return "\n".join(out)
+
+
 README = os.path.join(os.path.dirname(BENCH_DIR), "README.md")
 
 
-def readme_section(size: Size, facts: dict[str, str], sections: list[Section]) -> str:
-    """README's "## Performance": the targets table and a link to the full results."""
-    targets = [t for s in sections for t in s.targets]
+#: The results.md section README shows in full beside the targets: overhead in instructions, the deterministic one.
+README_TABLE = "Overhead in instructions (callgrind, per task)"
+
+
+def readme_section(facts: dict[str, str], report_text: str) -> str:
+    """README's "## Performance": the targets table (and the instructions table) of the report as written."""
+    _, blocks = _blocks(report_text)
+    targets = _targets_from(blocks.get("Targets", []))
     intro = textwrap.fill(
         f"Measured by `.venv/bin/python -m benchmarks` on {facts['date (UTC)']} UTC ({facts['cores']} shared cores, "
         f"{facts['CPU']}; Python {facts['Python']}, Celery {facts['Celery']}, Redis {facts['Redis server']}, "
@@ -158,7 +225,14 @@ def readme_section(size: Size, facts: dict[str, str], sections: list[Section]) -
         "[benchmarks/results.md](benchmarks/results.md) has every table, the spreads, the machine and the "
         "method, and, for each target missed, what profiling found and where the fix lies.",
         width=78, break_on_hyphens=False, break_long_words=False)
-    return "\n".join(["## Performance", "", intro, "", targets_table(targets), ""])
+    out = ["## Performance", "", intro, "", targets_table(targets), ""]
+    if README_TABLE in blocks:
+        table_lines = [line for line in blocks[README_TABLE] if line.startswith("|")]
+        out += [textwrap.fill(
+            "Instructions per task under callgrind (deterministic, unlike wall-clock time on a shared machine; "
+            "the throughput rows above are wall clock, secondary and noisy):",
+            width=78, break_on_hyphens=False, break_long_words=False), "", *table_lines, ""]
+    return "\n".join(out)
 
 
 def update_readme(section_text: str, path: str = README) -> None:
@@ -212,12 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     text = report(size, facts, sections, failures, time.monotonic() - start, load_end)
     targets = [t for s in sections for t in s.targets]
     print("## Targets\n" + (targets_table(targets) if targets else "(none)"), flush=True)
+    if out_path and not args.out and not args.tiny and set(names) != set(BENCHMARKS) and os.path.exists(out_path):
+        with open(out_path) as f:
+            text = merge_report(f.read(), text, names)
     if out_path:
         with open(out_path, "w") as f:
             f.write(text)
         print(f"wrote {out_path}", flush=True)
     if args.readme and sections:
-        update_readme(readme_section(size, facts, sections))
+        update_readme(readme_section(facts, text))
         print(f"updated {README}", flush=True)
     if failures:
         print("FAILED: " + "; ".join(failures), file=sys.stderr)
