@@ -12,7 +12,9 @@ CSX_BENCH_DONE_FILE: every task appends one byte to it, so the benchmark
 can count finished tasks without a result backend. CSX_BENCH_STOP_PARENT=1:
 the `bench.stop` task stops the worker main (its parent) instead of its own
 process (prefork); CSX_BENCH_INSTRUMENT: JSON keyword arguments for
-`instrument()` on top of every opt-in switch (see `feature_switches`).
+`instrument()` on top of every opt-in switch (see `feature_switches`);
+CSX_BENCH_SIGNAL_CACHE=1: Celery's receiver cache on for the worker-side signals
+(an experiment, see `benchmarks.bench_instructions`).
 
 As a script it is a producer: `python -m benchmarks.apps publish N` prints
 `{"seconds": …, "n": N}`, the time of N `apply_async` calls after a warm-up;
@@ -78,6 +80,17 @@ if VARIANT == "floor":
     # follows every signal a new feature adds.
     for _signal, _label, _fn in Instrumentation(app, Options(os.environ["CSX_BENCH_METRICS_DIR"])).receivers():
         _signal.connect(_nothing, weak=False)
+
+if os.environ.get("CSX_BENCH_SIGNAL_CACHE") == "1":
+    # An experiment of the instruction benchmark (docs/design.md): Celery's per-sender receiver cache, off
+    # for every Celery signal, on for the worker-side signals whose senders can be weakly referenced.
+    import weakref
+
+    from celery import signals as _signals
+
+    for _cached in (_signals.task_received, _signals.task_prerun, _signals.task_postrun):
+        _cached.use_caching = True
+        _cached.sender_receivers_cache = weakref.WeakKeyDictionary()
 
 _done_fd: int | None = None
 

@@ -98,11 +98,11 @@ def _pid(stderr: bytes) -> int:
     return int(m.group(1))
 
 
-def publish_run(url: str, variant: str, n: int, tmp: str) -> Run:
+def publish_run(url: str, variant: str, n: int, tmp: str, **extra: str) -> Run:
     tag = uuid.uuid4().hex[:8]
     queue = f"cost-pub-{tag}"
     env = child_env(CSX_BENCH_BROKER=url, CSX_BENCH_VARIANT=variant, CSX_BENCH_QUEUE=queue,
-                    CSX_BENCH_METRICS_DIR=os.path.join(tmp, f"metrics-{tag}"), PYTHONHASHSEED="0")
+                    CSX_BENCH_METRICS_DIR=os.path.join(tmp, f"metrics-{tag}"), PYTHONHASHSEED="0", **extra)
     os.makedirs(env["CSX_BENCH_METRICS_DIR"])
     try:
         return under_callgrind(["-m", "benchmarks.apps", "publish-fixed", str(WARM), str(n)], env,
@@ -112,14 +112,14 @@ def publish_run(url: str, variant: str, n: int, tmp: str) -> Run:
             purge(url, queue)
 
 
-def worker_run(url: str, variant: str, n: int, tmp: str, pool: str) -> Run:
+def worker_run(url: str, variant: str, n: int, tmp: str, pool: str, **extra: str) -> Run:
     """A worker started under callgrind on a queue of W + N noops and a stop task; it exits at the stop."""
     tag = uuid.uuid4().hex[:8]
     queue = f"cost-worker-{tag}"
     env = child_env(CSX_BENCH_BROKER=url, CSX_BENCH_VARIANT=variant, CSX_BENCH_QUEUE=queue,
                     CSX_BENCH_METRICS_DIR=os.path.join(tmp, f"metrics-{tag}"),
                     CSX_BENCH_DONE_FILE=os.path.join(tmp, f"done-{tag}"),
-                    CSX_BENCH_STOP_PARENT="1" if pool == "prefork" else "0", PYTHONHASHSEED="0")
+                    CSX_BENCH_STOP_PARENT="1" if pool == "prefork" else "0", PYTHONHASHSEED="0", **extra)
     os.makedirs(env["CSX_BENCH_METRICS_DIR"])
     run_json(["-m", "benchmarks.apps", "fill", str(WARM), str(n)], env)  # outside callgrind
     args = ["-m", "celery", "-A", "benchmarks.apps", "worker", "-P", pool, "-c", "1", "-Q", queue,
@@ -219,3 +219,30 @@ def run(size: Size) -> Section:
                 section.notes.append(f"{kind} {side}: wall time of the {count}-task runs under callgrind: "
                                      + ", ".join(f"{v} {g.seconds:.0f} s" for v, g in got.items()) + ".")
     return section
+
+
+#: Attempts at lowering the floor or isolating parts of ours, on the Redis solo worker (docs/design.md).
+EXPERIMENTS: dict[str, tuple[str, dict[str, str]]] = {
+    "floor, receiver cache on": ("floor", {"CSX_BENCH_SIGNAL_CACHE": "1"}),
+    "instrumented, receiver cache on": ("ours", {"CSX_BENCH_SIGNAL_CACHE": "1"}),
+    "instrumented, no heartbeat tick in the run": ("ours", {"CSX_BENCH_INSTRUMENT": '{"heartbeat_interval": 86400}'}),
+}
+
+
+def experiments(n: int) -> None:
+    """`python -m benchmarks.bench_instructions experiments [N]`: plain, floor, ours and each experiment."""
+    with broker("redis") as url, tempfile.TemporaryDirectory(prefix="csx-bench-instr-", dir=SHM) as tmp:
+        base = {v: per_task(lambda k, v=v: worker_run(url, v, k, tmp, "solo"), n).main for v in VARIANTS}
+        for v in VARIANTS:
+            print(f"{LABEL[v]}: {base[v] / 1e6:.4f} M, over plain {pct(base[v], base['plain']):+.2f}%", flush=True)
+        for what, (variant, extra) in EXPERIMENTS.items():
+            got = per_task(lambda k, v=variant, e=extra: worker_run(url, v, k, tmp, "solo", **e), n).main
+            print(f"{what}: {got / 1e6:.4f} M, over plain {pct(got, base['plain']):+.2f}%, over floor "
+                  f"{pct(got, base['floor']):+.2f}%", flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["experiments"]:
+        experiments(int(sys.argv[2]) if len(sys.argv) > 2 else 1000)
+    else:
+        raise SystemExit("usage: python -m benchmarks.bench_instructions experiments [N]")
