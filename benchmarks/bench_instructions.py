@@ -44,6 +44,10 @@ LABEL = {"plain": "plain Celery", "floor": "floor: same signals, receivers that 
 #: Instructions per task, instrumented over plain (%), and ours over the floor (%): the issue's targets.
 LIMIT_OVER_PLAIN = {"publish": 2.0, "worker": 2.5}
 LIMIT_OVER_FLOOR = 0.5
+#: The heartbeat tick runs every 2 s of wall time, not per task; under callgrind a run lasts ~50 times longer,
+#: which would charge each task ~50 times its real share of ticks (~0.2% of a Redis task, measured). So the
+#: tick is kept out of the runs (its first call, at start-up, cancels out) and measured alone (benchmarks.bench_tick).
+NO_TICK = {"CSX_BENCH_INSTRUMENT": '{"heartbeat_interval": 86400}'}
 WARM = 20  # tasks in both runs: first-use costs (connections, series binding, trace building) cancel out
 _SUMMARY = re.compile(rb"^(?:summary|totals):\s*(\d+)", re.MULTILINE)
 
@@ -102,7 +106,8 @@ def publish_run(url: str, variant: str, n: int, tmp: str, **extra: str) -> Run:
     tag = uuid.uuid4().hex[:8]
     queue = f"cost-pub-{tag}"
     env = child_env(CSX_BENCH_BROKER=url, CSX_BENCH_VARIANT=variant, CSX_BENCH_QUEUE=queue,
-                    CSX_BENCH_METRICS_DIR=os.path.join(tmp, f"metrics-{tag}"), PYTHONHASHSEED="0", **extra)
+                    CSX_BENCH_METRICS_DIR=os.path.join(tmp, f"metrics-{tag}"), PYTHONHASHSEED="0",
+                    **{**NO_TICK, **extra})
     os.makedirs(env["CSX_BENCH_METRICS_DIR"])
     try:
         return under_callgrind(["-m", "benchmarks.apps", "publish-fixed", str(WARM), str(n)], env,
@@ -119,7 +124,8 @@ def worker_run(url: str, variant: str, n: int, tmp: str, pool: str, **extra: str
     env = child_env(CSX_BENCH_BROKER=url, CSX_BENCH_VARIANT=variant, CSX_BENCH_QUEUE=queue,
                     CSX_BENCH_METRICS_DIR=os.path.join(tmp, f"metrics-{tag}"),
                     CSX_BENCH_DONE_FILE=os.path.join(tmp, f"done-{tag}"),
-                    CSX_BENCH_STOP_PARENT="1" if pool == "prefork" else "0", PYTHONHASHSEED="0", **extra)
+                    CSX_BENCH_STOP_PARENT="1" if pool == "prefork" else "0", PYTHONHASHSEED="0",
+                    **{**NO_TICK, **extra})
     os.makedirs(env["CSX_BENCH_METRICS_DIR"])
     run_json(["-m", "benchmarks.apps", "fill", str(WARM), str(n)], env)  # outside callgrind
     args = ["-m", "celery", "-A", "benchmarks.apps", "worker", "-P", pool, "-c", "1", "-Q", queue,
@@ -172,9 +178,10 @@ def run(size: Size) -> Section:
                "Instrumented: `instrument(app)` defaults plus every opt-in switch of `instrument()` on "
                "(`benchmarks.apps.feature_switches`). Floor: Celery dispatching the signals ours connects "
                "(`Instrumentation.receivers()`) to receivers that do nothing.",
-               "The worker main's heartbeat tick (every 2 s of wall time) is in the instrumented worker runs; "
-               "under callgrind a run takes ~50× longer, so the ticks weigh more per task here than in real "
-               "operation (see the tick row below the table if measured)."],
+               "The worker main's heartbeat tick runs every 2 s of wall time, not per task: under callgrind a run "
+               "lasts ~50× longer and would be charged ~50× its real share of ticks, so it is kept out of these "
+               "runs (`heartbeat_interval` of a day) and measured alone in the tick table (~0.06 ms of CPU per "
+               "tick). Measured with it in, on the Redis solo worker: +0.18 points over plain."],
     )
     tiny = size.name == "tiny"
     if tiny:
@@ -225,7 +232,7 @@ def run(size: Size) -> Section:
 EXPERIMENTS: dict[str, tuple[str, dict[str, str]]] = {
     "floor, receiver cache on": ("floor", {"CSX_BENCH_SIGNAL_CACHE": "1"}),
     "instrumented, receiver cache on": ("ours", {"CSX_BENCH_SIGNAL_CACHE": "1"}),
-    "instrumented, no heartbeat tick in the run": ("ours", {"CSX_BENCH_INSTRUMENT": '{"heartbeat_interval": 86400}'}),
+    "instrumented, heartbeat tick every 2 s in the run": ("ours", {"CSX_BENCH_INSTRUMENT": "{}"}),
 }
 
 
