@@ -14,7 +14,8 @@ the `bench.stop` task stops the worker main (its parent) instead of its own
 process (prefork); CSX_BENCH_INSTRUMENT: JSON keyword arguments for
 `instrument()` on top of every opt-in switch (see `feature_switches`);
 CSX_BENCH_SIGNAL_CACHE=1: Celery's receiver cache on for the worker-side signals
-(an experiment, see `benchmarks.bench_instructions`).
+(an experiment, see `benchmarks.bench_instructions`); CSX_BENCH_DUE_HEADER=1:
+the floor's producer adds our due header too (another).
 
 As a script it is a producer: `python -m benchmarks.apps publish N` prints
 `{"seconds": …, "n": N}`, the time of N `apply_async` calls after a warm-up;
@@ -71,6 +72,8 @@ if VARIANT in ("ours", "both"):
     celery_signal_exporter.instrument(app, metrics_dir=os.environ["CSX_BENCH_METRICS_DIR"], **feature_switches())
 
 if VARIANT == "floor":
+    from celery import signals
+
     from celery_signal_exporter.receivers import Instrumentation, Options
 
     def _nothing(**_: object) -> None:
@@ -80,6 +83,17 @@ if VARIANT == "floor":
     # follows every signal a new feature adds.
     for _signal, _label, _fn in Instrumentation(app, Options(os.environ["CSX_BENCH_METRICS_DIR"])).receivers():
         _signal.connect(_nothing, weak=False)
+
+    if os.environ.get("CSX_BENCH_DUE_HEADER") == "1":
+        # An experiment (benchmarks.bench_instructions): the floor's messages carry our due header too, so
+        # that instrumented over floor is our receivers' bodies without what Celery does with one more header.
+        from celery_signal_exporter.receivers import DUE_HEADER
+
+        def _due(headers: dict[str, Any] | None = None, **_: object) -> None:
+            if headers is not None:
+                headers[DUE_HEADER] = time.time()
+
+        signals.before_task_publish.connect(_due, weak=False)
 
 if os.environ.get("CSX_BENCH_SIGNAL_CACHE") == "1":
     # An experiment of the instruction benchmark (docs/design.md): Celery's per-sender receiver cache, off

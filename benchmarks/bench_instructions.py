@@ -230,6 +230,7 @@ def run(size: Size) -> Section:
 
 #: Attempts at lowering the floor or isolating parts of ours, on the Redis solo worker (docs/design.md).
 EXPERIMENTS: dict[str, tuple[str, dict[str, str]]] = {
+    "floor, messages with the due header": ("floor", {"CSX_BENCH_DUE_HEADER": "1"}),
     "floor, receiver cache on": ("floor", {"CSX_BENCH_SIGNAL_CACHE": "1"}),
     "instrumented, receiver cache on": ("ours", {"CSX_BENCH_SIGNAL_CACHE": "1"}),
     "instrumented, heartbeat tick every 2 s in the run": ("ours", {"CSX_BENCH_INSTRUMENT": "{}"}),

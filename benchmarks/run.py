@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import textwrap
 import time
@@ -180,10 +181,17 @@ def merge_report(old: str, new: str, names: list[str]) -> str:
         else:
             targets[i] = t
     date = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
-    stamp = (f"Updated {date} UTC by `.venv/bin/python -m benchmarks {' '.join(names)}`: its sections and target "
-             "rows replace the earlier ones; every other figure is from the run above.")
-    head = [line for line in old_head if not line.startswith(f"Updated {date[:4]}")]
-    head = [*head[:3], stamp, "", *head[3:]] if len(head) >= 3 else [*head, stamp, ""]
+    earlier = [line for line in old_head if line.startswith("Updated ")]
+    found = re.search(r"benchmarks ([\w ]+)`", earlier[0]) if earlier else None
+    done = [*(found.group(1).split() if found else []), *names]
+    stamp = (f"Updated {date} UTC by `.venv/bin/python -m benchmarks {' '.join(dict.fromkeys(done))}`: those "
+             "sections and their target rows replace the earlier ones; every other figure is from the run above.")
+    head: list[str] = []
+    for line in (line for line in old_head if not line.startswith("Updated ")):
+        if line or (head and head[-1]):
+            head.append(line)
+    at = next((i + 1 for i, line in enumerate(head) if line.startswith("Written by")), len(head))
+    head[at:at] = ["", stamp]
     generated = {"Targets", "Where targets are missed", "Benchmarks that failed"}
     out = [line for line in head]
     order = [k for k in old_blocks if k not in generated]
