@@ -209,10 +209,11 @@ def merge_report(old: str, new: str, names: list[str]) -> str:
     at = next((i + 1 for i, line in enumerate(head) if line.startswith("Written by")), len(head))
     head[at:at] = ["", stamp]
     generated = {"Targets", "Where targets are missed", "Benchmarks that failed"}
-    out = [line for line in head]
+    out = list(head)
     order = [k for k in old_blocks if k not in generated]
     order += [k for k in new_blocks if k not in generated and k not in old_blocks]
-    sections = {**{k: v for k, v in old_blocks.items()}, **{k: v for k, v in new_blocks.items() if k not in generated}}
+    # The machine table stays the full run's: the stamp above says when the partial run was made.
+    sections = {**old_blocks, **{k: v for k, v in new_blocks.items() if k not in generated and k != "Machine"}}
     for k in order:
         if k == "Machine":
             out += ["## Machine", *sections[k]]
@@ -240,10 +241,16 @@ README_TABLE = "Overhead in instructions (callgrind, per task)"
 
 def readme_section(facts: dict[str, str], report_text: str) -> str:
     """README's "## Performance": the targets table (and the instructions table) of the report as written."""
-    _, blocks = _blocks(report_text)
+    head, blocks = _blocks(report_text)
     targets = _targets_from(blocks.get("Targets", []))
+    when = f"on {facts['date (UTC)']} UTC"
+    updated = next((re.search(r"Updated (.*?) UTC by (`[^`]*`)", line) for line in head if line.startswith("Updated ")),
+                   None)
+    full = next((line.split("|")[2].strip() for line in blocks.get("Machine", []) if "| date (UTC)" in line), "")
+    if updated and full:
+        when = f"on {full} UTC, and {updated.group(2)} again on {updated.group(1)} UTC"
     intro = textwrap.fill(
-        f"Measured by `.venv/bin/python -m benchmarks` on {facts['date (UTC)']} UTC ({facts['cores']} shared cores, "
+        f"Measured by `.venv/bin/python -m benchmarks` {when} ({facts['cores']} shared cores, "
         f"{facts['CPU']}; Python {facts['Python']}, Celery {facts['Celery']}, Redis {facts['Redis server']}, "
         f"RabbitMQ {facts['RabbitMQ server'].split()[0]}). Each figure is a median over alternating runs; "
         "[benchmarks/results.md](benchmarks/results.md) has every table, the spreads, the machine and the "
