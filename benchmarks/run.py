@@ -107,7 +107,8 @@ MISS_NOTES = {
         "due header, and received counts moved to the tick (one signal fewer, ~15 000 instructions)."
     ),
     "instructions per task, our receivers' bodies": (
-        "Instrumented over the floor includes the due header's cost inside Celery (+0.93% of a Redis worker "
+        "Publish: our two receivers and Celery encoding one more header, ~18 000 instructions (0.8%). Worker: "
+        "instrumented over the floor includes the due header's cost inside Celery (+0.93% of a Redis worker "
         "task, about 31 000 instructions, not our code) besides our bodies (~41 000 instructions in the prefork "
         "child for prerun and postrun, on both brokers; the child's table rows). py-spy found our code in 0.5% "
         "of a producer's samples and ~0.6% of a solo worker's; no single line stands out, and the C-level "
