@@ -366,7 +366,7 @@ def run(size: Size) -> Section:
     if "target_p95_ms" in section.data:
         p95, ratio = section.data["target_p95_ms"], section.data["target_ratio"]
         where = section.data["target_point"]
-        section.targets.append(Target(f"/metrics p95 at {where}", "≤ 100 ms", f"{p95:.1f} ms", p95 <= 100))
+        section.targets.append(Target(f"/metrics p95 at {where}", "≤ 50 ms", f"{p95:.1f} ms", p95 <= 50))
         section.targets.append(Target(f"stock collector p95 / ours p95 at {where}", "≥ 50×", f"{ratio:.1f}×",
                                       ratio >= 50))
     return section

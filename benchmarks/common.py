@@ -56,14 +56,16 @@ class Size:
     probe_rabbit_queues: int
     probe_repeat: int
     hook_calls: int
+    instr_n: int  # tasks per callgrind run (minus a run of 0), publish and solo worker
+    instr_prefork_n: int  # the same for the prefork child's share; 0 skips it
 
 
 TINY = Size("tiny", rounds=1, publish_rounds=1, publish_n=200, worker_n=200, cost_n=200, cost_runs=1,
             scrape_points="tiny", scrape_budget_s=0.3, probe_redis_queues=50, probe_rabbit_queues=20, probe_repeat=3,
-            hook_calls=2000)
+            hook_calls=2000, instr_n=5, instr_prefork_n=0)
 FULL = Size("full", rounds=7, publish_rounds=9, publish_n=4000, worker_n=6000, cost_n=6000, cost_runs=3,
             scrape_points="full", scrape_budget_s=4.0, probe_redis_queues=1000, probe_rabbit_queues=500,
-            probe_repeat=20, hook_calls=50000)
+            probe_repeat=20, hook_calls=50000, instr_n=1000, instr_prefork_n=300)
 
 
 @dataclass
