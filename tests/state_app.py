@@ -41,7 +41,7 @@ def ok() -> None:
 
 
 def busy(queue: str, long: int, seconds: int, short: int, countdown: int) -> dict[str, Any]:
-    """`long` tasks sleeping `seconds`, then `short` quick ones behind them, then one quick task due in `countdown` s."""
+    """`long` tasks sleeping `seconds`, `short` quick ones behind them, one quick task due in `countdown` s."""
     for _ in range(long):
         sleep.apply_async((float(seconds),), queue=queue)
     for _ in range(short):

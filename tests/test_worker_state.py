@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 
 from tests.harness import ROOT, Samples, WorkerProcess, env_for, exporter, value, wait_until, worker
-from tests.state_app import SLEEP_LIMIT
 
 APP = "tests.state_app"
 #: (pool, concurrency)
@@ -33,6 +32,8 @@ LONG = 30
 SHORT = 8
 COUNTDOWN = 8
 PREFETCH = 10
+#: s.sleep's own time_limit in tests/state_app.py (the app sets task_time_limit=600 for the rest).
+SLEEP_LIMIT = 120
 
 
 def produce(env: dict[str, str], scenario: str, *args: Any) -> None:
@@ -113,7 +114,7 @@ def test_held_running_and_memory_on_every_pool(redis_url: str, tmp_path: Path) -
             raise AssertionError(f"last scrape: {held_summary(ex.scrape(), workers, queue)}") from None
         assert s is not None
         assert time.monotonic() - published < COUNTDOWN, "the countdown was due before it was seen held"
-        for pool, n in POOLS:
+        for pool, _ in POOLS:
             h, q = workers[pool].hostname, queue[pool]
             assert value(s, "celery_worker_consuming", hostname=h, queue_name=q) == 1, pool
             assert value(s, "celery_worker_consuming", hostname=h) == 1, pool
@@ -233,12 +234,16 @@ def test_consuming_and_slots_per_queue(broker_url: str, tmp_path: Path) -> None:
                            for h in (a.hostname, b.hostname)) for q in ("q1", "q2", "q3")}
 
         both = {(a.hostname, "q1"): 1, (a.hostname, "q2"): 1, (b.hostname, "q2"): 1, (b.hostname, "q3"): 1}
-        s = wait_until(lambda: (r := ex.scrape()) if consuming(r) == both else None, 10, "both workers consuming")
+        def reads(want: dict[tuple[str, str], int]) -> Samples | None:
+            r = ex.scrape()
+            return r if consuming(r) == want else None
+
+        s = wait_until(lambda: reads(both), 10, "both workers consuming")
         assert slots(s) == {"q1": 2, "q2": 5, "q3": 3}
 
         produce(env, "cancel", "q2", a.hostname)
         after = {**both, (a.hostname, "q2"): 0}
-        s = wait_until(lambda: (r := ex.scrape()) if consuming(r) == after else None, 10, "a to stop consuming q2")
+        s = wait_until(lambda: reads(after), 10, "a to stop consuming q2")
         assert slots(s) == {"q1": 2, "q2": 3, "q3": 3}
 
         a.proc.terminate()  # a graceful shutdown: everything a consumed reads 0 at once
