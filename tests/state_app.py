@@ -21,7 +21,6 @@ app = Celery("state", broker=os.environ.get("CSX_TEST_BROKER", "memory://"))
 app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
-    task_time_limit=600,  # the app's default hard limit: s.sleep overrides it, s.ok inherits it
 )
 celery_signal_exporter.instrument(app, heartbeat_interval=0.5)
 

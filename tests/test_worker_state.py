@@ -39,8 +39,9 @@ PREFETCH = 10
 #: task inside the consumer's loop, which takes nothing more until the task ends.
 HELD = {"prefork": (SHORT, 1, 0), "threads": (SHORT, 1, 0), "gevent": (1, 0, SHORT),
         "eventlet": (1, 0, SHORT), "solo": (0, 0, SHORT + 1)}
-#: s.sleep's own time_limit in tests/state_app.py (the app sets task_time_limit=600 for the rest).
+#: s.sleep's own time_limit in tests/state_app.py; the workers' --time-limit holds for s.ok.
 SLEEP_LIMIT = 120
+WORKER_LIMIT = 600
 
 
 def produce(env: dict[str, str], scenario: str, *args: Any) -> None:
@@ -81,6 +82,7 @@ def test_held_running_and_memory_on_every_pool(redis_url: str, tmp_path: Path) -
     with ExitStack() as stack:
         workers: dict[str, WorkerProcess] = {
             pool: stack.enter_context(worker(env, str(tmp_path), "--prefetch-multiplier", str(PREFETCH),
+                                             "--time-limit", str(WORKER_LIMIT),
                                              pool=pool, concurrency=n, queues=queue[pool], app=APP,
                                              hostname=f"{pool}@state"))
             for pool, n in POOLS
@@ -119,7 +121,7 @@ def test_held_running_and_memory_on_every_pool(redis_url: str, tmp_path: Path) -
             assert value(s, "celery_worker_consuming", hostname=h, queue_name=q) == 1, pool
             assert value(s, "celery_worker_consuming", hostname=h) == 1, pool
             assert value(s, "celery_task_time_limit_seconds", name="s.sleep") == SLEEP_LIMIT
-            assert value(s, "celery_task_time_limit_seconds", name="s.ok") == 600
+            assert value(s, "celery_task_time_limit_seconds", name="s.ok") == WORKER_LIMIT
 
         # Memory, against /proc read here: main and pool processes (prefork), each within 10 %.
         s = ex.scrape()

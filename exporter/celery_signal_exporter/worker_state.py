@@ -74,7 +74,7 @@ def pool_pids(pool: Any) -> list[int] | None:
 
 
 def time_limit(task: Any, default: Any) -> float | None:
-    """A task's hard time limit: its own `time_limit`, else the app's `task_time_limit`; None if neither."""
+    """A task's hard time limit: its own `time_limit`, else the worker's (`default`); None if neither."""
     limit = getattr(task, "time_limit", None)
     if limit is None:
         limit = default
@@ -219,12 +219,16 @@ class WorkerState:
         self.memory.labels(hostname).set(float(total))
 
     def write_time_limits(self, consumer: Any, hostname: str, now: float) -> None:
-        """Each registered task's hard time limit, where one is set; at start and every few minutes."""
+        """Each registered task's hard time limit, where one is set; at start and every few minutes.
+
+        The limit configured, not a per-call `time_limit=`; the threads and solo pools do not enforce it.
+        """
         if now - self._limits_at < TIME_LIMIT_REFRESH:
             return
         self._limits_at = now
         app = self.inst.app
-        default = app.conf.task_time_limit
+        # The worker's own limit: `--time-limit`, else `task_time_limit` (WorkController reads both).
+        default = getattr(getattr(consumer, "controller", None), "time_limit", None) or app.conf.task_time_limit
         for raw, task in list(app.tasks.items()):
             limit = time_limit(task, default)
             if limit is None:
