@@ -255,3 +255,29 @@ def test_consuming_and_slots_per_queue(broker_url: str, tmp_path: Path) -> None:
         assert value(s, "celery_worker_resident_memory_bytes", hostname=a.hostname) == 0
         assert value(s, "celery_worker_consuming", hostname=b.hostname) == 2
         assert value(s, "celery_exporter_handler_errors_total") == 0
+
+
+def test_a_folded_task_shows_its_age_folded_and_is_counted_once(redis_url: str, tmp_path: Path) -> None:
+    """With a cap of one task name, a running t.sleep reads under the fold; ticks add no dropped count."""
+    from tests.harness import produce as produce_workload
+
+    metrics_dir = str(tmp_path / "metrics")
+    env = env_for(redis_url, metrics_dir, CSX_TEST_MAX_NAMES="1")
+    with worker(env, str(tmp_path), pool="threads", concurrency=2) as w, \
+            exporter(str(tmp_path), "--metrics-dir", metrics_dir) as ex:
+        produce_workload(env, "many", 1)  # t.ok takes the one name
+        wait_until(lambda: value(ex.scrape(), "celery_task_succeeded_total", name="t.ok") == 1, 20, "t.ok to run")
+        produce_workload(env, "sleepers", 1, 5)
+        s = wait_until(lambda: (lambda r: r if value(r, "celery_task_oldest_running_age_seconds",
+                                                     name="__overflow__") > 0.5 else None)(ex.scrape()),
+                       20, "the folded run's age")
+        dropped = value(s, "celery_exporter_dropped_label_values_total")
+        assert dropped > 0
+        time.sleep(2.0)  # four ticks
+        s = ex.scrape()
+        assert value(s, "celery_exporter_dropped_label_values_total") == dropped
+        assert value(s, "celery_task_oldest_running_age_seconds", name="__overflow__") > 2.5
+        assert not any(n == "celery_task_oldest_running_age_seconds" and ("name", "t.sleep") in ls for n, ls in s)
+        assert value(s, "celery_worker_tasks_active", hostname=w.hostname) == 1
+        wait_until(lambda: value(ex.scrape(), "celery_task_oldest_running_age_seconds", name="__overflow__") == 0,
+                   20, "the folded age back to 0")

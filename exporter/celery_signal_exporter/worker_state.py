@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import metrics as m
 from celery_signal_exporter.labels import OVERFLOW
-from celery_signal_exporter.queues import CACHE_LIMIT
 from celery_signal_exporter.receivers import QUEUE_HEADER
 
 if TYPE_CHECKING:
@@ -98,9 +97,6 @@ class WorkerState:
         self.consuming = m.Recorder(store, c.CONSUMING)
         self.memory = m.Recorder(store, c.RESIDENT_MEMORY)
         self.max_memory = m.Recorder(store, c.POOL_PROCESS_MAX_MEMORY)
-        # Raw value -> label (None: an ignored task), so a tick never counts a fold twice.
-        self._names: dict[str, str | None] = {}
-        self._queues: dict[str, str] = {}
         # Every series written so far, written again (at 0 when empty) on every tick.
         self._running: set[tuple[str, str]] = set()
         self._held: set[str] = set()
@@ -112,23 +108,33 @@ class WorkerState:
     # -- labels --------------------------------------------------------------
 
     def name_label(self, raw: Any) -> str | None:
-        """Instrumentation's label for a task name, looked up once per name (its folds are counted once)."""
+        """Instrumentation's label for a task name (None: ignored), without counting a fold again.
+
+        `task_received` already labelled every name the worker main runs, counting each fold
+        per message; asking `task_name` again on each tick would count a running folded task
+        once more per tick. So past the cap a name it has no label for is folded here uncounted.
+        """
         name = raw if isinstance(raw, str) else str(raw)
-        if name in self._names:
-            return self._names[name]
-        label = self.inst.task_name(name)
-        if len(self._names) < CACHE_LIMIT:
-            self._names[name] = label
-        return label
+        inst = self.inst
+        label = inst._names.get(name)  # the label it gave, if any: no public lookup
+        if label is not None:
+            return label
+        if name in inst.options.ignore_tasks:
+            return None
+        if len(inst._names) < inst.options.max_task_names:
+            return inst.task_name(name)  # labels it now, as a first message would
+        return OVERFLOW
 
     def queue_label(self, raw: Any) -> str:
+        """Instrumentation's label for a queue name, past the cap folded uncounted (as `name_label`)."""
         name = raw if isinstance(raw, str) else str(raw)
-        label = self._queues.get(name)
-        if label is None:
-            label = self.inst.queue_label(name)
-            if len(self._queues) < CACHE_LIMIT:
-                self._queues[name] = label
-        return label
+        inst = self.inst
+        label = inst._queue_labels.get(name)
+        if label is not None:
+            return label
+        if len(inst._queue_labels) < inst.options.max_queue_names:
+            return inst.queue_label(name)
+        return OVERFLOW
 
     def queue_of(self, consumer: Any, request: Any) -> str:
         """The queue label task_received put on the request; worked out again only if it did not."""
