@@ -147,9 +147,14 @@ class WorkerState:
 
     def tick(self, consumer: Any) -> None:
         """Read and write every part; each failure is counted and the other parts still run."""
-        hostname = str(consumer.hostname)
+        try:
+            hostname = str(consumer.hostname)
+        except Exception as exc:  # noqa: BLE001 - never raise into the worker
+            self.inst.handler_failed("worker_tick", exc)
+            return
         now = time.time()
-        for part in (self.write_running, self.write_held, self.write_consuming, self.write_memory,
+        # Consuming first: held requests are written at 0 for every queue consumed, from the first tick.
+        for part in (self.write_consuming, self.write_running, self.write_held, self.write_memory,
                      self.write_time_limits):
             try:
                 part(consumer, hostname, now)
