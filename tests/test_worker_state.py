@@ -242,6 +242,9 @@ def test_consuming_and_slots_per_queue(broker_url: str, tmp_path: Path) -> None:
 
         s = wait_until(lambda: reads(both), 10, "both workers consuming")
         assert slots(s) == {"q1": 2, "q2": 5, "q3": 3}
+        for (h, q) in both:  # nothing held yet: at 0, not absent
+            for metric in ("celery_worker_tasks_reserved", "celery_worker_tasks_scheduled"):
+                assert s.get((metric, frozenset({("hostname", h), ("queue_name", q)}))) == 0, (metric, h, q)
 
         produce(env, "cancel", "q2", a.hostname)
         after = {**both, (a.hostname, "q2"): 0}
