@@ -19,7 +19,7 @@ from celery_signal_exporter.probes.base import NodeStats, QueueStats
 from celery_signal_exporter.probes.loop import ProbeGroup, ProbeLoop
 from celery_signal_exporter.service import Exporter, ServiceConfig
 from celery_signal_exporter.store import Store
-from tests.harness import ROOT, env_for, exporter, produce, value, wait_until, worker
+from tests.harness import ROOT, env_for, exporter, has, produce, value, wait_until, worker
 
 Catalogue = dict[str, frozenset[str]]
 #: Sample-side name -> (type, help, label names), as served.
@@ -164,8 +164,10 @@ def test_metrics_endpoint_equals_catalogue(amqp_url: str, redis_url: str, tmp_pa
     producer.send_task("t.ok", queue="waiting", headers={"csx_due": time.time()})
     args = ["--metrics-dir", metrics_dir, "--broker-url", amqp_url, "--broker-url", redis_url,
             "--queue", "waiting", "--probe-interval", "1", "--probe-timeout", "1"]
-    with worker(env, str(tmp_path), concurrency=2), exporter(str(tmp_path), *args) as ex:
+    # A worker time limit, so every task has one to expose; a 2 s run, so a tick sees a run in progress.
+    with worker(env, str(tmp_path), "--time-limit", "300", concurrency=2), exporter(str(tmp_path), *args) as ex:
         produce(env, "counts")
+        produce(env, "sleepers", 1, 2)
 
         def complete() -> str | None:
             text = ex.get("/metrics").text
@@ -173,7 +175,8 @@ def test_metrics_endpoint_equals_catalogue(amqp_url: str, redis_url: str, tmp_pa
             done = value(s, "celery_task_succeeded_total") + value(s, "celery_task_failed_total") >= 45
             probed = value(s, "celery_broker_up") == 2 and value(s, "celery_queue_consumers") >= 2
             aged = value(s, "celery_queue_oldest_message_age_seconds", queue_name="waiting") > 0
-            return text if done and probed and aged and value(s, "celery_task_rejected_total") else None
+            ran = has(s, "celery_task_oldest_running_age_seconds")
+            return text if done and probed and aged and ran and value(s, "celery_task_rejected_total") else None
 
         text = wait_until(complete, 90, "every metric to appear")
     docs, seen = documented(), exposed(text)

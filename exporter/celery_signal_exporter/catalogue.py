@@ -128,13 +128,16 @@ OLDEST_RUNNING_AGE = Spec(
     "celery_task_oldest_running_age_seconds", "gauge", "Age of the task's oldest run in progress; 0 when none runs.",
     TASK, mode="livemax",
     recorded_by="worker main, every heartbeat, from `celery.worker.state`",
-    notes="shows a stuck run while it runs, not only when it ends; 0 once no run is in progress",
+    notes="shows a stuck run while it runs, not only when it ends; counts from the pool's start of the run; "
+          "0 once no run of the (task, queue) is in progress",
 )
 TIME_LIMIT = Spec(
     "celery_task_time_limit_seconds", "gauge", "The task's hard time limit, where one is set.", ("name",),
     mode="livemax",
-    recorded_by="worker main, from the app's task registry",
-    notes="the task's `time_limit`, else `task_time_limit`; absent when neither is set",
+    recorded_by="worker main, from the app's task registry, at start and every 5 minutes",
+    notes="the task's `time_limit`, else the worker's (`--time-limit` or `task_time_limit`); absent when "
+          "neither is set. As configured: a per-call `time_limit` is not seen, and the threads and solo pools "
+          "do not enforce hard limits",
 )
 MEMORY_GROWTH = Spec(
     "celery_task_memory_growth_bytes", "histogram",
@@ -192,12 +195,14 @@ TASKS_RESERVED = Spec(
     "celery_worker_tasks_reserved", "gauge", "Tasks the worker received and holds, not started, without an ETA.",
     ("hostname", "queue_name"), mode="livesum",
     recorded_by="worker main, every heartbeat, from `celery.worker.state`",
-    notes="prefetched work the broker no longer counts as waiting",
+    notes="prefetched work the broker no longer counts as waiting. gevent and eventlet hold at most one "
+          "beyond their running tasks (the consumer waits for a free slot), solo none while a task runs",
 )
 TASKS_SCHEDULED = Spec(
     "celery_worker_tasks_scheduled", "gauge", "ETA or countdown tasks the worker holds until they are due.",
     ("hostname", "queue_name"), mode="livesum",
     recorded_by="worker main, every heartbeat, from the consumer's timer",
+    notes="as `celery inspect scheduled` lists them; once due they move to reserved (or start)",
 )
 CONSUMING = Spec(
     "celery_worker_consuming", "gauge", "1 for each queue the worker consumes from.", ("hostname", "queue_name"),
@@ -209,13 +214,15 @@ RESIDENT_MEMORY = Spec(
     "celery_worker_resident_memory_bytes", "gauge", "Resident memory of the worker: main process and pool.",
     ("hostname",), mode="livesum",
     recorded_by="worker main, every heartbeat, from `/proc`",
-    notes="Linux only",
+    notes="Linux only; the resident set sizes of the main and prefork pool processes summed, so pages "
+          "they share count once per process (as in `ps`); other pools: the main process alone",
 )
 POOL_PROCESS_MAX_MEMORY = Spec(
     "celery_worker_pool_process_max_resident_memory_bytes", "gauge",
     "Resident memory of the worker's largest pool process.", ("hostname",), mode="livemax",
     recorded_by="worker main, every heartbeat, from `/proc`",
-    notes="Linux only; prefork pools (other pools run tasks in the main process)",
+    notes="Linux only; prefork only: the other pools run tasks in the main process, whose memory "
+          "`celery_worker_resident_memory_bytes` is",
 )
 
 # -- beat metrics: the schedule and dispatches written by the beat process, runs per entry by workers

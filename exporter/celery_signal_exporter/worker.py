@@ -36,6 +36,7 @@ from celery_signal_exporter import metrics as m
 from celery_signal_exporter.compact import compact, reap
 from celery_signal_exporter.directory import directory_lock
 from celery_signal_exporter.directory import pid_alive as pid_alive  # where the tests and older callers look for it
+from celery_signal_exporter.worker_state import WorkerState
 
 if TYPE_CHECKING:
     from celery_signal_exporter.receivers import Instrumentation
@@ -93,6 +94,7 @@ class WorkerMetrics:
         self.pool_processes = m.Recorder(inst.store, c.POOL_PROCESSES)
         self.tasks_active = m.Recorder(inst.store, c.TASKS_ACTIVE)
         self.compacted = m.Recorder(inst.store, c.COMPACTED)
+        self.state = WorkerState(inst)  # requests held, runs' ages, queues consumed, memory: worker_state.py
 
     def initialise(self) -> None:
         """Write the error counters at 0, so rate() works from the first error on."""
@@ -118,6 +120,7 @@ class WorkerMetrics:
             self.heartbeat.labels(hostname).set(now, now)
         except Exception as exc:  # noqa: BLE001 - never raise into the worker
             self.inst.handler_failed("worker_tick", exc)
+        self.state.tick(consumer)
         self.compact()
 
     def compact(self) -> None:
@@ -138,6 +141,10 @@ class WorkerMetrics:
             self.heartbeat.labels(hostname).set(0.0, now)
             self.tasks_active.labels(hostname).set(0.0)
             self.pool_processes.labels(hostname).set(0.0)
+        except Exception as exc:  # noqa: BLE001
+            self.inst.handler_failed("worker_shutdown", exc)
+        try:
+            self.state.stopped(consumer)
         except Exception as exc:  # noqa: BLE001
             self.inst.handler_failed("worker_shutdown", exc)
 
