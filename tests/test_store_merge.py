@@ -153,10 +153,19 @@ def test_pool_gauges_of_a_worker_with_a_stale_heartbeat_are_dropped(tmp_path: py
         m.Recorder(store, c.HEARTBEAT).labels(host).set(stamp, stamp)
         m.Recorder(store, c.POOL_PROCESSES).labels(host).set(4)
         m.Recorder(store, c.TASKS_ACTIVE).labels(host).set(3)
+        m.Recorder(store, c.RESIDENT_MEMORY).labels(host).set(5e8)
+        m.Recorder(store, c.POOL_PROCESS_MAX_MEMORY).labels(host).set(1e8)
+        for spec in (c.TASKS_RESERVED, c.TASKS_SCHEDULED, c.CONSUMING):  # per (hostname, queue)
+            m.Recorder(store, spec).labels(host, "q").set(2)
     ours = merged_samples(DirectoryCollector(str(tmp_path), worker_timeout=10))
     assert {k: v for k, v in ours.items() if k.startswith("celery_worker_")} == {
         'celery_worker_up{hostname="fresh@h"}': 1, 'celery_worker_up{hostname="stale@h"}': 0,
         'celery_worker_pool_processes{hostname="fresh@h"}': 4, 'celery_worker_tasks_active{hostname="fresh@h"}': 3,
+        'celery_worker_resident_memory_bytes{hostname="fresh@h"}': 5e8,
+        'celery_worker_pool_process_max_resident_memory_bytes{hostname="fresh@h"}': 1e8,
+        'celery_worker_tasks_reserved{hostname="fresh@h",queue_name="q"}': 2,
+        'celery_worker_tasks_scheduled{hostname="fresh@h",queue_name="q"}': 2,
+        'celery_worker_consuming{hostname="fresh@h",queue_name="q"}': 2,
     }
 
 

@@ -37,11 +37,16 @@ from celery_signal_exporter.catalogue import (
     BEAT_ENTRY_NEXT_DUE,
     BEAT_HEARTBEAT,
     BEAT_UP,
+    CONSUMING,
     HEARTBEAT,
+    POOL_PROCESS_MAX_MEMORY,
     POOL_PROCESSES,
     QUEUE_NAMES_FOLDED,
+    RESIDENT_MEMORY,
     TASK_NAMES_FOLDED,
     TASKS_ACTIVE,
+    TASKS_RESERVED,
+    TASKS_SCHEDULED,
     WORKER_UP,
     Spec,
 )
@@ -82,7 +87,10 @@ _UP: dict[str, Spec] = {HEARTBEAT.name: WORKER_UP, BEAT_HEARTBEAT.name: BEAT_UP}
 #: Beat entry gauges a beat writes 0 when the entry leaves the schedule: a 0 is left out, so the series goes.
 _GONE_AT_ZERO = frozenset({BEAT_ENTRY_INTERVAL.name, BEAT_ENTRY_NEXT_DUE.name, BEAT_ENTRY_LAST_DISPATCH.name})
 #: Live gauges labelled by worker hostname: dropped once that worker's heartbeat is stale.
-_PER_WORKER_LIVE = frozenset({POOL_PROCESSES.name, TASKS_ACTIVE.name})
+_PER_WORKER_LIVE = frozenset({
+    POOL_PROCESSES.name, TASKS_ACTIVE.name, TASKS_RESERVED.name, TASKS_SCHEDULED.name, CONSUMING.name,
+    RESIDENT_MEMORY.name, POOL_PROCESS_MAX_MEMORY.name,
+})
 #: Gauge modes whose merge picks one writer's value, so the writer's liveness can matter.
 _PICK_ONE = frozenset({"mostrecent", "max", "min"})
 
@@ -546,10 +554,10 @@ class DirectoryCollector:
     def _families(self, skeleton: list[_Family], values: list[float]) -> list[Metric]:
         families: list[Metric] = []
         now = time.time()
-        stale: set[tuple[tuple[str, str], ...]] = set()
+        stale: set[str] = set()  # hostnames
         for family in skeleton:
             if family.metric == HEARTBEAT.name:  # only a worker's heartbeat speaks for its pool
-                stale = {labels for _, labels, _, i in family.rows
+                stale = {as_dict.get("hostname", "") for _, _, as_dict, i in family.rows
                          if not (values[i] > 0 and now - values[i] <= self.worker_timeout)}
         for family in skeleton:
             entries = family.entries
@@ -575,7 +583,7 @@ class DirectoryCollector:
                 shown = [values[i] for (_, _, _, i), k in zip(family.rows, keep, strict=True) if k]
             elif family.metric in _PER_WORKER_LIVE and stale:
                 # A worker that stopped beating says nothing about its pool: do not echo its last word.
-                keep = [labels not in stale for _, labels, _, _ in family.rows]
+                keep = [as_dict.get("hostname") not in stale for _, _, as_dict, _ in family.rows]
                 entries = [e for e, k in zip(entries, keep, strict=True) if k]
                 shown = [values[i] for (_, _, _, i), k in zip(family.rows, keep, strict=True) if k]
             else:
