@@ -142,8 +142,11 @@ class Instrumentation:
 
     # -- helpers -------------------------------------------------------------
 
-    def task_name(self, raw: Any) -> str | None:
-        """The label value for a task name: None if ignored, folded past the cap, cut if too long."""
+    def task_name(self, raw: Any, count: bool = True) -> str | None:
+        """The label value for a task name: None if ignored, folded past the cap, cut if too long.
+
+        `count=False` folds without counting the fold: for a reader that asks again about names
+        already counted when their message arrived (the worker main's tick, every 2 s)."""
         name: str = raw if isinstance(raw, str) else str(raw)
         label = self._names.get(name)
         if label is not None:
@@ -153,10 +156,11 @@ class Instrumentation:
         if len(self._names) < self.options.max_task_names:
             label = self._names[name] = self.cut(name, "name")
             return label
-        self.dropped.labels("name").inc()
+        if count:
+            self.dropped.labels("name").inc()
         return OVERFLOW
 
-    def queue_label(self, queue: str) -> str:
+    def queue_label(self, queue: str, count: bool = True) -> str:
         """The label value for a queue name, folded past `max_queue_names`, cut if too long.
 
         Routing keys can be made up per call, so queue names need a cap like task names.
@@ -168,7 +172,8 @@ class Instrumentation:
         if len(self._queue_labels) < self.options.max_queue_names:
             label = self._queue_labels[queue] = self.cut(queue, "queue_name")
             return label
-        self.dropped.labels("queue_name").inc()
+        if count:
+            self.dropped.labels("queue_name").inc()
         return OVERFLOW
 
     def cut(self, value: str, label: str) -> str:

@@ -108,33 +108,13 @@ class WorkerState:
     # -- labels --------------------------------------------------------------
 
     def name_label(self, raw: Any) -> str | None:
-        """Instrumentation's label for a task name (None: ignored), without counting a fold again.
-
-        `task_received` already labelled every name the worker main runs, counting each fold
-        per message; asking `task_name` again on each tick would count a running folded task
-        once more per tick. So past the cap a name it has no label for is folded here uncounted.
-        """
-        name = raw if isinstance(raw, str) else str(raw)
-        inst = self.inst
-        label = inst._names.get(name)  # the label it gave, if any: no public lookup
-        if label is not None:
-            return label
-        if name in inst.options.ignore_tasks:
-            return None
-        if len(inst._names) < inst.options.max_task_names:
-            return inst.task_name(name)  # labels it now, as a first message would
-        return OVERFLOW
+        """Instrumentation's label for a task name (None: ignored), without counting a fold again:
+        `task_received` counted it once per message; a tick must not count it once more per tick."""
+        return self.inst.task_name(raw, count=False)
 
     def queue_label(self, raw: Any) -> str:
         """Instrumentation's label for a queue name, past the cap folded uncounted (as `name_label`)."""
-        name = raw if isinstance(raw, str) else str(raw)
-        inst = self.inst
-        label = inst._queue_labels.get(name)
-        if label is not None:
-            return label
-        if len(inst._queue_labels) < inst.options.max_queue_names:
-            return inst.queue_label(name)
-        return OVERFLOW
+        return self.inst.queue_label(raw if isinstance(raw, str) else str(raw), count=False)
 
     def queue_of(self, consumer: Any, request: Any) -> str:
         """The queue label task_received put on the request; worked out again only if it did not."""
