@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -145,15 +145,16 @@ class WorkerProcess:
 @contextmanager
 def worker(env: dict[str, str], tmp: str, *args: str, concurrency: int = 2, pool: str = "prefork",
            queues: str = "alpha,beta", app: str = "tests.workload_app",
-           hostname: str | None = None) -> Iterator[WorkerProcess]:
-    """A real `celery worker` on `app` (tests.workload_app), ready once its heartbeat is on disk."""
+           hostname: str | None = None, launcher: Sequence[str] = ()) -> Iterator[WorkerProcess]:
+    """A real `celery worker` on `app` (tests.workload_app), ready once its heartbeat is on disk.
+    `launcher`: a command that execs the worker command given as its arguments."""
     from celery_signal_exporter.collect import DirectoryCollector
 
     hostname = hostname or f"w{uuid.uuid4().hex[:6]}@test"
     log_path = os.path.join(tmp, f"worker-{hostname}.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool,
+            [*launcher, sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool,
              "-c", str(concurrency), "-Q", queues, "-n", hostname, "--loglevel", "INFO", "--without-gossip",
              "--without-mingle", *args],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -108,9 +108,8 @@ def scrape_loop(url: str, stop: str) -> dict[str, Any]:
                 continue
             new = after[i] if i < len(after) else math.nan
             key = names[i]
-            # Sums of float observations may differ in the last bits when the files are added in another order.
-            slack = 1e-9 * abs(old) if key.split("{", 1)[0].endswith("_sum") else 0.0
-            if math.isnan(new) or new < old - slack:
+            # Strict for float sums too: the exporter absorbs their last-bit rounding (collect._settle).
+            if math.isnan(new) or new < old:
                 decreases.append({"series": key, "before": old, "after": None if math.isnan(new) else new,
                                   "attempt": n, "time": t, "time_before": t_before})
     last = {names[i]: v for i, v in enumerate(scrapes[-1][2]) if not math.isnan(v)} if scrapes else {}

@@ -312,3 +312,27 @@ def test_queue_names_are_capped_across_the_directory(tmp_path: pytest.TempPathFa
     assert merged['celery_task_sent_total{name="a",queue_name="__overflow__"}'] == 500
     assert sum(merged[k] for k in queues) == 1500
     assert merged["celery_exporter_queue_names_folded{}"] == 500
+
+
+def test_float_sums_never_step_back_by_a_rounding_error(tmp_path: pytest.TempPathFactory) -> None:
+    """Compaction adds the same float observations in another grouping, and (0.1 + 0.2) + 0.3 is not
+    0.1 + (0.2 + 0.3): a total a few last bits lower must be served as before (Prometheus would read a
+    counter reset), while a real drop still shows."""
+    store = Store(str(tmp_path))
+    runtime = m.Recorder(store, c.RUNTIME, (1.0,)).labels("a", "q")
+    cpu = m.Recorder(store, c.CPU).labels("a", "q")
+    runtime.observe(0.6)
+    cpu.inc(0.5)
+    collector = DirectoryCollector(str(tmp_path))
+    key_sum, key_cpu = 'celery_task_runtime_seconds_sum{name="a",queue_name="q"}', \
+        'celery_task_cpu_seconds_total{name="a",queue_name="q"}'
+    first = merged_samples(collector)
+    assert (first[key_sum], first[key_cpu]) == (0.6, 0.5)
+    runtime.observe(-1e-12)  # the stand-in for a rounding wobble: the stored total is now a hair lower
+    cpu.inc(-1e-12)
+    wobbled = merged_samples(collector)
+    assert (wobbled[key_sum], wobbled[key_cpu]) == (0.6, 0.5)
+    runtime.observe(-0.1)  # a real drop (lost data) is not hidden
+    cpu.inc(-0.1)
+    dropped = merged_samples(collector)
+    assert dropped[key_sum] < 0.5 + 1e-9 and dropped[key_cpu] < 0.4 + 1e-9

@@ -100,6 +100,25 @@ def test_memory_growth_and_cpu_seconds_per_run(request: pytest.FixtureRequest, t
     assert value(s, "celery_exporter_handler_errors_total") == 0, log
 
 
+#: Execs its arguments after raising its own peak RSS to 600 MB: Linux carries ru_maxrss over execve.
+BIG_LAUNCHER = (sys.executable, "-c",
+                "import os, sys; b = b'x' * (600 << 20); del b; os.execv(sys.argv[1], sys.argv[1:])")
+
+
+def test_memory_growth_when_the_worker_inherits_a_larger_peak(redis_url: str, tmp_path: Path) -> None:
+    """A worker exec'd by a process that once held 600 MB (a supervisor, a test runner) still shows
+    a 200 MB run: its first run finds the inherited peak and reads the process's own one instead."""
+    metrics_dir = str(tmp_path / "metrics")
+    env = env_for(redis_url, metrics_dir)
+    runs: dict[str, int] = {}
+    with worker(env, str(tmp_path), pool="solo", concurrency=1, queues="res", app=APP, launcher=BIG_LAUNCHER), \
+            exporter(str(tmp_path), "--metrics-dir", metrics_dir) as ex:
+        run_phase(ex, env, runs, "r.trivial", 1)
+        s = run_phase(ex, env, runs, "r.alloc", 1)
+    assert value(s, "celery_task_memory_growth_bytes_sum", name="r.alloc", queue_name="res") >= 150e6
+
+
+
 class DelayProxy:
     """A loopback TCP proxy that forwards what a client sends `delay` seconds after it arrived
     (in order), and what the server answers at once: a far broker, for the producer."""

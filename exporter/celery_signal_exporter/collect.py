@@ -38,6 +38,7 @@ from celery_signal_exporter.catalogue import (
     BEAT_HEARTBEAT,
     BEAT_UP,
     CONSUMING,
+    CPU,
     HEARTBEAT,
     POOL_PROCESS_MAX_MEMORY,
     POOL_PROCESSES,
@@ -86,6 +87,8 @@ _CACHE_SLACK = 4096
 _UP: dict[str, Spec] = {HEARTBEAT.name: WORKER_UP, BEAT_HEARTBEAT.name: BEAT_UP}
 #: Beat entry gauges a beat writes 0 when the entry leaves the schedule: a 0 is left out, so the series goes.
 _GONE_AT_ZERO = frozenset({BEAT_ENTRY_INTERVAL.name, BEAT_ENTRY_NEXT_DUE.name, BEAT_ENTRY_LAST_DISPATCH.name})
+#: Counters whose increments are not whole numbers, so their merged total can wobble in the last bits.
+_FLOAT_COUNTERS = frozenset({CPU.name})
 #: Live gauges labelled by worker hostname: dropped once that worker's heartbeat is stale.
 _PER_WORKER_LIVE = frozenset({
     POOL_PROCESSES.name, TASKS_ACTIVE.name, TASKS_RESERVED.name, TASKS_SCHEDULED.name, CONSUMING.name,
@@ -228,6 +231,8 @@ class DirectoryCollector:
         self._meta: list[tuple[str, str, tuple[tuple[str, str], ...]]] = [("", "", ())]  # 0: discard
         self._types: dict[str, str] = {}
         self._helps: dict[str, str] = {}
+        self._settled: dict[int, float] = {}  # float sums as last served, by index (see _settle)
+        self._float_sums: list[int] = []
         self._layouts = {}
         self._skeleton_of = frozenset()
 
@@ -427,6 +432,7 @@ class DirectoryCollector:
         if present != self._skeleton_of:
             self._skeleton = self._build_skeleton(present)
             self._skeleton_of = present
+        self._settle(values)
         families = self._families(self._skeleton, values)
         families += self._folded_families()
         self.last = stats
@@ -516,8 +522,29 @@ class DirectoryCollector:
             acc[i] = v
         return frozenset(present), acc
 
+    def _settle(self, values: list[float]) -> None:
+        """Keep float sums from stepping back by a rounding error.
+
+        A histogram's `_sum` (and a float counter such as CPU seconds) adds float
+        observations; when compaction moves a dead process's share into the archive,
+        the same numbers are added in another grouping and the total can come out
+        a few last bits lower. Prometheus reads any decrease of a counter as a
+        reset, so rate() would spike. A drop smaller than one part in 10^9 is
+        served as the previous value; a larger one (a real loss) is served as is.
+        """
+        settled = self._settled
+        for i in self._float_sums:
+            value, before = values[i], settled.get(i)
+            if before is not None and before - 1e-9 * abs(before) <= value < before:
+                values[i] = before
+            else:
+                settled[i] = value
+
     def _build_skeleton(self, present: frozenset[int]) -> list[_Family]:
         """How to lay the present series out as families; rebuilt only when the set of series changes."""
+        self._float_sums = [i for i in present
+                            if self._meta[i][1].endswith("_sum") or self._meta[i][0] in _FLOAT_COUNTERS]
+        self._settled = {i: self._settled[i] for i in self._float_sums if i in self._settled}
         by_metric: dict[str, list[int]] = defaultdict(list)
         for i in present:
             by_metric[self._meta[i][0]].append(i)

@@ -74,16 +74,53 @@ class Options:
 
 class _Peak:
     """The process's peak RSS (ru_maxrss units) as last read, shared by every task series:
-    a run is charged what the peak rose since the previous run's end. -1: not read yet."""
+    a run is charged what the peak rose since the previous run's end. -1: not read yet.
 
-    __slots__ = ("maxrss",)
+    Linux keeps ru_maxrss across execve, so a worker started by a larger process (a test
+    runner, a supervisor) reports that process's peak until its own exceeds it, and no run
+    would show growth. Where that is so (found once, at the first run), the process's own
+    peak (VmHWM in /proc/self/status) is read instead, until it passes the inherited one.
+    """
+
+    __slots__ = ("inherited", "maxrss")
 
     def __init__(self) -> None:
         self.maxrss = -1
+        self.inherited = 0
 
     def forget(self) -> None:
         """After a fork: the child's peak is its own, read again before its first run."""
         self.maxrss = -1
+        self.inherited = 0
+
+    def begin(self) -> None:
+        """A process's first run: what it grew to before is not the run's."""
+        reported = _getrusage(_RUSAGE_SELF).ru_maxrss
+        own = _own_peak()
+        if own is not None and own < reported:
+            self.inherited = reported
+            reported = own
+        self.maxrss = reported
+
+    def read(self) -> int:
+        """The peak now: one getrusage (0.8 µs), or the /proc read while an inherited peak hides ours."""
+        if self.inherited:
+            own = _own_peak()
+            if own is not None and own < self.inherited:
+                return own
+            self.inherited = 0
+        return _getrusage(_RUSAGE_SELF).ru_maxrss
+
+
+def _own_peak() -> int | None:
+    """This process's own peak RSS in kB (Linux VmHWM), which execve does not carry over; None elsewhere."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            status = f.read()
+        start = status.index(b"VmHWM:") + 6
+        return int(status[start:status.index(b"kB", start)])
+    except (OSError, ValueError):
+        return None
 
 
 class _PublishStart(threading.local):
@@ -349,8 +386,8 @@ class Instrumentation:
             due = getattr(request, DUE_HEADER, None)
             wait = max(0.0, time.time() - due) if isinstance(due, (int, float)) and math.isfinite(due) else None
             series.start(wait)
-            if self.peak.maxrss < 0:  # a new process's first run: what it grew to before is not the run's
-                self.peak.maxrss = _getrusage(_RUSAGE_SELF).ru_maxrss
+            if self.peak.maxrss < 0:  # a new process's first run
+                self.peak.begin()
             # Remembered only once counted, so that a failing write (a full disk) can never
             # leave the live gauge off by one: postrun takes back only what prerun added.
             # Kept on the request, which Celery pushes per run, thread and greenlet: keyed by task id,
@@ -373,10 +410,10 @@ class Instrumentation:
             started = getattr(task.request, RUN_ATTR, None)
             if started is not None:
                 begin, cpu_begin, series = started
-                # One getrusage per run, against the peak the previous run left (0.8 µs; a second
-                # call at prerun would double that): a run that set no new peak grew 0.
+                # One read of the peak per run, against the peak the previous run left (a second
+                # read at prerun would double it): a run that set no new peak grew 0.
                 series.finish(time.perf_counter() - begin, success_at, _thread_time() - cpu_begin,
-                              _getrusage(_RUSAGE_SELF).ru_maxrss)
+                              self.peak.read())
             elif success_at is not None:  # prerun skipped or failed to write: still count the success
                 found = self.series_for(task.name, self.queue_of(task.request))
                 if found is not None:
