@@ -56,6 +56,8 @@ _MAXRSS_BYTES = 1 if sys.platform == "darwin" else 1024
 _getrusage = resource.getrusage
 _RUSAGE_SELF = resource.RUSAGE_SELF
 _thread_time = time.thread_time
+_time = time.time
+_perf_counter = time.perf_counter
 
 
 @dataclass(frozen=True)
@@ -213,11 +215,14 @@ class Instrumentation:
         # Celery's arguments are spelled out (here and below) so that only the
         # rare extras land in **_: building that dict is per-task work too.
         try:
-            self._publishing.start = time.perf_counter()
-            now = time.time()
+            self._publishing.start = _perf_counter()
+            now = _time()
             if headers is not None:
                 eta = headers.get("eta")
-                headers[DUE_HEADER] = max(now, _timestamp(eta)) if eta else now
+                # Whole milliseconds: a 13-digit float, which Python writes and parses without the
+                # big-number arithmetic the 17 digits of time.time() take. The producer writes it, a Redis
+                # worker parses it and writes it again (kombu's unacked copy): measured in docs/design.md.
+                headers[DUE_HEADER] = int((max(now, _timestamp(eta)) if eta else now) * 1000) / 1000
             # The AMQP timestamp property, which RabbitMQ's management API shows for a queue's head
             # message; a virtual transport (Redis) just carries it along. A user's own one stays.
             if properties is not None and properties.get("timestamp") is None:
@@ -232,7 +237,7 @@ class Instrumentation:
         try:
             # Not reset after use: Celery always sends before_task_publish first, in the same thread.
             start = self._publishing.start
-            took = time.perf_counter() - start if start >= 0 else None
+            took = _perf_counter() - start if start >= 0 else None
             # Celery sends the task name as the sender. The series are remembered per
             # (name, exchange, routing key), so a publish costs one dict lookup.
             key = (sender, exchange, routing_key)
@@ -342,7 +347,7 @@ class Instrumentation:
                 if series is None:
                     return
             due = getattr(request, DUE_HEADER, None)
-            wait = max(0.0, time.time() - due) if isinstance(due, (int, float)) and math.isfinite(due) else None
+            wait = max(0.0, _time() - due) if isinstance(due, (int, float)) and math.isfinite(due) else None
             series.start(wait)
             if self.peak.maxrss < 0:  # a new process's first run: what it grew to before is not the run's
                 self.peak.maxrss = _getrusage(_RUSAGE_SELF).ru_maxrss
@@ -351,7 +356,7 @@ class Instrumentation:
             # Kept on the request, which Celery pushes per run, thread and greenlet: keyed by task id,
             # a retry of the same id starting in another thread before the first run's postrun
             # would overwrite it, losing a runtime and leaving in-progress up.
-            setattr(request, RUN_ATTR, (time.perf_counter(), _thread_time(), series))
+            setattr(request, RUN_ATTR, (_perf_counter(), _thread_time(), series))
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
             self.handler_failed("task_prerun", exc)
 
@@ -362,18 +367,19 @@ class Instrumentation:
         """Runtime, in-progress, and success too: task_postrun says the state, which saves
         Celery dispatching task_success to us on every task."""
         try:
-            success_at = time.time() if state == SUCCESS else None
-            if getattr(task.request, ENTRY_HEADER, None) is not None:
-                self.beat_runs.finish(task.request, success_at is not None)
-            started = getattr(task.request, RUN_ATTR, None)
+            success_at = _time() if state == SUCCESS else None
+            request = task.request  # a property walking Celery's request stack: read once
+            if getattr(request, ENTRY_HEADER, None) is not None:
+                self.beat_runs.finish(request, success_at is not None)
+            started = getattr(request, RUN_ATTR, None)
             if started is not None:
                 begin, cpu_begin, series = started
                 # One getrusage per run, against the peak the previous run left (0.8 µs; a second
                 # call at prerun would double that): a run that set no new peak grew 0.
-                series.finish(time.perf_counter() - begin, success_at, _thread_time() - cpu_begin,
+                series.finish(_perf_counter() - begin, success_at, _thread_time() - cpu_begin,
                               _getrusage(_RUSAGE_SELF).ru_maxrss)
             elif success_at is not None:  # prerun skipped or failed to write: still count the success
-                found = self.series_for(task.name, self.queue_of(task.request))
+                found = self.series_for(task.name, self.queue_of(request))
                 if found is not None:
                     found.finish(None, success_at)
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
