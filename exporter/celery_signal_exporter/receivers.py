@@ -38,7 +38,7 @@ from celery_signal_exporter.buckets import parse_buckets
 from celery_signal_exporter.labels import MAX_LABEL_LENGTH, OVERFLOW, cut
 from celery_signal_exporter.metrics_dir import METRICS_DIR_ENV, metrics_dir_or_env
 from celery_signal_exporter.queues import CACHE_LIMIT, QueueResolver
-from celery_signal_exporter.store import Store, write_gauge
+from celery_signal_exporter.store import Store
 
 log = logging.getLogger("celery_signal_exporter")
 
@@ -336,7 +336,7 @@ class Instrumentation:
         kwargs: Any = None, **_: Any,
     ) -> None:
         try:
-            request = task.request
+            request = task.request_stack.top  # what task.request returns mid-run, one call frame fewer
             entry = getattr(request, ENTRY_HEADER, None)  # a run beat dispatched: counted per schedule entry
             if entry is not None:
                 self.beat_runs.start(request, entry, task.name)
@@ -368,7 +368,7 @@ class Instrumentation:
         Celery dispatching task_success to us on every task."""
         try:
             success_at = _time() if state == SUCCESS else None
-            request = task.request  # a property walking Celery's request stack: read once
+            request = task.request_stack.top  # as in prerun; read once
             if getattr(request, ENTRY_HEADER, None) is not None:
                 self.beat_runs.finish(request, success_at is not None)
             started = getattr(request, RUN_ATTR, None)
@@ -485,8 +485,10 @@ class _TaskSeries:
                 self._bind_wait()
             self.live.values[self.live_i] += 1.0
             self.counters.values[self.started_i] += 1.0
-            if wait is not None:
-                m.write_observation(self.waits.values, self.wait_i, self.wait_bounds, wait)
+            if wait is not None:  # write_observation inlined, here and in finish(): one call frame fewer each
+                waits, index = self.waits.values, self.wait_i
+                waits[index[bisect.bisect_left(self.wait_bounds, wait)]] += 1.0
+                waits[index[-1]] += wait
 
     def finish(self, runtime: float | None, success_at: float | None, cpu: float = 0.0, maxrss: int = -1) -> None:
         """The live gauge back down, the runtime, CPU and memory growth, if the start was counted;
@@ -499,7 +501,9 @@ class _TaskSeries:
                 self._bind_success()
             if runtime is not None:
                 self.live.values[self.live_i] -= 1.0
-                m.write_observation(self.runtimes.values, self.runtime_i, self.runtime_bounds, runtime)
+                runtimes, index = self.runtimes.values, self.runtime_i
+                runtimes[index[bisect.bisect_left(self.runtime_bounds, runtime)]] += 1.0
+                runtimes[index[-1]] += runtime
                 self.cpus.values[self.cpu_i] += cpu
                 # Compared under the lock, so that two threads finishing at once charge a rise once.
                 peak = self.peak
@@ -512,7 +516,9 @@ class _TaskSeries:
                     self.growths.values[self.growth_i[0]] += 1.0
             if success_at is not None:
                 self.successes.values[self.succeeded_i] += 1.0
-                write_gauge(self.stamps.values, self.last_i, success_at, success_at)  # stamped: see collect.py
+                # store.write_gauge inlined: the value, then its timestamp in the double after it (collect.py)
+                stamps, last = self.stamps.values, self.last_i
+                stamps[last] = stamps[last + 1] = success_at
 
 
 class _PublishSeries:
