@@ -38,7 +38,7 @@ from celery_signal_exporter.buckets import parse_buckets
 from celery_signal_exporter.labels import MAX_LABEL_LENGTH, OVERFLOW, cut
 from celery_signal_exporter.metrics_dir import METRICS_DIR_ENV, metrics_dir_or_env
 from celery_signal_exporter.queues import CACHE_LIMIT, QueueResolver
-from celery_signal_exporter.store import Store, write_gauge
+from celery_signal_exporter.store import Store
 
 log = logging.getLogger("celery_signal_exporter")
 
@@ -56,6 +56,8 @@ _MAXRSS_BYTES = 1 if sys.platform == "darwin" else 1024
 _getrusage = resource.getrusage
 _RUSAGE_SELF = resource.RUSAGE_SELF
 _thread_time = time.thread_time
+_time = time.time
+_perf_counter = time.perf_counter
 
 
 @dataclass(frozen=True)
@@ -255,11 +257,14 @@ class Instrumentation:
         # Celery's arguments are spelled out (here and below) so that only the
         # rare extras land in **_: building that dict is per-task work too.
         try:
-            self._publishing.start = time.perf_counter()
-            now = time.time()
+            self._publishing.start = _perf_counter()
+            now = _time()
             if headers is not None:
                 eta = headers.get("eta")
-                headers[DUE_HEADER] = max(now, _timestamp(eta)) if eta else now
+                # Whole milliseconds: a 13-digit float, which Python writes and parses without the
+                # big-number arithmetic the 17 digits of time.time() take. The producer writes it, a Redis
+                # worker parses it and writes it again (kombu's unacked copy): measured in docs/design.md.
+                headers[DUE_HEADER] = int((max(now, _timestamp(eta)) if eta else now) * 1000) / 1000
             # The AMQP timestamp property, which RabbitMQ's management API shows for a queue's head
             # message; a virtual transport (Redis) just carries it along. A user's own one stays.
             if properties is not None and properties.get("timestamp") is None:
@@ -274,7 +279,7 @@ class Instrumentation:
         try:
             # Not reset after use: Celery always sends before_task_publish first, in the same thread.
             start = self._publishing.start
-            took = time.perf_counter() - start if start >= 0 else None
+            took = _perf_counter() - start if start >= 0 else None
             # Celery sends the task name as the sender. The series are remembered per
             # (name, exchange, routing key), so a publish costs one dict lookup.
             key = (sender, exchange, routing_key)
@@ -373,7 +378,7 @@ class Instrumentation:
         kwargs: Any = None, **_: Any,
     ) -> None:
         try:
-            request = task.request
+            request = task.request_stack.top  # what task.request returns mid-run, one call frame fewer
             entry = getattr(request, ENTRY_HEADER, None)  # a run beat dispatched: counted per schedule entry
             if entry is not None:
                 self.beat_runs.start(request, entry, task.name)
@@ -384,7 +389,7 @@ class Instrumentation:
                 if series is None:
                     return
             due = getattr(request, DUE_HEADER, None)
-            wait = max(0.0, time.time() - due) if isinstance(due, (int, float)) and math.isfinite(due) else None
+            wait = max(0.0, _time() - due) if isinstance(due, (int, float)) and math.isfinite(due) else None
             series.start(wait)
             if self.peak.maxrss < 0:  # a new process's first run
                 self.peak.begin()
@@ -393,7 +398,7 @@ class Instrumentation:
             # Kept on the request, which Celery pushes per run, thread and greenlet: keyed by task id,
             # a retry of the same id starting in another thread before the first run's postrun
             # would overwrite it, losing a runtime and leaving in-progress up.
-            setattr(request, RUN_ATTR, (time.perf_counter(), _thread_time(), series))
+            setattr(request, RUN_ATTR, (_perf_counter(), _thread_time(), series))
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
             self.handler_failed("task_prerun", exc)
 
@@ -404,18 +409,19 @@ class Instrumentation:
         """Runtime, in-progress, and success too: task_postrun says the state, which saves
         Celery dispatching task_success to us on every task."""
         try:
-            success_at = time.time() if state == SUCCESS else None
-            if getattr(task.request, ENTRY_HEADER, None) is not None:
-                self.beat_runs.finish(task.request, success_at is not None)
-            started = getattr(task.request, RUN_ATTR, None)
+            success_at = _time() if state == SUCCESS else None
+            request = task.request_stack.top  # as in prerun; read once
+            if getattr(request, ENTRY_HEADER, None) is not None:
+                self.beat_runs.finish(request, success_at is not None)
+            started = getattr(request, RUN_ATTR, None)
             if started is not None:
                 begin, cpu_begin, series = started
                 # One read of the peak per run, against the peak the previous run left (a second
                 # read at prerun would double it): a run that set no new peak grew 0.
-                series.finish(time.perf_counter() - begin, success_at, _thread_time() - cpu_begin,
+                series.finish(_perf_counter() - begin, success_at, _thread_time() - cpu_begin,
                               self.peak.read())
             elif success_at is not None:  # prerun skipped or failed to write: still count the success
-                found = self.series_for(task.name, self.queue_of(task.request))
+                found = self.series_for(task.name, self.queue_of(request))
                 if found is not None:
                     found.finish(None, success_at)
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
@@ -521,8 +527,10 @@ class _TaskSeries:
                 self._bind_wait()
             self.live.values[self.live_i] += 1.0
             self.counters.values[self.started_i] += 1.0
-            if wait is not None:
-                m.write_observation(self.waits.values, self.wait_i, self.wait_bounds, wait)
+            if wait is not None:  # write_observation inlined, here and in finish(): one call frame fewer each
+                waits, index = self.waits.values, self.wait_i
+                waits[index[bisect.bisect_left(self.wait_bounds, wait)]] += 1.0
+                waits[index[-1]] += wait
 
     def finish(self, runtime: float | None, success_at: float | None, cpu: float = 0.0, maxrss: int = -1) -> None:
         """The live gauge back down, the runtime, CPU and memory growth, if the start was counted;
@@ -535,7 +543,9 @@ class _TaskSeries:
                 self._bind_success()
             if runtime is not None:
                 self.live.values[self.live_i] -= 1.0
-                m.write_observation(self.runtimes.values, self.runtime_i, self.runtime_bounds, runtime)
+                runtimes, index = self.runtimes.values, self.runtime_i
+                runtimes[index[bisect.bisect_left(self.runtime_bounds, runtime)]] += 1.0
+                runtimes[index[-1]] += runtime
                 self.cpus.values[self.cpu_i] += cpu
                 # Compared under the lock, so that two threads finishing at once charge a rise once.
                 peak = self.peak
@@ -548,7 +558,9 @@ class _TaskSeries:
                     self.growths.values[self.growth_i[0]] += 1.0
             if success_at is not None:
                 self.successes.values[self.succeeded_i] += 1.0
-                write_gauge(self.stamps.values, self.last_i, success_at, success_at)  # stamped: see collect.py
+                # store.write_gauge inlined: the value, then its timestamp in the double after it (collect.py)
+                stamps, last = self.stamps.values, self.last_i
+                stamps[last] = stamps[last + 1] = success_at
 
 
 class _PublishSeries:
