@@ -101,18 +101,19 @@ MISS_NOTES = {
         "Deterministic (callgrind; see the instructions table and docs/design.md, *Overhead in instructions*). "
         "Celery's dispatch to receivers that do nothing is about 15 000 instructions a signal (the floor): on "
         "RabbitMQ, whose tasks cost Celery only 0.9 M (worker) and 1.5 M (publish) instructions, the floor alone "
-        "is at or above the budget. On Redis the worker's remainder is the due header (Celery handling one more "
-        "header: +0.93%, measured with a floor whose messages carry it) and our receivers' bodies. Celery's "
-        "receiver cache measured within the noise (±0.2%). Left to try, in receivers.py: a cheaper or rarer "
-        "due header, and received counts moved to the tick (one signal fewer, ~15 000 instructions)."
+        "is at or above the budget. On Redis the worker's remainder is the due header inside Celery and kombu "
+        "(~12 900 instructions, most of it turning a 17-digit float into text and back; now whole milliseconds) "
+        "and our receivers' bodies. Tried and measured: Celery's receiver cache (within the noise), dropping a "
+        "signal (none can go without losing exactness: state counts by name, not queue), fewer lookups in the "
+        "bodies (-10 000 a worker task). Left: timing runs in one hook instead of prerun+postrun, or making the "
+        "per-run CPU and memory reads opt-in."
     ),
     "instructions per task, our receivers' bodies": (
-        "Publish: our two receivers and Celery encoding one more header, ~18 000 instructions (0.8%). Worker: "
-        "instrumented over the floor includes the due header's cost inside Celery (+0.93% of a Redis worker "
-        "task, about 31 000 instructions, not our code) besides our bodies (~41 000 instructions in the prefork "
-        "child for prerun and postrun, on both brokers; the child's table rows). py-spy found our code in 0.5% "
-        "of a producer's samples and ~0.6% of a solo worker's; no single line stands out, and the C-level "
-        "profile is the interpreter itself (dict lookups, allocation)."
+        "Publish: our two receivers (~16 700 instructions in a loop) and Celery encoding one more header. "
+        "Worker: prerun+postrun ~48 000 instructions a run in a loop (in-progress, runtime, queue wait, CPU, "
+        "memory growth, beat entry, success), task_received ~9 300. py-spy found our code in 0.5% of a "
+        "producer's samples and ~0.6% of a solo worker's; no single line stands out, and the C-level profile "
+        "is the interpreter itself (dict lookups, allocation)."
     ),
 }
 BUSY_LOAD = 1.0  # load per core above which the report says the machine was shared
