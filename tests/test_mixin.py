@@ -17,7 +17,7 @@ import promql_parser as pq
 import pytest
 import yaml
 
-from celery_signal_exporter.mixin.config import PRODUCTION, load, short_profile
+from celery_signal_exporter.mixin.config import COUNT_FIELDS, PRODUCTION, load, scaled, seconds, short_profile
 from celery_signal_exporter.mixin.dashboards import DASHBOARDS
 from celery_signal_exporter.mixin.generate import main as generate_main
 from celery_signal_exporter.mixin.generate import outputs, stale
@@ -336,3 +336,47 @@ def test_every_catalogued_metric_is_on_a_dashboard() -> None:
 
     shown = {name for name, used in index(PRODUCTION).items() if used["panels"]}
     assert set(documented()) - shown == {"celery_exporter_build_info"}
+
+
+#: Prometheus duration literals, e.g. 5m, 1h30m is not used by the rules.
+DURATION = re.compile(r"(?<![\w.])(\d+)(ms|s|m|h|d|w)(?![\w])")
+
+
+def test_the_scaled_profile_divides_every_duration_and_count_by_k_and_changes_nothing_else(tmp_path: Path) -> None:
+    """The incident suite judges alerts at production windows through `scaled(PRODUCTION, K)`: a page
+    after t seconds there is a page after K·t in production only if nothing but durations and count
+    thresholds differ, and every duration in every rule (none hard-coded) is divided."""
+    k = 60
+    fast = scaled(PRODUCTION, k)
+    for name in vars(PRODUCTION):
+        prod, ours = getattr(PRODUCTION, name), getattr(fast, name)
+        if name in COUNT_FIELDS:
+            assert ours * k == pytest.approx(prod), name
+        elif isinstance(prod, str) and DURATION.fullmatch(prod):
+            assert seconds(ours) * k == pytest.approx(seconds(prod)), name
+        elif name in ("run_limits", "periodic_tasks"):
+            assert [(r.name_regex, seconds(r.max_age) * k) for r in ours] == \
+                   [(r.name_regex, pytest.approx(seconds(r.max_age))) for r in prod], name
+        else:
+            assert ours == prod, name
+    slow_rules = [r for g in rule_groups(PRODUCTION)["groups"] for r in g["rules"]]
+    fast_rules = [r for g in rule_groups(fast)["groups"] for r in g["rules"]]
+    assert [r.get("alert", r.get("record")) for r in fast_rules] == \
+           [r.get("alert", r.get("record")) for r in slow_rules]
+    for slow, quick in zip(slow_rules, fast_rules, strict=True):
+        what = slow.get("alert", slow.get("record"))
+        for text_slow, text_fast in ((slow["expr"], quick["expr"]), (slow.get("for", "0s"), quick.get("for", "0s"))):
+            durations_slow = [seconds(a + b) for a, b in DURATION.findall(text_slow)]
+            durations_fast = [seconds(a + b) for a, b in DURATION.findall(text_fast)]
+            assert [d * k for d in durations_fast] == pytest.approx(durations_slow), f"{what}: {text_fast}"
+            # With every duration and number blanked, the expressions are the same text.
+            assert blank(text_fast) == blank(text_slow), what
+    rules = tmp_path / "scaled.yml"
+    rules.write_text(yaml.safe_dump(rule_groups(fast)))
+    checked = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def blank(expr: str) -> str:
+    """An expression with its durations and numbers replaced by placeholders."""
+    return re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", DURATION.sub("D", expr))

@@ -154,6 +154,41 @@ class Config:
 PRODUCTION = Config()
 
 
+#: Count thresholds a scaled profile divides by K with the durations. Ratios, and counts of an
+#: entry's own intervals (which scale with the entry), stay as they are.
+COUNT_FIELDS = ("backlog_floor", "queue_limit", "failure_min")
+
+
+def _scaled_duration(duration: str, k: int) -> str:
+    """`duration` divided by `k`, in whole milliseconds, written in the largest unit that is exact."""
+    ms, rest = divmod(round(seconds(duration) * 1000), k)
+    if rest:
+        raise ValueError(f"{duration} is not a whole number of milliseconds when divided by {k}")
+    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms" if ms else "0s"
+
+
+def scaled(base: Config, k: int) -> Config:
+    """The same rules K times faster: every duration (windows, `for`, horizons, limits) and every
+    count threshold divided by K, nothing else changed, so that a page t seconds after an incident's
+    onset under this profile is a page K·t seconds after it in production. Scrape and evaluation
+    intervals are the test's to divide by the same K."""
+    changes: dict[str, Any] = {}
+    for field in dataclasses.fields(base):
+        value = getattr(base, field.name)
+        if field.name in COUNT_FIELDS:
+            changes[field.name] = value / k
+        elif isinstance(value, str) and _DURATION.match(value):
+            changes[field.name] = _scaled_duration(value, k)
+    changes["run_limits"] = tuple(dataclasses.replace(r, max_age=_scaled_duration(r.max_age, k))
+                                  for r in base.run_limits)
+    changes["periodic_tasks"] = tuple(dataclasses.replace(p, max_age=_scaled_duration(p.max_age, k))
+                                      for p in base.periodic_tasks)
+    return dataclasses.replace(base, **changes)
+
+
 def short_profile(base: Config = PRODUCTION) -> Config:
     """Short windows for the end-to-end test: same rules, minutes become seconds."""
     return dataclasses.replace(
