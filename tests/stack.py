@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -84,7 +85,8 @@ def redis_server(tmp: str, maxmemory: str = "1gb") -> Iterator[str]:
 
 
 class Webhook:
-    """Collects what Alertmanager posts, as an on-call pager would receive it."""
+    """Collects what Alertmanager posts, as an on-call pager would receive it. Each payload keeps
+    the time it arrived (`_received`, UNIX seconds), for the incident suite's time to page."""
 
     def __init__(self) -> None:
         self.payloads: list[dict[str, Any]] = []
@@ -93,7 +95,11 @@ class Webhook:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                received.append(json.loads(body))
+                payload = json.loads(body)
+                payload["_received"] = time.time()
+                for alert in payload["alerts"]:
+                    alert["_received"] = payload["_received"]
+                received.append(payload)
                 self.send_response(200)
                 self.end_headers()
 
@@ -123,15 +129,16 @@ class Webhook:
 
 
 @contextmanager
-def alertmanager(tmp: str, webhook_url: str) -> Iterator[str]:
+def alertmanager(tmp: str, webhook_url: str, group_wait: str = "1s", group_interval: str = "1s",
+                 repeat_interval: str = "1h") -> Iterator[str]:
     port = free_port()
     config = {
         "route": {
             "receiver": "pager",
             "group_by": ["alertname", "queue_name"],
-            "group_wait": "1s",
-            "group_interval": "1s",
-            "repeat_interval": "1h",
+            "group_wait": group_wait,
+            "group_interval": group_interval,
+            "repeat_interval": repeat_interval,
         },
         "receivers": [{"name": "pager", "webhook_configs": [{"url": webhook_url, "send_resolved": True}]}],
     }
@@ -169,11 +176,22 @@ class Prometheus:
 
 
 @contextmanager
-def prometheus(tmp: str, targets: dict[str, str], rule_files: list[str], alertmanager_url: str) -> Iterator[Prometheus]:
-    """Scrapes every second and evaluates rules every second, labelling targets as a namespace would."""
+def prometheus(tmp: str, targets: dict[str, str], rule_files: list[str], alertmanager_url: str,
+               interval: str = "1s", backfill: str | None = None) -> Iterator[Prometheus]:
+    """Scrapes and evaluates rules every `interval` (a second unless told), labelling targets as a
+    namespace would. `backfill`: OpenMetrics text written into the TSDB before Prometheus starts
+    (`promtool tsdb create-blocks-from openmetrics`), for history older than the test."""
     port = free_port()
+    data = os.path.join(tmp, "prom-data")
+    if backfill is not None:
+        source = os.path.join(tmp, "backfill.om")
+        with open(source, "w") as f:
+            f.write(backfill if backfill.endswith("# EOF\n") else backfill + "# EOF\n")
+        out = subprocess.run([program("promtool", "prometheus"), "tsdb", "create-blocks-from", "openmetrics",
+                              source, data], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, f"promtool backfill failed:\n{out.stdout}\n{out.stderr}"
     config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+        "global": {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": interval},
         "rule_files": rule_files,
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager_url.split("//", 1)[1]]}]}]},
         "scrape_configs": [
@@ -185,7 +203,7 @@ def prometheus(tmp: str, targets: dict[str, str], rule_files: list[str], alertma
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
     argv = [program("prometheus", "prometheus"), f"--config.file={path}",
-            f"--storage.tsdb.path={os.path.join(tmp, 'prom-data')}", f"--web.listen-address=127.0.0.1:{port}"]
+            f"--storage.tsdb.path={data}", f"--web.listen-address=127.0.0.1:{port}"]
     url = f"http://127.0.0.1:{port}"
     with _process(argv, os.path.join(tmp, "prometheus.log"), f"{url}/-/ready", "prometheus"):
         yield Prometheus(url)
