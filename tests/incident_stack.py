@@ -166,7 +166,9 @@ def probe(tmp: str, *broker_urls: str, queues: tuple[str, ...] = ()) -> Iterator
     """The broker probe, at the scaled probe interval."""
     args = [a for url in broker_urls for a in ("--broker-url", url)]
     args += [a for q in queues for a in ("--queue", q)]
-    with exporter(tmp, *args, "--probe-interval", f"{PROBE_INTERVAL:g}", "--probe-timeout", f"{PROBE_TIMEOUT:g}") as ex:
+    # `serve` refuses a timeout longer than the interval: the cap is the interval at most.
+    timeout = min(PROBE_TIMEOUT, PROBE_INTERVAL)
+    with exporter(tmp, *args, "--probe-interval", f"{PROBE_INTERVAL:g}", "--probe-timeout", f"{timeout:g}") as ex:
         yield ex
 
 

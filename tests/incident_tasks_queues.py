@@ -1,5 +1,40 @@
-"""Tasks of tests/test_incidents_queues.py, registered with tests/incident_app.py's app."""
+"""Tasks of tests/test_incidents_queues.py, registered with tests/incident_app.py's app.
+
+Each run that the test must count leaves a trace on disk when it starts (one byte appended to a
+log, or a marker file): the test's ground truth for "started", read without Prometheus.
+"""
 
 from __future__ import annotations
 
-from tests.incident_app import app  # noqa: F401 - tasks below are registered on it
+import os
+import time
+
+from tests.incident_app import app
+
+
+def _mark(path: str) -> None:
+    """One byte appended: the log's size is the number of runs that have started."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b".")
+    finally:
+        os.close(fd)
+
+
+@app.task(name="iq.work")
+def work(seconds: float, started_log: str) -> None:
+    """The overload's unit of work: a fixed time, so a worker's drain rate is its concurrency over it."""
+    _mark(started_log)
+    time.sleep(seconds)
+
+
+@app.task(name="iq.bulk")
+def bulk(seconds: float) -> None:
+    """A bulk job's item, clogging a queue it shares with urgent work."""
+    time.sleep(seconds)
+
+
+@app.task(name="iq.urgent")
+def urgent(marker: str) -> None:
+    """The urgent task stuck behind the bulk job; the marker says when it finally started."""
+    _mark(marker)
