@@ -9,7 +9,7 @@ rate (a count over a duration) means the same in both worlds: 15 tasks a second 
 production rates, and divides its durations (how long a step lasts) and its counts (a burst's
 size) by K. Driving rates K times higher would make the same backlog K times larger against
 thresholds K times smaller: it would page K² times early, not K times. Targets are asserted in
-production seconds. Two parts cannot follow the factor: the worker's prefetch (50 × 2 = 100
+production seconds. Two parts cannot follow the factor: the worker's prefetch (50 x 2 = 100
 held messages, which stands for 2 000 in production: the prefetch is the incident, so it is kept
 as the issue reports it), and the shared RabbitMQ's management statistics, refreshed every 5 s
 (100 production seconds here: the probe's ready and unacked counts lag that much; the workers'
@@ -23,7 +23,6 @@ Ground truth comes from outside the system under test: the producer counts what 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import signal
@@ -46,8 +45,6 @@ from celery_signal_exporter.mixin.rules import rule_groups
 from tests.conftest import AMQP_HOST, RABBIT_MGMT_PORT
 from tests.harness import ROOT, WorkerProcess, env_for, wait_until, worker
 from tests.incident_stack import (
-    HEARTBEAT,
-    K,
     PRODUCTION_EVALUATION,
     PRODUCTION_GROUP_INTERVAL,
     PRODUCTION_GROUP_WAIT,
@@ -55,6 +52,7 @@ from tests.incident_stack import (
     PRODUCTION_WORKER_TIMEOUT,
     PROFILE,
     SCRAPE,
+    K,
     Measure,
     Stack,
     incident_stack,
@@ -82,7 +80,7 @@ RESOLVE_WITHIN = 300.0
 #: How long past a target we keep waiting, so a late page is measured for the table, not just missed.
 LATE = 60.0
 
-# The overload, in production rates (module docstring): 15 tasks/s arrive, 2 slots × 0.2 s drain 10/s.
+# The overload, in production rates (module docstring): 15 tasks/s arrive, 2 slots x 0.2 s drain 10/s.
 RUNTIME = 0.2
 ARRIVAL = 15.0
 BASELINE_RATE = 8.0  # before the onset the poller stays under the workers' capacity
@@ -142,7 +140,7 @@ class Poller:
     def __init__(self, r: Rig, queue: str, plan: list[dict[str, Any]]) -> None:
         self.state = os.path.join(r.tmp, f"poller-{queue}-{uuid.uuid4().hex[:6]}")
         os.makedirs(self.state)
-        self.log = open(os.path.join(self.state, "log"), "wb")  # noqa: SIM115 - closed in stop()
+        self.log = open(os.path.join(self.state, "log"), "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.incident_poller_queues", queue, json.dumps(plan),
                                       self.state], cwd=ROOT, env=r.env, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -168,7 +166,9 @@ class Poller:
                 pass
             return None
 
-        return wait_until(began, timeout, f"the poller to begin step {index}", interval=0.05)
+        at = wait_until(began, timeout, f"the poller to begin step {index}", interval=0.05)
+        assert at is not None
+        return at
 
     def wait(self, timeout: float = 120) -> None:
         self.proc.wait(timeout)
@@ -230,10 +230,14 @@ def first_page(stack: Stack, names: tuple[str, ...], since: float, within: float
         time.sleep(0.25)
 
 
+def page_after(stack: Stack, alertname: str, onset: float, ruleset: str = "ours", **labels: str) -> float | None:
+    """Production seconds from onset to the page, or None if none came within the incident."""
+    found = stack.pages(alertname, onset, ruleset=ruleset, **labels)
+    return round(prod(min(a["_received"] for a in found) - onset)) if found else None
+
+
 def anchor_page(stack: Stack, alertname: str, onset: float, **labels: str) -> float | None:
-    """Production seconds from onset to the anchor's page, or None if it never came within the incident."""
-    found = stack.pages(alertname, onset, ruleset="anchor", **labels)
-    return prod(min(a["_received"] for a in found) - onset) if found else None
+    return page_after(stack, alertname, onset, ruleset="anchor", **labels)
 
 
 def humanized(text: str) -> float:
@@ -263,10 +267,11 @@ def recorded(name: str) -> bool:
     return any(rule.get("record") == name for g in rule_groups(PROFILE)["groups"] for rule in g["rules"])
 
 
-def overload(r: Rig, queue: str, incident: str, sample: Callable[[], None] = lambda: None) -> None:
+def overload(r: Rig, queue: str, incident: str, sample: Callable[[], None] = lambda: None) -> list[str]:
     """A poller outruns its workers (15/s in, 10/s out); ours must page within 5 minutes of the onset
     with the true backlog in its description; then capacity is added, the backlog drains and the
-    page must resolve within 5 minutes of the drain. The anchor's queue-length alert is measured."""
+    page must resolve within 5 minutes of the drain. The anchor's queue-length alert is measured.
+    Returns the targets missed."""
     stack = r.stack
     log = os.path.join(r.tmp, f"started-{queue}")
     measure = Measure(incident, onset=0.0)
@@ -337,8 +342,227 @@ def overload(r: Rig, queue: str, incident: str, sample: Callable[[], None] = lam
                 stack, "CeleryHighQueueLength", measure.onset, queue_name=queue)
         report(measure)
         print(f"incident-detail: {json.dumps({'incident': incident, **details})}")
+    return failures
+
+
+def worker_down_within() -> float:
+    """How soon a vanished worker must page, production seconds: the heartbeat's timeout, two scrapes
+    for Prometheus to see it, the rule's `for` plus two evaluations, and Alertmanager's group_wait."""
+    return float(PRODUCTION_WORKER_TIMEOUT + 2 * PRODUCTION_SCRAPE + seconds(PRODUCTION.worker_down_for)
+                 + 2 * PRODUCTION_EVALUATION + PRODUCTION_GROUP_WAIT)
+
+
+def test_worker_retired_gracefully_does_not_page_one_that_vanishes_does(redis_rig: Rig) -> None:
+    """A worker retired under a new hostname (SIGTERM once its replacement runs) must not page
+    CeleryWorkerDown; one whose whole process group is SIGKILLed at the same moment must. First of
+    the Redis incidents: Alertmanager groups CeleryWorkerDown by alert name alone, so a group another
+    incident's workers opened would hold this page back to its next group_interval."""
+    r, queue = redis_rig, Q_WORKERS
+    stack = r.stack
+    tag = uuid.uuid4().hex[:6]
+    within = worker_down_within()
+    retired_m = Measure("worker retired gracefully (SIGTERM, replaced under a new hostname)", onset=0.0)
+    vanished_m = Measure("worker vanished (SIGKILL of its process group)", onset=0.0)
+    retired_paged: list[str] = []
+    try:
+        with ExitStack() as scope:
+            old: WorkerProcess = scope.enter_context(
+                worker(r.env, r.tmp, app=APP, queues=queue, concurrency=1, hostname=f"old-{tag}@incident"))
+            gone: WorkerProcess = scope.enter_context(
+                worker(r.env, r.tmp, app=APP, queues=queue, concurrency=1, hostname=f"gone-{tag}@incident"))
+            wait_until(lambda: len(stack.prom.query(
+                f'celery_worker_up{{hostname=~"(old|gone)-{tag}@incident"}} == 1')) == 2, 30,
+                "Prometheus to see both workers up")
+            scope.enter_context(
+                worker(r.env, r.tmp, app=APP, queues=queue, concurrency=1, hostname=f"new-{tag}@incident"))
+            retired_m.onset = vanished_m.onset = onset = time.time()
+            old.proc.send_signal(signal.SIGTERM)
+            os.killpg(gone.proc.pid, signal.SIGKILL)
+            old.proc.wait(30)
+
+            def watch() -> None:
+                if (stack.firing("CeleryWorkerDown", hostname=old.hostname)
+                        or stack.pages("CeleryWorkerDown", onset, hostname=old.hostname)):
+                    retired_paged.append(old.hostname)
+
+            vanished = first_page(stack, ("CeleryWorkerDown",), onset, within, each=watch, hostname=gone.hostname)
+            vanished_m.pages["ours:CeleryWorkerDown"] = (
+                round(prod(vanished[1]["_received"] - onset)) if vanished else None)
+            # The retired worker is watched as long as the vanished one could take to page, and a little more.
+            while time.time() < onset + suite(within + LATE):
+                watch()
+                time.sleep(0.25)
+            assert old.proc.returncode == 0, f"the retired worker did not shut down cleanly:\n{old.log()[-3000:]}"
+    finally:
+        if retired_m.onset:
+            retired_m.pages["ours:CeleryWorkerDown"] = page_after(stack, "CeleryWorkerDown", retired_m.onset,
+                                                                  hostname=f"old-{tag}@incident")
+        for m, host in ((retired_m, f"old-{tag}@incident"), (vanished_m, f"gone-{tag}@incident")):
+            if m.onset:
+                m.pages["anchor:CeleryWorkerDown"] = anchor_page(stack, "CeleryWorkerDown", m.onset, hostname=host)
+            report(m)
+    failures = []
+    if retired_paged:
+        failures.append("CeleryWorkerDown paged for a worker shut down gracefully")
+    got = vanished_m.pages["ours:CeleryWorkerDown"]
+    if got is None or got > within:
+        failures.append(f"CeleryWorkerDown for the vanished worker: {got} production s, target {within:g}")
     assert not failures, "; ".join(failures)
 
 
 def test_overload_on_redis_pages_in_time_and_resolves_after_drain(redis_rig: Rig) -> None:
-    overload(redis_rig, Q_OVERLOAD, "overload, Redis (15/s in, 10/s out)")
+    failures = overload(redis_rig, Q_OVERLOAD, "overload, Redis (15/s in, 10/s out)")
+    assert not failures, "; ".join(failures)
+
+
+def rabbit_queue(vhost: str, queue: str) -> dict[str, Any]:
+    """RabbitMQ's own counts for a queue (management API; refreshed every 5 s), {} before it exists."""
+    url = f"http://{AMQP_HOST}:{RABBIT_MGMT_PORT}/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}"
+    r = httpx.get(url, auth=("guest", "guest"), timeout=10)
+    if r.status_code == 404:
+        return {}
+    r.raise_for_status()
+    found: dict[str, Any] = r.json()
+    return found
+
+
+#: Tasks held in the worker (RabbitMQ's unacked: early acks leave running tasks out) from which
+#: "tasks wait" is beyond doubt.
+HELD_MIN = 10
+
+
+def test_overload_on_rabbitmq_with_deep_prefetch(tmp_path: Path, amqp_url: str, amqp_vhost: str) -> None:
+    """Prefetch 50 x 2: the worker holds up to 100 messages, so RabbitMQ's ready count reads 0 while
+    the backlog grows. Ours must page within 5 minutes all the same, and the true backlog and drain
+    time recorded series must not read 0 while tasks wait in the worker."""
+    assert recorded(BACKLOG_RECORD) and recorded(DRAIN_RECORD), "the rules no longer record the true backlog"
+    samples: list[dict[str, Any]] = []
+    with rig(str(tmp_path), amqp_url, (Q_RABBIT,), CSX_PREFETCH="50") as r:
+        last = 0.0
+
+        def sample() -> None:
+            nonlocal last
+            if time.time() - last < 0.5:
+                return
+            last = time.time()
+            q = rabbit_queue(amqp_vhost, Q_RABBIT)
+            if q.get("messages_unacknowledged", 0) < HELD_MIN:
+                return
+            where = f'{{queue_name="{Q_RABBIT}"}}'
+            samples.append({"ready": q.get("messages_ready", 0), "held": q["messages_unacknowledged"],
+                            "backlog": value(r.stack, BACKLOG_RECORD + where),
+                            "drain_s": value(r.stack, DRAIN_RECORD + where)})
+
+        failures = overload(r, Q_RABBIT, "overload, RabbitMQ, prefetch 50 x 2 (15/s in, 10/s out)", sample)
+    print(f"incident-detail: {json.dumps({'rabbit_samples': samples[:3] + samples[-3:]})}")
+    assert samples, "the worker never held tasks: not the incident meant"
+    assert any(s["ready"] == 0 for s in samples), f"ready never read 0 while the worker held tasks: {samples}"
+    zero = [s for s in samples if not (s["backlog"] and s["backlog"] > 0 and s["drain_s"] and s["drain_s"] > 0)]
+    if zero:
+        failures.append(f"{len(zero)} of {len(samples)} samples read no backlog or drain time while tasks "
+                        f"waited in the worker, e.g. {zero[0]}")
+    assert not failures, "; ".join(failures)
+
+
+def test_long_queue_draining_in_time_does_not_page(redis_rig: Rig) -> None:
+    """A production backlog of 2 000 arrives at once and drains at 10/s (200 production s, far under
+    drain_max): nothing of ours may page for growth, a coming breach or a slow drain."""
+    r, queue = redis_rig, Q_BURST
+    stack = r.stack
+    log = os.path.join(r.tmp, f"started-{queue}")
+    measure = Measure(f"long queue drained in time, Redis ({BURST * K} production messages at once, 10/s out)",
+                      onset=0.0)
+    paged: set[str] = set()
+    try:
+        with (
+            worker(r.env, r.tmp, app=APP, queues=queue, concurrency=2),
+            poller(r, queue, [{"task": "iq.work", "args": [RUNTIME, log], "count": BURST}]) as p,
+        ):
+            measure.onset = onset = p.step_began(0)
+
+            def watch() -> None:
+                for name in OVERLOAD_ALERTS:
+                    if stack.firing(name, queue_name=queue) or stack.pages(name, onset, queue_name=queue):
+                        paged.add(name)
+
+            def done() -> float | None:
+                watch()
+                return time.time() if started(log) >= BURST else None
+
+            drained = wait_until(done, suite(seconds(PRODUCTION.drain_max)), "the burst to drain", interval=0.25)
+            assert drained is not None
+            drain_after = prod(drained - onset)
+            # Then long enough for any `for` that counted during the drain to have run out.
+            while time.time() < drained + suite(RESOLVE_WITHIN):
+                watch()
+                time.sleep(0.25)
+    finally:
+        for name in OVERLOAD_ALERTS:
+            if measure.onset:
+                measure.pages[f"ours:{name}"] = page_after(stack, name, measure.onset, queue_name=queue)
+        if measure.onset:
+            measure.pages["anchor:CeleryHighQueueLength"] = anchor_page(
+                stack, "CeleryHighQueueLength", measure.onset, queue_name=queue)
+        report(measure)
+    assert drain_after < seconds(PRODUCTION.drain_max) / 3, f"the burst took {drain_after:.0f} production s"
+    assert not paged, f"{sorted(paged)} paged for a queue that drained in {drain_after:.0f} production s"
+
+
+def panel_query(title: str) -> str:
+    """The first query of the dashboard panel titled `title`, as committed in dashboards/*.json."""
+    for path in sorted(Path(ROOT, "dashboards").glob("*.json")):
+        for panel in json.loads(path.read_text())["panels"]:
+            if panel.get("title") == title and panel.get("targets"):
+                expr: str = panel["targets"][0]["expr"]
+                return expr
+    raise AssertionError(f"no dashboard panel titled {title!r} in dashboards/*.json")
+
+
+def grafana(expr: str, **variables: str) -> str:
+    """`expr` as Grafana sends it: the named variables filled in, every other one "All" (.*), and
+    $__rate_interval four scaled scrape intervals (Grafana's floor for it)."""
+    expr = expr.replace("$__rate_interval", f"{round(4 * SCRAPE * 1000)}ms")
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: variables.get(m.group(1), ".*"), expr)
+
+
+def test_clogged_shared_queue_shows_the_waiting_urgent_task(redis_rig: Rig) -> None:
+    """A bulk job fills a queue shared with an urgent task: while the urgent task waits, before it
+    starts, the per-task panel's own query must show it (the queue-wait histogram cannot: a wait
+    is observed when the run starts)."""
+    r, queue = redis_rig, Q_SHARED
+    stack = r.stack
+    expr = grafana(panel_query(WAITING_PANEL), task="iq.urgent", queue=queue)
+    bulk_items, bulk_seconds = 30, 0.3  # 9 s of work for one slot: 180 production s of clog
+    warm, marker = os.path.join(r.tmp, "urgent-warm"), os.path.join(r.tmp, "urgent-started")
+    measure = Measure("clogged shared queue, Redis (urgent task behind a bulk job)", onset=0.0)
+    seen: list[float] = []
+    try:
+        with worker(r.env, r.tmp, app=APP, queues=queue, concurrency=1):
+            # The urgent task ran before today: its series exist, as they would in production.
+            with poller(r, queue, [{"task": "iq.urgent", "args": [warm], "count": 1}]) as p:
+                p.wait()
+            wait_until(lambda: os.path.exists(warm), 60, "the first urgent run")
+            wait_until(lambda: stack.prom.query('celery_task_started_total{name="iq.urgent"} >= 1'), 30,
+                       "Prometheus to see the first urgent run")
+            plan = [{"task": "iq.bulk", "args": [bulk_seconds], "count": bulk_items},
+                    {"task": "iq.urgent", "args": [marker], "count": 1}]
+            with poller(r, queue, plan) as p:
+                measure.onset = published = p.step_began(1)
+                while not os.path.exists(marker) and time.time() < published + 60:
+                    rows = stack.prom.query(expr)
+                    if not os.path.exists(marker) and any(
+                            row["metric"].get("name") == "iq.urgent" and float(row["value"][1]) > 0 for row in rows):
+                        seen.append(time.time())
+                    time.sleep(0.25)
+                began = wait_until(lambda: os.path.exists(marker) and os.path.getmtime(marker), 60,
+                                   "the urgent task to start")
+    finally:
+        measure.pages[f"ours:panel {WAITING_PANEL}"] = round(prod(seen[0] - measure.onset)) if seen else None
+        if measure.onset:
+            measure.pages["anchor:CeleryHighQueueLength"] = anchor_page(
+                stack, "CeleryHighQueueLength", measure.onset, queue_name=queue)
+        report(measure)
+    waited = prod(began - published)
+    assert waited > 4 * PRODUCTION_SCRAPE, f"the urgent task waited only {waited:.0f} production s: no clog"
+    assert seen, (f"the {WAITING_PANEL!r} panel never showed iq.urgent during its {waited:.0f} production s "
+                  f"of waiting: {expr}")
