@@ -297,7 +297,8 @@ def overload(r: Rig, queue: str, incident: str, sample: Callable[[], None] = lam
                 return
             name, alert = page
             waited = p.sent() - started(log)
-            details["waiting_at_page"] = waited
+            details.update(waiting_at_page=waited, description=alert["annotations"].get("description"),
+                           dashboard_url=alert["annotations"].get("dashboard_url"))
             after = prod(alert["_received"] - onset)
             measure.pages[f"ours:{name}"] = round(after)
             if after > OVERLOAD_PAGE_WITHIN:
@@ -391,6 +392,8 @@ def test_worker_retired_gracefully_does_not_page_one_that_vanishes_does(redis_ri
             vanished = first_page(stack, ("CeleryWorkerDown",), onset, within, each=watch, hostname=gone.hostname)
             vanished_m.pages["ours:CeleryWorkerDown"] = (
                 round(prod(vanished[1]["_received"] - onset)) if vanished else None)
+            if vanished:
+                print(f"incident-detail: {json.dumps({'vanished': vanished[1]['annotations']})}")
             # The retired worker is watched as long as the vanished one could take to page, and a little more.
             while time.time() < onset + suite(within + LATE):
                 watch()
