@@ -79,12 +79,13 @@ class Config:
     # workers or unacked and not running) and consumption from `started`, whatever the prefetch.
     backlog_floor: int = 100  # true backlogs shorter than this never page
     # CeleryBacklogGrowing: the backlog grew, over backlog_growth_window, faster than this share of the queue's
-    # start rate (arrivals above (1 + ratio) x starts), for backlog_for. A ratio, so a busy queue's noise does
-    # not page and a slow queue's real growth does; the window and `for` are short, so that a sustained
-    # overload pages within 5 minutes while a one-off burst (growth for less than the window) does not.
+    # start rate (arrivals above (1 + ratio) x starts), for backlog_for. A share of the start rate, so a busy
+    # queue's noise stays under it and a slow queue's real growth does not. Window and `for` are short, so a
+    # sustained overload pages within 5 minutes (1.5 x: about 3.5); `for` exceeds the window by a minute, so a
+    # bulk enqueue that lasts under a minute (growth seen for under window + 1m) does not page.
     backlog_growth_ratio: float = 0.25
-    backlog_growth_window: str = "2m"
-    backlog_for: str = "2m"
+    backlog_growth_window: str = "90s"
+    backlog_for: str = "150s"
     queue_limit: int = 10000  # what "breach" means for a queue
     backlog_horizon: str = "1h"
     backlog_breach_for: str = "10m"

@@ -256,13 +256,13 @@ def overview(c: Config) -> Dashboard:
             "Backlog growth",
             "How fast each queue's true backlog grows (positive) or drains (negative), in messages per "
             f"second over {c.backlog_growth_window}, against the bar CeleryBacklogGrowing pages over: "
-            f"{c.backlog_growth_ratio * 100:g}% of the rate workers start the queue's tasks (recorded "
-            "series). Growth over the bar for "
+            f"{c.backlog_growth_ratio * 100:g}% of the rate workers start the queue's tasks over the same "
+            "window (recorded series). Growth over the bar for "
             f"{c.backlog_for} means tasks arrive faster than workers start them.",
             "short",
             (_r(c, "queue:celery_queue_backlog:deriv", QUEUE), "{{queue_name}}"),
             (
-                f"{c.backlog_growth_ratio:g} * {_r(c, 'queue:celery_task_started:rate', QUEUE)}",
+                f"{c.backlog_growth_ratio:g} * {_r(c, 'queue:celery_task_started:short_rate', QUEUE)}",
                 "{{queue_name}} paging bar",
             ),
         ),

@@ -68,6 +68,13 @@ def recording_rules(c: Config) -> list[dict[str, Any]]:
             "expr": f"deriv(queue:celery_queue_backlog:sum[{c.backlog_growth_window}])",
         },
         {
+            # The start rate over the same window, the bar that growth is held to: a 5m rate would
+            # lag a queue that just woke up, and let a mild overload page while it catches up.
+            "record": "queue:celery_task_started:short_rate",
+            "expr": f"sum by ({g}queue_name) "
+            f"(rate(celery_task_started_total{{{c.sel()}}}[{c.backlog_growth_window}]))",
+        },
+        {
             # Seconds to empty the true backlog at the current start rate, ignoring new arrivals.
             # A queue nobody consumes gets +Inf rather than no series at all.
             "record": "queue:celery_queue_drain_seconds:estimate",
@@ -233,7 +240,7 @@ def _celery_alerts(c: Config) -> list[Alert]:
             "CeleryBacklogGrowing",
             f"queue:celery_queue_backlog:sum > {c.backlog_floor}\nand\nqueue:celery_queue_backlog:deriv\n"
             f"> {_num(c.backlog_growth_ratio)}\n"
-            "* (queue:celery_task_started:rate or queue:celery_queue_backlog:sum * 0)",
+            "* (queue:celery_task_started:short_rate or queue:celery_queue_backlog:sum * 0)",
             c.backlog_for,
             "warning",
             "A Celery queue's backlog keeps growing.",
