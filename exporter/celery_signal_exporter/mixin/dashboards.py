@@ -593,8 +593,9 @@ def queues(c: Config) -> Dashboard:
             c,
             "Length",
             "Messages waiting in each queue, and the true backlog: those plus the tasks workers hold "
-            "without running them (prefetched or scheduled; RabbitMQ's unacked where no worker reports "
-            "them).",
+            "without running them (prefetched or scheduled), or on RabbitMQ its unacked messages less the "
+            "runs in progress where that is more (consumers that report nothing). Recorded series; the "
+            "backlog alerts read the true backlog.",
             "short",
             (_r(c, "queue:celery_queue_length:sum", QUEUE), "{{queue_name}}"),
             (_r(c, "queue:celery_queue_backlog:sum", QUEUE), "{{queue_name}} true backlog"),
@@ -627,8 +628,9 @@ def queues(c: Config) -> Dashboard:
         _ts(
             c,
             "Oldest message age",
-            "How long the message at the head of each queue has been due (Redis only: RabbitMQ's "
-            "API cannot read a message without consuming it).",
+            "How long the message at the head of each queue has been due: Redis, from the message's "
+            "csx_due header; RabbitMQ classic queues, from its timestamp property (whole seconds). Tasks "
+            "\"Waiting to start\" shows which tasks wait behind it.",
             "s",
             (
                 f"max {_by(c, 'queue_name')}({_q(c, 'celery_queue_oldest_message_age_seconds', QUEUE)})",
