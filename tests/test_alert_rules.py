@@ -92,9 +92,9 @@ CASES: list[dict[str, Any]] = [
         "CeleryQueueDrainTooSlow",
         [
             (ql("celery_queue_length", f'{PROBE}, queue_name="slow", vhost="0"'), "3000x60"),
-            (ql("celery_task_received_total", f'{WORKER}, name="t", queue_name="slow"'), "0+60x60"),
+            (ql("celery_task_started_total", f'{WORKER}, name="t", queue_name="slow"'), "0+60x60"),
             (ql("celery_queue_length", f'{PROBE}, queue_name="fast", vhost="0"'), "3000x60"),
-            (ql("celery_task_received_total", f'{WORKER}, name="t", queue_name="fast"'), "0+600x60"),
+            (ql("celery_task_started_total", f'{WORKER}, name="t", queue_name="fast"'), "0+600x60"),
             # Nobody consumes: +Inf, which is CeleryQueueNoConsumers' business.
             (ql("celery_queue_length", f'{PROBE}, queue_name="dead", vhost="0"'), "3000x60"),
         ],

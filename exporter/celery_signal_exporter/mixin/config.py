@@ -75,9 +75,17 @@ class Config:
     predict_window: str = "30m"  # predict_linear() look-back
     failure_window: str = "10m"  # failure ratio and expirations
 
-    # Backlog.
-    backlog_floor: int = 100  # queues shorter than this never page
-    backlog_for: str = "15m"
+    # Backlog. Every backlog alert reads the true backlog (queue:celery_queue_backlog:sum: ready, plus held in
+    # workers or unacked and not running) and consumption from `started`, whatever the prefetch.
+    backlog_floor: int = 100  # true backlogs shorter than this never page
+    # CeleryBacklogGrowing: the backlog grew, over backlog_growth_window, faster than this share of the queue's
+    # start rate (arrivals above (1 + ratio) x starts), for backlog_for. A share of the start rate, so a busy
+    # queue's noise stays under it and a slow queue's real growth does not. Window and `for` are short, so a
+    # sustained overload pages within 5 minutes (1.5 x: 3 to 4); `for` exceeds the window by a minute, so a
+    # bulk enqueue that lasts under a minute (growth seen for under window + 1m) does not page.
+    backlog_growth_ratio: float = 0.25
+    backlog_growth_window: str = "90s"
+    backlog_for: str = "150s"
     queue_limit: int = 10000  # what "breach" means for a queue
     backlog_horizon: str = "1h"
     backlog_breach_for: str = "10m"
@@ -88,6 +96,9 @@ class Config:
     oldest_message_max: str = "15m"
     oldest_message_for: str = "5m"
     no_consumers_for: str = "10m"
+    # Tasks sent and not yet started, per task (task:celery_task_waiting:estimate): publishes minus starts over
+    # this window, so it should exceed the longest wait worth seeing.
+    waiting_window: str = "1h"
 
     # Broker.
     broker_memory_ratio: float = 0.8
