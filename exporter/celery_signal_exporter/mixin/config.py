@@ -71,7 +71,6 @@ class Config:
 
     # Windows.
     rate_window: str = "5m"  # rates in recording rules
-    backlog_window: str = "10m"  # deriv() of queue length
     predict_window: str = "30m"  # predict_linear() look-back
     failure_window: str = "10m"  # failure ratio and expirations
 
@@ -206,7 +205,6 @@ def short_profile(base: Config = PRODUCTION) -> Config:
         base,
         selector='job=~"celery.*"',
         rate_window="30s",
-        backlog_window="30s",
         predict_window="1m",
         failure_window="1m",
         backlog_floor=20,
