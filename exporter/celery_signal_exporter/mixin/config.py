@@ -98,7 +98,7 @@ class Config:
     # `broker_alarm_window`: a flapping alarm (set and cleared every few seconds) never holds for a
     # whole `for`, while a single brief alarm seen once stays quiet. A count of scrapes, which a scaled
     # profile keeps (its scrape interval scales with the window).
-    broker_alarm_window: str = "2m"
+    broker_alarm_window: str = "5m"
     broker_alarm_samples: int = 2
     broker_alarm_for: str = "0s"
     broker_down_for: str = "5m"
