@@ -176,8 +176,9 @@ class Config:
 PRODUCTION = Config()
 
 
-#: Count thresholds a scaled profile divides by K with the durations. Ratios, and counts of an
-#: entry's own intervals (which scale with the entry), stay as they are.
+#: Count thresholds a scaled profile divides by K with the durations. Ratios, counts of an
+#: entry's own intervals (which scale with the entry) and counts of scrapes (`broker_alarm_samples`:
+#: the scrape interval scales with the window) stay as they are.
 COUNT_FIELDS = ("backlog_floor", "queue_limit", "failure_min", "dropped_min", "slower_runs_min")
 
 
