@@ -104,11 +104,18 @@ class Config:
     broker_memory_for: str = "10m"
     broker_memory_horizon: str = "4h"
     broker_memory_predict_for: str = "15m"
-    broker_alarm_for: str = "1m"
+    # An alarm pages once the scrapes saw it raised at least `broker_alarm_samples` times within
+    # `broker_alarm_window`: a flapping alarm (set and cleared every few seconds) never holds for a
+    # whole `for`, while a single brief alarm seen once stays quiet. A count of scrapes, which a scaled
+    # profile keeps (its scrape interval scales with the window).
+    broker_alarm_window: str = "5m"
+    broker_alarm_samples: int = 2
+    broker_alarm_for: str = "0s"
     broker_down_for: str = "5m"
 
     # Exporter and workers.
     exporter_down_for: str = "5m"
+    # A worker that vanished (SIGKILL, node lost); one shut down gracefully is no longer served at all.
     worker_down_for: str = "5m"
 
     # Tasks.
@@ -116,6 +123,21 @@ class Config:
     failure_min: int = 5  # at least this many failures in the window before the ratio pages
     failure_for: str = "10m"
     expiring_for: str = "5m"
+    # CeleryTasksDroppedByBroker: sent, less received, revoked and the queue's growth (messages the broker
+    # dropped unseen, e.g. Celery's `expires` as a RabbitMQ message TTL), over `dropped_window`; pages at
+    # `dropped_min` such messages and more than `dropped_ratio` of those sent.
+    dropped_window: str = "10m"
+    dropped_min: int = 3
+    dropped_ratio: float = 0.1
+    dropped_for: str = "2m"
+    # CeleryTaskSlowerThanYesterday: a task's mean runtime (sum over count, not a bucket quantile) over
+    # `slower_window` above `slower_ratio` times its mean `slower_baseline` earlier, with at least
+    # `slower_runs_min` runs in both windows so rare tasks do not page.
+    slower_ratio: float = 1.5
+    slower_baseline: str = "1d"
+    slower_window: str = "30m"
+    slower_runs_min: int = 20
+    slower_for: str = "15m"
     # Tasks beat does not schedule (another scheduler, cron, a producer's loop) that must succeed often; by
     # name regex. Beat's own entries need none of this: the Periodic tasks alerts read beat's schedule.
     periodic_tasks: tuple[PeriodicTask, ...] = ()
@@ -164,9 +186,10 @@ class Config:
 PRODUCTION = Config()
 
 
-#: Count thresholds a scaled profile divides by K with the durations. Ratios, and counts of an
-#: entry's own intervals (which scale with the entry), stay as they are.
-COUNT_FIELDS = ("backlog_floor", "queue_limit", "failure_min")
+#: Count thresholds a scaled profile divides by K with the durations. Ratios, counts of an
+#: entry's own intervals (which scale with the entry) and counts of scrapes (`broker_alarm_samples`:
+#: the scrape interval scales with the window) stay as they are.
+COUNT_FIELDS = ("backlog_floor", "queue_limit", "failure_min", "dropped_min", "slower_runs_min")
 
 
 def _scaled_duration(duration: str, k: int) -> str:

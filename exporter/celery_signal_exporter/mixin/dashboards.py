@@ -392,6 +392,8 @@ def tasks(c: Config) -> Dashboard:
                 f"sum {_by(c, 'queue_name')}(rate({_q(c, 'celery_task_rejected_total', QUEUE)}[{RATE}]))",
                 "{{queue_name}} rejected",
             ),
+            # What CeleryTasksDroppedByBroker reads: sent, less received, revoked and queue growth.
+            (_r(c, "task:celery_task_dropped:estimate", *qt), "{{name}} dropped by the broker (count)"),
         )
     )
     lay.add(
@@ -408,9 +410,17 @@ def tasks(c: Config) -> Dashboard:
         _ts(
             c,
             "Runtime quantiles",
-            "p50, p95 and p99 of runtime by task, over all its queues: the recorded series.",
+            "p50, p95 and p99 of runtime by task, over all its queues: the recorded series; and the mean "
+            "(sum over count, which moves with every run, not in bucket steps) now and at its baseline, "
+            "as CeleryTaskSlowerThanYesterday compares them.",
             "s",
             *_recorded_quantiles(c, "task:celery_task_runtime_seconds:quantile", "name", TASK),
+            (
+                f'label_replace({_r(c, "task:celery_task_runtime_seconds:mean", TASK)}, "mean", "now", "", "")\n'
+                f'or\nlabel_replace({_r(c, "task:celery_task_runtime_seconds:mean_baseline", TASK)}, '
+                f'"mean", "{c.slower_baseline} before", "", "")',
+                "{{name}} mean {{mean}}",
+            ),
         )
     )
     lay.add(

@@ -180,6 +180,74 @@ def _waiting_rule(c: Config) -> dict[str, Any]:
     }
 
 
+def incident_rules(c: Config) -> list[dict[str, Any]]:
+    """Recorded series of the incident alerts (issue 17): a task's mean runtime now and its baseline,
+    and messages a broker dropped unseen."""
+    g = c.by
+    seconds(c.slower_baseline)  # a bad duration fails here, with its value named
+    runtime = f"celery_task_runtime_seconds_{{part}}{{{{{c.sel()}}}}}[{c.slower_window}]"
+    sent, received, revoked = (f"sum by ({g}name, queue_name) (increase(celery_task_{m}_total{{{c.sel()}}}"
+                               f"[{c.dropped_window}]))" for m in ("sent", "received", "revoked"))
+    return [
+        {
+            # The mean (sum over count), which moves with every run, not in bucket steps as a quantile does.
+            "record": "task:celery_task_runtime_seconds:mean",
+            "expr": f"sum by ({g}name) (rate({runtime.format(part='sum')}))\n/\n"
+            f"sum by ({g}name) (rate({runtime.format(part='count')}))",
+        },
+        {
+            # The same mean a baseline earlier, read from the raw series: it needs no recorded history.
+            "record": "task:celery_task_runtime_seconds:mean_baseline",
+            "expr": f"sum by ({g}name) (rate({runtime.format(part='sum')} offset {c.slower_baseline}))\n/\n"
+            f"sum by ({g}name) (rate({runtime.format(part='count')} offset {c.slower_baseline}))",
+        },
+        {
+            # Published, less taken off the broker by a worker (received, or revoked on arrival: an expired
+            # message a worker drops is not received), less what the queue grew by: messages the broker
+            # dropped unseen. A queue's growth is taken off each of its tasks, so a shared queue under-counts
+            # rather than over-counts; without a probe's queue length there is no estimate.
+            "record": "task:celery_task_dropped:estimate",
+            "expr": f"(\n  {sent}\n  - ({received} or {sent} * 0)\n  - ({revoked} or {sent} * 0)\n)\n"
+            f"- on ({g}queue_name) group_left\n"
+            f"clamp_min(sum by ({g}queue_name) (delta(celery_queue_length{{{c.sel()}}}[{c.dropped_window}])), 0)",
+        },
+    ]
+
+
+def _incident_alerts(c: Config) -> list[Alert]:
+    """Messages dropped by the broker, and tasks slower than the day before (issue 17)."""
+    g = c.by
+    task = "".join(f"{{{{ $labels.{label} }}}}/" for label in c.group_labels) + "{{ $labels.name }}"
+    runs = f"sum by ({g}name) (increase(celery_task_runtime_seconds_count{{{c.sel()}}}[{c.slower_window}]"
+    return [
+        Alert(
+            "CeleryTasksDroppedByBroker",
+            f"task:celery_task_dropped:estimate >= {_num(c.dropped_min)}\nand\n"
+            f"task:celery_task_dropped:estimate\n> {_num(c.dropped_ratio)} * "
+            f"sum by ({g}name, queue_name) (increase(celery_task_sent_total{{{c.sel()}}}[{c.dropped_window}]))",
+            c.dropped_for,
+            "warning",
+            "A broker drops Celery tasks before any worker receives them.",
+            f"About {{{{ $value | humanize }}}} messages of task {task} sent to queue {{{{ $labels.queue_name }}}} "
+            f"over the last {c.dropped_window} were neither received by a worker nor left waiting: the broker "
+            "dropped them, most likely as expired (Celery's `expires` is a message TTL on RabbitMQ).",
+            (TASKS, "Retries, revokes and expirations"),
+        ),
+        Alert(
+            "CeleryTaskSlowerThanYesterday",
+            "task:celery_task_runtime_seconds:mean\n/\ntask:celery_task_runtime_seconds:mean_baseline\n"
+            f"> {_num(c.slower_ratio)}\nand on ({g}name)\n{runs})) >= {_num(c.slower_runs_min)}\n"
+            f"and on ({g}name)\n{runs} offset {c.slower_baseline})) >= {_num(c.slower_runs_min)}",
+            c.slower_for,
+            "warning",
+            "A Celery task runs much slower than the day before.",
+            f"Task {task} takes {{{{ $value | humanize }}}} times its mean runtime of {c.slower_baseline} before "
+            f"(mean over {c.slower_window}); the threshold is {_num(c.slower_ratio)} times.",
+            (TASKS, "Runtime quantiles"),
+        ),
+    ]
+
+
 def _stuck(c: Config) -> str:
     """A run older than its task's Celery time limit, else than its `run_limits` entry (first match)."""
     g = c.by
@@ -204,7 +272,7 @@ def _stuck(c: Config) -> str:
 
 def alerts(c: Config) -> list[Alert]:
     """Every alert the config leaves on, in the order of docs/runbooks.md."""
-    every = _all_alerts(c) + _worker_state_alerts(c)
+    every = _all_alerts(c) + _worker_state_alerts(c) + _incident_alerts(c)
     unknown = sorted(set(c.disabled_alerts) - {a.name for a in every})
     if unknown:
         raise ValueError(f"disabled_alerts: no alert named {', '.join(unknown)}")
@@ -213,6 +281,13 @@ def alerts(c: Config) -> list[Alert]:
 
 def _all_alerts(c: Config) -> list[Alert]:
     return _celery_alerts(c) + _beat_alerts(c)
+
+
+def _alarm_seen(c: Config, metric: str) -> str:
+    """Scrapes within the window that saw the alarm raised: a flapping alarm adds up, where an
+    instantaneous gauge with a `for` is reset by every clear and never fires."""
+    return (f"max by ({c.by}broker, node) (sum_over_time({metric}{{{c.sel()}}}[{c.broker_alarm_window}]))\n"
+            f">= {c.broker_alarm_samples}")
 
 
 def _celery_alerts(c: Config) -> list[Alert]:
@@ -331,22 +406,23 @@ def _celery_alerts(c: Config) -> list[Alert]:
         ),
         Alert(
             "CeleryBrokerMemoryAlarm",
-            f"max by ({g}broker, node) (celery_broker_memory_alarm{{{c.sel()}}}) > 0",
+            _alarm_seen(c, "celery_broker_memory_alarm"),
             c.broker_alarm_for,
             "critical",
             "A RabbitMQ memory alarm is blocking publishers.",
-            f"Broker {broker} has raised its memory alarm: it blocks every connection that publishes "
-            "until memory use falls below the watermark.",
+            f"Broker {broker} raised its memory alarm at {c.broker_alarm_samples} or more scrapes within "
+            f"{c.broker_alarm_window}: it blocks every connection that publishes until memory use falls below "
+            "the watermark.",
             (QUEUES, "Alarms"),
         ),
         Alert(
             "CeleryBrokerDiskAlarm",
-            f"max by ({g}broker, node) (celery_broker_disk_alarm{{{c.sel()}}}) > 0",
+            _alarm_seen(c, "celery_broker_disk_alarm"),
             c.broker_alarm_for,
             "critical",
             "A RabbitMQ disk alarm is blocking publishers.",
-            f"Broker {broker} has raised its free-disk alarm: it blocks every connection that publishes "
-            "until disk space is freed.",
+            f"Broker {broker} raised its free-disk alarm at {c.broker_alarm_samples} or more scrapes within "
+            f"{c.broker_alarm_window}: it blocks every connection that publishes until disk space is freed.",
             (QUEUES, "Alarms"),
         ),
         Alert(
@@ -387,7 +463,8 @@ def _celery_alerts(c: Config) -> list[Alert]:
             c.worker_down_for,
             "warning",
             "A Celery worker has stopped.",
-            f"Worker {where}{{{{ $labels.hostname }}}} has sent no heartbeat for {c.worker_down_for} or has shut down.",
+            f"Worker {where}{{{{ $labels.hostname }}}} has sent no heartbeat for {c.worker_down_for}: it was "
+            "killed or lost its node (a worker shut down gracefully is no longer served, and does not page).",
             (OVERVIEW, "Workers up"),
         ),
         Alert(
@@ -530,7 +607,7 @@ def rule_groups(c: Config) -> dict[str, Any]:
     # One group: Prometheus runs the rules of a group in order at one evaluation time, so every
     # alert sees the recorded series of the same cycle. In two groups (run concurrently) an alert
     # could read the previous cycle's recording, and its $value would lag by an interval.
-    return {"groups": [{"name": "celery", "rules": recording_rules(c) + alert_rules}]}
+    return {"groups": [{"name": "celery", "rules": recording_rules(c) + incident_rules(c) + alert_rules}]}
 
 
 def prometheus_rule(c: Config, namespace: str | None = None) -> dict[str, Any]:
