@@ -496,6 +496,7 @@ def test_long_queue_draining_in_time_does_not_page(redis_rig: Rig) -> None:
     measure = Measure(f"long queue drained in time, Redis ({BURST * K} production messages at once, 10/s out)",
                       onset=0.0)
     paged: set[str] = set()
+    seen: list[float] = []  # the true backlog as the rules read it
     try:
         with (
             worker(r.env, r.tmp, app=APP, queues=queue, concurrency=2),
@@ -507,6 +508,7 @@ def test_long_queue_draining_in_time_does_not_page(redis_rig: Rig) -> None:
                 for name in OVERLOAD_ALERTS:
                     if stack.firing(name, queue_name=queue) or stack.pages(name, onset, queue_name=queue):
                         paged.add(name)
+                seen.append(value(stack, f'{BACKLOG_RECORD}{{queue_name="{queue}"}}') or 0.0)
 
             def done() -> float | None:
                 watch()
@@ -527,7 +529,10 @@ def test_long_queue_draining_in_time_does_not_page(redis_rig: Rig) -> None:
             measure.pages["anchor:CeleryHighQueueLength"] = anchor_page(
                 stack, "CeleryHighQueueLength", measure.onset, queue_name=queue)
         report(measure)
+    print(f"incident-detail: {json.dumps({'burst_drained_after': round(drain_after), 'max_backlog': max(seen)})}")
     assert drain_after < seconds(PRODUCTION.drain_max) / 3, f"the burst took {drain_after:.0f} production s"
+    # The rules saw the long queue (far over the floor), so their silence is a judgement, not blindness.
+    assert max(seen) >= BURST / 2 > PROFILE.backlog_floor, f"the true backlog read at most {max(seen):g}"
     assert not paged, f"{sorted(paged)} paged for a queue that drained in {drain_after:.0f} production s"
 
 
