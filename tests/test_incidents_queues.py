@@ -532,7 +532,7 @@ def test_long_queue_draining_in_time_does_not_page(redis_rig: Rig) -> None:
     print(f"incident-detail: {json.dumps({'burst_drained_after': round(drain_after), 'max_backlog': max(seen)})}")
     assert drain_after < seconds(PRODUCTION.drain_max) / 3, f"the burst took {drain_after:.0f} production s"
     # The rules saw the long queue (far over the floor), so their silence is a judgement, not blindness.
-    assert max(seen) >= BURST / 2 > PROFILE.backlog_floor, f"the true backlog read at most {max(seen):g}"
+    assert max(seen) >= BURST / 3 > PROFILE.backlog_floor, f"the true backlog read at most {max(seen):g}"
     assert not paged, f"{sorted(paged)} paged for a queue that drained in {drain_after:.0f} production s"
 
 
