@@ -8,9 +8,9 @@ rate (a count over a duration) means the same in both worlds: 15 tasks a second 
 15 a second here, and a backlog of 2 000 in production is 100 here. So each incident keeps its
 production rates (arrivals, and the workers' capacity: 2 slots of 0.2 s runs drain 10 a second),
 and divides its durations (how long a step lasts) and its counts (a burst's size) by K. Driving
-rates K times higher would make the same backlog K times larger against
-thresholds K times smaller: it would page K² times early, not K times. Targets are asserted in
-production seconds. Two parts cannot follow the factor: the worker's prefetch (50 x 2 = 100
+rates K times higher would make each backlog K times larger against thresholds K times smaller:
+counts would cross them K² times early, not K times. Targets are asserted in production seconds.
+Two parts cannot follow the factor: the worker's prefetch (50 x 2 = 100
 held messages, which stands for 2 000 in production: the prefetch is the incident, so it is kept
 as the issue reports it), and the shared RabbitMQ's management statistics, refreshed every 5 s
 (100 production seconds here: the probe's ready and unacked counts lag that much; the workers'
