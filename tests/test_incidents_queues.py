@@ -10,11 +10,10 @@ production rates (arrivals, and the workers' capacity: 2 slots of 0.2 s runs dra
 and divides its durations (how long a step lasts) and its counts (a burst's size) by K. Driving
 rates K times higher would make each backlog K times larger against thresholds K times smaller:
 counts would cross them K² times early, not K times. Targets are asserted in production seconds.
-Two parts cannot follow the factor: the worker's prefetch (50 x 2 = 100
-held messages, which stands for 2 000 in production: the prefetch is the incident, so it is kept
-as the issue reports it), and the shared RabbitMQ's management statistics, refreshed every 5 s
-(100 production seconds here: the probe's ready and unacked counts lag that much; the workers'
-own held gauges do not).
+Two parts cannot follow the factor: the worker's prefetch (50 x 2 = 100 held messages, which
+stands for 2 000 in production: the prefetch is the incident, so it is kept as the issue reports
+it), and the shared RabbitMQ's management statistics, refreshed every 5 s (100 production seconds
+here: the probe's ready and unacked counts lag that much; the workers' own held gauges do not).
 
 Ground truth comes from outside the system under test: the producer counts what it published
 (tests/incident_poller_queues.py) and each task run leaves a byte in a log as it starts
