@@ -9,23 +9,35 @@ is a page after K*t production seconds; the targets are asserted in production s
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.harness import env_for, exporter, wait_until, worker
+from celery_signal_exporter.collect import DirectoryCollector, merged_samples
+from tests.harness import ROOT, env_for, exporter, wait_until, worker
+from tests.incident_beat_inside import PRODUCTION_INTERVAL
+from tests.incident_beat_inside import QUEUE as PERIODIC_QUEUE
+from tests.incident_proxy_inside import delay_proxy
 from tests.incident_rabbit_inside import RabbitNode, rabbit_node
 from tests.incident_stack import (
     K,
     PROBE_INTERVAL,
     PROBE_TIMEOUT,
+    SCRAPE,
     Measure,
     Stack,
     incident_stack,
     report,
     sidecar,
 )
+from tests.stack import redis_server
 
 pytestmark = pytest.mark.incident
 
@@ -81,3 +93,168 @@ def test_flapping_memory_alarm_pages_within_two_minutes(tmp_path: Path) -> None:
         assert ours is not None and ours <= target, (
             f"a flapping memory alarm did not page within {target:g} production s (page after {ours}); "
             f"Prometheus saw the alarm at most {[s['value'][1] for s in seen]}")
+
+
+# --- Inside the workers (a private Redis): slower than yesterday, stuck, RAM-hungry, slow publisher,
+# periodic overlap, beat stopped. One stack and one clock for all; each incident has its own onset.
+
+NAMESPACE = "e2e"  # the namespace label tests/stack.py's Prometheus gives every target
+DAY = 86400 / K  # "yesterday" in the scaled profile (slower_baseline 1d / K = 72 min)
+RUNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# The task whose runtime doubles: production 2 s a run, a run every 6 s; scaled 0.1 s, 20 runs every 6 s.
+BASELINE_RUNTIME = 2.0 / K
+RUNS_EVERY = 6.0 / K
+STUCK_LIMIT = 3.0  # inside.stuck's time_limit (tests/incident_tasks_inside.py)
+STUCK_RUN = 20.0  # 400 production s: past its limit until well after the page
+HUNGRY_MIB = 32
+PUBLISH_DELAY = 0.1 / K  # a 100 ms broker round trip each way, scaled (tests/incident_proxy_inside.py)
+PRODUCTION_SLOWER_WINDOW = 1800.0  # rulesb's slower_window, 30 m
+SLOWER_TARGET = 3600.0  # no target in the issue: it must page, within an hour (the alert needs ~30 min)
+
+
+def _runtime_history(instance: str, spans: list[tuple[float, float]], runtime: float) -> str:
+    """OpenMetrics for promtool: the runtime histogram a sidecar would have served over `spans`
+    (UNIX seconds), one scrape every SCRAPE, a run every RUNS_EVERY of `runtime` seconds each; the
+    counters restart at each span (a new pod), as rate() expects of a counter."""
+    labels = (f'job="celery-worker",instance="{instance}",namespace="{NAMESPACE}",'
+              'name="inside.steady",queue_name="inside"')
+    times = []
+    for start, end in spans:
+        t = start
+        while t < end:
+            times.append((t, (t - start) / RUNS_EVERY))
+            t += SCRAPE
+    lines = ["# TYPE celery_task_runtime_seconds histogram"]
+    for le in (*RUNTIME_BUCKETS, float("inf")):
+        bound = "+Inf" if le == float("inf") else f"{le:g}"
+        lines += [f'celery_task_runtime_seconds_bucket{{{labels},le="{bound}"}} {n if runtime <= le else 0:.3f} {t:.3f}'
+                  for t, n in times]
+    lines += [f"celery_task_runtime_seconds_count{{{labels}}} {n:.3f} {t:.3f}" for t, n in times]
+    lines += [f"celery_task_runtime_seconds_sum{{{labels}}} {n * runtime:.4f} {t:.3f}" for t, n in times]
+    return "\n".join(lines) + "\n# EOF\n"
+
+
+def _producer(env: dict[str, str], tmp: str, plan: list[dict[str, object]], name: str) -> subprocess.Popen[bytes]:
+    with open(os.path.join(tmp, f"producer-{name}.log"), "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "tests.incident_producer_inside", json.dumps(plan)],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+@contextmanager
+def _beat(env: dict[str, str], tmp: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A real `celery beat` on tests.incident_beat_inside, ready once its heartbeat is on disk."""
+    log_path = os.path.join(tmp, "beat.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tests.incident_beat_inside", "beat",
+             "-s", os.path.join(tmp, "schedule"), "--max-interval", f"{PRODUCTION_INTERVAL / K:g}",
+             "--loglevel", "INFO"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            with open(log_path, encoding="utf-8", errors="replace") as f:
+                raise AssertionError(f"beat exited {proc.returncode}:\n{f.read()[-3000:]}")
+        samples = merged_samples(DirectoryCollector(env["CELERY_EXPORTER_METRICS_DIR"], worker_timeout=3))
+        return any(k.startswith("celery_beat_up{") and v == 1 for k, v in samples.items())
+
+    try:
+        wait_until(up, 60, "beat to write its heartbeat")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _one(stack: Stack, expr: str) -> float | None:
+    found = stack.prom.query(expr)
+    return max(float(s["value"][1]) for s in found) if found else None
+
+
+def test_inside_the_workers(tmp_path: Path) -> None:
+    tmp = str(tmp_path)
+    worker_dir, beat_dir = tmp_path / "worker-metrics", tmp_path / "beat-metrics"
+    worker_dir.mkdir()
+    beat_dir.mkdir()
+    with ExitStack() as stack_:
+        redis_url = stack_.enter_context(redis_server(tmp))
+        env = env_for(redis_url, str(worker_dir))
+        beat_env = env_for(redis_url, str(beat_dir))
+        stack_.enter_context(worker(env, tmp, app="tests.incident_app", queues="inside"))
+        # Threads: hard time limits are not enforced there, so a run can outlive its limit (stuck),
+        # and the overlapping periodic runs get a slot each.
+        stack_.enter_context(worker(env, tmp, app="tests.incident_app", pool="threads", concurrency=4,
+                                    queues=f"stuck-inside,{PERIODIC_QUEUE}"))
+        side = stack_.enter_context(sidecar(tmp, str(worker_dir)))
+        beat_side = stack_.enter_context(sidecar(tmp, str(beat_dir)))
+        instance = f"127.0.0.1:{side.port}"
+        now = time.time()
+        lead = 2 * PRODUCTION_SLOWER_WINDOW / K + 30  # twice the mean's window of history before now
+        history = _runtime_history(instance, [(now - DAY - lead, now - DAY + 300), (now - lead, now - 1)],
+                                   BASELINE_RUNTIME)
+        stack = stack_.enter_context(incident_stack(
+            tmp, {"celery-worker": instance, "celery-beat": f"127.0.0.1:{beat_side.port}"}, backfill=history))
+        wait_until(lambda: stack.prom.query('celery_worker_up{job="celery-worker"} == 1'), 60,
+                   "Prometheus to scrape the workers' sidecar")
+        assert stack.prom.query(f'celery_task_runtime_seconds_count{{name="inside.steady"}} offset {DAY:g}s'), \
+            "the backfilled baseline of the day before is not in Prometheus"
+        delay_port = stack_.enter_context(delay_proxy(int(redis_url.rsplit(":", 1)[1]), PUBLISH_DELAY))
+
+        # Slower than yesterday: from now on every run takes double its baseline.
+        runs = int(SLOWER_TARGET / K / RUNS_EVERY)
+        slower_onset = time.time()
+        producers = [_producer(env, tmp, [{"task": "inside.steady", "args": [2 * BASELINE_RUNTIME],
+                                           "queue": "inside", "count": runs, "every": RUNS_EVERY}], "steady")]
+        # Stuck: one run far past its hard time limit (3 s; production 60 s).
+        producers.append(_producer(env, tmp, [{"task": "inside.stuck", "args": [STUCK_RUN], "queue": "stuck-inside",
+                                               "count": 1, "every": 0}], "stuck"))
+        stuck_onset = time.time() + STUCK_LIMIT
+        # RAM-hungry: each run keeps 32 MiB more, a run every 0.5 s (production 10 s).
+        producers.append(_producer(env, tmp, [{"task": "inside.hungry", "args": [HUNGRY_MIB], "queue": "inside",
+                                               "count": 4, "every": 10 / K}], "hungry"))
+        # Slow publisher: publishing through the delay proxy, beside the direct producers above.
+        slow_env = dict(env, CSX_TEST_BROKER=f"redis://127.0.0.1:{delay_port}")
+        producers.append(_producer(slow_env, tmp, [{"task": "i.ok", "queue": "inside", "count": 200,
+                                                    "every": 2 / K}], "slow"))
+        # Periodic overlap: beat sends a 50 s job every 20 s; the second run is due while the first runs.
+        beat_proc = stack_.enter_context(_beat(beat_env, tmp))
+        overlap_onset = time.time() + PRODUCTION_INTERVAL / K
+        try:
+            overlap = stack.wait_page("CeleryPeriodicTaskOverlapping", overlap_onset, within=300)
+            stuck = stack.wait_page("CeleryTaskStuck", stuck_onset, within=600, name="inside.stuck")
+            beat_onset = time.time()
+            beat_proc.kill()  # beat stopped: its pod gone, no graceful shutdown
+            beat_down = stack.wait_page("CeleryBeatDown", beat_onset, within=600)
+            hungry = _one(stack, 'histogram_quantile(0.95, sum by (le) (rate(celery_task_memory_growth_bytes_bucket'
+                                 '{name="inside.hungry"}[1m])))')
+            publish_slow = _one(stack, 'histogram_quantile(0.95, sum by (le) (rate(celery_task_publish_seconds_bucket'
+                                       '{name="i.ok"}[15s])))')
+            publish_direct = _one(stack, 'histogram_quantile(0.95, sum by (le) (rate('
+                                         'celery_task_publish_seconds_bucket{name="inside.steady"}[15s])))')
+            slower = stack.wait_page("CeleryTaskSlowerThanYesterday", slower_onset, within=SLOWER_TARGET,
+                                     name="inside.steady")
+            ratio = _one(stack, 'task:celery_task_runtime_seconds:mean{name="inside.steady"} / '
+                                'task:celery_task_runtime_seconds:mean_baseline{name="inside.steady"}')
+        finally:
+            for p in producers:
+                if p.poll() is None:
+                    p.terminate()
+                p.wait()
+        report(Measure("runtime doubled against the day before", slower_onset,
+                       {"ours:CeleryTaskSlowerThanYesterday": slower}))
+        report(Measure("stuck task (a run past its time limit)", stuck_onset, {"ours:CeleryTaskStuck": stuck}))
+        report(Measure("periodic overlap (50 s job due every 20 s)", overlap_onset,
+                       {"ours:CeleryPeriodicTaskOverlapping": overlap}))
+        report(Measure("beat stopped (killed)", beat_onset, {"ours:CeleryBeatDown": beat_down}))
+        print(f"incident: RAM-hungry task: memory growth p95 {hungry} bytes a run (no alert; panel Memory growth p95)")
+        print(f"incident: slow publisher: publish p95 {publish_slow} s through the proxy, {publish_direct} s direct "
+              f"(scaled; x{K} for production; no alert; panel Publish latency p95 by instance)")
+        assert overlap is not None and overlap <= 300, f"periodic overlap paged after {overlap} production s"
+        assert stuck is not None and stuck <= 600, f"a stuck run paged after {stuck} production s"
+        assert beat_down is not None and beat_down <= 600, f"beat stopped paged after {beat_down} production s"
+        assert hungry is not None and hungry >= HUNGRY_MIB * 2**20 / 2, f"memory growth p95 {hungry}"
+        assert publish_slow is not None and publish_direct is not None and publish_slow > publish_direct, (
+            f"publishing through a {PUBLISH_DELAY * 1000:g} ms proxy: p95 {publish_slow} s, direct {publish_direct} s")
+        assert slower is not None and slower <= SLOWER_TARGET, (
+            f"a runtime at double yesterday's paged after {slower} production s (mean / baseline now {ratio})")
