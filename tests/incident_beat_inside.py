@@ -13,20 +13,17 @@ import os
 from celery import Celery
 
 import celery_signal_exporter
+from tests.incident_plan_inside import ENTRY, PERIODIC_QUEUE, PRODUCTION_INTERVAL, PRODUCTION_RUN
 from tests.incident_stack import HEARTBEAT, K
 
-PRODUCTION_INTERVAL = 20.0
-PRODUCTION_RUN = 50.0
 PRODUCTION_SCHEDULE_REFRESH = 30.0  # instrument()'s default
-QUEUE = "periodic-inside"
-ENTRY = "overlapping-report"
 
 app = Celery("incident-beat", broker=os.environ.get("CSX_TEST_BROKER", "memory://"))
 app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     beat_schedule={ENTRY: {"task": "inside.steady", "schedule": PRODUCTION_INTERVAL / K,
-                           "args": (PRODUCTION_RUN / K,), "options": {"queue": QUEUE}}},
+                           "args": (PRODUCTION_RUN / K,), "options": {"queue": PERIODIC_QUEUE}}},
 )
 celery_signal_exporter.instrument(app, heartbeat_interval=HEARTBEAT,
                                   schedule_refresh=PRODUCTION_SCHEDULE_REFRESH / K)

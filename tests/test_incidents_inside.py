@@ -22,15 +22,14 @@ import pytest
 
 from celery_signal_exporter.collect import DirectoryCollector, merged_samples
 from tests.harness import ROOT, env_for, exporter, wait_until, worker
-from tests.incident_beat_inside import PRODUCTION_INTERVAL
-from tests.incident_beat_inside import QUEUE as PERIODIC_QUEUE
+from tests.incident_plan_inside import PERIODIC_QUEUE, PRODUCTION_INTERVAL
 from tests.incident_proxy_inside import delay_proxy
 from tests.incident_rabbit_inside import RabbitNode, rabbit_node
 from tests.incident_stack import (
-    K,
     PROBE_INTERVAL,
     PROBE_TIMEOUT,
     SCRAPE,
+    K,
     Measure,
     Stack,
     incident_stack,
