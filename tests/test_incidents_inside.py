@@ -257,3 +257,56 @@ def test_inside_the_workers(tmp_path: Path) -> None:
             f"publishing through a {PUBLISH_DELAY * 1000:g} ms proxy: p95 {publish_slow} s, direct {publish_direct} s")
         assert slower is not None and slower <= SLOWER_TARGET, (
             f"a runtime at double yesterday's paged after {slower} production s (mean / baseline now {ratio})")
+
+
+# --- Tasks dropped by a message TTL (RabbitMQ, a fresh vhost): recurring ticks sent with `expires`
+# shorter than their wait behind a long job. Production: a tick every 20 s expiring after 30 s, behind a
+# 400 s job on a worker with one slot and prefetch 1; scaled by K below.
+
+TTL_QUEUE = "ttl-inside"
+TICK_EVERY, TICK_EXPIRES, BLOCKER_RUN = 20.0 / K, 30.0 / K, 400.0 / K
+DROPPED_TARGET = 600.0  # issue 17: dropped by a TTL pages within 10 minutes
+EXPIRING_WITHIN = 600.0  # CeleryTasksExpiring holds for 5 m: it must page within 10 minutes of the first expiry
+
+
+def test_tasks_dropped_by_a_message_ttl_and_the_first_expiry(tmp_path: Path, amqp_url: str) -> None:
+    tmp = str(tmp_path)
+    metrics = tmp_path / "worker-metrics"
+    metrics.mkdir()
+    env = env_for(amqp_url, str(metrics), CSX_PREFETCH="1")
+    probe_args = ["--broker-url", amqp_url, "--queue", TTL_QUEUE, "--probe-interval", f"{PROBE_INTERVAL:g}",
+                  "--probe-timeout", f"{min(PROBE_TIMEOUT, PROBE_INTERVAL):g}"]
+    with worker(env, tmp, app="tests.incident_app", queues=TTL_QUEUE, concurrency=1), \
+            sidecar(tmp, str(metrics)) as side, exporter(tmp, *probe_args) as probe, \
+            incident_stack(tmp, {"celery-worker": f"127.0.0.1:{side.port}",
+                                 "celery-probe": f"127.0.0.1:{probe.port}"}) as stack:
+        wait_until(lambda: stack.prom.query(f'celery_queue_length{{queue_name="{TTL_QUEUE}"}}'), 60,
+                   "Prometheus to scrape the probe's length of the TTL queue")
+        blocker = _producer(env, tmp, [{"task": "inside.steady", "args": [BLOCKER_RUN], "queue": TTL_QUEUE,
+                                        "count": 1, "every": 0}], "blocker")
+        blocker.wait(timeout=60)
+        ticks = int((DROPPED_TARGET + 300) / K / TICK_EVERY)
+        onset = time.time()
+        producer = _producer(env, tmp, [{"task": "inside.tick", "queue": TTL_QUEUE, "count": ticks,
+                                         "every": TICK_EVERY, "expires": TICK_EXPIRES}], "ticks")
+        first_expiry = onset + TICK_EXPIRES  # the first tick, held by the busy worker, expires then
+        try:
+            dropped = stack.wait_page("CeleryTasksDroppedByBroker", onset, within=DROPPED_TARGET,
+                                      name="inside.tick")
+            expiring = stack.wait_page("CeleryTasksExpiring", first_expiry, within=EXPIRING_WITHIN,
+                                       name="inside.tick")
+            anchor = stack.pages("CeleryHighQueueLength", onset, ruleset="anchor")
+            anchor_s = (min(a["_received"] for a in anchor) - onset) * K if anchor else None
+            seen = {m: _one(stack, f'sum(celery_task_{m}_total{{name="inside.tick"}})')
+                    for m in ("sent", "received", "revoked")}
+        finally:
+            if producer.poll() is None:
+                producer.terminate()
+            producer.wait()
+        report(Measure("tasks dropped by a RabbitMQ message TTL", onset,
+                       {"ours:CeleryTasksDroppedByBroker": dropped, "anchor:CeleryHighQueueLength": anchor_s}))
+        report(Measure("the first expiry of a task", first_expiry, {"ours:CeleryTasksExpiring": expiring}))
+        assert dropped is not None and dropped <= DROPPED_TARGET, (
+            f"ticks dropped by RabbitMQ paged after {dropped} production s (sent/received/revoked: {seen})")
+        assert expiring is not None and expiring <= EXPIRING_WITHIN, (
+            f"the first expiries paged after {expiring} production s (sent/received/revoked: {seen})")
