@@ -36,13 +36,6 @@ def hungry(mebibytes: int) -> None:
     _HOARD.append(block)
 
 
-@app.task(name="inside.flaky")
-def flaky(fail: bool) -> None:
-    """Fails when told to: the failure-ratio incident, for ours and the anchor's alert."""
-    if fail:
-        raise ValueError("planned failure")
-
-
 @app.task(name="inside.tick")
 def tick() -> None:
     """A recurring task sent with `expires`: the TTL and first-expiry incidents."""
