@@ -109,7 +109,9 @@ STUCK_RUN = 20.0  # 400 production s: past its limit until well after the page
 HUNGRY_MIB = 32
 PUBLISH_DELAY = 0.1 / K  # a 100 ms broker round trip each way, scaled (tests/incident_proxy_inside.py)
 PRODUCTION_SLOWER_WINDOW = 1800.0  # rulesb's slower_window, 30 m
-SLOWER_TARGET = 3600.0  # no target in the issue: it must page, within an hour (the alert needs ~30 min)
+# No target in the issue: it must page. The 30 m mean crosses 1.5 x about 15 m after the runtime doubles,
+# and the alert holds 15 m more (rulesb); 40 minutes leaves a margin for scrapes and delivery.
+SLOWER_TARGET = 2400.0
 
 
 def _runtime_history(instance: str, spans: list[tuple[float, float]], runtime: float) -> str:
