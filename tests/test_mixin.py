@@ -145,7 +145,7 @@ def test_users_regenerate_with_their_own_thresholds(tmp_path: Path) -> None:
     mine.write_text("backlog_floor: 5000\nselector: 'job=\"my-celery\"'\ngroup_labels: [cluster, namespace]\n")
     assert generate_main(["--config", str(mine), "--out", str(tmp_path)]) == 0
     text = (tmp_path / "prometheus-rules.yaml").read_text()
-    assert "queue:celery_queue_length:sum > 5000" in text
+    assert "queue:celery_queue_backlog:sum > 5000" in text
     assert 'celery_queue_length{job="my-celery"}' in text
     assert "sum by (cluster, namespace, queue_name)" in text
     run = subprocess.run([promtool(), "check", "rules", str(tmp_path / "prometheus-rules.yaml")])

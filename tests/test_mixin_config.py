@@ -191,7 +191,7 @@ def test_dashboards_read_the_recorded_series_of_the_alerts(out: Path) -> None:
     )
     for where, series in (
         ("celery-overview.json / Queue length", "queue:celery_queue_length:sum"),
-        ("celery-overview.json / Backlog growth", "queue:celery_queue_length:deriv"),
+        ("celery-overview.json / Backlog growth", "queue:celery_queue_backlog:deriv"),
         ("celery-overview.json / Failure ratio", "task:celery_task_failure:ratio"),
         ("celery-queues.json / Length", "queue:celery_queue_length:sum"),
         ("celery-queues.json / Queue wait p95", "queue:celery_task_queue_wait_seconds:quantile"),

@@ -10,12 +10,15 @@ pager.
    must resolve, again through Alertmanager.
 3. The three alerts of the most used Celery exporter's mixin, kept as they
    ship (only their `for` is shortened), evaluate correctly on our metrics.
+4. A worker scaled in (graceful stop) does not page CeleryWorkerDown; a
+   worker that vanishes (SIGKILL) does, ours and the compat one.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +97,11 @@ def firing(prom: Prometheus, alertname: str, **labels: str) -> list[dict[str, An
         for a in prom.alerts("firing")
         if a["labels"]["alertname"] == alertname and all(a["labels"].get(k) == v for k, v in labels.items())
     ]
+
+
+def has_up(prom: Prometheus, hostname: str) -> bool:
+    """Whether Prometheus still holds a celery_worker_up series for the worker (stale ones read none)."""
+    return bool(prom.query(f'celery_worker_up{{hostname="{hostname}"}}'))
 
 
 def check_variables(prom: Prometheus) -> None:
@@ -203,11 +211,20 @@ def test_dashboards_have_data_and_backlog_alert_pages_then_resolves(tmp_path: Pa
                 assert not firing(prom, "CeleryBacklogGrowing")
                 assert not firing(prom, "CeleryWorkerDown")
                 fast_host = fast_worker.hostname
-            # The fast worker shut down: both our alert and the compat one see it, and only it.
-            wait_until(lambda: firing(prom, "CeleryWorkerDown", hostname=fast_host, job="celery-worker"), 30,
-                       "CeleryWorkerDown (ours and the compat one) for the stopped worker")
+            # The fast worker shut down gracefully (scaled back in): it is retired, not down, and no longer
+            # served. The slow one then vanishes (SIGKILL): both our alert and the compat one page for it,
+            # and for it only; the retired worker, stopped first, would be paging by then if it ever were.
+            wait_until(lambda: not has_up(prom, fast_host), 30, "the retired worker's up series to end")
+            os.killpg(slow_worker.proc.pid, signal.SIGKILL)
+            slow_worker.proc.wait()
+            slow_host = slow_worker.hostname
+            wait_until(lambda: len(firing(prom, "CeleryWorkerDown", hostname=slow_host)) == 2, 90,
+                       "CeleryWorkerDown, ours and the compat one, for the killed worker")
             down = {a["labels"]["hostname"] for a in firing(prom, "CeleryWorkerDown")}
-            assert down == {fast_host}, down
-            assert slow_worker.hostname != fast_host
+            assert down == {slow_host}, down
+            pending = {a["labels"]["hostname"] for a in prom.alerts("pending")
+                       if a["labels"]["alertname"] == "CeleryWorkerDown"}
+            assert fast_host not in pending, pending
+            assert slow_host != fast_host
             assert os.listdir(metrics_dir)
     assert set(DASHBOARDS) == set(dashboards())

@@ -94,7 +94,8 @@ REVOKED = Spec(
     "celery_task_revoked", "counter", "Tasks revoked, expired or terminated instead of completing.",
     ("name", "queue_name", "reason"),
     recorded_by="`task_revoked`, worker main",
-    notes="`reason` is `revoked`, `expired` or `terminated`",
+    notes="`reason` is `revoked`, `expired` or `terminated`; `expired` is served at 0 for every (name, queue) "
+          "with a sent, received or started series, so that `increase()` sees a task's first expiry",
 )
 REJECTED = Spec(
     "celery_task_rejected", "counter", "Messages the worker rejected: unknown task or bad format.", ("queue_name",),
@@ -176,8 +177,9 @@ HEARTBEAT = Spec(
 WORKER_UP = Spec(
     "celery_worker_up", "gauge", "1 if the worker's heartbeat is fresher than the timeout.", ("hostname",),
     recorded_by="computed at scrape",
-    notes="1 while the heartbeat is fresher than `--worker-timeout` (default 10 s); 0 at once after a graceful "
-          "shutdown",
+    notes="1 while the heartbeat is fresher than `--worker-timeout` (default 10 s), then 0 (a worker that "
+          "vanished: SIGKILL, OOM kill, node lost); a worker that shut down gracefully writes a stopped mark and "
+          "is no longer served, so retiring a worker does not read as down",
 )
 POOL_PROCESSES = Spec(
     "celery_worker_pool_processes", "gauge", "Pool size: processes or threads that run tasks.",
@@ -486,7 +488,10 @@ The worker main process writes a heartbeat every 2 s (`heartbeat_interval`),
 using the worker's own timer. The heartbeat is stored as an internal gauge,
 `{HEARTBEAT.name}`, and the exporter turns it into
 `{WORKER_UP.name}`. The raw timestamp is not exposed. A worker that was
-SIGKILLed stops writing, so it reads 0 once the timeout has passed.
+SIGKILLed stops writing, so it reads 0 once the timeout has passed. A worker
+that shuts down gracefully writes its heartbeat at 0 (a stopped mark), and
+its `{WORKER_UP.name}` series ends there instead of reading 0: retiring a
+worker, or replacing it under a new hostname, is not a worker down.
 """,
     ),
     Section(

@@ -3,7 +3,8 @@
 Merge rules are prometheus-client's multiprocess rules (counters and
 histograms add up, gauges follow their mode), with these differences: a
 damaged file is skipped and counted instead of failing the scrape; the
-heartbeat gauges become `celery_worker_up` and `celery_beat_up`; a beat entry gauge at 0 (an entry
+heartbeat gauges become `celery_worker_up` and `celery_beat_up` (a worker that shut down gracefully,
+its heartbeat at 0, is left out: retired, not down); a beat entry gauge at 0 (an entry
 that left the schedule) is left out; the queue names seen are
 remembered for the broker probes; and for gauges that pick one writer's value
 (mostrecent, max, min) a live writer's heartbeat beats a dead or archived
@@ -43,7 +44,11 @@ from celery_signal_exporter.catalogue import (
     POOL_PROCESS_MAX_MEMORY,
     POOL_PROCESSES,
     QUEUE_NAMES_FOLDED,
+    RECEIVED,
     RESIDENT_MEMORY,
+    REVOKED,
+    SENT,
+    STARTED,
     TASK_NAMES_FOLDED,
     TASKS_ACTIVE,
     TASKS_RESERVED,
@@ -94,6 +99,9 @@ _PER_WORKER_LIVE = frozenset({
     POOL_PROCESSES.name, TASKS_ACTIVE.name, TASKS_RESERVED.name, TASKS_SCHEDULED.name, CONSUMING.name,
     RESIDENT_MEMORY.name, POOL_PROCESS_MAX_MEMORY.name,
 })
+#: Counters whose (name, queue_name) series get `celery_task_revoked_total{reason="expired"}` served at 0
+#: beside them, so that `increase()` sees a task's first expiry (a series born at 1 reads 0).
+_EXPIRY_PEERS = frozenset({SENT.name, RECEIVED.name, STARTED.name})
 #: Gauge modes whose merge picks one writer's value, so the writer's liveness can matter.
 _PICK_ONE = frozenset({"mostrecent", "max", "min"})
 
@@ -141,10 +149,12 @@ class _Family:
     numbers.
     """
 
-    __slots__ = ("entries", "help", "kind", "metric", "rows", "single")
+    __slots__ = ("entries", "help", "kind", "metric", "rows", "single", "zeros")
 
     def __init__(self, metric: str, help_text: str, kind: str, rows: list[Any]) -> None:
         self.metric, self.help, self.kind, self.rows = metric, help_text, kind, rows
+        # Samples served at 0 after the rows' own: series no file holds yet (see _expiry_zeros).
+        self.zeros: list[tuple[str, dict[str, str], str | None]] = []
         # A histogram row whose every bound is one series (the usual case) is summed up in one C call.
         self.single: list[tuple[int, ...] | None] = [
             tuple(ix[0] for _, ix in buckets) if all(len(ix) == 1 for _, ix in buckets) else None
@@ -576,6 +586,39 @@ class DirectoryCollector:
                     _, sample, labels = self._meta[i]
                     rows.append((sample, labels, dict(labels), i))
             skeleton.append(_Family(metric, self._helps.get(metric, ""), kind, rows))
+        return self._expiry_zeros(skeleton, present)
+
+    def _expiry_zeros(self, skeleton: list[_Family], present: frozenset[int]) -> list[_Family]:
+        """`celery_task_revoked_total{reason="expired"}` at 0 for every (name, queue_name) served a task
+        counter, unless a file holds it already.
+
+        Celery counts an expiry only when it happens, so the series is born at 1, and `increase()` of a
+        series born at 1 reads 0: a task's first expiry would never page. Serving 0 before it is what the
+        worker would write, at no cost in the worker. Derived from the series present now, so it is
+        bounded by them, and the real series (at least 1) takes over from the 0: it never goes back.
+        """
+        pairs: set[tuple[str, str]] = set()
+        have: set[tuple[str, str]] = set()
+        for i in present:
+            metric, _, labels = self._meta[i]
+            if metric in _EXPIRY_PEERS or metric == REVOKED.name:
+                label_map = dict(labels)
+                pair = (label_map.get("name", ""), label_map.get("queue_name", ""))
+                if metric != REVOKED.name:
+                    pairs.add(pair)
+                elif label_map.get("reason") == "expired":
+                    have.add(pair)
+        missing = sorted(pairs - have)
+        if not missing:
+            return skeleton
+        family = next((f for f in skeleton if f.metric == REVOKED.name), None)
+        if family is None:
+            family = _Family(REVOKED.name, self._helps.get(REVOKED.name, REVOKED.help), REVOKED.kind, [])
+            skeleton = sorted([*skeleton, family], key=lambda f: f.metric)
+        sample = REVOKED.sample_name
+        for name, queue in missing:
+            zero = {"name": name, "queue_name": queue, "reason": "expired"}
+            family.zeros.append((sample, zero, line_prefix(sample, zero)))
         return skeleton
 
     def _families(self, skeleton: list[_Family], values: list[float]) -> list[Metric]:
@@ -592,6 +635,12 @@ class DirectoryCollector:
             if up is not None:
                 shown = [1.0 if values[i] > 0 and now - values[i] <= self.worker_timeout else 0.0
                          for _, _, _, i in family.rows]
+                if family.metric == HEARTBEAT.name:
+                    # A worker that shut down gracefully wrote 0 (its stopped mark): it is retired, not
+                    # down, so it is no longer served at all. One that vanished keeps its last stamp: 0.
+                    keep = [values[i] != 0.0 for _, _, _, i in family.rows]
+                    entries = [e for e, k in zip(entries, keep, strict=True) if k]
+                    shown = [v for v, k in zip(shown, keep, strict=True) if k]
                 families.append(LaidOut(up.name, up.help, up.kind, entries, shown))
                 continue
             if family.kind == "histogram":
@@ -615,6 +664,9 @@ class DirectoryCollector:
                 shown = [values[i] for (_, _, _, i), k in zip(family.rows, keep, strict=True) if k]
             else:
                 shown = [values[i] for _, _, _, i in family.rows]
+            if family.zeros:
+                entries = entries + family.zeros
+                shown = shown + [0.0] * len(family.zeros)
             families.append(LaidOut(family.metric, family.help, family.kind, entries, shown))
         return families
 

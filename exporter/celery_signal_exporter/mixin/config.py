@@ -71,13 +71,20 @@ class Config:
 
     # Windows.
     rate_window: str = "5m"  # rates in recording rules
-    backlog_window: str = "10m"  # deriv() of queue length
     predict_window: str = "30m"  # predict_linear() look-back
     failure_window: str = "10m"  # failure ratio and expirations
 
-    # Backlog.
-    backlog_floor: int = 100  # queues shorter than this never page
-    backlog_for: str = "15m"
+    # Backlog. Every backlog alert reads the true backlog (queue:celery_queue_backlog:sum: ready, plus held in
+    # workers or unacked and not running) and consumption from `started`, whatever the prefetch.
+    backlog_floor: int = 100  # true backlogs shorter than this never page
+    # CeleryBacklogGrowing: the backlog grew, over backlog_growth_window, faster than this share of the queue's
+    # start rate (arrivals above (1 + ratio) x starts), for backlog_for. A share of the start rate, so a busy
+    # queue's noise stays under it and a slow queue's real growth does not. Window and `for` are short, so a
+    # sustained overload pages within 5 minutes (1.5 x: 3 to 4); `for` exceeds the window by a minute, so a
+    # bulk enqueue that lasts under a minute (growth seen for under window + 1m) does not page.
+    backlog_growth_ratio: float = 0.25
+    backlog_growth_window: str = "90s"
+    backlog_for: str = "150s"
     queue_limit: int = 10000  # what "breach" means for a queue
     backlog_horizon: str = "1h"
     backlog_breach_for: str = "10m"
@@ -88,17 +95,27 @@ class Config:
     oldest_message_max: str = "15m"
     oldest_message_for: str = "5m"
     no_consumers_for: str = "10m"
+    # Tasks sent and not yet started, per task (task:celery_task_waiting:estimate): publishes minus starts over
+    # this window, so it should exceed the longest wait worth seeing.
+    waiting_window: str = "1h"
 
     # Broker.
     broker_memory_ratio: float = 0.8
     broker_memory_for: str = "10m"
     broker_memory_horizon: str = "4h"
     broker_memory_predict_for: str = "15m"
-    broker_alarm_for: str = "1m"
+    # An alarm pages once the scrapes saw it raised at least `broker_alarm_samples` times within
+    # `broker_alarm_window`: a flapping alarm (set and cleared every few seconds) never holds for a
+    # whole `for`, while a single brief alarm seen once stays quiet. A count of scrapes, which a scaled
+    # profile keeps (its scrape interval scales with the window).
+    broker_alarm_window: str = "5m"
+    broker_alarm_samples: int = 2
+    broker_alarm_for: str = "0s"
     broker_down_for: str = "5m"
 
     # Exporter and workers.
     exporter_down_for: str = "5m"
+    # A worker that vanished (SIGKILL, node lost); one shut down gracefully is no longer served at all.
     worker_down_for: str = "5m"
 
     # Tasks.
@@ -106,6 +123,21 @@ class Config:
     failure_min: int = 5  # at least this many failures in the window before the ratio pages
     failure_for: str = "10m"
     expiring_for: str = "5m"
+    # CeleryTasksDroppedByBroker: sent, less received, revoked and the queue's growth (messages the broker
+    # dropped unseen, e.g. Celery's `expires` as a RabbitMQ message TTL), over `dropped_window`; pages at
+    # `dropped_min` such messages and more than `dropped_ratio` of those sent.
+    dropped_window: str = "10m"
+    dropped_min: int = 3
+    dropped_ratio: float = 0.1
+    dropped_for: str = "2m"
+    # CeleryTaskSlowerThanYesterday: a task's mean runtime (sum over count, not a bucket quantile) over
+    # `slower_window` above `slower_ratio` times its mean `slower_baseline` earlier, with at least
+    # `slower_runs_min` runs in both windows so rare tasks do not page.
+    slower_ratio: float = 1.5
+    slower_baseline: str = "1d"
+    slower_window: str = "30m"
+    slower_runs_min: int = 20
+    slower_for: str = "15m"
     # Tasks beat does not schedule (another scheduler, cron, a producer's loop) that must succeed often; by
     # name regex. Beat's own entries need none of this: the Periodic tasks alerts read beat's schedule.
     periodic_tasks: tuple[PeriodicTask, ...] = ()
@@ -154,9 +186,10 @@ class Config:
 PRODUCTION = Config()
 
 
-#: Count thresholds a scaled profile divides by K with the durations. Ratios, and counts of an
-#: entry's own intervals (which scale with the entry), stay as they are.
-COUNT_FIELDS = ("backlog_floor", "queue_limit", "failure_min")
+#: Count thresholds a scaled profile divides by K with the durations. Ratios, counts of an
+#: entry's own intervals (which scale with the entry) and counts of scrapes (`broker_alarm_samples`:
+#: the scrape interval scales with the window) stay as they are.
+COUNT_FIELDS = ("backlog_floor", "queue_limit", "failure_min", "dropped_min", "slower_runs_min")
 
 
 def _scaled_duration(duration: str, k: int) -> str:
@@ -195,7 +228,6 @@ def short_profile(base: Config = PRODUCTION) -> Config:
         base,
         selector='job=~"celery.*"',
         rate_window="30s",
-        backlog_window="30s",
         predict_window="1m",
         failure_window="1m",
         backlog_floor=20,

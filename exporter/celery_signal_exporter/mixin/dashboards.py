@@ -18,6 +18,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import (
     DataSourceRef,
     DataTransformerConfig,
+    DynamicConfigValue,
     GridPos,
     VariableHide,
     VariableOption,
@@ -240,7 +241,9 @@ def overview(c: Config) -> Dashboard:
             "Messages waiting in each queue, as the broker probe reads them (Redis: every priority "
             "sub-queue summed; RabbitMQ: ready messages), and the true backlog: those plus the tasks "
             "workers hold without running them (prefetched, or waiting for their ETA), which the broker "
-            "no longer counts as waiting (recorded series).",
+            "no longer counts as waiting; on RabbitMQ, its unacked messages less the runs in progress "
+            "where that is more (consumers that report nothing). Recorded series; the backlog alerts read "
+            "the true backlog.",
             "short",
             (_r(c, "queue:celery_queue_length:sum", QUEUE), "{{queue_name}}"),
             (_r(c, "queue:celery_queue_backlog:sum", QUEUE), "{{queue_name}} true backlog"),
@@ -251,10 +254,17 @@ def overview(c: Config) -> Dashboard:
         _ts(
             c,
             "Backlog growth",
-            "How fast each queue grows (positive) or drains (negative), in messages per second, over "
-            f"{c.backlog_window} (a recorded series).",
+            "How fast each queue's true backlog grows (positive) or drains (negative), in messages per "
+            f"second over {c.backlog_growth_window}, against the bar CeleryBacklogGrowing pages over: "
+            f"{c.backlog_growth_ratio * 100:g}% of the rate workers start the queue's tasks over the same "
+            "window (recorded series). Growth over the bar for "
+            f"{c.backlog_for} means tasks arrive faster than workers start them.",
             "short",
-            (_r(c, "queue:celery_queue_length:deriv", QUEUE), "{{queue_name}}"),
+            (_r(c, "queue:celery_queue_backlog:deriv", QUEUE), "{{queue_name}}"),
+            (
+                f"{c.backlog_growth_ratio:g} * {_r(c, 'queue:celery_task_started:short_rate', QUEUE)}",
+                "{{queue_name}} paging bar",
+            ),
         ),
         w=8,
     )
@@ -262,9 +272,9 @@ def overview(c: Config) -> Dashboard:
         _ts(
             c,
             "Estimated time to drain",
-            "Queue length divided by the rate workers take messages from it: how long the queue "
-            "would take to empty if nothing new arrived (a recorded series); +Inf (off the chart) while "
-            "nobody consumes the queue.",
+            "The true backlog divided by the rate workers start its tasks: how long the queue would take "
+            "to empty if nothing new arrived (a recorded series); +Inf (off the chart) while nobody "
+            "starts its tasks.",
             "s",
             (_r(c, "queue:celery_queue_drain_seconds:estimate", QUEUE), "{{queue_name}}"),
         ),
@@ -382,6 +392,8 @@ def tasks(c: Config) -> Dashboard:
                 f"sum {_by(c, 'queue_name')}(rate({_q(c, 'celery_task_rejected_total', QUEUE)}[{RATE}]))",
                 "{{queue_name}} rejected",
             ),
+            # What CeleryTasksDroppedByBroker reads: sent, less received, revoked and queue growth.
+            (_r(c, "task:celery_task_dropped:estimate", *qt), "{{name}} dropped by the broker (count)"),
         )
     )
     lay.add(
@@ -398,9 +410,17 @@ def tasks(c: Config) -> Dashboard:
         _ts(
             c,
             "Runtime quantiles",
-            "p50, p95 and p99 of runtime by task, over all its queues: the recorded series.",
+            "p50, p95 and p99 of runtime by task, over all its queues: the recorded series; and the mean "
+            "(sum over count, which moves with every run, not in bucket steps) now and at its baseline, "
+            "as CeleryTaskSlowerThanYesterday compares them.",
             "s",
             *_recorded_quantiles(c, "task:celery_task_runtime_seconds:quantile", "name", TASK),
+            (
+                f'label_replace({_r(c, "task:celery_task_runtime_seconds:mean", TASK)}, "mean", "now", "", "")\n'
+                f'or\nlabel_replace({_r(c, "task:celery_task_runtime_seconds:mean_baseline", TASK)}, '
+                f'"mean", "{c.slower_baseline} before", "", "")',
+                "{{name}} mean {{mean}}",
+            ),
         )
     )
     lay.add(
@@ -443,6 +463,30 @@ def tasks(c: Config) -> Dashboard:
             ],
             PromQueryFormat.HEATMAP,
         ).calculate(False)
+    )
+    lay.add(
+        _ts(
+            c,
+            "Waiting to start",
+            "Tasks sent and not yet started, by task and queue, while they wait: ready in the broker, "
+            "prefetched or held for an ETA by a worker (publishes minus starts and revocations over "
+            f"{c.waiting_window}, a recorded series). The queue-wait quantiles see a wait only once the run "
+            "starts; this shows it while it lasts. Right axis: how long the head of the task's queue has "
+            "waited (the broker's oldest-message age), 0 while the task has nothing waiting. Messages a broker "
+            f"dropped unseen (a RabbitMQ message TTL) count here until they are {c.waiting_window} old.",
+            "short",
+            (_r(c, "task:celery_task_waiting:estimate", *qt), "{{name}} ({{queue_name}}) waiting"),
+            (
+                f"(\n  {_r(c, 'task:celery_task_waiting:estimate', *qt)} > bool 0.5\n)\n"
+                f"* on ({c.by}queue_name) group_left\n"
+                f"max {_by(c, 'queue_name')}({_q(c, 'celery_queue_oldest_message_age_seconds', QUEUE)})",
+                "{{name}} ({{queue_name}}) queue head age",
+            ),
+        ).override_by_query("B", [
+            DynamicConfigValue(id_val="unit", value="s"),
+            DynamicConfigValue(id_val="custom.axisPlacement", value="right"),
+        ]),
+        w=24,
     )
     lay.row("Freshness")
     lay.add(
@@ -559,8 +603,9 @@ def queues(c: Config) -> Dashboard:
             c,
             "Length",
             "Messages waiting in each queue, and the true backlog: those plus the tasks workers hold "
-            "without running them (prefetched or scheduled; RabbitMQ's unacked where no worker reports "
-            "them).",
+            "without running them (prefetched or scheduled), or on RabbitMQ its unacked messages less the "
+            "runs in progress where that is more (consumers that report nothing). Recorded series; the "
+            "backlog alerts read the true backlog.",
             "short",
             (_r(c, "queue:celery_queue_length:sum", QUEUE), "{{queue_name}}"),
             (_r(c, "queue:celery_queue_backlog:sum", QUEUE), "{{queue_name}} true backlog"),
@@ -593,8 +638,9 @@ def queues(c: Config) -> Dashboard:
         _ts(
             c,
             "Oldest message age",
-            "How long the message at the head of each queue has been due (Redis only: RabbitMQ's "
-            "API cannot read a message without consuming it).",
+            "How long the message at the head of each queue has been due: Redis, from the message's "
+            "csx_due header; RabbitMQ classic queues, from its timestamp property (whole seconds). Tasks "
+            "\"Waiting to start\" shows which tasks wait behind it.",
             "s",
             (
                 f"max {_by(c, 'queue_name')}({_q(c, 'celery_queue_oldest_message_age_seconds', QUEUE)})",

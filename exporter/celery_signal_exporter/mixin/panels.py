@@ -53,6 +53,7 @@ IDS: dict[str, dict[str, int]] = {
         "Publishing": 17,
         "Publish rate by instance": 18,
         "Publish latency p95 by instance": 19,
+        "Waiting to start": 20,
     },
     QUEUES: {
         "Queues": 1,

@@ -45,26 +45,43 @@ def recording_rules(c: Config) -> list[dict[str, Any]]:
             "expr": f"sum by ({g}queue_name) (rate(celery_task_sent_total{{{c.sel()}}}[{c.rate_window}]))",
         },
         {
-            # Consumption: a worker takes a message off the broker when it receives it.
+            # Deliveries to workers. Not consumption: a prefetched message is received long before it
+            # runs, so this reads high while tasks wait in a worker (CeleryQueueNoConsumers only asks
+            # whether anybody takes messages at all).
             "record": "queue:celery_task_received:rate",
             "expr": f"sum by ({g}queue_name) (rate(celery_task_received_total{{{c.sel()}}}[{c.rate_window}]))",
+        },
+        {
+            # Consumption: the rate at which tasks leave the backlog, whatever the prefetch.
+            "record": "queue:celery_task_started:rate",
+            "expr": f"sum by ({g}queue_name) (rate(celery_task_started_total{{{c.sel()}}}[{c.rate_window}]))",
         },
         {
             "record": "queue:celery_queue_length:sum",
             "expr": f"sum by ({g}queue_name) (celery_queue_length{{{c.sel()}}})",
         },
+        *_held_rules(c),
         {
-            "record": "queue:celery_queue_length:deriv",
-            "expr": f"deriv(queue:celery_queue_length:sum[{c.backlog_window}])",
+            # Growth of the true backlog, messages per second: what CeleryBacklogGrowing and the
+            # "Backlog growth" panel read. A short window, so an overload shows within minutes.
+            "record": "queue:celery_queue_backlog:deriv",
+            "expr": f"deriv(queue:celery_queue_backlog:sum[{c.backlog_growth_window}])",
         },
         {
-            # Seconds to empty the queue at the current consumption rate, ignoring new arrivals.
+            # The start rate over the same window, the bar that growth is held to: a 5m rate would
+            # lag a queue that just woke up, and let a mild overload page while it catches up.
+            "record": "queue:celery_task_started:short_rate",
+            "expr": f"sum by ({g}queue_name) "
+            f"(rate(celery_task_started_total{{{c.sel()}}}[{c.backlog_growth_window}]))",
+        },
+        {
+            # Seconds to empty the true backlog at the current start rate, ignoring new arrivals.
             # A queue nobody consumes gets +Inf rather than no series at all.
             "record": "queue:celery_queue_drain_seconds:estimate",
-            "expr": "queue:celery_queue_length:sum\n/\n"
-            "(queue:celery_task_received:rate or queue:celery_queue_length:sum * 0)",
+            "expr": "queue:celery_queue_backlog:sum\n/\n"
+            "(queue:celery_task_started:rate or queue:celery_queue_backlog:sum * 0)",
         },
-        *_held_rules(c),
+        _waiting_rule(c),
         {
             "record": "task:celery_task_failure:ratio",
             "expr": (
@@ -95,14 +112,18 @@ def recording_rules(c: Config) -> list[dict[str, Any]]:
 def _held_rules(c: Config) -> list[dict[str, Any]]:
     """Work per queue that left the broker's count but has not started, and what serves each queue.
 
-    On both brokers a message a worker prefetched or holds for its ETA is unacked: RabbitMQ counts
-    it in `celery_queue_unacked`, Redis in its one unacked hash. So the true backlog adds the
-    workers' own count of held tasks to the queue length, and RabbitMQ's per-queue unacked only
-    where no worker reports held tasks (adding both would count a prefetched message twice;
-    unacked also counts acks_late runs in progress, which are not backlog).
+    A message a worker prefetched or holds for its ETA is unacked on both brokers until it starts
+    (with acks_late, until it ends). Workers report what they hold: reserved and scheduled, never a
+    running task. RabbitMQ reports unacked per queue, which also counts acks_late runs in progress
+    and whatever consumers that report nothing hold. The backlog adds to the ready messages the
+    larger of held and unacked-minus-runs-in-progress: adding both would count a prefetched message
+    twice. Subtracting the runs keeps an acks_late run out of the backlog; with early acks it takes
+    off too much, which does not matter while held is the larger.
     """
     g = c.by
     held = c.sel(matcher("__name__", "celery_worker_tasks_(reserved|scheduled)"))
+    running = f"sum by ({g}queue_name) (celery_task_in_progress{{{c.sel()}}})"
+    unacked = f"sum by ({g}queue_name) (celery_queue_unacked{{{c.sel()}}})"
     return [
         {
             # Prefetched (reserved) plus ETA/countdown (scheduled) tasks, summed over the workers.
@@ -110,10 +131,18 @@ def _held_rules(c: Config) -> list[dict[str, Any]]:
             "expr": f"sum by ({g}queue_name) ({{{held}}})",
         },
         {
-            # The true backlog: waiting in the broker plus held in workers, not yet started.
+            # RabbitMQ only: messages out with consumers that no run in progress accounts for.
+            "record": "queue:celery_queue_unacked_not_running:sum",
+            "expr": f"clamp_min(\n  {unacked}\n  -\n  (\n    {running}\n    or\n    {unacked} * 0\n  ),\n  0\n)",
+        },
+        {
+            # The true backlog: ready in the broker, plus held in workers or unacked and not running,
+            # whichever is larger (one series per queue whichever of them exist).
             "record": "queue:celery_queue_backlog:sum",
-            "expr": "queue:celery_queue_length:sum\n+\n(\n  queue:celery_worker_tasks_held:sum\n  or\n"
-            f"  sum by ({g}queue_name) (celery_queue_unacked{{{c.sel()}}})\n"
+            "expr": "queue:celery_queue_length:sum\n+\n(\n"
+            "  queue:celery_worker_tasks_held:sum >= queue:celery_queue_unacked_not_running:sum\n"
+            "  or\n  queue:celery_queue_unacked_not_running:sum\n"
+            "  or\n  queue:celery_worker_tasks_held:sum\n"
             "  or\n  queue:celery_queue_length:sum * 0\n)",
         },
         {
@@ -126,6 +155,96 @@ def _held_rules(c: Config) -> list[dict[str, Any]]:
             f"  * on ({g}hostname) group_left\n"
             f"  max by ({g}hostname) (celery_worker_pool_processes{{{c.sel()}}})\n)",
         },
+    ]
+
+
+def _waiting_rule(c: Config) -> dict[str, Any]:
+    """Tasks sent and not yet started, per task and queue: a wait seen while it lasts.
+
+    The queue-wait histogram observes a wait when the run starts, so a task stuck behind a clogged
+    queue shows nothing there until it is over. Publishes minus starts (and minus runs revoked or
+    expired before they started) over `waiting_window` counts the task's messages still waiting,
+    wherever they are: ready, prefetched or scheduled. Waits longer than the window count only what
+    was sent within it; messages a broker dropped unseen (a RabbitMQ message TTL) count until they
+    leave the window. Needs instrumented producers (`celery_task_sent_total`).
+    """
+    g = c.by
+    w = c.waiting_window
+    by = f"sum by ({g}name, queue_name)"
+    sent = f"{by} (increase(celery_task_sent_total{{{c.sel()}}}[{w}]))"
+    gone = c.sel(matcher("__name__", "celery_task_(started|revoked)_total"), matcher("reason", "terminated", "!="))
+    left = f"{by} (increase({{{gone}}}[{w}]))"
+    return {
+        "record": "task:celery_task_waiting:estimate",
+        "expr": f"clamp_min(\n  {sent}\n  -\n  (\n    {left}\n    or\n    {sent} * 0\n  ),\n  0\n)",
+    }
+
+
+def incident_rules(c: Config) -> list[dict[str, Any]]:
+    """Recorded series of the incident alerts (issue 17): a task's mean runtime now and its baseline,
+    and messages a broker dropped unseen."""
+    g = c.by
+    seconds(c.slower_baseline)  # a bad duration fails here, with its value named
+    runtime = f"celery_task_runtime_seconds_{{part}}{{{{{c.sel()}}}}}[{c.slower_window}]"
+    sent, received, revoked = (f"sum by ({g}name, queue_name) (increase(celery_task_{m}_total{{{c.sel()}}}"
+                               f"[{c.dropped_window}]))" for m in ("sent", "received", "revoked"))
+    return [
+        {
+            # The mean (sum over count), which moves with every run, not in bucket steps as a quantile does.
+            "record": "task:celery_task_runtime_seconds:mean",
+            "expr": f"sum by ({g}name) (rate({runtime.format(part='sum')}))\n/\n"
+            f"sum by ({g}name) (rate({runtime.format(part='count')}))",
+        },
+        {
+            # The same mean a baseline earlier, read from the raw series: it needs no recorded history.
+            "record": "task:celery_task_runtime_seconds:mean_baseline",
+            "expr": f"sum by ({g}name) (rate({runtime.format(part='sum')} offset {c.slower_baseline}))\n/\n"
+            f"sum by ({g}name) (rate({runtime.format(part='count')} offset {c.slower_baseline}))",
+        },
+        {
+            # Published, less taken off the broker by a worker (received, or revoked on arrival: an expired
+            # message a worker drops is not received), less what the queue grew by: messages the broker
+            # dropped unseen. A queue's growth is taken off each of its tasks, so a shared queue under-counts
+            # rather than over-counts; without a probe's queue length there is no estimate.
+            "record": "task:celery_task_dropped:estimate",
+            "expr": f"(\n  {sent}\n  - ({received} or {sent} * 0)\n  - ({revoked} or {sent} * 0)\n)\n"
+            f"- on ({g}queue_name) group_left\n"
+            f"clamp_min(sum by ({g}queue_name) (delta(celery_queue_length{{{c.sel()}}}[{c.dropped_window}])), 0)",
+        },
+    ]
+
+
+def _incident_alerts(c: Config) -> list[Alert]:
+    """Messages dropped by the broker, and tasks slower than the day before (issue 17)."""
+    g = c.by
+    task = "".join(f"{{{{ $labels.{label} }}}}/" for label in c.group_labels) + "{{ $labels.name }}"
+    runs = f"sum by ({g}name) (increase(celery_task_runtime_seconds_count{{{c.sel()}}}[{c.slower_window}]"
+    return [
+        Alert(
+            "CeleryTasksDroppedByBroker",
+            f"task:celery_task_dropped:estimate >= {_num(c.dropped_min)}\nand\n"
+            f"task:celery_task_dropped:estimate\n> {_num(c.dropped_ratio)} * "
+            f"sum by ({g}name, queue_name) (increase(celery_task_sent_total{{{c.sel()}}}[{c.dropped_window}]))",
+            c.dropped_for,
+            "warning",
+            "A broker drops Celery tasks before any worker receives them.",
+            f"About {{{{ $value | humanize }}}} messages of task {task} sent to queue {{{{ $labels.queue_name }}}} "
+            f"over the last {c.dropped_window} were neither received by a worker nor left waiting: the broker "
+            "dropped them, most likely as expired (Celery's `expires` is a message TTL on RabbitMQ).",
+            (TASKS, "Retries, revokes and expirations"),
+        ),
+        Alert(
+            "CeleryTaskSlowerThanYesterday",
+            "task:celery_task_runtime_seconds:mean\n/\ntask:celery_task_runtime_seconds:mean_baseline\n"
+            f"> {_num(c.slower_ratio)}\nand on ({g}name)\n{runs})) >= {_num(c.slower_runs_min)}\n"
+            f"and on ({g}name)\n{runs} offset {c.slower_baseline})) >= {_num(c.slower_runs_min)}",
+            c.slower_for,
+            "warning",
+            "A Celery task runs much slower than the day before.",
+            f"Task {task} takes {{{{ $value | humanize }}}} times its mean runtime of {c.slower_baseline} before "
+            f"(mean over {c.slower_window}); the threshold is {_num(c.slower_ratio)} times.",
+            (TASKS, "Runtime quantiles"),
+        ),
     ]
 
 
@@ -153,7 +272,7 @@ def _stuck(c: Config) -> str:
 
 def alerts(c: Config) -> list[Alert]:
     """Every alert the config leaves on, in the order of docs/runbooks.md."""
-    every = _all_alerts(c) + _worker_state_alerts(c)
+    every = _all_alerts(c) + _worker_state_alerts(c) + _incident_alerts(c)
     unknown = sorted(set(c.disabled_alerts) - {a.name for a in every})
     if unknown:
         raise ValueError(f"disabled_alerts: no alert named {', '.join(unknown)}")
@@ -162,6 +281,13 @@ def alerts(c: Config) -> list[Alert]:
 
 def _all_alerts(c: Config) -> list[Alert]:
     return _celery_alerts(c) + _beat_alerts(c)
+
+
+def _alarm_seen(c: Config, metric: str) -> str:
+    """Scrapes within the window that saw the alarm raised: a flapping alarm adds up, where an
+    instantaneous gauge with a `for` is reset by every clear and never fires."""
+    return (f"max by ({c.by}broker, node) (sum_over_time({metric}{{{c.sel()}}}[{c.broker_alarm_window}]))\n"
+            f">= {c.broker_alarm_samples}")
 
 
 def _celery_alerts(c: Config) -> list[Alert]:
@@ -179,25 +305,35 @@ def _celery_alerts(c: Config) -> list[Alert]:
     expired = c.sel(matcher("reason", "expired", "="))
     return [
         Alert(
+            # The true backlog's own growth, over a short window, against the rate tasks start: prefetch
+            # and ETAs cannot hide it (held tasks are in the backlog) and producers need no instrumentation.
+            # Measured against the start rate, so the noise of a busy steady queue stays far under the bar
+            # and a long queue that drains (negative growth) never pages; the floor keeps small queues
+            # quiet. A burst enqueued at once raises the backlog for less than the window, so it does not
+            # stay over the bar for `backlog_for`; growth that lasts does, and stops as soon as starts
+            # catch up with arrivals (the growth turns negative within the window: the page resolves).
             "CeleryBacklogGrowing",
-            f"queue:celery_queue_length:sum > {c.backlog_floor}\nand\nqueue:celery_queue_length:deriv > 0",
+            f"queue:celery_queue_backlog:sum > {c.backlog_floor}\nand\nqueue:celery_queue_backlog:deriv\n"
+            f"> {_num(c.backlog_growth_ratio)}\n"
+            "* (queue:celery_task_started:short_rate or queue:celery_queue_backlog:sum * 0)",
             c.backlog_for,
             "warning",
             "A Celery queue's backlog keeps growing.",
-            f"Queue {queue} holds {{{{ $value | humanize }}}} messages and has grown for {c.backlog_for}: "
-            "tasks arrive faster than workers take them.",
+            f"Queue {queue} holds {{{{ $value | humanize }}}} messages (waiting, and held in workers) and has grown "
+            f"faster than {_num(c.backlog_growth_ratio * 100)}% of its start rate for {c.backlog_for}: "
+            "tasks arrive faster than workers start them.",
             (OVERVIEW, "Backlog growth"),
         ),
         Alert(
             "CeleryBacklogWillBreach",
-            f"predict_linear(queue:celery_queue_length:sum[{c.predict_window}], "
+            f"predict_linear(queue:celery_queue_backlog:sum[{c.predict_window}], "
             f"{_num(seconds(c.backlog_horizon))}) > {c.queue_limit}\n"
-            f"and\nqueue:celery_queue_length:sum > {c.backlog_floor}",
+            f"and\nqueue:celery_queue_backlog:sum > {c.backlog_floor}",
             c.backlog_breach_for,
             "critical",
             "A Celery queue will pass its limit soon.",
-            f"At its current growth queue {queue} will hold {{{{ $value | humanize }}}} messages "
-            f"within {c.backlog_horizon}, over the limit of {c.queue_limit}.",
+            f"At its current growth queue {queue} will hold {{{{ $value | humanize }}}} messages (waiting, and held "
+            f"in workers) within {c.backlog_horizon}, over the limit of {c.queue_limit}.",
             (OVERVIEW, "Queue length"),
         ),
         Alert(
@@ -206,7 +342,7 @@ def _celery_alerts(c: Config) -> list[Alert]:
             c.drain_for,
             "warning",
             "A Celery queue will take too long to empty.",
-            f"At its current consumption rate queue {queue} needs {{{{ $value | humanizeDuration }}}} "
+            f"At the rate workers start its tasks, queue {queue} needs {{{{ $value | humanizeDuration }}}} "
             f"to empty; the target is {c.drain_max}.",
             (OVERVIEW, "Estimated time to drain"),
         ),
@@ -270,22 +406,23 @@ def _celery_alerts(c: Config) -> list[Alert]:
         ),
         Alert(
             "CeleryBrokerMemoryAlarm",
-            f"max by ({g}broker, node) (celery_broker_memory_alarm{{{c.sel()}}}) > 0",
+            _alarm_seen(c, "celery_broker_memory_alarm"),
             c.broker_alarm_for,
             "critical",
             "A RabbitMQ memory alarm is blocking publishers.",
-            f"Broker {broker} has raised its memory alarm: it blocks every connection that publishes "
-            "until memory use falls below the watermark.",
+            f"Broker {broker} raised its memory alarm at {c.broker_alarm_samples} or more scrapes within "
+            f"{c.broker_alarm_window}: it blocks every connection that publishes until memory use falls below "
+            "the watermark.",
             (QUEUES, "Alarms"),
         ),
         Alert(
             "CeleryBrokerDiskAlarm",
-            f"max by ({g}broker, node) (celery_broker_disk_alarm{{{c.sel()}}}) > 0",
+            _alarm_seen(c, "celery_broker_disk_alarm"),
             c.broker_alarm_for,
             "critical",
             "A RabbitMQ disk alarm is blocking publishers.",
-            f"Broker {broker} has raised its free-disk alarm: it blocks every connection that publishes "
-            "until disk space is freed.",
+            f"Broker {broker} raised its free-disk alarm at {c.broker_alarm_samples} or more scrapes within "
+            f"{c.broker_alarm_window}: it blocks every connection that publishes until disk space is freed.",
             (QUEUES, "Alarms"),
         ),
         Alert(
@@ -326,7 +463,8 @@ def _celery_alerts(c: Config) -> list[Alert]:
             c.worker_down_for,
             "warning",
             "A Celery worker has stopped.",
-            f"Worker {where}{{{{ $labels.hostname }}}} has sent no heartbeat for {c.worker_down_for} or has shut down.",
+            f"Worker {where}{{{{ $labels.hostname }}}} has sent no heartbeat for {c.worker_down_for}: it was "
+            "killed or lost its node (a worker shut down gracefully is no longer served, and does not page).",
             (OVERVIEW, "Workers up"),
         ),
         Alert(
@@ -469,7 +607,7 @@ def rule_groups(c: Config) -> dict[str, Any]:
     # One group: Prometheus runs the rules of a group in order at one evaluation time, so every
     # alert sees the recorded series of the same cycle. In two groups (run concurrently) an alert
     # could read the previous cycle's recording, and its $value would lag by an interval.
-    return {"groups": [{"name": "celery", "rules": recording_rules(c) + alert_rules}]}
+    return {"groups": [{"name": "celery", "rules": recording_rules(c) + incident_rules(c) + alert_rules}]}
 
 
 def prometheus_rule(c: Config, namespace: str | None = None) -> dict[str, Any]:
