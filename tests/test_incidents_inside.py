@@ -74,6 +74,12 @@ def test_flapping_memory_alarm_pages_within_two_minutes(tmp_path: Path) -> None:
     publishers blocked. Not faithful in one point: RabbitMQ's management database samples node
     figures at whole seconds only (5 s by default, 1 s here instead of 5 s / K = 0.25 s), so the
     probe sees a scaled burst less often than production sees a real one (tests/incident_rabbit_inside.py).
+
+    Measured on the rules of rulesb (2 scrapes within 5 m see the alarm): the scrapes see the alarm
+    at about a third of them (its duty cycle), and a page within 2 minutes needs 2 of the first 3 or
+    4 scrapes, so this target is met in about half the runs (2 of 4, pages at 106 s; misses at 277 s
+    and at no page). Sampling a gauge cannot catch a 2-6 s alarm every time: the probe needs an
+    event (see the report of this suite, issue 17).
     """
     tmp = str(tmp_path)
     with rabbit_node(tmp) as node, exporter(tmp, *_node_probe_args(node)) as probe, \
