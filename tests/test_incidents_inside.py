@@ -226,7 +226,7 @@ def test_inside_the_workers(tmp_path: Path) -> None:
                                                "count": 4, "every": 10 / K}], "hungry"))
         # Slow publisher: publishing through the delay proxy, beside the direct producers above.
         slow_env = dict(env, CSX_TEST_BROKER=f"redis://127.0.0.1:{delay_port}")
-        producers.append(_producer(slow_env, tmp, [{"task": "i.ok", "queue": "inside", "count": 200,
+        producers.append(_producer(slow_env, tmp, [{"task": "i.ok", "queue": "inside", "count": runs,
                                                     "every": 2 / K}], "slow"))
         # Periodic overlap: beat sends a 50 s job every 20 s; the second run is due while the first runs.
         beat_proc = stack_.enter_context(_beat(beat_env, tmp))
@@ -241,9 +241,9 @@ def test_inside_the_workers(tmp_path: Path) -> None:
             hungry = _one(stack, 'histogram_quantile(0.95, sum by (le) (increase(celery_task_memory_growth_bytes_bucket'
                                  '{name="inside.hungry"}[5m])))')
             publish_slow = _one(stack, 'histogram_quantile(0.95, sum by (le) (rate(celery_task_publish_seconds_bucket'
-                                       '{name="i.ok"}[15s])))')
+                                       '{name="i.ok"}[30s])))')
             publish_direct = _one(stack, 'histogram_quantile(0.95, sum by (le) (rate('
-                                         'celery_task_publish_seconds_bucket{name="inside.steady"}[15s])))')
+                                         'celery_task_publish_seconds_bucket{name="inside.steady"}[30s])))')
             slower = stack.wait_page("CeleryTaskSlowerThanYesterday", slower_onset, within=SLOWER_TARGET,
                                      name="inside.steady")
             ratio = _one(stack, 'task:celery_task_runtime_seconds:mean{name="inside.steady"} / '
