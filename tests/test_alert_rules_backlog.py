@@ -187,8 +187,8 @@ def alert_at(t: int, firing: list[dict[str, Any]]) -> dict[str, Any]:
 
 def test_the_windows_under_test_are_production() -> None:
     """What this module proves holds for the committed production rules, not for a test profile."""
-    assert RULES.read_text().count("deriv(queue:celery_queue_backlog:sum[90s])") == 1
-    assert (PRODUCTION.backlog_growth_window, PRODUCTION.backlog_for) == ("90s", "150s")
+    assert RULES.read_text().count("deriv(queue:celery_queue_backlog:sum[60s])") == 1
+    assert (PRODUCTION.backlog_growth_window, PRODUCTION.backlog_for) == ("60s", "120s")
     assert PRODUCTION.backlog_growth_ratio == 0.25 and PRODUCTION.backlog_floor == 100
     # The first evaluation that can see growth, plus `for`, plus one evaluation and one scrape of slack,
     # stays inside the 5 minutes.
