@@ -48,9 +48,6 @@ DUE_HEADER = "csx_due"
 #: Added by the worker main process to the request it hands to the pool, so
 #: pool processes know the queue the message really came from.
 QUEUE_HEADER = "csx_queue"
-#: Set by prerun on the request of the run in progress: (its start, its thread's CPU clock then,
-#: its series), for postrun.
-RUN_ATTR = "csx_run"
 #: ru_maxrss is in kilobytes on Linux (and the BSDs), in bytes on macOS.
 _MAXRSS_BYTES = 1 if sys.platform == "darwin" else 1024
 _getrusage = resource.getrusage
@@ -140,6 +137,52 @@ class _PublishStart(threading.local):
     start = -1.0
 
 
+class _ReceiverCache(dict[Any, Any]):
+    """Celery's per-sender receiver cache as a plain dict, bounded: senders past the cap are
+    looked up the uncached way. Celery's own (a WeakKeyDictionary) makes a weak reference on
+    every send, which costs what the cache saves, and refuses a `str` sender (the publish
+    signals send the task name)."""
+
+    def __setitem__(self, sender: Any, receivers: Any) -> None:
+        if len(self) < CACHE_LIMIT:
+            super().__setitem__(sender, receivers)
+
+
+#: The signals Celery sends on every task: their receiver lists are cached per sender.
+PER_TASK_SIGNALS = (signals.before_task_publish, signals.after_task_publish, signals.task_received,
+                    signals.task_prerun, signals.task_postrun)
+
+
+def cache_receivers() -> None:
+    """Turn on Celery's receiver cache for the per-task signals (docs/design.md, *Overhead in instructions*).
+
+    Why: without it, every send takes the signal's lock, computes the sender's id and walks every
+    receiver; with it, one dict lookup. Celery keeps the cache right itself: connect and disconnect
+    clear it, and a dead weak receiver bypasses it. `Signal.send` already hashes every sender (its
+    NO_RECEIVERS check), so a plain dict adds no failure. A signal whose cache is already on is left alone.
+    """
+    for signal in PER_TASK_SIGNALS:
+        if not signal.use_caching:
+            with signal.lock:
+                signal.sender_receivers_cache = _ReceiverCache()
+                signal.use_caching = True
+
+
+class _Runs(threading.local):
+    """The runs this thread (greenlet, when patched) has in progress, innermost last: what prerun
+    started, for postrun. A task that calls another with `apply()` nests a run inside its own.
+
+    Why not on the request, as before: reading the request again in postrun goes through Celery's
+    `Local.__getattr__`, which raises and catches an AttributeError first (~2 000 instructions a
+    read, callgrind); a thread-local attribute raises nothing. Per thread, not per task id, so a
+    retry of the same id starting in another thread cannot take another run's record.
+    """
+
+    def __init__(self) -> None:
+        #: (task id, start, thread CPU clock then, series, the request if beat sent it else None)
+        self.stack: list[tuple[Any, float, float, _TaskSeries, Any]] = []
+
+
 class Instrumentation:
     """The metrics of one process and the receivers that record them."""
 
@@ -176,7 +219,11 @@ class Instrumentation:
         self._series: dict[tuple[Any, Any], _TaskSeries] = {}
         self._sent: dict[tuple[Any, Any, Any], _PublishSeries] = {}
         self._publishing = _PublishStart()
+        self._runs = _Runs()
         self._timing = options.publish_timing
+        # Whether publishes carry the AMQP timestamp property: found at the first publish (the app's
+        # broker may be configured after instrument()).
+        self._stamp: bool | None = None
         self._resources = options.task_resources
         self.peak = _Peak()
         if self._resources:
@@ -275,11 +322,26 @@ class Instrumentation:
                 # worker parses it and writes it again (kombu's unacked copy): measured in docs/design.md.
                 headers[DUE_HEADER] = int((max(now, _timestamp(eta)) if eta else now) * 1000) / 1000
             # The AMQP timestamp property, which RabbitMQ's management API shows for a queue's head
-            # message; a virtual transport (Redis) just carries it along. A user's own one stays.
-            if properties is not None and properties.get("timestamp") is None:
+            # message. Only on AMQP: a virtual transport (Redis) would carry it along for nothing, at a
+            # cost in kombu on both sides (measured in docs/design.md). A user's own one stays.
+            stamp = self._stamp
+            if stamp is None:
+                stamp = self._stamp = self.amqp_broker()
+            if stamp and properties is not None and properties.get("timestamp") is None:
                 properties["timestamp"] = int(now)
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
             self.handler_failed("before_task_publish", exc)
+
+    def amqp_broker(self) -> bool:
+        """Whether the app publishes to an AMQP broker (RabbitMQ); True when it cannot tell, as before."""
+        try:
+            connection = self.app.connection_for_write()  # a description only: nothing connects
+            try:
+                return bool(connection.transport.driver_type == "amqp")
+            finally:
+                connection.release()
+        except Exception:  # noqa: BLE001 - an odd transport: carry the timestamp, as every publish once did
+            return True
 
     def after_publish(
         self, signal: Any = None, sender: Any = None, body: Any = None, headers: Any = None, exchange: Any = None,
@@ -407,15 +469,13 @@ class Instrumentation:
             series.start(wait)
             # Remembered only once counted, so that a failing write (a full disk) can never
             # leave the live gauge off by one: postrun takes back only what prerun added.
-            # Kept on the request, which Celery pushes per run, thread and greenlet: keyed by task id,
-            # a retry of the same id starting in another thread before the first run's postrun
-            # would overwrite it, losing a runtime and leaving in-progress up.
+            beat = request if entry is not None else None
             if self._resources:
                 if self.peak.maxrss < 0:  # a new process's first run
                     self.peak.begin()
-                setattr(request, RUN_ATTR, (_perf_counter(), _thread_time(), series))
+                self._runs.stack.append((task_id, _perf_counter(), _thread_time(), series, beat))
             else:
-                setattr(request, RUN_ATTR, (_perf_counter(), 0.0, series))
+                self._runs.stack.append((task_id, _perf_counter(), 0.0, series, beat))
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
             self.handler_failed("task_prerun", exc)
 
@@ -427,12 +487,11 @@ class Instrumentation:
         Celery dispatching task_success to us on every task."""
         try:
             success_at = _time() if state == SUCCESS else None
-            request = task.request_stack.top  # as in prerun; read once
-            if getattr(request, ENTRY_HEADER, None) is not None:
-                self.beat_runs.finish(request, success_at is not None)
-            started = getattr(request, RUN_ATTR, None)
-            if started is not None:
-                begin, cpu_begin, series = started
+            runs = self._runs.stack
+            # The run prerun started last in this thread is this one, but for an odd nesting.
+            run = runs.pop() if runs and runs[-1][0] == task_id else _take_run(runs, task_id)
+            if run is not None:
+                _, begin, cpu_begin, series, beat = run
                 if self._resources:
                     # One read of the peak per run, against the peak the previous run left (a second
                     # read at prerun would double it): a run that set no new peak grew 0.
@@ -440,12 +499,22 @@ class Instrumentation:
                                   self.peak.read())
                 else:
                     series.finish(_perf_counter() - begin, success_at)
-            elif success_at is not None:  # prerun skipped or failed to write: still count the success
-                found = self.series_for(task.name, self.queue_of(request))
-                if found is not None:
-                    found.finish(None, success_at)
+                if beat is not None:
+                    self.beat_runs.finish(beat, success_at is not None)
+            else:
+                self._postrun_uncounted(task, success_at)
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
             self.handler_failed("task_postrun", exc)
+
+    def _postrun_uncounted(self, task: Any, success_at: float | None) -> None:
+        """A postrun whose prerun counted nothing (an ignored task, a failed write): the success still counts."""
+        request = task.request_stack.top
+        if getattr(request, ENTRY_HEADER, None) is not None:
+            self.beat_runs.finish(request, success_at is not None)
+        if success_at is not None:
+            found = self.series_for(task.name, self.queue_of(request))
+            if found is not None:
+                found.finish(None, success_at)
 
     def on_failure(self, sender: Any = None, task_id: str = "", exception: BaseException | None = None,
                    **_: Any) -> None:
@@ -498,6 +567,18 @@ class Instrumentation:
         """Connect every receiver once; dispatch_uid makes a second call a no-op."""
         for signal, label, fn in self.receivers():
             signal.connect(fn, weak=False, dispatch_uid=f"celery_signal_exporter.{label}")
+        cache_receivers()
+
+
+def _take_run(runs: list[tuple[Any, float, float, _TaskSeries, Any]], task_id: Any) -> Any:
+    """The record of `task_id` below the top of the stack, if any, taken with every record above it: those
+    are runs whose postrun never came (Celery sends it in a `finally`, so none), and the stack cannot grow."""
+    for i in range(len(runs) - 1, -1, -1):
+        if runs[i][0] == task_id:
+            run = runs[i]
+            del runs[i:]
+            return run
+    return None
 
 
 class _TaskSeries:
