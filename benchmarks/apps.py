@@ -13,8 +13,9 @@ can count finished tasks without a result backend. CSX_BENCH_STOP_PARENT=1:
 the `bench.stop` task stops the worker main (its parent) instead of its own
 process (prefork); CSX_BENCH_INSTRUMENT: JSON keyword arguments for
 `instrument()` on top of every opt-in switch (see `feature_switches`);
-CSX_BENCH_SIGNAL_CACHE=1: Celery's receiver cache on for the worker-side signals
-(an experiment, see `benchmarks.bench_instructions`); CSX_BENCH_DUE_HEADER=1:
+CSX_BENCH_SIGNAL_CACHE=0: Celery's receiver cache off again for the per-task signals, which
+`instrument()` turns on (and so does the floor, to measure the same dispatch): an experiment, see
+`benchmarks.bench_instructions`; CSX_BENCH_DUE_HEADER=1:
 the floor's producer adds our due header too (another).
 
 As a script it is a producer: `python -m benchmarks.apps publish N` prints
@@ -83,6 +84,10 @@ if VARIANT == "floor":
     # follows every signal a new feature adds.
     for _signal, _label, _fn in Instrumentation(app, Options(os.environ["CSX_BENCH_METRICS_DIR"])).receivers():
         _signal.connect(_nothing, weak=False)
+    # Dispatched as instrument() has Celery dispatch ours: with the receiver cache on.
+    from celery_signal_exporter.receivers import cache_receivers
+
+    cache_receivers()
 
     if os.environ.get("CSX_BENCH_DUE_HEADER") == "1":
         # An experiment (benchmarks.bench_instructions): the floor's messages carry our due header too, so
@@ -95,16 +100,13 @@ if VARIANT == "floor":
 
         signals.before_task_publish.connect(_due, weak=False)
 
-if os.environ.get("CSX_BENCH_SIGNAL_CACHE") == "1":
-    # An experiment of the instruction benchmark (docs/design.md): Celery's per-sender receiver cache, off
-    # for every Celery signal, on for the worker-side signals whose senders can be weakly referenced.
-    import weakref
+if os.environ.get("CSX_BENCH_SIGNAL_CACHE") == "0":
+    # An experiment of the instruction benchmark (docs/design.md): Celery's default dispatch, without the
+    # per-sender receiver cache that instrument() turns on.
+    from celery_signal_exporter.receivers import PER_TASK_SIGNALS
 
-    from celery import signals as _signals
-
-    for _cached in (_signals.task_received, _signals.task_prerun, _signals.task_postrun):
-        _cached.use_caching = True
-        _cached.sender_receivers_cache = weakref.WeakKeyDictionary()
+    for _cached in PER_TASK_SIGNALS:
+        _cached.use_caching, _cached.sender_receivers_cache = False, {}
 
 _done_fd: int | None = None
 

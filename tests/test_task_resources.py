@@ -269,3 +269,94 @@ def test_buckets_from_the_environment_and_their_defaults(tmp_path: Path) -> None
     assert out.stdout.strip() == "(1000000.0, 1000000000.0) (0.5, 2.0)"
     out = run({"CELERY_EXPORTER_MEMORY_GROWTH_BUCKETS": "0"})
     assert out.stderr.strip().splitlines()[-1] == "ValueError: memory_growth_buckets: bucket '0' must be greater than 0"
+
+
+def test_off_unless_asked_for_the_series_are_absent(redis_url: str, tmp_path: Path) -> None:
+    """Without the switches (the default), a real worker and producer write no CPU, memory growth or
+    publish time series, and everything else as before."""
+    metrics_dir = str(tmp_path / "metrics")
+    env = env_for(redis_url, metrics_dir, CELERY_EXPORTER_TASK_RESOURCES="0", CELERY_EXPORTER_PUBLISH_TIMING="")
+    runs: dict[str, int] = {}
+    with worker(env, str(tmp_path), pool="solo", concurrency=1, queues="res", app=APP) as w, \
+            exporter(str(tmp_path), "--metrics-dir", metrics_dir) as ex:
+        run_phase(ex, env, runs, "r.spin", 1, 0.2)
+        s = run_phase(ex, env, runs, "r.trivial", 2)
+        log = w.log()
+    assert value(s, "celery_task_sent_total", name="r.trivial", queue_name="res") == 2
+    assert value(s, "celery_task_runtime_seconds_count", name="r.spin", queue_name="res") == 1
+    assert value(s, "celery_task_runtime_seconds_sum", name="r.spin", queue_name="res") >= 0.2
+    for metric in ("celery_task_cpu_seconds_total", "celery_task_memory_growth_bytes_count",
+                   "celery_task_publish_seconds_count"):
+        assert not has(s, metric), metric
+    assert value(s, "celery_exporter_handler_errors_total") == 0, log
+
+
+@pytest.mark.parametrize("on", [False, True], ids=["off", "on"])
+def test_off_the_reads_are_not_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
+    """The cost is not paid: with the switches off, no CPU clock, getrusage or publish clock is read
+    (counted by replacing them), and the file holds none of their series. On, all of them are."""
+    from celery import Celery
+
+    from celery_signal_exporter import receivers as r
+
+    calls: dict[str, int] = {"thread_time": 0, "getrusage": 0, "perf_counter": 0}
+
+    def counted(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any) -> Any:
+            calls[name] += 1
+            return fn(*args)
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(r, f"_{name}", counted(name, getattr(r, f"_{name}")))
+    app = Celery("off", broker="memory://", set_as_current=False)
+    inst = r.Instrumentation(app, r.Options(str(tmp_path), task_resources=on, publish_timing=on))
+
+    @app.task(name="r.off", shared=False)
+    def task() -> None:
+        return None
+
+    headers: dict[str, Any] = {"id": "x", "eta": None}
+    inst.before_publish(sender="r.off", exchange="", routing_key="res", headers=headers, properties={})
+    inst.after_publish(sender="r.off", exchange="", routing_key="res", headers=headers)
+    assert calls["perf_counter"] == (2 if on else 0)  # the publish side's only clock is its timing
+    delivery = {"exchange": "", "routing_key": "res", "consumer_tag": None}
+    task.push_request(id="x", delivery_info=delivery, **{r.QUEUE_HEADER: "res", r.DUE_HEADER: time.time()})
+    inst.on_prerun(sender=task, task_id="x", task=task)
+    inst.on_postrun(sender=task, task_id="x", task=task, state="SUCCESS")
+    task.pop_request()
+    assert calls["thread_time"] == (2 if on else 0)
+    assert calls["getrusage"] == (2 if on else 0)  # on: the first run reads the peak at prerun too
+    keys = " ".join(key for f in inst.store._files.values() for key in f._slots)
+    assert "celery_task_runtime_seconds" in keys and "celery_task_succeeded" in keys
+    for metric in ("celery_task_cpu_seconds", "celery_task_memory_growth_bytes", "celery_task_publish_seconds"):
+        assert (metric in keys) is on, metric
+    assert not inst._logged_errors
+
+
+SWITCHES = """
+from celery import Celery
+import celery_signal_exporter
+inst = celery_signal_exporter.instrument(Celery("x"), metrics_dir={d!r}{extra})
+print(inst.options.task_resources, inst.options.publish_timing)
+"""
+
+
+def test_the_switches_from_a_keyword_or_the_environment(tmp_path: Path) -> None:
+    def run(env: dict[str, str], extra: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", SWITCHES.format(d=str(tmp_path), extra=extra)], cwd=ROOT,
+                              capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": PYTHONPATH,
+                                                                  **env})
+
+    assert run({}).stdout.strip() == "False False"
+    assert run({}, ", task_resources=True").stdout.strip() == "True False"
+    assert run({}, ", publish_timing=True").stdout.strip() == "False True"
+    out = run({"CELERY_EXPORTER_TASK_RESOURCES": "1", "CELERY_EXPORTER_PUBLISH_TIMING": " Yes "})
+    assert out.stdout.strip() == "True True", out.stderr
+    assert run({"CELERY_EXPORTER_TASK_RESOURCES": "off"}).stdout.strip() == "False False"
+    out = run({"CELERY_EXPORTER_TASK_RESOURCES": "maybe"})
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1] == (
+        "ValueError: CELERY_EXPORTER_TASK_RESOURCES: expected 1 or 0 (true/false, yes/no, on/off), not 'maybe'")
+    out = run({}, ", publish_timing='yes'")
+    assert out.stderr.strip().splitlines()[-1] == "ValueError: publish_timing: expected True or False, not 'yes'"

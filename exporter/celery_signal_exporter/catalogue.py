@@ -144,7 +144,9 @@ MEMORY_GROWTH = Spec(
     "celery_task_memory_growth_bytes", "histogram",
     "How far a run raised its process's peak resident memory; 0 when it set no new peak.", TASK,
     recorded_by="`task_postrun`, pool process (`getrusage` peak RSS)",
-    notes="RAM-hungry tasks stand out: the rise of the process's peak RSS (`ru_maxrss`) since the previous "
+    notes="Opt-in: `instrument(app, task_resources=True)` or `CELERY_EXPORTER_TASK_RESOURCES=1`; absent "
+          "otherwise, since one `getrusage` a run costs more than the per-task overhead budget. "
+          "RAM-hungry tasks stand out: the rise of the process's peak RSS (`ru_maxrss`) since the previous "
           "run ended (a process's first run: since its prerun), one `getrusage` per run; memory a run frees "
           "again still counts, memory under an earlier peak does not. A child recycled by "
           "`worker_max_memory_per_child` is charged to the task it ran last. Threads and greenlets share one "
@@ -154,7 +156,9 @@ MEMORY_GROWTH = Spec(
 CPU = Spec(
     "celery_task_cpu_seconds", "counter", "CPU time spent by task runs.", TASK,
     recorded_by="`task_prerun` to `task_postrun`, the running thread's CPU clock",
-    notes="`time.thread_time()` at prerun and postrun; divided by `celery_task_runtime_seconds_sum`: near 1 a "
+    notes="Opt-in: `instrument(app, task_resources=True)` or `CELERY_EXPORTER_TASK_RESOURCES=1`; absent "
+          "otherwise, since two CPU clock reads a run cost more than the per-task overhead budget. "
+          "`time.thread_time()` at prerun and postrun; divided by `celery_task_runtime_seconds_sum`: near 1 a "
           "task computes, near 0 it waits (I/O, locks, sleep). Exact per run on prefork, threads and solo. "
           "gevent and eventlet run every greenlet on one OS thread, so a run is also charged what ran while it "
           "was switched out (other runs, the worker's own consumer)",
@@ -162,7 +166,9 @@ CPU = Spec(
 PUBLISH = Spec(
     "celery_task_publish_seconds", "histogram", "Time one publish took, in the producer.", TASK,
     recorded_by="`before_task_publish` to `after_task_publish`, in every producer",
-    notes="slow publishing (a far or blocked broker, a full outbound buffer) per producer instance; the first "
+    notes="Opt-in: `instrument(app, publish_timing=True)` or `CELERY_EXPORTER_PUBLISH_TIMING=1`; absent "
+          "otherwise, since timing every publish costs more than the per-task overhead budget. "
+          "Slow publishing (a far or blocked broker, a full outbound buffer) per producer instance; the first "
           "publish of a connection includes connecting and declaring. Timed in the publishing thread (greenlet, "
           "when patched). Buckets 1 ms … 10 s (`publish_buckets`, `CELERY_EXPORTER_PUBLISH_BUCKETS`)",
 )

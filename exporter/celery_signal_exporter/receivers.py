@@ -48,9 +48,6 @@ DUE_HEADER = "csx_due"
 #: Added by the worker main process to the request it hands to the pool, so
 #: pool processes know the queue the message really came from.
 QUEUE_HEADER = "csx_queue"
-#: Set by prerun on the request of the run in progress: (its start, its thread's CPU clock then,
-#: its series), for postrun.
-RUN_ATTR = "csx_run"
 #: ru_maxrss is in kilobytes on Linux (and the BSDs), in bytes on macOS.
 _MAXRSS_BYTES = 1 if sys.platform == "darwin" else 1024
 _getrusage = resource.getrusage
@@ -72,6 +69,11 @@ class Options:
     ignore_tasks: frozenset[str] = frozenset()
     heartbeat_interval: float = 2.0
     schedule_refresh: float = 30.0
+    #: Opt-in per-run CPU seconds and memory growth: two clock reads and a getrusage per run cost more than
+    #: the per-task budget of issue 18, so they are off unless asked for (`task_resources`).
+    task_resources: bool = False
+    #: Opt-in publish latency: a clock read in each publish signal and a histogram write (`publish_timing`).
+    publish_timing: bool = False
 
 
 class _Peak:
@@ -135,6 +137,52 @@ class _PublishStart(threading.local):
     start = -1.0
 
 
+class _ReceiverCache(dict[Any, Any]):
+    """Celery's per-sender receiver cache as a plain dict, bounded: senders past the cap are
+    looked up the uncached way. Celery's own (a WeakKeyDictionary) makes a weak reference on
+    every send, which costs what the cache saves, and refuses a `str` sender (the publish
+    signals send the task name)."""
+
+    def __setitem__(self, sender: Any, receivers: Any) -> None:
+        if len(self) < CACHE_LIMIT:
+            super().__setitem__(sender, receivers)
+
+
+#: The signals Celery sends on every task: their receiver lists are cached per sender.
+PER_TASK_SIGNALS = (signals.before_task_publish, signals.after_task_publish, signals.task_received,
+                    signals.task_prerun, signals.task_postrun)
+
+
+def cache_receivers() -> None:
+    """Turn on Celery's receiver cache for the per-task signals (docs/design.md, *Overhead in instructions*).
+
+    Why: without it, every send takes the signal's lock, computes the sender's id and walks every
+    receiver; with it, one dict lookup. Celery keeps the cache right itself: connect and disconnect
+    clear it, and a dead weak receiver bypasses it. `Signal.send` already hashes every sender (its
+    NO_RECEIVERS check), so a plain dict adds no failure. A signal whose cache is already on is left alone.
+    """
+    for signal in PER_TASK_SIGNALS:
+        if not signal.use_caching:
+            with signal.lock:
+                signal.sender_receivers_cache = _ReceiverCache()
+                signal.use_caching = True
+
+
+class _Runs(threading.local):
+    """The runs this thread (greenlet, when patched) has in progress, innermost last: what prerun
+    started, for postrun. A task that calls another with `apply()` nests a run inside its own.
+
+    Why not on the request, as before: reading the request again in postrun goes through Celery's
+    `Local.__getattr__`, which raises and catches an AttributeError first (~2 000 instructions a
+    read, callgrind); a thread-local attribute raises nothing. Per thread, not per task id, so a
+    retry of the same id starting in another thread cannot take another run's record.
+    """
+
+    def __init__(self) -> None:
+        #: (task id, start, thread CPU clock then, series, the request if beat sent it else None)
+        self.stack: list[tuple[Any, float, float, _TaskSeries, Any]] = []
+
+
 class Instrumentation:
     """The metrics of one process and the receivers that record them."""
 
@@ -171,8 +219,15 @@ class Instrumentation:
         self._series: dict[tuple[Any, Any], _TaskSeries] = {}
         self._sent: dict[tuple[Any, Any, Any], _PublishSeries] = {}
         self._publishing = _PublishStart()
+        self._runs = _Runs()
+        self._timing = options.publish_timing
+        # Whether publishes carry the AMQP timestamp property: found at the first publish (the app's
+        # broker may be configured after instrument()).
+        self._stamp: bool | None = None
+        self._resources = options.task_resources
         self.peak = _Peak()
-        os.register_at_fork(after_in_child=self.peak.forget)
+        if self._resources:
+            os.register_at_fork(after_in_child=self.peak.forget)
         # (task, delivery) -> (queue label, received series, redelivered series); no series if ignored.
         self._received: dict[tuple[Any, Any, Any, Any], tuple[str, m.Series | None, m.Series | None]] = {}
         self._logged_errors: set[str] = set()
@@ -257,7 +312,8 @@ class Instrumentation:
         # Celery's arguments are spelled out (here and below) so that only the
         # rare extras land in **_: building that dict is per-task work too.
         try:
-            self._publishing.start = _perf_counter()
+            if self._timing:
+                self._publishing.start = _perf_counter()
             now = _time()
             if headers is not None:
                 eta = headers.get("eta")
@@ -266,20 +322,37 @@ class Instrumentation:
                 # worker parses it and writes it again (kombu's unacked copy): measured in docs/design.md.
                 headers[DUE_HEADER] = int((max(now, _timestamp(eta)) if eta else now) * 1000) / 1000
             # The AMQP timestamp property, which RabbitMQ's management API shows for a queue's head
-            # message; a virtual transport (Redis) just carries it along. A user's own one stays.
-            if properties is not None and properties.get("timestamp") is None:
+            # message. Only on AMQP: a virtual transport (Redis) would carry it along for nothing, at a
+            # cost in kombu on both sides (measured in docs/design.md). A user's own one stays.
+            stamp = self._stamp
+            if stamp is None:
+                stamp = self._stamp = self.amqp_broker()
+            if stamp and properties is not None and properties.get("timestamp") is None:
                 properties["timestamp"] = int(now)
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
             self.handler_failed("before_task_publish", exc)
+
+    def amqp_broker(self) -> bool:
+        """Whether the app publishes to an AMQP broker (RabbitMQ); True when it cannot tell, as before."""
+        try:
+            connection = self.app.connection_for_write()  # a description only: nothing connects
+            try:
+                return bool(connection.transport.driver_type == "amqp")
+            finally:
+                connection.release()
+        except Exception:  # noqa: BLE001 - an odd transport: carry the timestamp, as every publish once did
+            return True
 
     def after_publish(
         self, signal: Any = None, sender: Any = None, body: Any = None, headers: Any = None, exchange: Any = None,
         routing_key: Any = None, **_: Any,
     ) -> None:
         try:
-            # Not reset after use: Celery always sends before_task_publish first, in the same thread.
-            start = self._publishing.start
-            took = _perf_counter() - start if start >= 0 else None
+            took = None
+            if self._timing:
+                # Not reset after use: Celery always sends before_task_publish first, in the same thread.
+                start = self._publishing.start
+                took = _perf_counter() - start if start >= 0 else None
             # Celery sends the task name as the sender. The series are remembered per
             # (name, exchange, routing key), so a publish costs one dict lookup.
             key = (sender, exchange, routing_key)
@@ -289,7 +362,8 @@ class Instrumentation:
                 if name is None:
                     return
                 queue = self.queues.for_publish(exchange, routing_key)
-                series = _PublishSeries(self.store, self.sent.labels(name, queue), self.publish.labels(name, queue))
+                series = _PublishSeries(self.store, self.sent.labels(name, queue),
+                                        self.publish.labels(name, queue) if self._timing else None)
                 # Folds are not remembered, so that every folded publish is counted as one.
                 if name != OVERFLOW and queue != OVERFLOW and len(self._sent) < CACHE_LIMIT:
                     self._sent[key] = series
@@ -363,11 +437,13 @@ class Instrumentation:
             label = self.task_name(name)
             if label is None:
                 return None
+            resources = self._resources
             series = _TaskSeries(
                 self.store, self.in_progress.labels(label, queue), self.started.labels(label, queue),
                 self.queue_wait.labels(label, queue), self.runtime.labels(label, queue),
                 self.succeeded.labels(label, queue), self.last_success.labels(label),
-                self.cpu.labels(label, queue), self.memory_growth.labels(label, queue), self.peak,
+                self.cpu.labels(label, queue) if resources else None,
+                self.memory_growth.labels(label, queue) if resources else None, self.peak,
             )
             if label != OVERFLOW:  # folded names are not remembered one by one
                 self._series[key] = series
@@ -378,7 +454,7 @@ class Instrumentation:
         kwargs: Any = None, **_: Any,
     ) -> None:
         try:
-            request = task.request_stack.top  # what task.request returns mid-run, one call frame fewer
+            request = _request_of(task)
             entry = getattr(request, ENTRY_HEADER, None)  # a run beat dispatched: counted per schedule entry
             if entry is not None:
                 self.beat_runs.start(request, entry, task.name)
@@ -391,14 +467,15 @@ class Instrumentation:
             due = getattr(request, DUE_HEADER, None)
             wait = max(0.0, _time() - due) if isinstance(due, (int, float)) and math.isfinite(due) else None
             series.start(wait)
-            if self.peak.maxrss < 0:  # a new process's first run
-                self.peak.begin()
             # Remembered only once counted, so that a failing write (a full disk) can never
             # leave the live gauge off by one: postrun takes back only what prerun added.
-            # Kept on the request, which Celery pushes per run, thread and greenlet: keyed by task id,
-            # a retry of the same id starting in another thread before the first run's postrun
-            # would overwrite it, losing a runtime and leaving in-progress up.
-            setattr(request, RUN_ATTR, (_perf_counter(), _thread_time(), series))
+            beat = request if entry is not None else None
+            if self._resources:
+                if self.peak.maxrss < 0:  # a new process's first run
+                    self.peak.begin()
+                self._runs.stack.append((task_id, _perf_counter(), _thread_time(), series, beat))
+            else:
+                self._runs.stack.append((task_id, _perf_counter(), 0.0, series, beat))
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
             self.handler_failed("task_prerun", exc)
 
@@ -410,22 +487,35 @@ class Instrumentation:
         Celery dispatching task_success to us on every task."""
         try:
             success_at = _time() if state == SUCCESS else None
-            request = task.request_stack.top  # as in prerun; read once
-            if getattr(request, ENTRY_HEADER, None) is not None:
-                self.beat_runs.finish(request, success_at is not None)
-            started = getattr(request, RUN_ATTR, None)
-            if started is not None:
-                begin, cpu_begin, series = started
-                # One read of the peak per run, against the peak the previous run left (a second
-                # read at prerun would double it): a run that set no new peak grew 0.
-                series.finish(_perf_counter() - begin, success_at, _thread_time() - cpu_begin,
-                              self.peak.read())
-            elif success_at is not None:  # prerun skipped or failed to write: still count the success
-                found = self.series_for(task.name, self.queue_of(request))
-                if found is not None:
-                    found.finish(None, success_at)
+            runs = self._runs.stack
+            # The run prerun started last in this thread is this one, but for an odd nesting.
+            run = runs.pop() if runs and runs[-1][0] == task_id else _take_run(runs, task_id)
+            if run is not None:
+                _, begin, cpu_begin, series, beat = run
+                if self._resources:
+                    # One read of the peak per run, against the peak the previous run left (a second
+                    # read at prerun would double it): a run that set no new peak grew 0.
+                    peak = self.peak
+                    series.finish(_perf_counter() - begin, success_at, _thread_time() - cpu_begin,
+                                  peak.read() if peak.inherited else _getrusage(_RUSAGE_SELF).ru_maxrss)
+                else:
+                    series.finish(_perf_counter() - begin, success_at)
+                if beat is not None:
+                    self.beat_runs.finish(beat, success_at is not None)
+            else:
+                self._postrun_uncounted(task, success_at)
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
             self.handler_failed("task_postrun", exc)
+
+    def _postrun_uncounted(self, task: Any, success_at: float | None) -> None:
+        """A postrun whose prerun counted nothing (an ignored task, a failed write): the success still counts."""
+        request = _request_of(task)
+        if getattr(request, ENTRY_HEADER, None) is not None:
+            self.beat_runs.finish(request, success_at is not None)
+        if success_at is not None:
+            found = self.series_for(task.name, self.queue_of(request))
+            if found is not None:
+                found.finish(None, success_at)
 
     def on_failure(self, sender: Any = None, task_id: str = "", exception: BaseException | None = None,
                    **_: Any) -> None:
@@ -478,6 +568,33 @@ class Instrumentation:
         """Connect every receiver once; dispatch_uid makes a second call a no-op."""
         for signal, label, fn in self.receivers():
             signal.connect(fn, weak=False, dispatch_uid=f"celery_signal_exporter.{label}")
+        cache_receivers()
+
+
+def _request_of(task: Any) -> Any:
+    """The request of the task's run in progress: what `task.request` returns mid-run.
+
+    Read straight from Celery's `Local` (celery.utils.threads): `task.request_stack.top` reaches
+    `Local.__getattr__` only after Python has raised and formatted an AttributeError, ~2 000
+    instructions a read (callgrind), on every task. Anything unexpected (another Celery's
+    locals, no run in progress) falls back to `.top`, which says the same.
+    """
+    try:
+        local = task.request_stack._local
+        return local.__storage__[local.__ident_func__()]["stack"][-1]
+    except Exception:  # noqa: BLE001 - the documented way, slower
+        return task.request_stack.top
+
+
+def _take_run(runs: list[tuple[Any, float, float, _TaskSeries, Any]], task_id: Any) -> Any:
+    """The record of `task_id` below the top of the stack, if any, taken with every record above it: those
+    are runs whose postrun never came (Celery sends it in a `finally`, so none), and the stack cannot grow."""
+    for i in range(len(runs) - 1, -1, -1):
+        if runs[i][0] == task_id:
+            run = runs[i]
+            del runs[i:]
+            return run
+    return None
 
 
 class _TaskSeries:
@@ -486,19 +603,19 @@ class _TaskSeries:
 
     Bound in three groups, each on first use, so that a series appears exactly when
     it would with one write per series: the run group (in progress, started, runtime,
-    CPU, memory growth) on the first start, queue wait on the first due header, success
-    on the first success.
+    and CPU and memory growth when `task_resources` is on) on the first start, queue
+    wait on the first due header, success on the first success.
     """
 
     def __init__(self, store: Store, in_progress: m.Series, started: m.Series, queue_wait: m.Series,
-                 runtime: m.Series, succeeded: m.Series, last_success: m.Series, cpu: m.Series,
-                 memory_growth: m.Series, peak: _Peak) -> None:
+                 runtime: m.Series, succeeded: m.Series, last_success: m.Series, cpu: m.Series | None,
+                 memory_growth: m.Series | None, peak: _Peak) -> None:
         self.store = store
         self.in_progress, self.started, self.queue_wait = in_progress, started, queue_wait
         self.runtime, self.succeeded, self.last_success = runtime, succeeded, last_success
         self.cpu, self.memory_growth, self.peak = cpu, memory_growth, peak
         self.wait_bounds, self.runtime_bounds = queue_wait.bounds, runtime.bounds
-        self.growth_bounds = memory_growth.bounds
+        self.growth_bounds = memory_growth.bounds if memory_growth is not None else []
         self.run_bound = self.wait_bound = self.success_bound = -1
 
     def _bind_run(self) -> None:
@@ -506,7 +623,9 @@ class _TaskSeries:
         # cannot grow its file (a full disk) fails whole and counts nothing.
         (self.live, (self.live_i,)), (self.counters, (self.started_i,)), (self.runtimes, self.runtime_i) = \
             self.in_progress.binding(), self.started.binding(), self.runtime.binding()
-        (self.cpus, (self.cpu_i,)), (self.growths, self.growth_i) = self.cpu.binding(), self.memory_growth.binding()
+        if self.cpu is not None and self.memory_growth is not None:
+            (self.cpus, (self.cpu_i,)), (self.growths, self.growth_i) = \
+                self.cpu.binding(), self.memory_growth.binding()
         self.run_bound = self.store.generation
 
     def _bind_wait(self) -> None:
@@ -533,8 +652,9 @@ class _TaskSeries:
                 waits[index[-1]] += wait
 
     def finish(self, runtime: float | None, success_at: float | None, cpu: float = 0.0, maxrss: int = -1) -> None:
-        """The live gauge back down, the runtime, CPU and memory growth, if the start was counted;
-        the success, if any. `maxrss` is the process's peak RSS now (getrusage units)."""
+        """The live gauge back down, the runtime (and CPU and memory growth when `task_resources` is
+        on), if the start was counted; the success, if any. `maxrss` is the process's peak RSS now
+        (getrusage units)."""
         store = self.store
         with store.lock:
             if runtime is not None and self.run_bound != store.generation:
@@ -546,16 +666,17 @@ class _TaskSeries:
                 runtimes, index = self.runtimes.values, self.runtime_i
                 runtimes[index[bisect.bisect_left(self.runtime_bounds, runtime)]] += 1.0
                 runtimes[index[-1]] += runtime
-                self.cpus.values[self.cpu_i] += cpu
-                # Compared under the lock, so that two threads finishing at once charge a rise once.
-                peak = self.peak
-                last = peak.maxrss
-                if maxrss > last >= 0:
-                    peak.maxrss = maxrss
-                    m.write_observation(self.growths.values, self.growth_i, self.growth_bounds,
-                                        (maxrss - last) * _MAXRSS_BYTES)
-                else:  # no new peak, the common case: 0, the lowest bucket (bounds are > 0)
-                    self.growths.values[self.growth_i[0]] += 1.0
+                if self.cpu is not None:
+                    self.cpus.values[self.cpu_i] += cpu
+                    # Compared under the lock, so that two threads finishing at once charge a rise once.
+                    peak = self.peak
+                    last = peak.maxrss
+                    if maxrss > last >= 0:
+                        peak.maxrss = maxrss
+                        m.write_observation(self.growths.values, self.growth_i, self.growth_bounds,
+                                            (maxrss - last) * _MAXRSS_BYTES)
+                    else:  # no new peak, the common case: 0, the lowest bucket (bounds are > 0)
+                        self.growths.values[self.growth_i[0]] += 1.0
             if success_at is not None:
                 self.successes.values[self.succeeded_i] += 1.0
                 # store.write_gauge inlined: the value, then its timestamp in the double after it (collect.py)
@@ -564,12 +685,12 @@ class _TaskSeries:
 
 
 class _PublishSeries:
-    """The producer-side series of one (task, exchange, routing key): sent and publish time,
-    bound together on the first publish and written under one lock."""
+    """The producer-side series of one (task, exchange, routing key): sent and, when `publish_timing`
+    is on, publish time, bound together on the first publish and written under one lock."""
 
-    def __init__(self, store: Store, sent: m.Series, publish: m.Series) -> None:
+    def __init__(self, store: Store, sent: m.Series, publish: m.Series | None) -> None:
         self.store, self.sent, self.publish = store, sent, publish
-        self.bounds = publish.bounds
+        self.bounds = publish.bounds if publish is not None else []
         self.bound = -1
 
     def sent_one(self, took: float | None) -> None:
@@ -577,8 +698,9 @@ class _PublishSeries:
         store = self.store
         with store.lock:
             if self.bound != store.generation:
-                (self.counters, (self.sent_i,)), (self.histograms, self.publish_i) = \
-                    self.sent.binding(), self.publish.binding()
+                self.counters, (self.sent_i,) = self.sent.binding()
+                if self.publish is not None:
+                    self.histograms, self.publish_i = self.publish.binding()
                 self.bound = store.generation
             self.counters.values[self.sent_i] += 1.0
             if took is not None:  # write_observation inlined: 1 400 instructions fewer a publish (callgrind)
@@ -654,6 +776,24 @@ def _or_env(value: Sequence[float] | str | None, name: str, default: Sequence[fl
     return os.environ.get(f"CELERY_EXPORTER_{name}") or default
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def switch(value: bool, name: str) -> bool:
+    """An opt-in switch: on if the argument is True or CELERY_EXPORTER_<name> says so.
+
+    Checked at instrument() time, so a typo fails the app's import with one line naming
+    the variable instead of silently leaving the measure off.
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"{name.lower()}: expected True or False, not {value!r}")
+    variable = f"CELERY_EXPORTER_{name}"
+    text = os.environ.get(variable, "").strip().lower()
+    if text not in _TRUE and text not in _FALSE:
+        raise ValueError(f"{variable}: expected 1 or 0 (true/false, yes/no, on/off), not {os.environ[variable]!r}")
+    return value or text in _TRUE
+
+
 def resolve_metrics_dir(metrics_dir: str | None) -> str:
     directory = metrics_dir_or_env(metrics_dir)
     if directory is None:
@@ -680,6 +820,8 @@ def instrument(
     ignore_tasks: Iterable[str] = (),
     heartbeat_interval: float = 2.0,
     schedule_refresh: float = 30.0,
+    task_resources: bool = False,
+    publish_timing: bool = False,
 ) -> Instrumentation:
     """Connect the exporter's signal receivers for `app`, once per process.
 
@@ -691,6 +833,11 @@ def instrument(
     check` validates, else the defaults.
     In a beat process (standalone or `worker -B`) the schedule is read at `beat_init` and
     again every `schedule_refresh` seconds (beat.py).
+
+    Opt-in, because each costs more per task than the overhead budget allows (docs/design.md):
+    `task_resources` (or CELERY_EXPORTER_TASK_RESOURCES=1) records each run's CPU seconds and
+    memory growth; `publish_timing` (or CELERY_EXPORTER_PUBLISH_TIMING=1) each publish's time.
+    Off, those series are absent and nothing is read for them.
     """
     global _active
     # Options are checked on every call, so a bad one fails loudly even where a first call won.
@@ -706,6 +853,8 @@ def instrument(
     for option, cap in (("max_task_names", max_task_names), ("max_queue_names", max_queue_names)):
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
             raise ValueError(f"{option}: must be a whole number of at least 1, not {cap!r}")
+    resources = switch(task_resources, "TASK_RESOURCES")
+    timing = switch(publish_timing, "PUBLISH_TIMING")
     if _active is not None:
         return _active
     options = Options(
@@ -719,6 +868,8 @@ def instrument(
         ignore_tasks=frozenset(ignore_tasks),
         heartbeat_interval=heartbeat_interval,
         schedule_refresh=schedule_refresh,
+        task_resources=resources,
+        publish_timing=timing,
     )
     inst = Instrumentation(app, options)
     inst.connect()
