@@ -274,16 +274,19 @@ def check(ctx: click.Context, metrics_dir: str | None, runtime_buckets: str | No
     Reads the same environment variables the instrumented workers use
     (CELERY_EXPORTER_METRICS_DIR, CELERY_EXPORTER_RUNTIME_BUCKETS,
     CELERY_EXPORTER_QUEUE_WAIT_BUCKETS, CELERY_EXPORTER_MEMORY_GROWTH_BUCKETS,
-    CELERY_EXPORTER_PUBLISH_BUCKETS), so it can run as an init container
+    CELERY_EXPORTER_PUBLISH_BUCKETS, and the opt-in switches CELERY_EXPORTER_TASK_RESOURCES and
+    CELERY_EXPORTER_PUBLISH_TIMING), so it can run as an init container
     in the worker's pod before a bad value costs a silent histogram.
     """
     from celery_signal_exporter.buckets import parse_buckets
+    from celery_signal_exporter.receivers import OPT_IN_SWITCHES, switch
 
     metrics_dir = metrics_dir_or_env(metrics_dir)
     buckets = {"runtime_buckets": runtime_buckets, "queue_wait_buckets": queue_wait_buckets,
                "memory_growth_buckets": memory_growth_buckets, "publish_buckets": publish_buckets}
+    switches = [name for name in OPT_IN_SWITCHES if os.environ.get(f"CELERY_EXPORTER_{name}") is not None]
     given = (*buckets.values(), web_config_file)
-    if not metrics_dir and not broker_urls and all(v is None for v in given):
+    if not metrics_dir and not broker_urls and not switches and all(v is None for v in given):
         raise click.UsageError("nothing to check: set CELERY_EXPORTER_METRICS_DIR or give --metrics-dir, "
                                "--broker-url or --web-config-file")
     done: list[str] = []
@@ -297,6 +300,12 @@ def check(ctx: click.Context, metrics_dir: str | None, runtime_buckets: str | No
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
         done.append(f"{count} {name.replace('_', ' ')}")
+    for name in switches:
+        try:
+            on = switch(False, name)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        done.append(f"{name.lower().replace('_', ' ')} {'on' if on else 'off'}")
     if metrics_dir:
         _check_writable(metrics_dir)
         done.append(f"metrics directory {metrics_dir} writable")

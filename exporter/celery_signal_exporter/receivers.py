@@ -779,6 +779,10 @@ def _or_env(value: Sequence[float] | str | None, name: str, default: Sequence[fl
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
+#: The opt-in measures' switches, as CELERY_EXPORTER_<name> (`celery-signal-exporter check` validates them).
+OPT_IN_SWITCHES = ("TASK_RESOURCES", "PUBLISH_TIMING")
+
+
 def switch(value: bool, name: str) -> bool:
     """An opt-in switch: on if the argument is True or CELERY_EXPORTER_<name> says so.
 
