@@ -522,7 +522,8 @@ def _task_resources(c: Config, lay: _Layout) -> None:
             "CPU seconds a task's runs used per second of their runtime. Near 1 (100%) the task computes: "
             "more processes help only with the CPUs to run them. Near 0 it waits (network, disk, locks, "
             "sleep): more concurrency helps only if what it waits on scales. On gevent and eventlet a run "
-            "is also charged what ran while it was switched out.",
+            "is also charged what ran while it was switched out. Opt-in: empty unless the workers set "
+            "CELERY_EXPORTER_TASK_RESOURCES=1 (or instrument(task_resources=True)).",
             "percentunit",
             (
                 f"sum {_by(c, 'name')}(rate({_q(c, 'celery_task_cpu_seconds_total', *qt)}[{RATE}]))\n/\n"
@@ -537,7 +538,8 @@ def _task_resources(c: Config, lay: _Layout) -> None:
             c,
             "Memory growth p95",
             "95th percentile of how much a run raised its process's peak resident memory. A task "
-            "that keeps growing it leaks or loads too much; worker_max_memory_per_child bounds the damage.",
+            "that keeps growing it leaks or loads too much; worker_max_memory_per_child bounds the damage. "
+            "Opt-in: empty unless the workers set CELERY_EXPORTER_TASK_RESOURCES=1.",
             "bytes",
             (
                 f"histogram_quantile(0.95, sum {_by(c, 'name', 'le')}"
@@ -567,7 +569,8 @@ def _task_resources(c: Config, lay: _Layout) -> None:
         _ts(
             c,
             "Publish rate by instance",
-            "Tasks each producer instance (web pod, worker, beat) published per second, timed or not.",
+            "Tasks each producer instance (web pod, worker, beat) published per second, as timed. Opt-in: "
+            "empty unless the producers set CELERY_EXPORTER_PUBLISH_TIMING=1 (or instrument(publish_timing=True)).",
             "ops",
             (
                 f"sum {_by(c, 'instance')}(rate({_q(c, 'celery_task_publish_seconds_count', *qt)}[{RATE}]))",
@@ -580,7 +583,8 @@ def _task_resources(c: Config, lay: _Layout) -> None:
             c,
             "Publish latency p95 by instance",
             "95th percentile of how long apply_async took to hand a message to the broker, per producer "
-            "instance. High on one instance: its network or connection; on all: the broker.",
+            "instance. High on one instance: its network or connection; on all: the broker. Opt-in: "
+            "CELERY_EXPORTER_PUBLISH_TIMING=1 on the producers.",
             "s",
             (
                 f"histogram_quantile(0.95, sum {_by(c, 'instance', 'le')}"
