@@ -231,13 +231,17 @@ class ProbeLoop:
             return False
         raised = {(node, resource) for node, resource in raised if resource in ALARM_RESOURCES}
         with self._lock:
-            self._alarm_checks += 1
-            for key in raised:
-                self._alarm_raised[key] = self._alarm_raised.get(key, 0) + 1
+            self._count_check(raised)
             self._alarms_now = raised
-            self._known_nodes.update(node for node, _ in raised)
             self._watch_failing = False
         return True
+
+    def _count_check(self, raised: set[tuple[str, str]]) -> None:
+        """One alarm check and what it found raised; the caller holds `_lock`."""
+        self._alarm_checks += 1
+        for key in raised:
+            self._alarm_raised[key] = self._alarm_raised.get(key, 0) + 1
+        self._known_nodes.update(node for node, _ in raised)
 
     def _attempt(self, result: _Result, discover: bool) -> None:
         """The worker thread: all broker I/O of a cycle happens here."""
@@ -296,7 +300,13 @@ class ProbeLoop:
             self._last_success = time.time()
             self._duration = time.monotonic() - started
             self._dropped_total += max(0, dropped)
-            self._known_nodes.update(n.node for n in snapshot.nodes)
+            # Nodes that can raise alarms (RabbitMQ's, not Redis's) get their alarm counters at 0.
+            alarming = [n for n in snapshot.nodes if n.memory_alarm is not None or n.disk_alarm is not None]
+            self._known_nodes.update(n.node for n in alarming)
+            if alarming and self._watch is None:
+                # A probe without a fast watch: each snapshot's reading is the alarm check.
+                self._count_check({(n.node, "memory") for n in alarming if n.memory_alarm}
+                                  | {(n.node, "disk") for n in alarming if n.disk_alarm})
             self._last_failure = ""
         if not was_up:
             log.info("broker %s up: %d queues", self.broker, len(snapshot.queues))
@@ -367,7 +377,7 @@ class ProbeLoop:
             families["last_success"].add_metric(b, last_success)
         if snapshot is not None:
             _add_snapshot(families, self.broker, snapshot, alarms_now)
-        if self._watch is not None:
+        if self._watch is not None or known_nodes:
             families["alarm_checks"].add_metric(b, alarm_checks)
             # Every node a snapshot or a check named, at 0 until seen raised, so that `increase()`
             # sees the first raise of a node (a series born at 1 reads no increase).
