@@ -166,6 +166,8 @@ def probe(tmp: str, *broker_urls: str, queues: tuple[str, ...] = ()) -> Iterator
     """The broker probe, at the scaled probe interval."""
     args = [a for url in broker_urls for a in ("--broker-url", url)]
     args += [a for q in queues for a in ("--queue", q)]
+    # RabbitMQ's alarm checks (`--rabbitmq-alarm-interval`, 1 s in production) are a cadence too.
+    args += ["--rabbitmq-alarm-interval", f"{1.0 / K:g}"]
     with exporter(tmp, *args, "--probe-interval", f"{PROBE_INTERVAL:g}", "--probe-timeout", f"{PROBE_TIMEOUT:g}") as ex:
         yield ex
 

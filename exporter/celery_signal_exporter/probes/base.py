@@ -183,6 +183,16 @@ class Probe(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Alarms:
+    """One alarm check's answer."""
+
+    #: (node, resource) pairs raised now; `resource` is one of ALARM_RESOURCES.
+    raised: frozenset[tuple[str, str]] = frozenset()
+    #: Every node the broker named lately, raised or not, so each gets its counters at 0.
+    nodes: frozenset[str] = frozenset()
+
+
 @runtime_checkable
 class AlarmWatch(Protocol):
     """What a probe whose broker has resource alarms adds, so the loop can watch them on their
@@ -191,7 +201,7 @@ class AlarmWatch(Protocol):
     #: Seconds between the starts of two alarm checks.
     alarm_interval: float
 
-    def alarms(self) -> set[tuple[str, str]]:
-        """The (node, resource) alarms raised right now, read from a live source (never a
-        statistics cache that lags); `resource` is one of ALARM_RESOURCES. Raises `ProbeError`."""
+    def alarms(self) -> Alarms:
+        """The alarms raised right now, read from a live source (never a statistics cache that
+        lags). Raises `ProbeError`."""
         ...

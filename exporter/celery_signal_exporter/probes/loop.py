@@ -217,7 +217,7 @@ class ProbeLoop:
         if self._watch is None:
             return False
         try:
-            raised = self._watch.alarms()
+            answer = self._watch.alarms()
         except Exception as exc:  # noqa: BLE001 - a probe bug must not kill the watch
             reason, cause, message = ("other", type(exc).__name__, str(exc))
             if isinstance(exc, ProbeError):
@@ -229,8 +229,9 @@ class ProbeLoop:
             log.log(logging.WARNING if first else logging.DEBUG, "broker %s alarm check failed (%s): %s: %s",
                     self.broker, reason, cause, scrub(message, self._url))
             return False
-        raised = {(node, resource) for node, resource in raised if resource in ALARM_RESOURCES}
+        raised = {(node, resource) for node, resource in answer.raised if resource in ALARM_RESOURCES}
         with self._lock:
+            self._known_nodes.update(answer.nodes)
             self._count_check(raised)
             self._alarms_now = raised
             self._watch_failing = False
@@ -376,7 +377,13 @@ class ProbeLoop:
         if last_success is not None:
             families["last_success"].add_metric(b, last_success)
         if snapshot is not None:
-            _add_snapshot(families, self.broker, snapshot, alarms_now)
+            _add_snapshot(families, self.broker, snapshot, alarm_states=alarms_now is None)
+        if alarms_now is not None:
+            # The last alarm check answered: its live state, for every node, wins over the snapshot's
+            # (which lags by the statistics interval and lacks a node until its first statistics).
+            for node in known_nodes:
+                families["mem_alarm"].add_metric([self.broker, node], float((node, "memory") in alarms_now))
+                families["disk_alarm"].add_metric([self.broker, node], float((node, "disk") in alarms_now))
         if self._watch is not None or known_nodes:
             families["alarm_checks"].add_metric(b, alarm_checks)
             # Every node a snapshot or a check named, at 0 until seen raised, so that `increase()`
@@ -391,10 +398,9 @@ def _add_snapshot(
     families: dict[str, GaugeMetricFamily | CounterMetricFamily],
     broker: str,
     snapshot: BrokerSnapshot,
-    alarms_now: set[tuple[str, str]] | None = None,
+    alarm_states: bool = True,
 ) -> None:
-    """`alarms_now`, the alarm watch's last answer, overrides the snapshot's alarm gauges: it is live,
-    where the snapshot's figures lag by the broker's statistics interval."""
+    """`alarm_states` False leaves the alarm gauges to the alarm watch's last answer."""
     for q in snapshot.queues:
         _add_queue(families, q)
     if snapshot.unacked_total is not None:
@@ -403,13 +409,10 @@ def _add_snapshot(
         labels = [broker, node.node]
         families["mem_used"].add_metric(labels, node.memory_used_bytes)
         families["mem_limit"].add_metric(labels, node.memory_limit_bytes)
-        memory, disk = node.memory_alarm, node.disk_alarm
-        if alarms_now is not None:
-            memory, disk = (node.node, "memory") in alarms_now, (node.node, "disk") in alarms_now
-        if memory is not None:
-            families["mem_alarm"].add_metric(labels, float(memory))
-        if disk is not None:
-            families["disk_alarm"].add_metric(labels, float(disk))
+        if alarm_states and node.memory_alarm is not None:
+            families["mem_alarm"].add_metric(labels, float(node.memory_alarm))
+        if alarm_states and node.disk_alarm is not None:
+            families["disk_alarm"].add_metric(labels, float(node.disk_alarm))
 
 
 def _add_queue(families: dict[str, GaugeMetricFamily | CounterMetricFamily], q: QueueStats) -> None:

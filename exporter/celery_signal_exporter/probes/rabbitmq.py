@@ -30,6 +30,7 @@ from urllib.parse import quote, urlsplit
 from celery_signal_exporter.probes import register
 from celery_signal_exporter.probes.base import (
     OLDEST_AGE,
+    Alarms,
     BrokerSnapshot,
     NodeStats,
     OptionError,
@@ -186,6 +187,8 @@ class RabbitMQProbe:
         self.api_url = f"{'https' if https else 'http'}://{netloc}/api/"
         self.page_size = max(1, min(opts.page_size, MAX_PAGE_SIZE))
         self.alarm_interval = opts.alarm_interval
+        #: Running nodes named by the last /api/nodes answer, even before their first statistics.
+        self._nodes: frozenset[str] = frozenset()
         self.read_oldest_age = opts.read_oldest_age
         self._columns = f"{QUEUE_COLUMNS},{AGE_COLUMN}" if self.read_oldest_age else QUEUE_COLUMNS
         # As UTF-8 bytes: requests encodes str credentials as latin-1, so a
@@ -222,6 +225,7 @@ class RabbitMQProbe:
             items = self._queues()
             now = time.time()
             nodes = self._get("nodes", {"columns": NODE_COLUMNS})
+            self._nodes = frozenset(str(node["name"]) for node in nodes if node.get("running", True))
             stats = [
                 QueueStats(
                     name=str(item["name"]),
@@ -249,23 +253,24 @@ class RabbitMQProbe:
             raise self._error(exc) from None
         return BrokerSnapshot(queues=stats, nodes=node_stats)
 
-    def alarms(self) -> set[tuple[str, str]]:
+    def alarms(self) -> Alarms:
         """The (node, "memory" | "disk") alarms raised now, from rabbit_alarm via the health check."""
         from pyrabbit2.http import HTTPError, NetworkError
 
         try:
             try:
                 self._get(ALARMS_PATH, {})
-                return set()  # 200: no alarm in the cluster
+                return Alarms(nodes=self._nodes)  # 200: no alarm in the cluster
             except HTTPError as exc:
                 if exc.status != 503:
                     raise
                 answer = json.loads(str(exc.reason))
-            return {
+            raised = frozenset(
                 (str(alarm["node"]), ALARM_NAMES[str(alarm["resource"])])
                 for alarm in answer["alarms"]
                 if str(alarm.get("resource")) in ALARM_NAMES
-            }
+            )
+            return Alarms(raised=raised, nodes=self._nodes | {node for node, _ in raised})
         except (HTTPError, NetworkError, OSError, KeyError, TypeError, ValueError) as exc:
             raise self._error(exc) from None
 
