@@ -46,6 +46,7 @@ PRODUCTION_GROUP_WAIT = 30.0  # Alertmanager's defaults
 PRODUCTION_GROUP_INTERVAL = 300.0
 PRODUCTION_REPEAT_INTERVAL = 4 * 3600.0
 PRODUCTION_PROBE_INTERVAL = 15.0  # `serve --probe-interval` default
+PRODUCTION_ALARM_INTERVAL = 1.0  # `serve --rabbitmq-alarm-interval` default
 PRODUCTION_HEARTBEAT = 2.0  # instrument(heartbeat_interval=) default
 PRODUCTION_WORKER_TIMEOUT = 10.0  # `serve --worker-timeout` default
 
@@ -53,6 +54,7 @@ SCRAPE = PRODUCTION_SCRAPE / K
 HEARTBEAT = PRODUCTION_HEARTBEAT / K
 WORKER_TIMEOUT = PRODUCTION_WORKER_TIMEOUT / K
 PROBE_INTERVAL = PRODUCTION_PROBE_INTERVAL / K
+ALARM_INTERVAL = PRODUCTION_ALARM_INTERVAL / K
 PROBE_TIMEOUT = 10.0  # a cap, not a cadence (module docstring); probe() bounds it by the interval
 
 
@@ -167,6 +169,8 @@ def probe(tmp: str, *broker_urls: str, queues: tuple[str, ...] = ()) -> Iterator
     """The broker probe, at the scaled probe interval."""
     args = [a for url in broker_urls for a in ("--broker-url", url)]
     args += [a for q in queues for a in ("--queue", q)]
+    # RabbitMQ's alarm checks (`--rabbitmq-alarm-interval`, 1 s in production) are a cadence too.
+    args += ["--rabbitmq-alarm-interval", f"{ALARM_INTERVAL:g}"]
     # `serve` refuses a timeout longer than the interval: the cap is the interval at most.
     timeout = min(PROBE_TIMEOUT, PROBE_INTERVAL)
     with exporter(tmp, *args, "--probe-interval", f"{PROBE_INTERVAL:g}", "--probe-timeout", f"{timeout:g}") as ex:

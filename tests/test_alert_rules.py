@@ -208,8 +208,13 @@ CASES: list[dict[str, Any]] = [
     case(
         "CeleryBrokerMemoryAlarm",
         [
-            (ql("celery_broker_memory_alarm", f'{PROBE}, broker="amqp://a:5672//", node="rabbit@a"'), "1x10"),
-            (ql("celery_broker_memory_alarm", f'{PROBE}, broker="amqp://a:5672//", node="rabbit@b"'), "0x10"),
+            # One alarm check a second found it raised on node a; never on node b.
+            (ql("celery_broker_memory_alarm_raised_checks_total",
+                f'{PROBE}, broker="amqp://a:5672//", node="rabbit@a"'),
+             "0+60x10"),
+            (ql("celery_broker_memory_alarm_raised_checks_total",
+                f'{PROBE}, broker="amqp://a:5672//", node="rabbit@b"'),
+             "0x10"),
         ],
         "5m",
         [expected("CeleryBrokerMemoryAlarm", {"namespace": "prod", "broker": "amqp://a:5672//", "node": "rabbit@a"})],
@@ -217,8 +222,13 @@ CASES: list[dict[str, Any]] = [
     case(
         "CeleryBrokerDiskAlarm",
         [
-            (ql("celery_broker_disk_alarm", f'{PROBE}, broker="amqp://a:5672//", node="rabbit@a"'), "1x10"),
-            (ql("celery_broker_disk_alarm", f'{PROBE}, broker="amqp://a:5672//", node="rabbit@b"'), "0x10"),
+            # One alarm check a second found it raised on node a; never on node b.
+            (ql("celery_broker_disk_alarm_raised_checks_total",
+                f'{PROBE}, broker="amqp://a:5672//", node="rabbit@a"'),
+             "0+60x10"),
+            (ql("celery_broker_disk_alarm_raised_checks_total",
+                f'{PROBE}, broker="amqp://a:5672//", node="rabbit@b"'),
+             "0x10"),
         ],
         "5m",
         [expected("CeleryBrokerDiskAlarm", {"namespace": "prod", "broker": "amqp://a:5672//", "node": "rabbit@a"})],

@@ -64,30 +64,54 @@ def firing(alert: str, severity: str, *labels: dict[str, str]) -> list[dict[str,
 
 
 def test_a_flapping_memory_alarm_pages_within_two_minutes(tmp_path: Path) -> None:
-    """Set and cleared 6 times a minute, 2-6 s each: the probe (every 15 s) and the scrape (30 s) catch
-    it raised at some scrapes only. Here at one scrape in three, fewer than the ~40% of the time it is
-    raised. A node whose alarm was seen at one scrape only, and a healthy node, never page."""
+    """Set and cleared 6 times a minute, 2-6 s each (3, 2, 5, 4, 6, 2 s, one burst every 10 s): the
+    probe checks the alarm every second (`--rabbitmq-alarm-interval`) and counts the checks that found
+    it raised, so every burst adds to the counter whatever the scrapes see. Counted pessimistically
+    here: a burst of b seconds caught by b - 1 checks, and the onset just after a scrape, so the first
+    step holds only the first two bursts (2 + 1 checks, exactly `broker_alarm_samples`). A steady
+    alarm pages too; an alarm of a second caught by one check, one of two seconds caught by two, and
+    a healthy node never page; the page ends once the alarm has stayed clear for the whole window."""
     onset = 10 * 60
+    flap_for = 20 * 60
     steps = 40 * 60 // STEP
     before = onset // STEP
-    flapping = [0.0] * before + [1.0 if i % 3 == 0 else 0.0 for i in range(steps - before)]
-    blip = [0.0] * before + [1.0] + [0.0] * (steps - before - 1)
-    alarm = "celery_broker_memory_alarm"
+    per_minute = [b - 1 for b in (3, 2, 5, 4, 6, 2)]  # checks that found each burst raised
+    first, second = sum(per_minute[:2]), sum(per_minute[2:])
+    flap_steps = flap_for // STEP
+    increments = [0] * before + [first if i % 2 == 0 else second for i in range(flap_steps)]
+    increments += [0] * (steps - len(increments))
+    assert first == PRODUCTION.broker_alarm_samples  # the first step alone reaches the threshold
+    flapping = [float(sum(increments[:i])) for i in range(steps + 1)]
+    one_check = [0.0] * (before + 1) + [1.0] * (steps - before)
+    two_checks = [0.0] * (before + 1) + [2.0] * (steps - before)
+    checks = "celery_broker_memory_alarm_raised_checks_total"
+    amqp = 'broker="amqp://a:5672//"'
     series = [
-        {"series": f'{alarm}{{{PROBE}, broker="amqp://a:5672//", node="rabbit@flap"}}', "values": samples(flapping)},
-        {"series": f'{alarm}{{{PROBE}, broker="amqp://a:5672//", node="rabbit@blip"}}', "values": samples(blip)},
-        {"series": f'{alarm}{{{PROBE}, broker="amqp://a:5672//", node="rabbit@ok"}}', "values": f"0x{steps}"},
+        {"series": f'{checks}{{{PROBE}, {amqp}, node="rabbit@flap"}}', "values": samples(flapping)},
+        {"series": f'{checks}{{{PROBE}, {amqp}, node="rabbit@steady"}}',
+         "values": counter((0, before), (30, steps - before))},
+        {"series": f'{checks}{{{PROBE}, {amqp}, node="rabbit@one"}}', "values": samples(one_check)},
+        {"series": f'{checks}{{{PROBE}, {amqp}, node="rabbit@two"}}', "values": samples(two_checks)},
+        {"series": f'{checks}{{{PROBE}, {amqp}, node="rabbit@ok"}}', "values": f"0x{steps}"},
     ]
-    page = firing("CeleryBrokerMemoryAlarm", "critical", {"broker": "amqp://a:5672//", "node": "rabbit@flap"})
+    both = firing("CeleryBrokerMemoryAlarm", "critical", {"broker": "amqp://a:5672//", "node": "rabbit@flap"},
+                  {"broker": "amqp://a:5672//", "node": "rabbit@steady"})
+    steady = firing("CeleryBrokerMemoryAlarm", "critical", {"broker": "amqp://a:5672//", "node": "rabbit@steady"})
     quiet_before = [at(t) for t in range(STEP, onset, 5 * STEP)]
+    window = seconds(PRODUCTION.broker_alarm_window)
     check(tmp_path, [{
         "interval": f"{STEP}s",
         "input_series": series,
         "alert_rule_test": [
             *({"eval_time": t, "alertname": "CeleryBrokerMemoryAlarm", "exp_alerts": []} for t in quiet_before),
-            # The target: paging 2 minutes after onset, and still paging while it flaps.
-            *({"eval_time": at(onset + t), "alertname": "CeleryBrokerMemoryAlarm", "exp_alerts": page}
-              for t in (120, 300, 900, 1500)),
+            # The target: firing at the first evaluation after the first scrape that follows the onset
+            # (Alertmanager's group_wait of 30 s then delivers it within 2 minutes), and still firing
+            # while it flaps.
+            *({"eval_time": at(onset + t), "alertname": "CeleryBrokerMemoryAlarm", "exp_alerts": both}
+              for t in (STEP, 2 * STEP, 120, 300, 900, flap_for - STEP)),
+            # Clear for a whole window: the flapping node's page resolves; the steady one stays.
+            {"eval_time": at(onset + flap_for + window + STEP), "alertname": "CeleryBrokerMemoryAlarm",
+             "exp_alerts": steady},
         ],
     }])
 

@@ -2,9 +2,10 @@
 alarm, tasks dropped by a message TTL, the first expiry, a runtime above yesterday's, a stuck task.
 
 Each incident runs its production durations divided by K (its rates kept, as the profile keeps
-ratios: see tests/test_incidents_queues.py) against the committed production rules scaled by K (tests/incident_stack.py), so a page after t suite seconds
-is a page after K*t production seconds; the targets are asserted in production seconds. The anchor
-(celery-exporter's three alerts) is measured where one of them could apply, never asserted.
+ratios: see tests/test_incidents_queues.py) against the committed production rules scaled by K
+(tests/incident_stack.py), so a page after t suite seconds is a page after K*t production seconds;
+the targets are asserted in production seconds. The anchor (celery-exporter's three alerts) is
+measured where one of them could apply, never asserted.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tests.incident_plan_inside import PERIODIC_QUEUE, PRODUCTION_INTERVAL
 from tests.incident_proxy_inside import delay_proxy
 from tests.incident_rabbit_inside import RabbitNode, rabbit_node
 from tests.incident_stack import (
+    ALARM_INTERVAL,
     PROBE_INTERVAL,
     PROBE_TIMEOUT,
     SCRAPE,
@@ -61,7 +63,7 @@ def _flapper(bursts_ms: list[int], gaps_ms: list[int]) -> str:
 
 def _node_probe_args(node: RabbitNode) -> list[str]:
     return ["--broker-url", node.amqp_url, "--rabbitmq-management-url", node.management_url,
-            "--probe-interval", f"{PROBE_INTERVAL:g}",
+            "--probe-interval", f"{PROBE_INTERVAL:g}", "--rabbitmq-alarm-interval", f"{ALARM_INTERVAL:g}",
             # The stack's floor of 2 s is refused: a timeout may not exceed the interval.
             "--probe-timeout", f"{min(PROBE_TIMEOUT, PROBE_INTERVAL):g}"]
 
@@ -71,17 +73,13 @@ def test_flapping_memory_alarm_pages_within_two_minutes(tmp_path: Path) -> None:
 
     Scaled: 6 alarms in 3 s, 0.1-0.3 s each, on a private node (an alarm blocks every publisher of
     its node). The flapping goes on through the wait (a minute of it repeats), as it did while the
-    publishers blocked. Not faithful in one point: RabbitMQ's management database samples node
-    figures at whole seconds only (5 s by default, 1 s here instead of 5 s / K = 0.25 s), so the
-    probe sees a scaled burst less often than production sees a real one (tests/incident_rabbit_inside.py).
+    publishers blocked. The probe checks the node's alarms live (GET /api/health/checks/alarms)
+    every `--rabbitmq-alarm-interval`, 1 s in production and 1/K s here, and counts the checks that
+    found the alarm raised (celery_broker_memory_alarm_raised_checks_total); the alert pages on 3 such
+    checks within 5m, so a flap pages with its first bursts whatever the scrapes happen to sample.
 
-    Measured on the rules of rulesb (2 scrapes within 5 m see the alarm): the scrapes see the alarm
-    at about a third of them (its duty cycle), and a page within 2 minutes needs 2 of the first 3 or
-    4 scrapes, so this target is met in about a third of the runs (3 of 9: pages at 91, 106, 106 s;
-    misses at 127, 166, 277, 331, 352 s and one with no page). Sampling a gauge cannot catch a 2-6 s
-    alarm every time: the page needs an event, e.g. RabbitMQ's own alarm_set events (the
-    rabbitmq_event_exchange plugin's alarm.set) counted by the probe, or the connection.blocked
-    notifications publishers receive.
+    History: on the earlier rule (the sampled gauge seen at 2 scrapes within 5m) this met its target
+    in 3 of 9 runs; on the counted checks, 9 of 9 (pages at 59-83 production s).
     """
     tmp = str(tmp_path)
     with rabbit_node(tmp) as node, exporter(tmp, *_node_probe_args(node)) as probe, \
@@ -95,13 +93,14 @@ def test_flapping_memory_alarm_pages_within_two_minutes(tmp_path: Path) -> None:
         onset = time.time()
         node.eval(_flapper(bursts, gaps))
         ours = stack.wait_page("CeleryBrokerMemoryAlarm", onset, within=target)
-        seen = _one(stack, f"sum_over_time(celery_broker_memory_alarm[{time.time() - onset + 1:.0f}s])")
-        scrapes = _one(stack, f"count_over_time(celery_broker_memory_alarm[{time.time() - onset + 1:.0f}s])")
+        window = f"{time.time() - onset + 1:.0f}s"
+        seen = _one(stack, f"sum(increase(celery_broker_memory_alarm_raised_checks_total[{window}]))")
+        scrapes = _one(stack, f"sum(increase(celery_broker_alarm_checks_total[{window}]))")
         report(Measure("flapping RabbitMQ memory alarm (6 x 2-6 s a minute)", onset,
                        {"ours:CeleryBrokerMemoryAlarm": ours}))
         assert ours is not None and ours <= target, (
             f"a flapping memory alarm did not page within {target:g} production s (page after {ours}); "
-            f"Prometheus saw the alarm raised at {seen} of its {scrapes} scrapes since the onset")
+            f"the probe found the alarm raised at {seen} of its {scrapes} checks since the onset")
 
 
 # --- Inside the workers (a private Redis): slower than yesterday, stuck, RAM-hungry, slow publisher,

@@ -24,7 +24,8 @@ from kombu.messaging import Queue
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 
-from celery_signal_exporter.probes import BrokerSnapshot, ProbeOptions, probe_for_url
+from celery_signal_exporter.probes import BrokerSnapshot, NodeStats, ProbeError, ProbeOptions, probe_for_url
+from celery_signal_exporter.probes.base import Alarms
 from celery_signal_exporter.probes.loop import LoopOptions, ProbeGroup, ProbeLoop, build_probe_loops
 from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe, RabbitMQSettings
 from celery_signal_exporter.probes.redis import RedisProbe
@@ -467,3 +468,133 @@ def test_discovery_runs_every_n_cycles_not_every_probe(redis_url: str, app: Cele
     assert (
         value(list(loop.collect()), "celery_queue_length", queue_name="found", vhost=redis_url.rsplit("/", 1)[1]) == 1
     )
+
+
+# -- alarm watch ---------------------------------------------------------------------
+
+MEM_RAISED = "celery_broker_memory_alarm_raised_checks_total"
+DISK_RAISED = "celery_broker_disk_alarm_raised_checks_total"
+CHECKS = "celery_broker_alarm_checks_total"
+
+
+class ScriptedAlarms:
+    """A probe whose alarm checks answer from a script (then clear), with one RabbitMQ-like node in its
+    snapshots: the loop's counting, state and error handling, without raising a real broker's alarm."""
+
+    def __init__(self, script: list[Alarms | Exception], alarm_interval: float = 0.05) -> None:
+        self.script = list(script)
+        self.alarm_interval = alarm_interval
+        self.calls = 0
+
+    def discover(self) -> set[str]:
+        return set()
+
+    def snapshot(self, queues: set[str]) -> BrokerSnapshot:
+        return BrokerSnapshot(nodes=[NodeStats("rabbit@a", 1.0, 2.0, memory_alarm=False, disk_alarm=False)])
+
+    def alarms(self) -> Alarms:
+        self.calls += 1
+        answer = self.script.pop(0) if self.script else Alarms(nodes=frozenset({"rabbit@a"}))
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def close(self) -> None:
+        pass
+
+
+def alarm_values(loop: ProbeLoop, node: str = "rabbit@a") -> tuple[float | None, ...]:
+    families = list(loop.collect())
+    b = loop.broker
+    return (value(families, CHECKS, broker=b), value(families, MEM_RAISED, broker=b, node=node),
+            value(families, DISK_RAISED, broker=b, node=node),
+            value(families, "celery_broker_memory_alarm", broker=b, node=node),
+            value(families, "celery_broker_disk_alarm", broker=b, node=node))
+
+
+def test_alarm_checks_are_counted_per_node_and_resource(caplog: pytest.LogCaptureFixture) -> None:
+    a, b = "rabbit@a", "rabbit@b"
+    nodes = frozenset({a, b})
+    script: list[Alarms | Exception] = [
+        Alarms(nodes=nodes),
+        Alarms(raised=frozenset({(a, "memory")}), nodes=nodes),
+        Alarms(raised=frozenset({(a, "memory"), (b, "disk")}), nodes=nodes),
+        ProbeError("auth", "HTTPError", "401 for amqp://guest:S3cret-x@h"),
+        RuntimeError("a probe bug"),
+        Alarms(raised=frozenset({(a, "disk"), (a, "cpu")}), nodes=nodes),  # an unknown resource is ignored
+    ]
+    probe = ScriptedAlarms(script)
+    url = "amqp://guest:S3cret-x@rabbit.example:5672//"
+    loop = ProbeLoop(probe, url, LoopOptions(interval=30, timeout=1))
+    assert loop.probe_once()
+    # Before any check: the snapshot's node has its counters at 0, and the snapshot's alarm state.
+    assert alarm_values(loop) == (0.0, 0.0, 0.0, 0.0, 0.0)
+    assert loop.check_alarms_once()
+    assert alarm_values(loop, b) == (1.0, 0.0, 0.0, 0.0, 0.0)  # b, unknown to the snapshot, named by the check
+    assert loop.check_alarms_once()
+    assert alarm_values(loop) == (2.0, 1.0, 0.0, 1.0, 0.0)  # the live state wins over the snapshot's
+    assert loop.check_alarms_once()
+    assert alarm_values(loop) == (3.0, 2.0, 0.0, 1.0, 0.0)
+    assert alarm_values(loop, b) == (3.0, 0.0, 1.0, 0.0, 1.0)
+    with caplog.at_level(logging.DEBUG, logger="celery_signal_exporter"):
+        assert not loop.check_alarms_once()
+        assert not loop.check_alarms_once()
+    families = list(loop.collect())
+    assert value(families, "celery_exporter_probe_errors_total", broker=loop.broker, reason="auth") == 1.0
+    assert value(families, "celery_exporter_probe_errors_total", broker=loop.broker, reason="other") == 1.0
+    assert value(families, "celery_broker_up", broker=loop.broker) == 1.0  # the snapshots say so, not the watch
+    assert alarm_values(loop) == (3.0, 2.0, 0.0, 0.0, 0.0)  # no live answer: the snapshot's state again
+    assert "S3cret-x" not in caplog.text and "alarm check failed (auth)" in caplog.text
+    assert loop.check_alarms_once()
+    assert alarm_values(loop) == (4.0, 2.0, 1.0, 0.0, 1.0)
+    assert "cpu" not in repr(samples(list(loop.collect())))
+
+
+def test_alarm_watch_runs_on_its_own_cadence() -> None:
+    """Snapshots every 30 s, alarm checks every 0.05 s: the checks go on between two snapshots."""
+    probe = ScriptedAlarms([Alarms(raised=frozenset({("rabbit@a", "memory")}), nodes=frozenset({"rabbit@a"}))] * 3)
+    loop = ProbeLoop(probe, "amqp://rabbit.example:5672//", LoopOptions(interval=30, timeout=1))
+    loop.start()
+    try:
+        wait_for(lambda: (alarm_values(loop)[0] or 0) >= 10, 20, "ten alarm checks within one probe interval")
+    finally:
+        loop.stop()
+    assert alarm_values(loop)[1] == 3.0
+    assert not any(t.name.startswith("alarm watch") and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_probe_without_a_watch_counts_its_snapshots_as_checks() -> None:
+    """A probe that reports alarms in its snapshots only: each snapshot is one check."""
+    raised = [True, False, True]
+
+    class SnapshotAlarms:
+        def discover(self) -> set[str]:
+            return set()
+
+        def snapshot(self, queues: set[str]) -> BrokerSnapshot:
+            return BrokerSnapshot(nodes=[NodeStats("n", 1.0, 2.0, memory_alarm=raised.pop(0), disk_alarm=False)])
+
+        def close(self) -> None:
+            pass
+
+    loop = ProbeLoop(SnapshotAlarms(), "amqp://rabbit.example:5672//", LoopOptions(interval=30, timeout=1))
+    for _ in range(3):
+        assert loop.probe_once()
+    assert alarm_values(loop, "n") == (3.0, 2.0, 0.0, 1.0, 0.0)
+
+
+def test_redis_has_no_alarm_series(redis_url: str) -> None:
+    loop = redis_loop(redis_url)
+    assert loop.probe_once()
+    got = samples(list(loop.collect()))
+    assert {CHECKS, MEM_RAISED, DISK_RAISED, "celery_broker_memory_alarm"}.isdisjoint(got)
+
+
+def test_rabbitmq_alarm_check_on_the_shared_broker(amqp_url: str) -> None:
+    """Only read: the shared node has no alarm, so its counters are there, at 0, after a check."""
+    loop = ProbeLoop(probe_for_url(amqp_url), amqp_url)
+    assert loop.probe_once()
+    assert loop.check_alarms_once()
+    families = list(loop.collect())
+    (node,) = {dict(k)["node"] for k in samples(families)[MEM_RAISED]}
+    assert alarm_values(loop, node) == (1.0, 0.0, 0.0, 0.0, 0.0)

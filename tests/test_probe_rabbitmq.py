@@ -23,10 +23,12 @@ from kombu.messaging import Consumer, Queue
 from pyrabbit2.api import Client
 
 from celery_signal_exporter.probes import ProbeOptions, probe_for_url
-from celery_signal_exporter.probes.base import BrokerSnapshot, ProbeError
+from celery_signal_exporter.probes.base import BrokerSnapshot, OptionError, ProbeError
+from celery_signal_exporter.probes.loop import LoopOptions, ProbeLoop
 from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe, RabbitMQSettings
 from tests.conftest import AMQP_HOST, RABBIT_MGMT_PORT
 from tests.harness import PYTHONPATH, Samples, exporter, has, value, wait_until
+from tests.incident_rabbit_inside import RabbitNode, rabbit_node
 
 T = TypeVar("T")
 STATS_LAG = 30.0  # seconds to wait for the management API to catch up
@@ -319,3 +321,147 @@ def test_a_due_header_alone_gives_no_age(amqp_url: str, app: Celery) -> None:
     assert snap.queues[0].oldest_message_age_seconds is None
     assert snap.unacked_total is None
     assert p.discover() == set()
+
+
+# --- Resource alarms, watched live. Raised ONLY on a private node (tests/incident_rabbit_inside.py): an alarm on
+# the shared broker at :5672 would block every other test's publishers.
+
+MEM_RAISED = "celery_broker_memory_alarm_raised_checks_total"
+DISK_RAISED = "celery_broker_disk_alarm_raised_checks_total"
+CHECKS = "celery_broker_alarm_checks_total"
+
+
+@pytest.fixture(scope="module")
+def private_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+    with rabbit_node(str(tmp_path_factory.mktemp("rabbit"))) as node:
+        yield node
+
+
+def set_alarm(node: RabbitNode, resource: str) -> None:
+    """Raise the private node's `memory` or `disk` alarm as rabbit_alarm itself does."""
+    node.eval(f"rabbit_alarm:set_alarm({{{{resource_limit, {resource}, node()}}, []}}).")
+
+
+def clear_alarm(node: RabbitNode, resource: str) -> None:
+    node.eval(f"rabbit_alarm:clear_alarm({{resource_limit, {resource}, node()}}).")
+
+
+def flapper(bursts_ms: list[int], gaps_ms: list[int]) -> str:
+    """Erlang for ONE `rabbitmqctl eval`: a process inside the node that raises and clears the memory
+    alarm on the given schedule, so the bursts are as short as asked (an eval alone costs a second)."""
+    steps = ", ".join(f"{{{b}, {g}}}" for b, g in zip(bursts_ms, gaps_ms, strict=True))
+    return ("Alarm = {resource_limit, memory, node()}, spawn(fun() -> lists:foreach(fun({B, G}) -> "
+            "rabbit_alarm:set_alarm({Alarm, []}), timer:sleep(B), rabbit_alarm:clear_alarm(Alarm), timer:sleep(G) "
+            f"end, [{steps}]) end), ok.")
+
+
+def node_probe(node: RabbitNode, **settings: Any) -> RabbitMQProbe:
+    host, port = node.management_url.removeprefix("http://").split(":")
+    return rabbit_probe(node.amqp_url, mgmt_host=host, mgmt_port=int(port), **settings)
+
+
+def test_alarms_are_read_live(private_node: RabbitNode) -> None:
+    """The health check asks rabbit_alarm itself: the first read after `set_alarm` returns shows the
+    alarm, and the first after `clear_alarm` shows none, without waiting for a statistics interval
+    (/api/nodes's `mem_alarm` was still false 8 s after a set on 3.10.8)."""
+    probe = node_probe(private_node)
+    node = private_node.node
+    assert probe.alarm_interval == 1.0
+    assert probe.alarms().raised == set()
+    set_alarm(private_node, "memory")
+    try:
+        assert probe.alarms().raised == {(node, "memory")}
+        set_alarm(private_node, "disk")
+        assert probe.alarms().raised == {(node, "memory"), (node, "disk")}
+        clear_alarm(private_node, "memory")
+        assert probe.alarms().raised == {(node, "disk")}
+    finally:
+        clear_alarm(private_node, "memory")
+        clear_alarm(private_node, "disk")
+    assert probe.alarms().raised == set()
+
+
+def test_a_flapping_alarm_is_counted_by_the_loop(private_node: RabbitNode) -> None:
+    """Six bursts of 1 s, 1 s apart, checked every 0.1 s: every burst adds checks, so the counter
+    reaches at least one per burst, while the disk counter and every check before the flap stay 0."""
+    probe = node_probe(private_node, alarm_interval=0.1)
+    loop = ProbeLoop(probe, private_node.amqp_url, LoopOptions(interval=5, timeout=4))
+    node = private_node.node
+    loop.start()
+    try:
+        quiet = eventually(lambda: samples_of(loop), lambda s: s.get((CHECKS, ()), 0) >= 5,
+                           "five alarm checks of the private node")
+        assert quiet[(MEM_RAISED, (("node", node),))] == 0
+        assert quiet[(DISK_RAISED, (("node", node),))] == 0
+        assert quiet[("celery_broker_memory_alarm", (("node", node),))] == 0
+        bursts = 6
+        private_node.eval(flapper([1000] * bursts, [1000] * bursts))
+        time.sleep(2 * bursts + 1)  # the flapper runs inside the node for 12 s from the eval's return
+        after = samples_of(loop)
+    finally:
+        loop.stop()
+        clear_alarm(private_node, "memory")
+    raised = after[(MEM_RAISED, (("node", node),))]
+    checks = after[(CHECKS, ())] - quiet[(CHECKS, ())]
+    print(f"flapping alarm: {raised:g} of {checks:g} checks found it raised ({bursts} bursts of 1 s)")
+    assert bursts <= raised <= checks, (raised, checks)
+    assert raised < after[(CHECKS, ())]  # the gaps were checked too, and found clear
+    assert after[(DISK_RAISED, (("node", node),))] == 0
+
+
+def samples_of(loop: ProbeLoop) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The loop's samples by name and labels, `broker` left out."""
+    return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "broker"))): s.value
+            for family in loop.collect() for s in family.samples}
+
+
+def test_alarm_counters_through_the_exporter(private_node: RabbitNode, tmp_path: Any) -> None:
+    """`--rabbitmq-alarm-interval` on the command line: a steady alarm adds about one check a second."""
+    args = ["--broker-url", private_node.amqp_url, "--rabbitmq-management-url", private_node.management_url,
+            "--probe-interval", "5", "--probe-timeout", "4", "--rabbitmq-alarm-interval", "0.2"]
+    node = private_node.node
+    with exporter(str(tmp_path), *args) as ex:
+        s = eventually(ex.scrape, lambda s: value(s, CHECKS) >= 3, "three alarm checks")
+        assert has(s, MEM_RAISED, node=node) and value(s, MEM_RAISED, node=node) == 0
+        set_alarm(private_node, "memory")
+        try:
+            s = eventually(ex.scrape, lambda s: value(s, MEM_RAISED, node=node) >= 5,
+                           "five checks that found the memory alarm raised")
+            assert value(s, "celery_broker_memory_alarm", node=node) == 1.0  # the live state, not /api/nodes's
+            assert value(s, DISK_RAISED, node=node) == 0
+        finally:
+            clear_alarm(private_node, "memory")
+
+
+def test_alarm_check_failures_are_probe_errors(amqp_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """An unreachable or refusing alarm endpoint: a counted probe error by reason, no crash, no password.
+    (Reading the shared broker's health check raises nothing on it.)"""
+    host_and_vhost = amqp_url.split("@", 1)[1]
+    refused = rabbit_probe("amqp://guest:S3cret-x@127.0.0.1:5672//", mgmt_port=1, timeout=2)
+    wrong = rabbit_probe(f"amqp://nobody:Wr0ng-P4ss@{host_and_vhost}")
+    for probe, reason, secret in ((refused, "connection", "S3cret-x"), (wrong, "auth", "Wr0ng-P4ss")):
+        with pytest.raises(ProbeError) as err:
+            probe.alarms()
+        assert err.value.reason == reason and secret not in str(err.value)
+        loop = ProbeLoop(probe, probe.url, LoopOptions(interval=5, timeout=4))
+        with caplog.at_level("DEBUG", logger="celery_signal_exporter"):
+            assert loop.check_alarms_once() is False
+            assert loop.check_alarms_once() is False
+        got = samples_of(loop)
+        assert got[("celery_exporter_probe_errors_total", (("reason", reason),))] == 2
+        assert got[(CHECKS, ())] == 0
+        assert secret not in caplog.text
+        caplog.clear()
+
+
+def test_alarm_interval_option() -> None:
+    assert RabbitMQSettings.from_options(_option_values(rabbitmq_alarm_interval=0.05)).alarm_interval == 0.05
+    assert RabbitMQSettings.from_options(_option_values(rabbitmq_alarm_interval=None)).alarm_interval == 1.0
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(OptionError, match="--rabbitmq-alarm-interval"):
+            RabbitMQSettings.from_options(_option_values(rabbitmq_alarm_interval=bad))
+
+
+def _option_values(**values: Any) -> dict[str, Any]:
+    return {"rabbitmq_management_url": None, "rabbitmq_management_user": None,
+            "rabbitmq_management_password": None, "rabbitmq_vhosts": (), "oldest_age": True, **values}

@@ -123,7 +123,7 @@ def test_the_registry_knows_both_brokers_and_their_options() -> None:
     assert [o.flag for o in by_name["redis"].options] == ["--oldest-age/--no-oldest-age"]
     assert {o.key for o in by_name["rabbitmq"].options} == {
         "rabbitmq_management_url", "rabbitmq_management_user", "rabbitmq_management_password", "rabbitmq_vhosts",
-        "oldest_age"}
+        "rabbitmq_alarm_interval", "oldest_age"}
     # The one option both read is the same declaration, shared rather than a clash.
     assert by_name["redis"].options[0] in by_name["rabbitmq"].options
     with pytest.raises(ValueError, match="no broker probe"):

@@ -351,6 +351,24 @@ BROKER_DISK_ALARM = Spec(
     "celery_broker_disk_alarm", "gauge", "1 if the node's disk alarm blocks publishers", NODE,
     recorded_by="probe", notes="RabbitMQ only",
 )
+BROKER_ALARM_CHECKS = Spec(
+    "celery_broker_alarm_checks", "counter", "Alarm checks the broker answered", ("broker",),
+    recorded_by="probe (alarm watch)",
+    notes="RabbitMQ only: one per `--rabbitmq-alarm-interval` (1 s) while the management API answers; "
+          "its rate shows the watch runs",
+)
+BROKER_MEMORY_ALARM_RAISED = Spec(
+    "celery_broker_memory_alarm_raised_checks", "counter", "Alarm checks that found the node's memory alarm raised",
+    NODE, recorded_by="probe (alarm watch)",
+    notes="RabbitMQ only, from `GET /api/health/checks/alarms` (live, unlike /api/nodes); about the seconds the "
+          "alarm was raised. A counter keeps every burst of an alarm that flaps for seconds, which a gauge "
+          "sampled at scrapes misses; 0 from the first probe for every node, so `increase()` sees the first one",
+)
+BROKER_DISK_ALARM_RAISED = Spec(
+    "celery_broker_disk_alarm_raised_checks", "counter", "Alarm checks that found the node's free-disk alarm raised",
+    NODE, recorded_by="probe (alarm watch)",
+    notes="RabbitMQ only; as `celery_broker_memory_alarm_raised_checks_total`, for the free-disk alarm",
+)
 
 # -- the exporter's own metrics
 
@@ -511,7 +529,8 @@ worker, or replacing it under a new hostname, is not a worker down.
     Section(
         "Broker metrics (probes)",
         (QUEUE_LENGTH, QUEUE_UNACKED, QUEUE_CONSUMERS, QUEUE_OLDEST_AGE, BROKER_UP, BROKER_UNACKED,
-         BROKER_MEMORY_USED, BROKER_MEMORY_LIMIT, BROKER_MEMORY_ALARM, BROKER_DISK_ALARM),
+         BROKER_MEMORY_USED, BROKER_MEMORY_LIMIT, BROKER_MEMORY_ALARM, BROKER_DISK_ALARM, BROKER_ALARM_CHECKS,
+         BROKER_MEMORY_ALARM_RAISED, BROKER_DISK_ALARM_RAISED),
         after="""\
 `broker` is the broker URL with the user, password, query and fragment
 removed, e.g. `redis://10.0.0.5:6379/0`.
@@ -525,7 +544,7 @@ removed, e.g. `redis://10.0.0.5:6379/0`.
 | consumers (`celery_queue_consumers`) | **no**: a BRPOP client does not say which queues it serves | yes |
 | oldest-message age (`celery_queue_oldest_message_age_seconds`) | yes, for queues whose next message carries the `csx_due` header | classic queues only, whose next message carries the AMQP `timestamp` property and is in memory (`head_message_timestamp`); **no** for quorum queues, streams, or a paged-out head (lazy queues) (checked on 3.10.8) |
 | memory used and limit | yes: `used_memory`, `maxmemory` (0 = none) | yes: `mem_used`, `mem_limit` of every node |
-| memory and disk alarms | **no** | yes, per node |
+| memory and disk alarms | **no** | yes, per node: the state, and every alarm check (`--rabbitmq-alarm-interval`, 1 s) that found one raised, read live from `/api/health/checks/alarms` |
 | broker up | yes | yes |
 
 A series the broker cannot give is absent, never a misleading 0. On

@@ -105,12 +105,15 @@ class Config:
     broker_memory_for: str = "10m"
     broker_memory_horizon: str = "4h"
     broker_memory_predict_for: str = "15m"
-    # An alarm pages once the scrapes saw it raised at least `broker_alarm_samples` times within
-    # `broker_alarm_window`: a flapping alarm (set and cleared every few seconds) never holds for a
-    # whole `for`, while a single brief alarm seen once stays quiet. A count of scrapes, which a scaled
-    # profile keeps (its scrape interval scales with the window).
+    # An alarm pages once the probe's alarm checks (every `--rabbitmq-alarm-interval`, 1 s) found it
+    # raised at least `broker_alarm_samples` times within `broker_alarm_window`: a counter keeps every
+    # burst of a flapping alarm (set and cleared every few seconds), which never holds for a whole
+    # `for` and which 30 s scrapes of a gauge catch by chance only. 3 checks are about 3 s of blocked
+    # publishers: the first two bursts of any flap (2 s or more each) reach it, and so does a steady
+    # alarm within 3 s, while an alarm of a second or less caught by one or two checks stays quiet.
+    # A count of checks, which a scaled profile keeps: the test divides the check interval by K too.
     broker_alarm_window: str = "5m"
-    broker_alarm_samples: int = 2
+    broker_alarm_samples: int = 3
     broker_alarm_for: str = "0s"
     broker_down_for: str = "5m"
 
@@ -188,8 +191,8 @@ PRODUCTION = Config()
 
 
 #: Count thresholds a scaled profile divides by K with the durations. Ratios, counts of an
-#: entry's own intervals (which scale with the entry) and counts of scrapes (`broker_alarm_samples`:
-#: the scrape interval scales with the window) stay as they are.
+#: entry's own intervals (which scale with the entry) and counts of alarm checks (`broker_alarm_samples`:
+#: the test divides the probe's alarm interval by K with the window) stay as they are.
 COUNT_FIELDS = ("backlog_floor", "queue_limit", "failure_min", "dropped_min", "slower_runs_min")
 
 

@@ -687,10 +687,19 @@ def queues(c: Config) -> Dashboard:
         _ts(
             c,
             "Alarms",
-            "RabbitMQ memory and disk alarms by node; while one is raised the broker blocks publishers.",
+            "RabbitMQ memory and disk alarms by node; while one is raised the broker blocks publishers. "
+            "The state is the last check's; the checks raised per second (one check a second by default, so "
+            "the share of the time it was raised) keep every burst of an alarm that flaps between two scrapes, "
+            "as CeleryBrokerMemoryAlarm counts them; the checks per second show the watch runs.",
             "short",
             (f"max {_by(c, 'node')}({_q(c, 'celery_broker_memory_alarm')})", "{{node}} memory"),
             (f"max {_by(c, 'node')}({_q(c, 'celery_broker_disk_alarm')})", "{{node}} disk"),
+            (f"max {_by(c, 'node')}(rate({_q(c, 'celery_broker_memory_alarm_raised_checks_total')}[{RATE}]))",
+             "{{node}} memory checks raised /s"),
+            (f"max {_by(c, 'node')}(rate({_q(c, 'celery_broker_disk_alarm_raised_checks_total')}[{RATE}]))",
+             "{{node}} disk checks raised /s"),
+            (f"max {_by(c, 'broker')}(rate({_q(c, 'celery_broker_alarm_checks_total')}[{RATE}]))",
+             "{{broker}} alarm checks /s"),
         ),
         w=8,
     )

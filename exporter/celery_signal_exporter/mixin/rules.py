@@ -284,9 +284,11 @@ def _all_alerts(c: Config) -> list[Alert]:
 
 
 def _alarm_seen(c: Config, metric: str) -> str:
-    """Scrapes within the window that saw the alarm raised: a flapping alarm adds up, where an
-    instantaneous gauge with a `for` is reset by every clear and never fires."""
-    return (f"max by ({c.by}broker, node) (sum_over_time({metric}{{{c.sel()}}}[{c.broker_alarm_window}]))\n"
+    """The probe's alarm checks within the window that found the alarm raised. Counted by the probe
+    every second, a flapping alarm adds up burst by burst, where a gauge with a `for` is reset by
+    every clear, and a gauge sampled at scrapes sees a 2-6 s burst by chance only. At least
+    `broker_alarm_samples` checks, so an alarm of a second, caught by one check or two, stays quiet."""
+    return (f"max by ({c.by}broker, node) (increase({metric}{{{c.sel()}}}[{c.broker_alarm_window}]))\n"
             f">= {c.broker_alarm_samples}")
 
 
@@ -406,23 +408,25 @@ def _celery_alerts(c: Config) -> list[Alert]:
         ),
         Alert(
             "CeleryBrokerMemoryAlarm",
-            _alarm_seen(c, "celery_broker_memory_alarm"),
+            _alarm_seen(c, "celery_broker_memory_alarm_raised_checks_total"),
             c.broker_alarm_for,
             "critical",
             "A RabbitMQ memory alarm is blocking publishers.",
-            f"Broker {broker} raised its memory alarm at {c.broker_alarm_samples} or more scrapes within "
-            f"{c.broker_alarm_window}: it blocks every connection that publishes until memory use falls below "
+            f"The probe's alarm checks found the memory alarm of broker {broker} raised {c.broker_alarm_samples} "
+            f"or more times within {c.broker_alarm_window}, steadily or in bursts: it blocks every connection "
+            "that publishes until memory use falls below "
             "the watermark.",
             (QUEUES, "Alarms"),
         ),
         Alert(
             "CeleryBrokerDiskAlarm",
-            _alarm_seen(c, "celery_broker_disk_alarm"),
+            _alarm_seen(c, "celery_broker_disk_alarm_raised_checks_total"),
             c.broker_alarm_for,
             "critical",
             "A RabbitMQ disk alarm is blocking publishers.",
-            f"Broker {broker} raised its free-disk alarm at {c.broker_alarm_samples} or more scrapes within "
-            f"{c.broker_alarm_window}: it blocks every connection that publishes until disk space is freed.",
+            f"The probe's alarm checks found the free-disk alarm of broker {broker} raised {c.broker_alarm_samples} "
+            f"or more times within {c.broker_alarm_window}, steadily or in bursts: it blocks every connection "
+            "that publishes until disk space is freed.",
             (QUEUES, "Alarms"),
         ),
         Alert(

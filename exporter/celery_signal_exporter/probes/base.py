@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 #: Every reason a probe error is counted under; the loop pre-creates them at 0
 #: so that `rate()` works before the first failure.
 ERROR_REASONS = ("connection", "timeout", "auth", "protocol", "other")
+#: The resource alarms a broker can raise that block its publishers (RabbitMQ's memory and free-disk
+#: alarms); an alarm watch answers with (node, resource) pairs of these.
+ALARM_RESOURCES = ("memory", "disk")
 
 
 @dataclass(frozen=True)
@@ -178,3 +181,27 @@ class Probe(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Alarms:
+    """One alarm check's answer."""
+
+    #: (node, resource) pairs raised now; `resource` is one of ALARM_RESOURCES.
+    raised: frozenset[tuple[str, str]] = frozenset()
+    #: Every node the broker named lately, raised or not, so each gets its counters at 0.
+    nodes: frozenset[str] = frozenset()
+
+
+@runtime_checkable
+class AlarmWatch(Protocol):
+    """What a probe whose broker has resource alarms adds, so the loop can watch them on their
+    own fast cadence: an alarm that flaps for seconds falls between two snapshots (15 s apart)."""
+
+    #: Seconds between the starts of two alarm checks.
+    alarm_interval: float
+
+    def alarms(self) -> Alarms:
+        """The alarms raised right now, read from a live source (never a statistics cache that
+        lags). Raises `ProbeError`."""
+        ...

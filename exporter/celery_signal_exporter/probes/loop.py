@@ -9,6 +9,11 @@ Each cycle runs the probe in a fresh daemon thread and waits at most
 is still stuck no new call is started, so hung calls never pile up threads.
 The probe's own socket timeouts (set from the same value) make the stuck call
 end by itself, and the next cycle reconnects.
+
+A probe that can read its broker's resource alarms live (`AlarmWatch`: RabbitMQ)
+is also asked for them on a fast cadence of its own, in a second thread, and
+every check that finds an alarm raised is counted: a counter keeps each burst
+of an alarm that flaps for seconds, which a gauge sampled by 30 s scrapes misses.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter.probes import probe_for_url
 from celery_signal_exporter.probes.base import (
+    ALARM_RESOURCES,
     ERROR_REASONS,
+    AlarmWatch,
     BrokerSnapshot,
     Probe,
     ProbeError,
@@ -117,6 +124,14 @@ class ProbeLoop:
         self._errors = dict.fromkeys(ERROR_REASONS, 0)
         self._dropped_total = 0
         self._last_failure = ""
+        # The alarm watch (None for brokers without one); guarded by _lock like the above.
+        self._watch = probe if isinstance(probe, AlarmWatch) else None
+        self._watch_thread: threading.Thread | None = None
+        self._alarm_checks = 0
+        self._alarm_raised: dict[tuple[str, str], int] = {}  # (node, resource) -> checks that saw it
+        self._alarms_now: set[tuple[str, str]] | None = None  # the last check's answer; None after a failure
+        self._watch_failing = False
+        self._known_nodes: set[str] = set()
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -134,6 +149,9 @@ class ProbeLoop:
         if self._thread is not None:
             self._thread.join(self.options.timeout + 1)
             self._thread = None
+        if self._watch_thread is not None:
+            self._watch_thread.join(self.options.timeout + 1)
+            self._watch_thread = None
         try:
             self.probe.close()
         except Exception as exc:  # noqa: BLE001 - shutting down; report, never raise
@@ -143,6 +161,11 @@ class ProbeLoop:
         next_run = time.monotonic()
         while not self._stop.is_set():
             self.probe_once()
+            if self._watch is not None and self._watch_thread is None:
+                # After the first snapshot, which names the nodes whose alarm counters start at 0.
+                self._watch_thread = threading.Thread(target=self._watch_alarms, args=(self._watch,),
+                                                      name=f"alarm watch {self.broker}", daemon=True)
+                self._watch_thread.start()
             next_run += self.options.interval
             now = time.monotonic()
             next_run = max(next_run, now)  # after a long stall, don't burst to catch up
@@ -176,6 +199,50 @@ class ProbeLoop:
             return False
         self._record_success(result.snapshot, result.dropped, started)
         return True
+
+    def _watch_alarms(self, watch: AlarmWatch) -> None:
+        """The alarm watch thread: one check every `alarm_interval`, never catching up after a stall.
+        A check that hangs is bounded by the probe's own HTTP timeout and only delays the next."""
+        next_run = time.monotonic()
+        while not self._stop.is_set():
+            self.check_alarms_once()
+            next_run += watch.alarm_interval
+            now = time.monotonic()
+            next_run = max(next_run, now)
+            self._stop.wait(next_run - now)
+
+    def check_alarms_once(self) -> bool:
+        """Ask the probe for the alarms raised now and count them; True on an answer. A failed check
+        is counted as a probe error by reason; it does not mark the broker down (snapshots do)."""
+        if self._watch is None:
+            return False
+        try:
+            answer = self._watch.alarms()
+        except Exception as exc:  # noqa: BLE001 - a probe bug must not kill the watch
+            reason, cause, message = ("other", type(exc).__name__, str(exc))
+            if isinstance(exc, ProbeError):
+                reason, cause, message = exc.reason, exc.cause, exc.message
+            with self._lock:
+                self._errors[reason if reason in self._errors else "other"] += 1
+                self._alarms_now = None
+                first, self._watch_failing = not self._watch_failing, True
+            log.log(logging.WARNING if first else logging.DEBUG, "broker %s alarm check failed (%s): %s: %s",
+                    self.broker, reason, cause, scrub(message, self._url))
+            return False
+        raised = {(node, resource) for node, resource in answer.raised if resource in ALARM_RESOURCES}
+        with self._lock:
+            self._known_nodes.update(answer.nodes)
+            self._count_check(raised)
+            self._alarms_now = raised
+            self._watch_failing = False
+        return True
+
+    def _count_check(self, raised: set[tuple[str, str]]) -> None:
+        """One alarm check and what it found raised; the caller holds `_lock`."""
+        self._alarm_checks += 1
+        for key in raised:
+            self._alarm_raised[key] = self._alarm_raised.get(key, 0) + 1
+        self._known_nodes.update(node for node, _ in raised)
 
     def _attempt(self, result: _Result, discover: bool) -> None:
         """The worker thread: all broker I/O of a cycle happens here."""
@@ -234,6 +301,13 @@ class ProbeLoop:
             self._last_success = time.time()
             self._duration = time.monotonic() - started
             self._dropped_total += max(0, dropped)
+            # Nodes that can raise alarms (RabbitMQ's, not Redis's) get their alarm counters at 0.
+            alarming = [n for n in snapshot.nodes if n.memory_alarm is not None or n.disk_alarm is not None]
+            self._known_nodes.update(n.node for n in alarming)
+            if alarming and self._watch is None:
+                # A probe without a fast watch: each snapshot's reading is the alarm check.
+                self._count_check({(n.node, "memory") for n in alarming if n.memory_alarm}
+                                  | {(n.node, "disk") for n in alarming if n.disk_alarm})
             self._last_failure = ""
         if not was_up:
             log.info("broker %s up: %d queues", self.broker, len(snapshot.queues))
@@ -272,6 +346,8 @@ class ProbeLoop:
             snapshot, up = self._snapshot, self._up
             last_success, duration = self._last_success, self._duration
             errors, dropped = dict(self._errors), self._dropped_total
+            alarm_checks, alarm_raised = self._alarm_checks, dict(self._alarm_raised)
+            alarms_now, known_nodes = self._alarms_now, sorted(self._known_nodes)
         b = [self.broker]
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "length": c.family(c.QUEUE_LENGTH),
@@ -284,6 +360,9 @@ class ProbeLoop:
             "mem_limit": c.family(c.BROKER_MEMORY_LIMIT),
             "mem_alarm": c.family(c.BROKER_MEMORY_ALARM),
             "disk_alarm": c.family(c.BROKER_DISK_ALARM),
+            "alarm_checks": c.family(c.BROKER_ALARM_CHECKS),
+            "memory_raised": c.family(c.BROKER_MEMORY_ALARM_RAISED),
+            "disk_raised": c.family(c.BROKER_DISK_ALARM_RAISED),
             "duration": c.family(c.PROBE_DURATION),
             "last_success": c.family(c.PROBE_LAST_SUCCESS),
             "errors": c.family(c.PROBE_ERRORS),
@@ -298,13 +377,30 @@ class ProbeLoop:
         if last_success is not None:
             families["last_success"].add_metric(b, last_success)
         if snapshot is not None:
-            _add_snapshot(families, self.broker, snapshot)
+            _add_snapshot(families, self.broker, snapshot, alarm_states=alarms_now is None)
+        if alarms_now is not None:
+            # The last alarm check answered: its live state, for every node, wins over the snapshot's
+            # (which lags by the statistics interval and lacks a node until its first statistics).
+            for node in known_nodes:
+                families["mem_alarm"].add_metric([self.broker, node], float((node, "memory") in alarms_now))
+                families["disk_alarm"].add_metric([self.broker, node], float((node, "disk") in alarms_now))
+        if self._watch is not None or known_nodes:
+            families["alarm_checks"].add_metric(b, alarm_checks)
+            # Every node a snapshot or a check named, at 0 until seen raised, so that `increase()`
+            # sees the first raise of a node (a series born at 1 reads no increase).
+            for node in known_nodes:
+                families["memory_raised"].add_metric([self.broker, node], alarm_raised.get((node, "memory"), 0))
+                families["disk_raised"].add_metric([self.broker, node], alarm_raised.get((node, "disk"), 0))
         yield from families.values()
 
 
 def _add_snapshot(
-    families: dict[str, GaugeMetricFamily | CounterMetricFamily], broker: str, snapshot: BrokerSnapshot
+    families: dict[str, GaugeMetricFamily | CounterMetricFamily],
+    broker: str,
+    snapshot: BrokerSnapshot,
+    alarm_states: bool = True,
 ) -> None:
+    """`alarm_states` False leaves the alarm gauges to the alarm watch's last answer."""
     for q in snapshot.queues:
         _add_queue(families, q)
     if snapshot.unacked_total is not None:
@@ -313,9 +409,9 @@ def _add_snapshot(
         labels = [broker, node.node]
         families["mem_used"].add_metric(labels, node.memory_used_bytes)
         families["mem_limit"].add_metric(labels, node.memory_limit_bytes)
-        if node.memory_alarm is not None:
+        if alarm_states and node.memory_alarm is not None:
             families["mem_alarm"].add_metric(labels, float(node.memory_alarm))
-        if node.disk_alarm is not None:
+        if alarm_states and node.disk_alarm is not None:
             families["disk_alarm"].add_metric(labels, float(node.disk_alarm))
 
 
