@@ -2,22 +2,21 @@
 
 - a task's first expiry is visible to `increase()`: the exporter serves
   `celery_task_revoked_total{reason="expired"}` at 0 beside the task's counters before it expires;
-- a worker shut down gracefully does not page CeleryWorkerDown; one that vanishes (SIGKILL) does;
+- (a worker shut down gracefully does not page, one that vanishes does: tests/test_incidents_queues.py
+  and tests/test_monitoring_e2e.py;)
 - tasks RabbitMQ drops by their message TTL (Celery's `expires`) page CeleryTasksDroppedByBroker, under
   the faithful scaled profile (`scaled(PRODUCTION, K)`), on the real broker of the suite (3.10.8).
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from celery_signal_exporter.mixin.config import PRODUCTION, scaled, short_profile
+from celery_signal_exporter.mixin.config import PRODUCTION, scaled
 from celery_signal_exporter.mixin.rules import rule_groups
 from tests.harness import ROOT, env_for, exporter, has, value, wait_until, worker
 from tests.stack import Prometheus, Webhook, alertmanager, prometheus
@@ -88,44 +87,6 @@ def test_the_first_expiry_of_a_task_is_an_increase(redis_url: str, tmp_path: Pat
                           "increase() to see the first expiry")
         assert 0.5 < float(seen[0]["value"][1]) < 3, seen  # one expiry, extrapolated over the window
         assert prom.query(f"resets({expired}[5m]) == 0"), "the counter never went back"
-
-
-def test_a_graceful_stop_does_not_page_and_a_sigkill_does(redis_url: str, tmp_path: Path) -> None:
-    tmp = str(tmp_path)
-    metrics_dir = str(tmp_path / "metrics")
-    env = env_for(redis_url, metrics_dir)
-    rules = tmp_path / "celery-rules.yml"
-    rules.write_text(yaml.safe_dump(rule_groups(short_profile())))
-    with (
-        Webhook() as hook,
-        alertmanager(tmp, hook.url) as am_url,
-        exporter(tmp, "--metrics-dir", metrics_dir, "--worker-timeout", "5") as sidecar,
-        prometheus(tmp, {"celery-worker": f"127.0.0.1:{sidecar.port}"}, [str(rules)], am_url) as prom,
-    ):
-        with worker(env, tmp, concurrency=1) as retired, worker(env, tmp, concurrency=1) as killed:
-            for w in (retired, killed):
-                wait_until(lambda w=w: prom.query(f'celery_worker_up{{hostname="{w.hostname}"}} == 1'), 30,
-                           f"Prometheus to see {w.hostname} up")
-            # Retire the first one gracefully (SIGTERM: warm shutdown), as a deploy would.
-            retired.proc.send_signal(signal.SIGTERM)
-            retired.proc.wait(timeout=60)
-            s = sidecar.scrape()
-            assert not has(s, "celery_worker_up", hostname=retired.hostname), "a retired worker is not served"
-            assert value(s, "celery_worker_up", hostname=killed.hostname) == 1
-            # The other vanishes: SIGKILL, as the OOM killer or a lost node would.
-            os.killpg(killed.proc.pid, signal.SIGKILL)
-            killed.proc.wait()
-            wait_until(lambda: "firing" in states(prom, "CeleryWorkerDown", killed.hostname), 90,
-                       "CeleryWorkerDown for the killed worker", interval=1)
-            # The retired worker stopped first, so it would be paging by now if it ever were.
-            assert not states(prom, "CeleryWorkerDown", retired.hostname)
-            assert not prom.query(f'celery_worker_up{{hostname="{retired.hostname}"}}')
-            assert prom.query(f'celery_worker_up{{hostname="{killed.hostname}"}} == 0')
-            wait_until(lambda: [a for a in hook.notifications("CeleryWorkerDown", "firing")
-                                if a["labels"]["hostname"] == killed.hostname], 60,
-                       "the page to reach the webhook through Alertmanager", interval=1)
-            assert not [a for a in hook.notifications("CeleryWorkerDown", "firing")
-                        if a["labels"]["hostname"] == retired.hostname]
 
 
 def test_tasks_a_rabbitmq_message_ttl_drops_page(amqp_url: str, tmp_path: Path) -> None:
