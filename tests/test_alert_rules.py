@@ -37,14 +37,14 @@ def promtool() -> str:
 
 def expected(alert: str, labels: dict[str, str], value: str = "", config: Config = PRODUCTION) -> dict[str, Any]:
     """The alert's labels and annotations as Prometheus should render them for `labels` and `value`."""
-    (rule,) = [a for a in alerts(config) if a.name == alert]
+    rule = [a for a in alerts(config) if a.name == alert][-1]  # the last: the default objective's
 
     def fill(template: str) -> str:
         template = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), template)
         return re.sub(r"\{\{ \$value \| \w+ \}\}", value, template)
 
     return {
-        "exp_labels": {**labels, "severity": rule.severity},
+        "exp_labels": {**labels, "severity": rule.severity, **rule.labels},
         "exp_annotations": {
             "summary": rule.summary,
             "description": fill(rule.description),
@@ -102,26 +102,47 @@ CASES: list[dict[str, Any]] = [
         [expected("CeleryQueueDrainTooSlow", {"namespace": "prod", "queue_name": "slow"}, "50m 0s")],
     ),
     case(
-        "CeleryQueueWaitHigh",
+        # 10/s start and 12/s arrive (the backlog grows 2/s): 40 minutes in, 4 800 wait, a task published
+        # now waits 8 minutes, past the 5m objective; "steady" is as long but no longer grows.
+        "CeleryQueueWaitWillBreach",
         [
-            (ql("celery_task_queue_wait_seconds_bucket", f'{WORKER}, name="t", queue_name="slow", le="60"'), "0x40"),
-            (
-                ql("celery_task_queue_wait_seconds_bucket", f'{WORKER}, name="t", queue_name="slow", le="600"'),
-                "0+10x40",
-            ),
-            (
-                ql("celery_task_queue_wait_seconds_bucket", f'{WORKER}, name="t", queue_name="slow", le="+Inf"'),
-                "0+10x40",
-            ),
-            (ql("celery_task_queue_wait_seconds_bucket", f'{WORKER}, name="t", queue_name="ok", le="60"'), "0+10x40"),
-            (ql("celery_task_queue_wait_seconds_bucket", f'{WORKER}, name="t", queue_name="ok", le="600"'), "0+10x40"),
-            (
-                ql("celery_task_queue_wait_seconds_bucket", f'{WORKER}, name="t", queue_name="ok", le="+Inf"'),
-                "0+10x40",
-            ),
+            (ql("celery_queue_length", f'{PROBE}, queue_name="growing", vhost="0"'), "0+120x60"),
+            (ql("celery_task_started_total", f'{WORKER}, name="t", queue_name="growing"'), "0+600x60"),
+            (ql("celery_queue_length", f'{PROBE}, queue_name="steady", vhost="0"'), "4800x60"),
+            (ql("celery_task_started_total", f'{WORKER}, name="t", queue_name="steady"'), "0+600x60"),
         ],
-        "30m",
-        [expected("CeleryQueueWaitHigh", {"namespace": "prod", "queue_name": "slow", "quantile": "0.95"}, "9m 33s")],
+        "40m",
+        [expected("CeleryQueueWaitWillBreach", {"namespace": "prod", "queue_name": "growing"}, "8m 0s")],
+    ),
+    case(
+        # 5 % of starts late over a day and over 2 hours: the 1 % budget burns 5 times too fast (bar 3).
+        "CeleryQueueWaitBudgetBurnSlow",
+        [
+            (ql("celery_task_queue_wait_seconds_bucket", f'{WORKER}, name="t", queue_name="slow", le="300"'),
+             "0+95x1500"),
+            (ql("celery_task_queue_wait_seconds_count", f'{WORKER}, name="t", queue_name="slow"'), "0+100x1500"),
+            # 0.5 % late: inside the budget.
+            (ql("celery_task_queue_wait_seconds_bucket", f'{WORKER}, name="t", queue_name="ok", le="300"'),
+             "0+995x1500"),
+            (ql("celery_task_queue_wait_seconds_count", f'{WORKER}, name="t", queue_name="ok"'), "0+1000x1500"),
+        ],
+        "1d",
+        [expected("CeleryQueueWaitBudgetBurnSlow", {"namespace": "prod", "queue_name": "slow"}, "5%")],
+    ),
+    case(
+        # 20 % of the starts on queue "slow" waited past its 5m objective, over the last hour and the
+        # last 5 minutes alike: the budget of 1 % burns 20 times too fast (the bar is 14.4).
+        "CeleryQueueWaitBudgetBurn",
+        [
+            (ql("celery_task_queue_wait_seconds_bucket", f'{WORKER}, name="t", queue_name="slow", le="300.0"'),
+             "0+8x70"),
+            (ql("celery_task_queue_wait_seconds_count", f'{WORKER}, name="t", queue_name="slow"'), "0+10x70"),
+            # 5 % late: under both bars (14.4 x and 6 x 1 %), quiet.
+            (ql("celery_task_queue_wait_seconds_bucket", f'{WORKER}, name="t", queue_name="ok", le="300"'), "0+95x70"),
+            (ql("celery_task_queue_wait_seconds_count", f'{WORKER}, name="t", queue_name="ok"'), "0+100x70"),
+        ],
+        "65m",
+        [expected("CeleryQueueWaitBudgetBurn", {"namespace": "prod", "queue_name": "slow"}, "20%")],
     ),
     case(
         "CeleryOldestMessageTooOld",

@@ -40,7 +40,7 @@ COMPOSE_FILE = COMPOSE_DIR / "compose.yaml"
 RULES_FILE = ROOT / "deploy" / "prometheus" / "celery-rules.yml"
 DASHBOARDS = ROOT / "dashboards"
 DASHBOARD_FILES = {"celery-overview.json", "celery-tasks.json", "celery-queues.json", "celery-periodic.json",
-                   "celery-workers.json"}
+                   "celery-workers.json", "celery-objectives.json"}
 OVERLAYS = {"redis": "redis://", "rabbitmq": "amqp://"}
 KUSTOMIZATIONS = ["base", *(f"overlays/{name}" for name in OVERLAYS)]
 CRD_GROUP = "monitoring.coreos.com/"

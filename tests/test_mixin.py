@@ -25,6 +25,7 @@ from celery_signal_exporter.mixin.rules import alerts, rule_groups
 from celery_signal_exporter.mixin.usage import expand_name_regex
 from tests.test_catalogue import documented
 
+RATE_WINDOW = "$__rate_interval"
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy/prometheus/celery-rules.yml"
 COUNTER_SUFFIXES = ("_total", "_bucket", "_count", "_sum")
@@ -258,8 +259,10 @@ def test_dashboard_lint(name: str) -> None:
         assert p["datasource"]["uid"] == "${datasource}", title
         for t in p["targets"]:
             assert t["datasource"]["uid"] == "${datasource}", title
+            # The error budget is over its own period, whatever the time range shown.
+            allowed = (RATE_WINDOW, PRODUCTION.budget_period) if title == "Error budget left" else (RATE_WINDOW,)
             for window in re.findall(r"\[([^\]]+)\]", t["expr"]):
-                assert window == "$__rate_interval", f"{title}: range [{window}]"
+                assert window in allowed, f"{title}: range [{window}]"
             for selector in vector_selectors(pq.parse(substitute(t["expr"]))):
                 matchers = {str(m) for m in selector.matchers.matchers}
                 assert 'namespace=~".*"' in matchers, f"{title}: {selector} has no namespace filter"
@@ -357,6 +360,17 @@ def test_the_scaled_profile_divides_every_duration_and_count_by_k_and_changes_no
         elif name in ("run_limits", "periodic_tasks"):
             assert [(r.name_regex, seconds(r.max_age) * k) for r in ours] == \
                    [(r.name_regex, pytest.approx(seconds(r.max_age))) for r in prod], name
+        elif name in ("objectives", "default_objective"):
+            mine = ours if name == "objectives" else (ours,)
+            theirs = prod if name == "objectives" else (prod,)
+            assert [(o.queue, o.target, seconds(o.wait) * k) for o in mine] == \
+                   [(o.queue, o.target, pytest.approx(seconds(o.wait))) for o in theirs], name
+        elif name in ("burn_page", "burn_ticket"):
+            assert [(b.factor, seconds(b.long) * k, seconds(b.short) * k) for b in ours] == \
+                   [(b.factor, pytest.approx(seconds(b.long)), pytest.approx(seconds(b.short))) for b in prod], name
+        elif name in ("queue_wait_buckets", "runtime_buckets"):
+            # Objectives are buckets: they shrink together.
+            assert [b * k for b in ours] == pytest.approx(list(prod)), name
         else:
             assert ours == prod, name
     slow_rules = [r for g in rule_groups(PRODUCTION)["groups"] for r in g["rules"]]

@@ -50,6 +50,44 @@ class RunLimit:
 
 
 @dataclass(frozen=True)
+class RuntimeObjective:
+    """Runs of tasks (by name regex) on an objective's queues: `target` of them finish `within`."""
+
+    task: str
+    within: str
+    target: float = 0.99
+
+
+@dataclass(frozen=True)
+class QueueObjective:
+    """How long tasks of queues (by name regex) may wait: `target` of them start `wait` after their
+    publish (ETA and countdown tasks from when they were due). `wait` must be a bucket boundary of
+    celery_task_queue_wait_seconds, so the share within it is read exactly from the histogram."""
+
+    queue: str
+    wait: str
+    target: float = 0.99
+    runtime: tuple[RuntimeObjective, ...] = ()
+
+
+@dataclass(frozen=True)
+class BurnWindows:
+    """One multiwindow burn-rate condition (the SRE workbook's): the error budget burns `factor`
+    times too fast over both the long and the short window."""
+
+    long: str
+    short: str
+    factor: float
+
+
+# Seconds. The exporter's default buckets, which the workers use unless CELERY_EXPORTER_QUEUE_WAIT_BUCKETS
+# or CELERY_EXPORTER_RUNTIME_BUCKETS say otherwise; an objective must be one of them.
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600,
+)
+
+
+@dataclass(frozen=True)
 class Config:
     """Every knob of the generated monitoring content, with production defaults."""
 
@@ -74,6 +112,33 @@ class Config:
     predict_window: str = "30m"  # predict_linear() look-back
     failure_window: str = "10m"  # failure ratio and expirations
 
+    # Objectives. Each queue takes the first entry of `objectives` whose regex matches its whole name,
+    # else `default_objective`. Pages come from them: CeleryQueueWaitWillBreach (the expected wait of a
+    # task published now will pass the objective within `breach_horizon`) and CeleryQueueWaitBudgetBurn
+    # (tasks started later than the objective, at the SRE workbook's burn rates).
+    objectives: tuple[QueueObjective, ...] = ()
+    default_objective: QueueObjective = QueueObjective(queue=".*", wait="5m")
+    # The buckets the workers use (CELERY_EXPORTER_QUEUE_WAIT_BUCKETS / _RUNTIME_BUCKETS), in seconds.
+    queue_wait_buckets: tuple[float, ...] = DEFAULT_BUCKETS
+    runtime_buckets: tuple[float, ...] = DEFAULT_BUCKETS
+    # Burn rates: page when either pair burns, ticket (severity warning) for the slow pairs.
+    burn_page: tuple[BurnWindows, ...] = (BurnWindows("1h", "5m", 14.4), BurnWindows("6h", "30m", 6))
+    burn_ticket: tuple[BurnWindows, ...] = (BurnWindows("1d", "2h", 3), BurnWindows("3d", "6h", 1))
+    budget_period: str = "30d"  # the error budget the dashboards show
+    # CeleryQueueWaitWillBreach: expected wait (true backlog / start rate) plus `breach_horizon` times
+    # the backlog's growth per started task, over `breach_long_window` (long enough to see arrivals 5%
+    # over the start rate through Poisson noise) or `breach_short_window` (fast overloads), whichever is
+    # larger, passes the objective; while the backlog is larger than `breach_guard_window` ago (a burst
+    # stops growing at once: that holds for one window, never for `breach_for`), the expected wait is at least
+    # `breach_floor_ratio` of the objective and the backlog at least `backlog_floor`.
+    breach_long_window: str = "30m"
+    breach_short_window: str = "5m"
+    breach_horizon: str = "1h"
+    breach_guard_window: str = "1m"
+    breach_floor_ratio: float = 0.1
+    breach_for: str = "2m"
+    burn_for: str = "2m"
+
     # Backlog. Every backlog alert reads the true backlog (queue:celery_queue_backlog:sum: ready, plus held in
     # workers or unacked and not running) and consumption from `started`, whatever the prefetch.
     backlog_floor: int = 100  # true backlogs shorter than this never page
@@ -91,10 +156,7 @@ class Config:
     backlog_breach_for: str = "10m"
     drain_max: str = "30m"
     drain_for: str = "15m"
-    queue_wait_p95_max: str = "5m"
-    queue_wait_for: str = "10m"
-    oldest_message_max: str = "15m"
-    oldest_message_for: str = "5m"
+    oldest_message_for: str = "5m"  # CeleryOldestMessageTooOld: the head has waited past its objective
     no_consumers_for: str = "10m"
     # Tasks sent and not yet started, per task (task:celery_task_waiting:estimate): publishes minus starts over
     # this window, so it should exceed the longest wait worth seeing.
@@ -182,6 +244,18 @@ class Config:
         return ", ".join(m for m in (self.selector, *self.ignores, *extra) if m)
 
     @property
+    def queue_objectives(self) -> tuple[QueueObjective, ...]:
+        """Every objective in the order queues take them: the named ones, then the default."""
+        return (*self.objectives, self.default_objective)
+
+    def objective_matchers(self, index: int) -> tuple[str, ...]:
+        """The queue_name matchers of the queues that take objective `index`: its regex, less every
+        earlier one (the first match wins)."""
+        mine = self.queue_objectives[index]
+        earlier = self.queue_objectives[:index]
+        return (matcher("queue_name", mine.queue), *(matcher("queue_name", o.queue, "!~") for o in earlier))
+
+    @property
     def by(self) -> str:
         """The group labels as they go into `by (...)`, with a trailing comma when non-empty."""
         return "".join(f"{label}, " for label in self.group_labels)
@@ -207,6 +281,11 @@ def _scaled_duration(duration: str, k: int) -> str:
     return f"{ms}ms" if ms else "0s"
 
 
+def _scaled_objective(o: QueueObjective, k: int) -> QueueObjective:
+    runtime = tuple(dataclasses.replace(r, within=_scaled_duration(r.within, k)) for r in o.runtime)
+    return dataclasses.replace(o, wait=_scaled_duration(o.wait, k), runtime=runtime)
+
+
 def scaled(base: Config, k: int) -> Config:
     """The same rules K times faster: every duration (windows, `for`, horizons, limits) and every
     count threshold divided by K, nothing else changed, so that a page t seconds after an incident's
@@ -221,6 +300,13 @@ def scaled(base: Config, k: int) -> Config:
             changes[field.name] = _scaled_duration(value, k)
     changes["run_limits"] = tuple(dataclasses.replace(r, max_age=_scaled_duration(r.max_age, k))
                                   for r in base.run_limits)
+    changes["objectives"] = tuple(_scaled_objective(o, k) for o in base.objectives)
+    changes["default_objective"] = _scaled_objective(base.default_objective, k)
+    for key in ("burn_page", "burn_ticket"):
+        changes[key] = tuple(dataclasses.replace(b, long=_scaled_duration(b.long, k),
+                                                 short=_scaled_duration(b.short, k)) for b in getattr(base, key))
+    for key in ("queue_wait_buckets", "runtime_buckets"):
+        changes[key] = tuple(bound / k for bound in getattr(base, key))
     changes["periodic_tasks"] = tuple(dataclasses.replace(p, max_age=_scaled_duration(p.max_age, k))
                                       for p in base.periodic_tasks)
     return dataclasses.replace(base, **changes)
@@ -238,7 +324,6 @@ def short_profile(base: Config = PRODUCTION) -> Config:
         backlog_for="20s",
         backlog_breach_for="20s",
         drain_for="20s",
-        queue_wait_for="20s",
         oldest_message_for="20s",
         no_consumers_for="30s",
         broker_memory_for="20s",
@@ -277,6 +362,17 @@ def load(path: Path | None, base: Config = PRODUCTION) -> Config:
         data["periodic_tasks"] = tuple(PeriodicTask(**item) for item in data["periodic_tasks"])
     if "run_limits" in data:
         data["run_limits"] = tuple(RunLimit(**item) for item in data["run_limits"])
+    if "objectives" in data:
+        data["objectives"] = tuple(_objective(item, f"{path}: objectives") for item in data["objectives"] or ())
+    if "default_objective" in data:
+        data["default_objective"] = _objective({"queue": ".*", **(data["default_objective"] or {})},
+                                               f"{path}: default_objective")
+    for key in ("burn_page", "burn_ticket"):
+        if key in data:
+            data[key] = tuple(_built(BurnWindows, item, f"{path}: {key}") for item in data[key] or ())
+    for key in ("queue_wait_buckets", "runtime_buckets"):
+        if key in data:
+            data[key] = tuple(float(b) for b in data[key])
     config = dataclasses.replace(base, **data)
     for f in dataclasses.fields(Config):
         value = getattr(config, f.name)
@@ -288,6 +384,7 @@ def load(path: Path | None, base: Config = PRODUCTION) -> Config:
             re.compile(limit.name_regex)
         except re.error as exc:
             raise ValueError(f"{path}: name_regex {limit.name_regex!r}: not a regex: {exc}") from None
+    check_objectives(config, str(path))
     taken = sorted({"datasource", "queue", "task"} & set(config.group_labels))
     if taken:
         # Each group label becomes a dashboard variable of its name.
@@ -302,3 +399,63 @@ def load(path: Path | None, base: Config = PRODUCTION) -> Config:
             # `name!~".*"` would also drop every series without the label: broker, workers, `up`.
             raise ValueError(f"{path}: {key}: {pattern!r} matches the empty string")
     return config
+
+
+def _built(cls: Any, item: Any, where: str) -> Any:
+    """`cls(**item)`, with an unknown or missing key named in one line."""
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: expected a mapping, got {item!r}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(item) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key {', '.join(unknown)} (expected {', '.join(known)})")
+    try:
+        return cls(**item)
+    except TypeError:
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        raise ValueError(f"{where}: {item!r} needs {', '.join(required)}") from None
+
+
+def _objective(item: Any, where: str) -> QueueObjective:
+    objective: QueueObjective = _built(QueueObjective, item, where)
+    runtime = tuple(_built(RuntimeObjective, r, f"{where}: runtime") for r in objective.runtime or ())
+    return dataclasses.replace(objective, runtime=runtime)
+
+
+def _buckets_env(bounds: tuple[float, ...], wanted: set[float]) -> str:
+    """A bucket list holding `bounds` and every objective, as the environment variable takes it."""
+    return ",".join(f"{b:g}" for b in sorted(set(bounds) | wanted))
+
+
+def check_objectives(config: Config, where: str = "config") -> None:
+    """Every objective is a valid regex, duration and share, and a bucket boundary of its histogram:
+    the share of starts within it is then read exactly, never interpolated."""
+    waits: set[float] = set()
+    runtimes: set[float] = set()
+    for o in config.queue_objectives:
+        name = f"{where}: objective for queue {o.queue!r}"
+        for regex in (o.queue, *(r.task for r in o.runtime)):
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise ValueError(f"{name}: {regex!r} is not a regex: {exc}") from None
+        for target in (o.target, *(r.target for r in o.runtime)):
+            if not isinstance(target, float | int) or not 0 < target < 1:
+                raise ValueError(f"{name}: target {target!r} must be a share between 0 and 1, e.g. 0.99")
+        try:
+            waits.add(seconds(o.wait))
+            runtimes.update(seconds(r.within) for r in o.runtime)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    for wanted, bounds, metric, env in (
+        (waits, config.queue_wait_buckets, "celery_task_queue_wait_seconds", "QUEUE_WAIT_BUCKETS"),
+        (runtimes, config.runtime_buckets, "celery_task_runtime_seconds", "RUNTIME_BUCKETS"),
+    ):
+        missing = sorted(w for w in wanted if not any(abs(w - b) < 1e-9 for b in bounds))
+        if missing:
+            kind = "queue_wait_buckets" if env == "QUEUE_WAIT_BUCKETS" else "runtime_buckets"
+            raise ValueError(
+                f"{where}: objective {', '.join(f'{m:g}s' for m in missing)} is not a bucket of {metric}; "
+                f"set CELERY_EXPORTER_{env}={_buckets_env(bounds, wanted)} on the workers and the same "
+                f"list as {kind} here"
+            )

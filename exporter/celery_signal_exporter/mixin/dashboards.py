@@ -13,9 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 from grafana_foundation_sdk.builders import heatmap, prometheus, stat, table, timeseries
-from grafana_foundation_sdk.builders.dashboard import Dashboard, DatasourceVariable, QueryVariable, Row
+from grafana_foundation_sdk.builders.dashboard import Dashboard, DashboardLink, DatasourceVariable, QueryVariable, Row
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import (
+    DashboardLinkType,
     DataSourceRef,
     DataTransformerConfig,
     DynamicConfigValue,
@@ -27,8 +28,9 @@ from grafana_foundation_sdk.models.dashboard import (
 )
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
-from celery_signal_exporter.mixin.config import Config
-from celery_signal_exporter.mixin.panels import IDS, OVERVIEW, PERIODIC, QUEUES, TASKS, WORKERS, uid
+from celery_signal_exporter.mixin import objectives as slo
+from celery_signal_exporter.mixin.config import Config, matcher, seconds
+from celery_signal_exporter.mixin.panels import IDS, OBJECTIVES, OVERVIEW, PERIODIC, QUEUES, TASKS, WORKERS, uid
 from celery_signal_exporter.mixin.rules import QUANTILES, alerts
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
@@ -209,6 +211,9 @@ def _recorded_quantiles(c: Config, series: str, by: str, *matchers: str) -> list
 def overview(c: Config) -> Dashboard:
     """What an on-call engineer opens first: is work flowing, is anything piling up."""
     d, lay = _base(c, OVERVIEW, "Celery / Overview", "Throughput, backlog, latency, workers and broker memory.", True)
+    d.link(DashboardLink("Queues and objectives").type(DashboardLinkType("link")).url(f"/d/{uid(c, OBJECTIVES)}")
+           .include_vars(True).keep_time(True).icon("dashboard")
+           .tooltip("Each queue against its wait objective: expected wait, burn rates, error budget"))
     qt = (QUEUE, TASK)
     lay.row("Throughput")
     lay.add(
@@ -992,8 +997,136 @@ def workers(c: Config) -> Dashboard:
     return d
 
 
+def _budget_left(c: Config) -> str:
+    """The share of each queue's error budget left over `budget_period`, one term per objective (each
+    reads its own bucket), joined with `or`: the queues of one objective never match another's."""
+    g = _by(c, "queue_name")
+    terms = []
+    for i, o in enumerate(c.queue_objectives):
+        mine = c.objective_matchers(i)
+        within = _q(c, "celery_task_queue_wait_seconds_bucket", QUEUE, *mine, matcher("le", slo.le(seconds(o.wait))))
+        count = _q(c, "celery_task_queue_wait_seconds_count", QUEUE, *mine)
+        late = (f"(1 - sum {g}(increase({within}[{c.budget_period}])) / sum {g}(increase({count}[{c.budget_period}])))")
+        terms.append(f"1 - {late} / {1 - o.target:g}")
+    return "\nor\n".join(terms)
+
+
+def objectives_view(c: Config) -> Dashboard:
+    """Each queue against its own objective: how long a task published now waits, how many started in
+    time, and how much of the error budget is left."""
+    d, lay = _base(c, OBJECTIVES, "Celery / Queues and objectives",
+                   "Each queue against its wait objective: expected wait, share of tasks started in time, "
+                   "burn rates and error budget. The objectives are the mixin config's.", False)
+    page, ticket = c.burn_page[0], c.burn_ticket[0]
+    lay.row("Objectives")
+    table_panel = _panel(
+        c,
+        table.Panel,
+        "Queues against their objectives",
+        "One row per queue: its wait objective, the expected wait of a task published now (true backlog / "
+        f"start rate), that wait {c.breach_horizon} ahead at the current arrivals per start, and the age of "
+        "the message at the head of the queue where the broker reports it. All in seconds.",
+        "s",
+        [
+            (_r(c, slo.OBJECTIVE_SECONDS, QUEUE), "objective"),
+            (_r(c, slo.EXPECTED_WAIT, QUEUE), "expected wait"),
+            (_r(c, slo.PREDICTED, QUEUE), f"in {c.breach_horizon}"),
+            (_r(c, slo.HEAD_AGE, QUEUE), "head age"),
+        ],
+        PromQueryFormat.TABLE,
+    ).with_transformation(DataTransformerConfig(id_val="merge", options={}))
+    lay.add(table_panel, w=24, h=8)
+    lay.add(
+        _ts(
+            c,
+            "Expected wait vs objective",
+            "Per queue: the expected wait of a task published now (true backlog / start rate), the same "
+            f"{c.breach_horizon} ahead if arrivals keep their ratio to starts, and the objective. "
+            "CeleryQueueWaitWillBreach pages when the second passes the third while the backlog grows.",
+            "s",
+            (_r(c, slo.EXPECTED_WAIT, QUEUE), "{{queue_name}} expected wait"),
+            (_r(c, slo.PREDICTED, QUEUE), f"{{{{queue_name}}}} in {c.breach_horizon}"),
+            (_r(c, slo.OBJECTIVE_SECONDS, QUEUE), "{{queue_name}} objective"),
+        )
+    )
+    lay.add(
+        _ts(
+            c,
+            "Share started within objective",
+            f"Per queue: the share of tasks that started within their objective, over {page.short} and "
+            f"{page.long} (recorded from the queue-wait histogram's bucket at the objective), and the target.",
+            "percentunit",
+            (f"1 - {_r(c, slo.ERROR_RATIO, QUEUE, slo.window(page.short))}", f"{{{{queue_name}}}} {page.short}"),
+            (f"1 - {_r(c, slo.ERROR_RATIO, QUEUE, slo.window(page.long))}", f"{{{{queue_name}}}} {page.long}"),
+            (_r(c, slo.OBJECTIVE_RATIO, QUEUE), "{{queue_name}} target"),
+        )
+    )
+    lay.add(
+        _ts(
+            c,
+            "Burn rate",
+            "How many times faster than allowed each queue spends its error budget, over the long window of "
+            f"each page pair ({page.long}: pages over {page.factor:g}; "
+            f"{c.burn_page[-1].long}: over {c.burn_page[-1].factor:g}) and of the first ticket pair "
+            f"({ticket.long}: over {ticket.factor:g}). 1 spends exactly the budget over {c.budget_period}.",
+            "short",
+            *[(f"{_r(c, slo.ERROR_RATIO, QUEUE, slo.window(w))}\n/ ignoring (window)\n"
+               f"(1 - {_r(c, slo.OBJECTIVE_RATIO, QUEUE)})",
+               f"{{{{queue_name}}}} {w}")
+              for w in dict.fromkeys((page.long, c.burn_page[-1].long, ticket.long))],
+        )
+    )
+    lay.add(
+        _stat(
+            c,
+            "Error budget left",
+            f"The share of each queue's error budget (1 - target of its starts may be late) left over the "
+            f"last {c.budget_period}: 100% = no task started late, 0% = the budget is spent.",
+            "percentunit",
+            (_budget_left(c), "{{queue_name}}"),
+        )
+    )
+    lay.add(
+        _ts(
+            c,
+            "Arrivals per start",
+            f"Per queue: tasks arriving per task started, over {c.breach_short_window} and "
+            f"{c.breach_long_window} (1 + the true backlog's growth per start). Above 1 the backlog and the "
+            "wait grow; 1.05 means the wait grows by 3 s a minute.",
+            "short",
+            (_r(c, slo.ARRIVALS_RATIO, QUEUE, slo.window(c.breach_short_window)), f"{{{{queue_name}}}} {c.breach_short_window}"),
+            (_r(c, slo.ARRIVALS_RATIO, QUEUE, slo.window(c.breach_long_window)), f"{{{{queue_name}}}} {c.breach_long_window}"),
+        )
+    )
+    lay.add(
+        _ts(
+            c,
+            "Oldest message vs objective",
+            "Per queue: how long the message at the head has been due (Redis; RabbitMQ classic queues; "
+            "instrumented producers only), against the objective. Above it, a task already waited too long.",
+            "s",
+            (_r(c, slo.HEAD_AGE, QUEUE), "{{queue_name}} head"),
+            (_r(c, slo.OBJECTIVE_SECONDS, QUEUE), "{{queue_name}} objective"),
+        )
+    )
+    if any(o.runtime for o in c.queue_objectives):
+        lay.add(
+            _ts(
+                c,
+                "Runtime objectives",
+                f"Per task with a runtime objective: the share of runs that finished within it, over "
+                f"{page.long}.",
+                "percentunit",
+                (f"1 - {_r(c, slo.RUNTIME_ERROR_RATIO, QUEUE, slo.window(page.long))}", "{{name}} on {{queue_name}}"),
+            ),
+            w=24,
+        )
+    return d
+
+
 DASHBOARDS: dict[str, Callable[[Config], Dashboard]] = {
     "celery-overview.json": overview,
+    "celery-objectives.json": objectives_view,
     "celery-tasks.json": tasks,
     "celery-queues.json": queues,
     "celery-workers.json": workers,

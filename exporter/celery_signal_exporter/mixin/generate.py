@@ -118,6 +118,7 @@ def stale(config: Config, root: Path, repository: bool = True) -> list[str]:
 LAYOUT = """\
 --out DIR writes exactly these files, and nothing outside DIR:
   DIR/dashboards/celery-overview.json   Grafana dashboards, to import or provision
+  DIR/dashboards/celery-objectives.json
   DIR/dashboards/celery-tasks.json
   DIR/dashboards/celery-queues.json
   DIR/dashboards/celery-periodic.json

@@ -15,6 +15,7 @@ TASKS = "tasks"
 QUEUES = "queues"
 PERIODIC = "periodic"
 WORKERS = "workers"
+OBJECTIVES = "objectives"
 
 IDS: dict[str, dict[str, int]] = {
     OVERVIEW: {
@@ -84,6 +85,17 @@ IDS: dict[str, dict[str, int]] = {
         "Overlaps": 6,
         "Expired and unstarted runs": 7,
         "Dispatch failures": 8,
+    },
+    OBJECTIVES: {
+        "Objectives": 1,
+        "Queues against their objectives": 2,
+        "Expected wait vs objective": 3,
+        "Share started within objective": 4,
+        "Burn rate": 5,
+        "Error budget left": 6,
+        "Arrivals per start": 7,
+        "Oldest message vs objective": 8,
+        "Runtime objectives": 9,
     },
     WORKERS: {
         "Memory": 1,
