@@ -7,6 +7,7 @@ log, or a marker file): the test's ground truth for "started", read without Prom
 from __future__ import annotations
 
 import os
+import struct
 import time
 
 from tests.incident_app import app
@@ -38,3 +39,15 @@ def bulk(seconds: float) -> None:
 def urgent(marker: str) -> None:
     """The urgent task stuck behind the bulk job; the marker says when it finally started."""
     _mark(marker)
+
+
+@app.task(name="iq.timed")
+def timed(seconds: float, started_log: str) -> None:
+    """As iq.work, but the log keeps when each run started (8-byte doubles, in start order): with the
+    producer's schedule (FIFO), every run's wait."""
+    fd = os.open(started_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, struct.pack("d", time.time()))
+    finally:
+        os.close(fd)
+    time.sleep(seconds)

@@ -62,6 +62,7 @@ def simulate(
     seed: int,
     prefetch: float = 4,
     poisson_arrivals: bool = True,
+    step: int = STEP,
 ) -> Run:
     """`arrivals(t)` tasks a second on average, at most `capacity(t)` started a second, FIFO."""
     rng = random.Random(seed)
@@ -70,7 +71,7 @@ def simulate(
     backlog = started = 0.0
     within = dict.fromkeys((*bounds, math.inf), 0.0)
     for t in range(until + 1):
-        if t % STEP == 0:
+        if t % step == 0:
             held = min(backlog, prefetch)
             run.started.append(started)
             run.ready.append(backlog - held)
@@ -136,8 +137,9 @@ FIRST = re.compile(r'\{alertname="(\w+)", queue_name="([^"]+)"\} ([-+0-9.eE]+)')
 
 
 def first_pages(rules: Path, cases: dict[str, list[tuple[str, str]]], until: int, tmp_path: Path,
-                severity: str = "critical") -> dict[str, dict[str, float]]:
-    """For each case (queue name: its input series), the second each alert of `severity` first fired.
+                which: str = 'severity="critical"', step: int = STEP) -> dict[str, dict[str, float]]:
+    """For each case (queue name: its input series), the second each alert matching `which` (label
+    matchers on ALERTS: by default the pages) first fired.
 
     Each case is one promtool test group whose expression test asks for nothing: promtool then
     prints what the expression returned, the first firing time per alert from the ALERTS series
@@ -146,14 +148,14 @@ def first_pages(rules: Path, cases: dict[str, list[tuple[str, str]]], until: int
     tests: list[dict[str, Any]] = []
     for queue, inputs in cases.items():
         expr = (f'min by (alertname, queue_name) (min_over_time(timestamp(ALERTS{{alertstate="firing", '
-                f'severity="{severity}", queue_name="{queue}"}})[{until}s:{STEP}s]))')
+                f'{which}, queue_name="{queue}"}})[{until}s:{step}s]))')
         tests.append({
-            "interval": f"{STEP}s",
+            "interval": f"{step}s",
             "input_series": [{"series": s, "values": v} for s, v in inputs],
             "promql_expr_test": [{"expr": expr, "eval_time": f"{until}s", "exp_samples": []}],
         })
     path = tmp_path / "objectives.test.yml"
-    path.write_text(yaml.safe_dump({"rule_files": [str(rules)], "evaluation_interval": f"{STEP}s", "tests": tests}))
+    path.write_text(yaml.safe_dump({"rule_files": [str(rules)], "evaluation_interval": f"{step}s", "tests": tests}))
     run = subprocess.run([promtool(), "test", "rules", str(path)], capture_output=True, text=True, timeout=600)
     output = run.stdout + run.stderr
     found: dict[str, dict[str, float]] = {queue: {} for queue in cases}

@@ -1094,8 +1094,8 @@ def objectives_view(c: Config) -> Dashboard:
             f"{c.breach_long_window} (1 + the true backlog's growth per start). Above 1 the backlog and the "
             "wait grow; 1.05 means the wait grows by 3 s a minute.",
             "short",
-            (_r(c, slo.ARRIVALS_RATIO, QUEUE, slo.window(c.breach_short_window)), f"{{{{queue_name}}}} {c.breach_short_window}"),
-            (_r(c, slo.ARRIVALS_RATIO, QUEUE, slo.window(c.breach_long_window)), f"{{{{queue_name}}}} {c.breach_long_window}"),
+            *[(_r(c, slo.ARRIVALS_RATIO, QUEUE, slo.window(w)), f"{{{{queue_name}}}} {w}")
+              for w in (c.breach_short_window, c.breach_long_window)],
         )
     )
     lay.add(
