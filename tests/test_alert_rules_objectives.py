@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from celery_signal_exporter.mixin.config import PRODUCTION, QueueObjective, chec
 from celery_signal_exporter.mixin.generate import to_yaml
 from celery_signal_exporter.mixin.rules import rule_groups
 from tests.objectives_sim import first_pages, series, simulate
-from tests.test_alert_rules import RULES
+from tests.test_alert_rules import RULES, promtool
 
 ONSET = 1800  # half an hour of history before an overload starts
 UNTIL = ONSET + 3900  # the longest target (60 min) and a scrape or two
@@ -181,3 +183,50 @@ def test_an_objective_off_the_buckets_is_a_one_line_error_naming_a_value_that_wo
     assert "\n" not in message and "45s is not a bucket of celery_task_queue_wait_seconds" in message
     assert "CELERY_EXPORTER_QUEUE_WAIT_BUCKETS=0.005,0.01,0.025,0.05,0.1,0.25,0.5,1,2.5,5,10,30,45,60," in message
     assert seconds("45s") == 45
+
+
+@pytest.mark.parametrize(("yaml_text", "message"), [
+    ("objectives:\n  - {queue: urgent, wait: 45s}\n",
+     "objective 45s is not a bucket of celery_task_queue_wait_seconds; set CELERY_EXPORTER_QUEUE_WAIT_BUCKETS="
+     "0.005,0.01,0.025,0.05,0.1,0.25,0.5,1,2.5,5,10,30,45,60,120,300,600,1800,3600 on the workers and the same "
+     "list as queue_wait_buckets here"),
+    ("objectives:\n  - {queue: batch, wait: 2h}\nqueue_wait_buckets: [1, 60, 300, 7200]\n"
+     "default_objective: {wait: 5m, runtime: [{task: 'proj\\.report', within: 45s}]}\n",
+     "objective 45s is not a bucket of celery_task_runtime_seconds; set CELERY_EXPORTER_RUNTIME_BUCKETS="
+     "0.005,0.01,0.025,0.05,0.1,0.25,0.5,1,2.5,5,10,30,45,60,120,300,600,1800,3600"),
+    ("objectives:\n  - {queue: urgent, wait: 1m, latency: 5s}\n",
+     "objectives: unknown key latency (expected queue, wait, target, runtime)"),
+    ("objectives:\n  - {queue: urgent, wait: 1 minute}\n",
+     "objective for queue 'urgent': not a Prometheus duration: '1 minute'"),
+    ("objectives:\n  - {queue: urgent}\n", "objectives: {'queue': 'urgent'} needs queue, wait"),
+    ("default_objective: {wait: 5m, target: 99}\n", "target 99 must be a share between 0 and 1"),
+    ("objectives:\n  - {queue: '(urgent', wait: 1m}\n", "'(urgent' is not a regex"),
+])
+def test_a_bad_objective_is_one_line_and_exit_2(tmp_path: Path, yaml_text: str, message: str) -> None:
+    """Through the real generator, as a user runs it: one line on stderr, exit 2, nothing written."""
+    config = tmp_path / "mine.yaml"
+    config.write_text(yaml_text)
+    run = subprocess.run([sys.executable, "-m", "celery_signal_exporter.mixin", "--config", str(config),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("mixin: error: "), run.stderr
+    assert message in run.stderr, run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_good_objective_config_generates_rules_promtool_accepts(tmp_path: Path) -> None:
+    config = tmp_path / "mine.yaml"
+    config.write_text("objectives:\n  - {queue: 'urgent|payments', wait: 1m, target: 0.999}\n"
+                      "  - {queue: 'batch.*', wait: 1h, runtime: [{task: 'proj\\.report\\..*', within: 30m}]}\n"
+                      "default_objective: {wait: 10m}\n")
+    run = subprocess.run([sys.executable, "-m", "celery_signal_exporter.mixin", "--config", str(config),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    rules = (tmp_path / "out" / "prometheus-rules.yaml").read_text()
+    assert 'queue_name=~"urgent|payments", le=~"60(\\\\.0)?"' in rules
+    assert 'queue_name=~"batch.*", queue_name!~"urgent|payments"' in rules
+    assert "> 0.0144" in rules  # 14.4 x the 0.1 % budget of the 99.9 % objective
+    assert "- alert: CeleryTaskRuntimeBudgetBurn" in rules
+    checked = subprocess.run([promtool(), "check", "rules", str(tmp_path / "out" / "prometheus-rules.yaml")],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
