@@ -35,11 +35,15 @@ def promtool() -> str:
     return path
 
 
-def expected(alert: str, labels: dict[str, str], value: str = "", config: Config = PRODUCTION) -> dict[str, Any]:
+def expected(alert: str, labels: dict[str, str], value: str = "", config: Config = PRODUCTION,
+             wait: str = "") -> dict[str, Any]:
     """The alert's labels and annotations as Prometheus should render them for `labels` and `value`."""
     rule = [a for a in alerts(config) if a.name == alert][-1]  # the last: the default objective's
 
     def fill(template: str) -> str:
+        # A `with ... query` block renders `wait` where the case gives one, else nothing.
+        template = re.sub(r"\{\{ with .*? \}\}(.*?)\{\{ \. \| first \| value \| \w+ \}\}(.*?)\{\{ end \}\}",
+                          lambda m: f"{m.group(1)}{wait}{m.group(2)}" if wait else "", template)
         template = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), template)
         return re.sub(r"\{\{ \$value \| \w+ \}\}", value, template)
 
@@ -137,12 +141,15 @@ CASES: list[dict[str, Any]] = [
             (ql("celery_task_queue_wait_seconds_bucket", f'{WORKER}, name="t", queue_name="slow", le="300.0"'),
              "0+8x70"),
             (ql("celery_task_queue_wait_seconds_count", f'{WORKER}, name="t", queue_name="slow"'), "0+10x70"),
+            # 600 waiting, 60 started a minute: a task published now waits 10 minutes.
+            (ql("celery_queue_length", f'{PROBE}, queue_name="slow", vhost="0"'), "600x70"),
+            (ql("celery_task_started_total", f'{WORKER}, name="t", queue_name="slow"'), "0+60x70"),
             # 5 % late: under both bars (14.4 x and 6 x 1 %), quiet.
             (ql("celery_task_queue_wait_seconds_bucket", f'{WORKER}, name="t", queue_name="ok", le="300"'), "0+95x70"),
             (ql("celery_task_queue_wait_seconds_count", f'{WORKER}, name="t", queue_name="ok"'), "0+100x70"),
         ],
         "65m",
-        [expected("CeleryQueueWaitBudgetBurn", {"namespace": "prod", "queue_name": "slow"}, "20%")],
+        [expected("CeleryQueueWaitBudgetBurn", {"namespace": "prod", "queue_name": "slow"}, "20%", wait="10m 0s")],
     ),
     case(
         "CeleryOldestMessageTooOld",

@@ -143,6 +143,16 @@ def _pairs(pairs: tuple[BurnWindows, ...]) -> str:
     return " or ".join(f"{p.long} and {p.short} at {num(p.factor)}x" for p in pairs)
 
 
+def _expected_wait_now(c: Config) -> str:
+    """An annotation sentence quoting the queue's expected wait now, read at notification time with
+    the template's `query` (nothing where the queue has no backlog series)."""
+    labels = (*c.group_labels, "queue_name")
+    selector = ", ".join(f"{label}=%q" for label in labels)
+    args = " ".join(f"$labels.{label}" for label in labels)
+    return (f'{{{{ with printf "{EXPECTED_WAIT}{{{selector}}}" {args} | query }}}} A task published now waits '
+            "about {{ . | first | value | humanizeDuration }}.{{ end }}")
+
+
 def alerts(c: Config) -> list[Alert]:
     """The objective pages and tickets, one rule per objective and alert."""
     where = "".join(f"{{{{ $labels.{label} }}}}/" for label in c.group_labels)
@@ -179,7 +189,7 @@ def alerts(c: Config) -> list[Alert]:
             "Tasks on a Celery queue wait longer than its objective allows.",
             f"{{{{ $value | humanizePercentage }}}} of tasks from queue {queue} started later than {o.wait} "
             f"(objective: {objective}; burn over {_pairs(c.burn_page)} the budget): the {c.budget_period} "
-            "error budget is going fast.",
+            f"error budget is going fast.{_expected_wait_now(c)}",
             (OBJECTIVES, "Share started within objective"),
             labels,
         ))
@@ -190,7 +200,7 @@ def alerts(c: Config) -> list[Alert]:
             "warning",
             "Tasks on a Celery queue wait longer than its objective, slowly using up its budget.",
             f"{{{{ $value | humanizePercentage }}}} of tasks from queue {queue} started later than {o.wait} "
-            f"(objective: {objective}; burn over {_pairs(c.burn_ticket)} the budget).",
+            f"(objective: {objective}; burn over {_pairs(c.burn_ticket)} the budget).{_expected_wait_now(c)}",
             (OBJECTIVES, "Share started within objective"),
             labels,
         ))
