@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 

@@ -185,11 +185,27 @@ def reached(s: Samples, want: dict[str, dict[str, float]]) -> bool:
     return all(sample(s, name, key) >= n for name, counts in want.items() for key, n in counts.items())
 
 
-@pytest.fixture(scope="module")
+#: One worker start-up per broker and pool: the paths' tests read the same result (or the same error).
+_RUNS: dict[tuple[str, str], Run | BaseException] = {}
+
+
+@pytest.fixture
 def run(request: pytest.FixtureRequest, redis_base_url: str, amqp_base_url: str,
-        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    """Every path through one real worker of the broker and pool in `request.param`: one scrape."""
-    broker, pool = request.param
+        tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """Every path through one real worker of the broker and pool in `request.param`, run once: one scrape."""
+    combo: tuple[str, str] = request.param
+    if combo not in _RUNS:
+        try:
+            _RUNS[combo] = run_every_path(*combo, redis_base_url, tmp_path_factory)
+        except BaseException as exc:  # noqa: BLE001 - every test of the combination reports it, none reruns it
+            _RUNS[combo] = exc
+    result = _RUNS[combo]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def run_every_path(broker: str, pool: str, redis_base_url: str, tmp_path_factory: pytest.TempPathFactory) -> Run:
     tmp = tmp_path_factory.mktemp(f"outcomes-{broker}-{pool}")
     metrics_dir, state_dir = str(tmp / "metrics"), str(tmp / "state")
     os.makedirs(os.path.join(state_dir, "results"))
@@ -211,7 +227,6 @@ def run(request: pytest.FixtureRequest, redis_base_url: str, amqp_base_url: str,
                 pid = wait_until(lambda: min(running_children(metrics_dir, "o.victim"), default=0), 30,
                                  "the pool process running o.victim")
                 os.kill(pid, signal.SIGKILL)
-
             last: list[Samples] = [{}]
 
             def settled() -> Samples | None:
@@ -231,7 +246,7 @@ def run(request: pytest.FixtureRequest, redis_base_url: str, amqp_base_url: str,
                 raise AssertionError(f"{exc}\nshort: {missing}\nin progress: {running}\n{w.log()[-4000:]}") from None
             time.sleep(2)  # anything counted twice would show by now: ticks, reaping, late reports
             s = ex.scrape()
-            yield Run(broker, pool, s, time.monotonic() - begin, w.log())
+            return Run(broker, pool, s, time.monotonic() - begin, w.log())
 
 
 PARAMS = [pytest.param(combo, path, id=f"{combo[0]}-{combo[1]}-{path.id}")
