@@ -210,7 +210,8 @@ def _eager_here() -> None:
 
 def publish() -> dict[str, Any]:
     """Every path a worker ends by itself, and the revokes of queued runs."""
-    replace_sig.delay()
+    for _ in range(5):
+        replace_sig.delay()
     replace_chain.delay()
     replace_group.delay()
     ignore.delay()

@@ -69,8 +69,8 @@ def _p(path_id: str, prefork_only: bool = False, **counts: dict[str, float]) -> 
 
 
 PATHS: tuple[Path_, ...] = (
-    _p("replace_signature", replace_sig={"started": 1, "replaced": 1},
-       sig_target={"started": 1, "succeeded": 1}),
+    _p("replace_signature", replace_sig={"started": 5, "replaced": 5},
+       sig_target={"started": 5, "succeeded": 5}),
     _p("replace_chain", replace_chain={"started": 1, "replaced": 1},
        chain_a={"started": 1, "succeeded": 1}, chain_b={"started": 1, "succeeded": 1}),
     _p("replace_group", replace_group={"started": 1, "replaced": 1},
