@@ -82,7 +82,7 @@ FAILED = Spec(
     "celery_task_failed", "counter", "Tasks that raised; exception is the class name.",
     ("name", "queue_name", "exception"),
     recorded_by="`task_postrun` with state `FAILURE`, or an exception raised past Celery (eager runs that "
-                "propagate); hard time limits: `task_failure`, worker main; lost runs: the reaper",
+                "propagate, hard time limits); lost runs: the reaper",
     notes="`exception` is the class name only, e.g. `WorkerLostError` for a run whose process died mid-task, "
           "`TimeLimitExceeded` for a hard time limit; for an exception Celery cannot pickle, the class it wrapped. "
           "Failures before a run started are not here: see `celery_task_failed_before_start_total`",
@@ -539,8 +539,9 @@ OUTCOMES: tuple[Outcome, ...] = (
             "`exception`=the class", "postrun, pool process", True),
     Outcome("soft time limit (`SoftTimeLimitExceeded` not caught)", FAILED,
             "`exception=\"SoftTimeLimitExceeded\"`", "postrun, pool process", True),
-    Outcome("hard time limit (prefork)", FAILED, "`exception=\"TimeLimitExceeded\"`",
-            "`task_failure`, worker main (once, though Celery sends it twice)", True),
+    Outcome("hard time limit (prefork; gevent and eventlet too)", FAILED, "`exception=\"TimeLimitExceeded\"`",
+            "postrun, pool process: the run ends with `SystemExit` once its limit is up (a pool process "
+            "SIGKILLed before its postrun is a lost run instead)", True),
     Outcome("its process died (SIGKILL, OOM kill, a killed solo worker)", FAILED,
             "`exception=\"WorkerLostError\"`", "the reaper, from the dead process's in-progress gauge", True),
     Outcome("eager run that raised (`apply()`, `task_always_eager`), propagating or not", FAILED,
@@ -582,8 +583,10 @@ new run with an outcome of its own. A chord's unlock task
 (`celery.chord_unlock`, on result backends without native joins) retries
 until the header is done, then succeeds. A worker stopped cold (SIGQUIT)
 ends its runs with no outcome: Celery reports nothing, and the pool process's
-postrun sees only `SystemExit`, as it does for a hard time limit or a
-termination, whose outcomes the worker main reports.
+postrun sees only `SystemExit`, as it does for a termination, whose outcome
+the worker main reports. Postrun tells a hard time limit from a termination
+by the run's length: a run killed by SIGTERM that lasted its hard limit (the
+message's, the task's or the worker's, less up to 1 s) timed out.
 """
 
 

@@ -7,15 +7,13 @@ this process's mmap file. Which process runs which receiver:
 - producer (any process that publishes): before/after_task_publish
 - worker main: task_received, task_rejected, task_unknown, task_revoked
 - pool process (prefork child, thread or solo): prerun, postrun (which also
-  counts the run's outcome), failure, retry (and failure for hard time limits
-  in the main process)
+  counts the run's outcome), failure, retry
 
 Every run that prerun counted ends in exactly one outcome, written by postrun
 in the same write as its runtime (see `Instrumentation.outcome`): success,
 failure by exception, retry, ignored, replaced, rejected (requeued or not).
-The worker main adds the outcomes only it knows: a hard time limit (failed),
-a termination (revoked, `terminated`); the reaper adds lost runs
-(`WorkerLostError`). A failure with no run in progress failed before its run
+The worker main adds the one outcome only it knows: a termination (revoked,
+`terminated`); the reaper adds lost runs (`WorkerLostError`). A failure with no run in progress failed before its run
 started and is counted apart (`celery_task_failed_before_start_total`).
 """
 
@@ -58,6 +56,9 @@ DUE_HEADER = "csx_due"
 QUEUE_HEADER = "csx_queue"
 #: The Ignore that `Task.replace` raises (Celery 5.3+): the run ended by replacing itself.
 REPLACED_MESSAGE = "Replaced by new task"
+#: How much shorter than its hard time limit a run killed by SIGTERM may have lasted and still be counted as
+#: timed out (at most half the limit): the limit runs from the pool's accept, a little before prerun.
+TIME_LIMIT_SLACK = 1.0
 #: ru_maxrss is in kilobytes on Linux (and the BSDs), in bytes on macOS.
 _MAXRSS_BYTES = 1 if sys.platform == "darwin" else 1024
 _getrusage = resource.getrusage
@@ -245,10 +246,10 @@ class Instrumentation:
         # (task, delivery) -> (queue label, received series, redelivered series); no series if ignored.
         self._received: dict[tuple[Any, Any, Any, Any], tuple[str, m.Series | None, m.Series | None]] = {}
         self._logged_errors: set[str] = set()
-        # Ids of runs whose hard time limit was counted (the last 1 000): Celery reports one twice.
-        self._timed_out: dict[str, None] = {}
         # Ids of runs whose postrun counted a failure Celery reports again afterwards (the last 1 000).
         self._ended: dict[str, None] = {}
+        #: The worker's hard time limit (`--time-limit`, `task_time_limit`), set at worker_init (worker.py).
+        self.worker_time_limit: Any = None
 
     # -- helpers -------------------------------------------------------------
 
@@ -509,9 +510,12 @@ class Instrumentation:
             if state == SUCCESS:
                 success_at: float | None = _time()
                 ended = None
+            elif run is not None:
+                success_at = None
+                ended = self.outcome(run[3], task, task_id, state, retval, _perf_counter() - run[1])
             else:
                 success_at = None
-                ended = self.outcome(run[3] if run is not None else None, task, task_id, state, retval)
+                ended = self.outcome(None, task, task_id, state, retval, 0.0)
             if run is not None:
                 _, begin, cpu_begin, series, beat = run
                 if self._resources:
@@ -530,12 +534,12 @@ class Instrumentation:
             self.handler_failed("task_postrun", exc)
 
     def outcome(self, series: _TaskSeries | None, task: Any, task_id: str, state: str | None,
-                retval: Any) -> m.Series | None:
+                retval: Any, elapsed: float) -> m.Series | None:
         """The counter a run that did not succeed ends in, from postrun's state and what the run raised.
 
         Called only for runs that did not succeed, so the common path pays nothing. None: the run ends
-        where only the worker main can tell how (a hard time limit or a termination kill the pool
-        process's run with SystemExit), or the task is ignored.
+        where only the worker main can tell how (a termination ends the pool process's run with
+        SystemExit, and the worker main counts it as revoked), or the task is ignored.
         """
         if series is None:
             series = self.series_for(task.name, self.queue_of(_request_of(task)))
@@ -561,8 +565,14 @@ class Instrumentation:
         if isinstance(raised, Retry):
             return self.retried.labels(name, queue)
         if not isinstance(raised, Exception):
-            if not getattr(_request_of(task), "is_eager", False):
-                return None  # hard time limit or termination: the worker main names it
+            request = _request_of(task)
+            if not getattr(request, "is_eager", False):
+                # SIGTERM (billiard raises SystemExit) or a greenlet pool's timeout: a hard time limit
+                # if the run lasted its limit, else a termination, which the worker main counts as revoked.
+                limit = _hard_limit(request, task, self.worker_time_limit)
+                if limit and elapsed >= limit - min(TIME_LIMIT_SLACK, limit / 2):
+                    return self.failed.labels(name, queue, TimeLimitExceeded.__name__)
+                return None
         elif not getattr(_request_of(task), "is_eager", False):
             # Celery's own handling raised (a result backend down): it reports task_failure again after this.
             self._remember(self._ended, task_id)
@@ -605,22 +615,18 @@ class Instrumentation:
         if task_id in self._ended:  # Celery's handling failed after the run's postrun counted it
             del self._ended[task_id]
             return
+        # A hard time limit is the run's own outcome: the pool process's postrun counts it (the run ends
+        # there with SystemExit when its limit is up). Should the pool process die before its postrun
+        # (billiard SIGKILLs it 0.1 s after SIGTERM), the reaper counts the run as lost instead: one
+        # outcome either way, where counting Celery's report here too made two.
+        if isinstance(exception, TimeLimitExceeded):
+            return
         name = self.task_name(sender.name)
         if name is None:
             return
-        queue, kind = self.queue_of(sender.request), exception_name(exception)
-        if isinstance(exception, TimeLimitExceeded):
-            # A hard time limit is sent twice by the worker main (Celery 5.7): from Request.on_failure,
-            # with the request's context, then from Request.on_timeout, without it. One run, one failure:
-            # the pool process's postrun saw the run end with SystemExit and left it to this.
-            if task_id in self._timed_out:
-                return
-            self._remember(self._timed_out, task_id)
-            self.failed.labels(name, queue, kind).inc()
-            return
         # No run in progress: the delivery failed before its run started (arguments Celery cannot
-        # apply, a message it cannot decode), so it has no start to balance.
-        self.failed_before_start.labels(name, queue, kind).inc()
+        # apply, a task the pool process does not know), so it has no start to balance.
+        self.failed_before_start.labels(name, self.queue_of(sender.request), exception_name(exception)).inc()
 
     def on_retry(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         """A retry of a run in this thread is counted by its postrun; one the worker main announces
@@ -670,6 +676,16 @@ def _request_of(task: Any) -> Any:
         return local.__storage__[local.__ident_func__()]["stack"][-1]
     except Exception:  # noqa: BLE001 - the documented way, slower
         return task.request_stack.top
+
+
+def _hard_limit(request: Any, task: Any, worker_limit: Any) -> float | None:
+    """The hard time limit the pool enforces on this run: the message's, else the task's, else the worker's."""
+    limits = getattr(request, "timelimit", None)
+    for limit in (limits[0] if isinstance(limits, (list, tuple)) and limits else None,
+                  getattr(task, "time_limit", None), worker_limit):
+        if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0:
+            return float(limit)
+    return None
 
 
 def _take_run(runs: list[tuple[Any, float, float, _TaskSeries, Any]], task_id: Any) -> Any:
