@@ -274,7 +274,8 @@ def test_every_task_name_balances_and_nothing_else_moved(run: Run) -> None:
     """Every name in the scrape, Celery's own tasks too; no handler error; nothing counted that no path
     expects (a failure before start, a message rejected unread)."""
     s = run.samples
-    print(f"{run.broker}/{run.pool}: {run.seconds:.1f} s")
+    hard = {e: sample(s, "o.hard", f"failed:exception={e}") for e in ("TimeLimitExceeded", "WorkerLostError")}
+    print(f"{run.broker}/{run.pool}: {run.seconds:.1f} s; o.hard {hard}")
     for name in sorted(names(s)):
         assert value(s, "celery_task_started_total", name=name) == ended(s, name), name
         assert value(s, "celery_task_in_progress", name=name) == 0, name
