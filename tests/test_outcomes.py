@@ -98,6 +98,7 @@ PATHS: tuple[Path_, ...] = (
     # SIGTERM, on a busy machine): one outcome either way.
     _p("hard_time_limit", True, hard={"started": 1, "failed": 1,
                                       "failed:exception=TimeLimitExceeded|WorkerLostError": 1}),
+    _p("hard_time_limit_sigkilled", True, hard_deaf={"started": 1, "failed": 1, "failed:exception=WorkerLostError": 1}),
     _p("revoke_running_by_id", True, terminated={"started": 1, "revoked:reason=terminated": 1}),
     _p("revoke_running_by_stamped_header", True, stamped_running={"started": 1, "revoked:reason=terminated": 1}),
     _p("killed_child", True, victim={"started": 1, "failed:exception=WorkerLostError": 1}),
