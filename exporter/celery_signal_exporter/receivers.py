@@ -11,9 +11,10 @@ this process's mmap file. Which process runs which receiver:
 
 Every run that prerun counted ends in exactly one outcome, written by postrun
 in the same write as its runtime (see `Instrumentation.outcome`): success,
-failure by exception, retry, ignored, replaced, rejected (requeued or not).
-The worker main adds the one outcome only it knows: a termination (revoked,
-`terminated`); the reaper adds lost runs (`WorkerLostError`). A failure with no run in progress failed before its run
+failure by exception (a hard time limit too), retry, ignored, replaced,
+rejected (requeued or not). The worker main adds the one outcome only it
+knows, a termination (revoked, `terminated`); the reaper adds lost runs
+(`WorkerLostError`). A failure with no run in progress failed before its run
 started and is counted apart (`celery_task_failed_before_start_total`).
 """
 
