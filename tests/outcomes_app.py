@@ -251,6 +251,11 @@ def prefork_only() -> dict[str, Any]:
     return {"late": late_id}
 
 
+def hard_only() -> dict[str, Any]:
+    hard.delay()
+    return {}
+
+
 def running() -> dict[str, Any]:
     """Long runs for the test to end while they run: by revoke (id, stamped header) and by SIGKILL."""
     ids = {"terminated": terminated.delay(60).id, "victim": victim.delay(60).id}
@@ -265,7 +270,7 @@ def terminate(task_id: str) -> dict[str, Any]:
 
 
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
-    "publish": publish, "prefork_only": prefork_only, "running": running, "terminate": terminate,
+    "publish": publish, "prefork_only": prefork_only, "hard_only": hard_only, "running": running, "terminate": terminate,
 }
 
 if __name__ == "__main__":

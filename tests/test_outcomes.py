@@ -1,14 +1,15 @@
 """Every run ends in exactly one outcome, whatever control flow Celery uses (issue 28).
 
-One real worker per broker and pool (prefork and solo, on Redis and RabbitMQ) runs every path of
+One real worker per broker and pool (prefork and solo, on Redis and RabbitMQ; threads on Redis) runs every path of
 tests/outcomes_app.py, each under task names of its own, and the real exporter serves what the worker
 wrote. For each path the test reads one scrape, taken once everything has settled, and holds each
 task name to its exact counts, to `started` = the sum of the outcomes of started runs, and to
 in-progress back at 0.
 
-Paths that need what only prefork gives (time limits, terminating a run, a pool process to kill) run
-on prefork only: solo runs a task inside the worker's consumer loop, so it can neither time it out
-nor take a revoke while it runs.
+Paths that need what only prefork gives (time limits, terminating a run, a pool process to kill, a pool
+process that does not know a task) run on prefork only: solo runs a task inside the worker's consumer
+loop, so it can neither time it out nor take a revoke while it runs, and threads enforce no limits and
+terminate nothing.
 """
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ PATHS: tuple[Path_, ...] = (
 #: replacing group's accumulate.
 CELERY_TASKS = {"celery.chord_unlock": {"succeeded": 2}, "celery.accumulate": {"started": 1, "succeeded": 1}}
 
-COMBOS = (("redis", "prefork"), ("redis", "solo"), ("rabbitmq", "prefork"), ("rabbitmq", "solo"))
+#: Prefork and solo on both brokers; threads on Redis too, for runs ending in threads side by side.
+COMBOS = (("redis", "prefork"), ("redis", "solo"), ("rabbitmq", "prefork"), ("rabbitmq", "solo"),
+          ("redis", "threads"))
 #: The RUNNING paths are ended by the test while they run; the others end by themselves.
 RUNNING = ("o.terminated", "o.stamped_running", "o.victim")
 
@@ -220,7 +223,7 @@ def run_every_path(broker: str, pool: str, redis_base_url: str, tmp_path_factory
     begin = time.monotonic()
     with broker_url(broker, redis_base_url) as url:
         env = env_for(url, metrics_dir, CSX_OUTCOMES_DIR=state_dir, CSX_OUTCOMES_LATE="1")
-        with worker(env, str(tmp), pool=pool, concurrency=4 if prefork else 1, queues="outcomes",
+        with worker(env, str(tmp), pool=pool, concurrency=1 if pool == "solo" else 4, queues="outcomes",
                     app="tests.outcomes_app") as w, \
                 exporter(str(tmp), "--metrics-dir", metrics_dir, "--compact-interval", "0") as ex:
             scenario(env, "publish")

@@ -539,7 +539,7 @@ OUTCOMES: tuple[Outcome, ...] = (
             "`exception`=the class", "postrun, pool process", True),
     Outcome("soft time limit (`SoftTimeLimitExceeded` not caught)", FAILED,
             "`exception=\"SoftTimeLimitExceeded\"`", "postrun, pool process", True),
-    Outcome("hard time limit (prefork; gevent and eventlet too)", FAILED, "`exception=\"TimeLimitExceeded\"`",
+    Outcome("hard time limit (prefork, gevent)", FAILED, "`exception=\"TimeLimitExceeded\"`",
             "postrun, pool process: the run ends with `SystemExit` once its limit is up (a pool process "
             "SIGKILLed before its postrun is a lost run instead)", True),
     Outcome("its process died (SIGKILL, OOM kill, a killed solo worker)", FAILED,
