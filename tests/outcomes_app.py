@@ -252,6 +252,7 @@ def prefork_only() -> dict[str, Any]:
 
 
 def hard_only() -> dict[str, Any]:
+    """A hard time limit alone: for the pools that enforce one without prefork's signals (gevent)."""
     hard.delay()
     return {}
 
@@ -270,7 +271,8 @@ def terminate(task_id: str) -> dict[str, Any]:
 
 
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
-    "publish": publish, "prefork_only": prefork_only, "hard_only": hard_only, "running": running, "terminate": terminate,
+    "publish": publish, "prefork_only": prefork_only, "hard_only": hard_only, "running": running,
+    "terminate": terminate,
 }
 
 if __name__ == "__main__":
