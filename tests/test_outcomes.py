@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -293,3 +294,21 @@ def test_every_task_name_balances_and_nothing_else_moved(run: Run) -> None:
     assert value(s, "celery_task_rejected_total") == 0
     assert value(s, "celery_exporter_handler_errors_total") == 0, run.log[-3000:]
 
+
+
+def test_a_gevent_hard_time_limit_is_one_outcome(redis_url: str, tmp_path: Path) -> None:
+    """gevent enforces a hard time limit with a Timeout raised inside the run (no signal, no kill): the run's
+    postrun counts it, and the worker main's report of it is not counted again."""
+    metrics_dir, state_dir = str(tmp_path / "metrics"), str(tmp_path / "state")
+    os.makedirs(os.path.join(state_dir, "results"))
+    env = env_for(redis_url, metrics_dir, CSX_OUTCOMES_DIR=state_dir)
+    with worker(env, str(tmp_path), pool="gevent", concurrency=4, queues="outcomes", app="tests.outcomes_app"), \
+            exporter(str(tmp_path), "--metrics-dir", metrics_dir, "--compact-interval", "0") as ex:
+        scenario(env, "hard_only")
+        wait_until(lambda: value(ex.scrape(), "celery_task_failed_total", name="o.hard") >= 1, 30, "the time limit")
+        time.sleep(2)
+        s = ex.scrape()
+    assert sample(s, "o.hard", "failed:exception=TimeLimitExceeded") == 1
+    assert sample(s, "o.hard", "failed") == 1
+    assert value(s, "celery_task_started_total", name="o.hard") == ended(s, "o.hard") == 1
+    assert value(s, "celery_task_in_progress", name="o.hard") == 0
