@@ -310,6 +310,13 @@ CASES: list[dict[str, Any]] = [
                 ql("celery_task_failed_total", f'{WORKER}, name="t.once", queue_name="q", exception="OSError"'),
                 "0x30 1x29",
             ),
+            # Runs that replaced themselves or raised Ignore are runs, not failures: 1 in 50 failed (issue 28).
+            (
+                ql("celery_task_failed_total", f'{WORKER}, name="t.replacer", queue_name="q", exception="OSError"'),
+                "0+1x60",
+            ),
+            (ql("celery_task_replaced_total", f'{WORKER}, name="t.replacer", queue_name="q"'), "0+30x60"),
+            (ql("celery_task_ignored_total", f'{WORKER}, name="t.replacer", queue_name="q"'), "0+19x60"),
         ],
         "40m",
         [expected("CeleryTaskFailureRatioHigh", {"namespace": "prod", "name": "t.flaky"}, "60%")],

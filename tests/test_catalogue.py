@@ -158,7 +158,7 @@ def test_served_without_brokers_equals_the_catalogue(tmp_path: Path) -> None:
 
 def test_metrics_endpoint_equals_catalogue(amqp_url: str, redis_url: str, tmp_path: pytest.TempPathFactory) -> None:
     metrics_dir = str(tmp_path / "metrics")
-    env = env_for(amqp_url, metrics_dir)
+    env = env_for(amqp_url, metrics_dir, CSX_TEST_LATE="1")
     # A message waiting on Redis with the due header, so oldest-message age has something to read.
     producer = Celery("catalogue", broker=redis_url, set_as_current=False)
     producer.send_task("t.ok", queue="waiting", headers={"csx_due": time.time()})
@@ -168,6 +168,7 @@ def test_metrics_endpoint_equals_catalogue(amqp_url: str, redis_url: str, tmp_pa
     with worker(env, str(tmp_path), "--time-limit", "300", concurrency=2), exporter(str(tmp_path), *args) as ex:
         produce(env, "counts")
         produce(env, "sleepers", 1, 2)
+        produce(env, "outcomes")
 
         def complete() -> str | None:
             text = ex.get("/metrics").text
@@ -175,7 +176,9 @@ def test_metrics_endpoint_equals_catalogue(amqp_url: str, redis_url: str, tmp_pa
             done = value(s, "celery_task_succeeded_total") + value(s, "celery_task_failed_total") >= 45
             probed = value(s, "celery_broker_up") == 2 and value(s, "celery_queue_consumers") >= 2
             aged = value(s, "celery_queue_oldest_message_age_seconds", queue_name="waiting") > 0
-            ran = has(s, "celery_task_oldest_running_age_seconds")
+            ran = has(s, "celery_task_oldest_running_age_seconds") and all(
+                has(s, spec.sample_name) for spec in (catalogue.IGNORED, catalogue.REPLACED, catalogue.RUN_REJECTED,
+                                                      catalogue.FAILED_BEFORE_START))
             return text if done and probed and aged and ran and value(s, "celery_task_rejected_total") else None
 
         text = wait_until(complete, 90, "every metric to appear")

@@ -241,6 +241,44 @@ def wide() -> dict[str, Any]:
     return {}
 
 
+@app.task(name="t.ignore")
+def ignore() -> None:
+    from celery.exceptions import Ignore
+
+    raise Ignore()
+
+
+@app.task(name="t.replace", bind=True)
+def replace(self: Any) -> Any:
+    return self.replace(ok.s(1))
+
+
+@app.task(name="t.reject", acks_late=True)
+def reject() -> None:
+    from celery.exceptions import Reject
+
+    raise Reject("dropped", requeue=False)
+
+
+@app.task(name="t.late")
+def late() -> None:
+    return None
+
+
+if os.environ.get("CSX_TEST_LATE"):
+    # Pool processes forget t.late (as when a module fails to import there): its run fails before it starts.
+    from celery import signals as _signals
+
+    _signals.worker_process_init.connect(lambda **_: app.tasks.pop("t.late", None), weak=False)
+
+
+def outcomes() -> dict[str, Any]:
+    """One run of each outcome counted apart from success and failure (issue 28), and a pre-start failure."""
+    for task in (ignore, replace, reject, late):
+        task.delay()
+    return {}
+
+
 if __name__ == "__main__":
     scenario, *args = sys.argv[1:]
     result = globals()[scenario](*map(int, args))

@@ -81,26 +81,58 @@ SUCCEEDED = Spec(
 FAILED = Spec(
     "celery_task_failed", "counter", "Tasks that raised; exception is the class name.",
     ("name", "queue_name", "exception"),
-    recorded_by="`task_failure`",
-    notes="`exception` is the class name only, e.g. `WorkerLostError` for a killed child; for an exception Celery "
-          "cannot pickle, the class it wrapped",
+    recorded_by="`task_postrun` with state `FAILURE`, or an exception raised past Celery (eager runs that "
+                "propagate, hard time limits); lost runs: the reaper",
+    notes="`exception` is the class name only, e.g. `WorkerLostError` for a run whose process died mid-task, "
+          "`TimeLimitExceeded` for a hard time limit; for an exception Celery cannot pickle, the class it wrapped. "
+          "Failures before a run started are not here: see `celery_task_failed_before_start_total`",
+)
+FAILED_BEFORE_START = Spec(
+    "celery_task_failed_before_start", "counter",
+    "Deliveries that failed before their run started (the worker could not prepare the request).",
+    ("name", "queue_name", "exception"),
+    recorded_by="`task_failure` with no run of the task in progress",
+    notes="e.g. `InvalidTaskError` for arguments that are not a list and a mapping; never started, so not in "
+          "`started` nor in `failed`",
 )
 RETRIED = Spec(
     "celery_task_retried", "counter", "Task executions that asked to be retried.", TASK,
-    recorded_by="`task_retry`",
-    notes="one per `self.retry()`",
+    recorded_by="`task_postrun` with state `RETRY`; `task_retry` from the worker main",
+    notes="one per `self.retry()` (and `autoretry_for`); the worker main's are runs it cancelled when the broker "
+          "connection was lost",
 )
 REVOKED = Spec(
     "celery_task_revoked", "counter", "Tasks revoked, expired or terminated instead of completing.",
     ("name", "queue_name", "reason"),
     recorded_by="`task_revoked`, worker main",
     notes="`reason` is `revoked`, `expired` or `terminated`; `expired` is served at 0 for every (name, queue) "
-          "with a sent, received or started series, so that `increase()` sees a task's first expiry",
+          "with a sent, received or started series, so that `increase()` sees a task's first expiry. Only "
+          "`terminated` ends a started run: `revoked` and `expired` messages are dropped before they start",
 )
 REJECTED = Spec(
     "celery_task_rejected", "counter", "Messages the worker rejected: unknown task or bad format.", ("queue_name",),
     recorded_by="`task_rejected`, `task_unknown`",
-    notes="unknown task names and messages Celery cannot decode",
+    notes="unknown task names and messages Celery cannot decode; never started. Runs that raise `Reject` are "
+          "`celery_task_run_rejected_total`",
+)
+RUN_REJECTED = Spec(
+    "celery_task_run_rejected", "counter", "Runs that ended by raising Reject; requeue says if the message went back.",
+    ("name", "queue_name", "requeue"),
+    recorded_by="`task_postrun` with state `REJECTED`",
+    notes="`requeue` is `true` or `false`; a requeued message runs again and counts a new start. Celery acts on "
+          "the message only for `acks_late` tasks",
+)
+IGNORED = Spec(
+    "celery_task_ignored", "counter", "Runs that ended by raising Ignore.", TASK,
+    recorded_by="`task_postrun` with state `IGNORED`",
+    notes="not a failure; replacements (`self.replace`, which raises `Ignore` too) are counted apart",
+)
+REPLACED = Spec(
+    "celery_task_replaced", "counter", "Runs that ended by replacing themselves with a signature (self.replace).",
+    TASK,
+    recorded_by="`task_postrun` with state `IGNORED` and the `Ignore` Celery raises in `Task.replace`",
+    notes="not a failure; what replaced the run (a task, chain or group) counts under its own names. An eager "
+          "run's replacement runs inline and the run succeeds",
 )
 RUNTIME = Spec(
     "celery_task_runtime_seconds", "histogram", "Task execution time, prerun to postrun.", TASK,
@@ -488,6 +520,87 @@ runs dispatched in the window started, not one run in many lost.
 
 
 @dataclass(frozen=True)
+class Outcome:
+    """One way a delivery can end: what happened, the sample that moves (with its labels), who records it,
+    and whether the run had started (counted in `celery_task_started_total`)."""
+
+    how: str
+    spec: Spec
+    labels: str
+    recorded_by: str
+    started: bool
+
+
+#: How a run can end, and which counter moves: docs/metrics.md's table, and the balance the tests hold
+#: (`started` equals the sum of the outcomes of started runs, plus the runs in progress).
+OUTCOMES: tuple[Outcome, ...] = (
+    Outcome("returned", SUCCEEDED, "", "postrun, pool process", True),
+    Outcome("raised an exception (`autoretry_for` and `self.retry()` past `max_retries` too)", FAILED,
+            "`exception`=the class", "postrun, pool process", True),
+    Outcome("soft time limit (`SoftTimeLimitExceeded` not caught)", FAILED,
+            "`exception=\"SoftTimeLimitExceeded\"`", "postrun, pool process", True),
+    Outcome("hard time limit (prefork, gevent)", FAILED, "`exception=\"TimeLimitExceeded\"`",
+            "postrun, pool process: the run ends with `SystemExit` once its limit is up (a pool process "
+            "SIGKILLed before its postrun is a lost run instead)", True),
+    Outcome("its process died (SIGKILL, OOM kill, a killed solo worker)", FAILED,
+            "`exception=\"WorkerLostError\"`", "the reaper, from the dead process's in-progress gauge", True),
+    Outcome("eager run that raised (`apply()`, `task_always_eager`), propagating or not", FAILED,
+            "`exception`=the class", "postrun, the calling process", True),
+    Outcome("`self.retry()` (or `autoretry_for`) published a retry", RETRIED, "", "postrun, pool process", True),
+    Outcome("`raise Ignore()`", IGNORED, "", "postrun, pool process", True),
+    Outcome("`self.replace(signature, chain or group)`", REPLACED, "", "postrun, pool process", True),
+    Outcome("`raise Reject(requeue=True)` (`acks_late`)", RUN_REJECTED, "`requeue=\"true\"`",
+            "postrun, pool process", True),
+    Outcome("`raise Reject(requeue=False)`", RUN_REJECTED, "`requeue=\"false\"`", "postrun, pool process", True),
+    Outcome("revoked with `terminate=True` (by id or by stamped header) while running", REVOKED,
+            "`reason=\"terminated\"`", "`task_revoked`, worker main", True),
+    Outcome("revoked (by id or by stamped header) before it started", REVOKED, "`reason=\"revoked\"`",
+            "`task_revoked`, worker main", False),
+    Outcome("expired before it started", REVOKED, "`reason=\"expired\"`", "`task_revoked`, worker main", False),
+    Outcome("failed while the worker prepared it (bad arguments)", FAILED_BEFORE_START, "`exception`=the class",
+            "`task_failure` with no run in progress", False),
+    Outcome("unknown task name or undecodable message", REJECTED, "", "`task_unknown`, `task_rejected`, worker main",
+            False),
+)
+
+OUTCOMES_BEFORE = """\
+### How a run can end
+
+Every run counted in `celery_task_started_total` ends in exactly one of the
+outcomes marked *started* below, so per task `started` = the sum of those
+outcomes + `celery_task_in_progress`. A delivery that never started ends in
+one of the others. Postrun records a run's outcome in the same write as its
+runtime and in-progress; only the outcomes the pool process cannot see are
+recorded elsewhere.
+
+| how the run ends | counter that moves | labels | recorded by | started |
+| --- | --- | --- | --- | --- |
+"""
+
+OUTCOMES_AFTER = """
+A retried run is one outcome (`retried`); its retry is a new message and a
+new run with an outcome of its own. A chord's unlock task
+(`celery.chord_unlock`, on result backends without native joins) retries
+until the header is done, then succeeds. A worker stopped cold (SIGQUIT)
+ends its runs with no outcome: Celery reports nothing, and the pool process's
+postrun sees only `SystemExit`, as it does for a termination, whose outcome
+the worker main reports. Postrun tells a hard time limit from a termination
+by the run's length: a run killed by SIGTERM that lasted its hard limit (the
+message's, the task's or the worker's, less up to 1 s) timed out.
+"""
+
+
+def _outcome_row(o: Outcome) -> str:
+    return (f"| {o.how} | `{o.spec.sample_name}` | {o.labels} | {o.recorded_by} | "
+            f"{'yes' if o.started else 'no'} |").replace("|  |", "| |")
+
+
+def outcomes_table() -> str:
+    """The "how a run can end" part of docs/metrics.md, from OUTCOMES."""
+    return OUTCOMES_BEFORE + "\n".join(_outcome_row(o) for o in OUTCOMES) + "\n" + OUTCOMES_AFTER
+
+
+@dataclass(frozen=True)
 class Section:
     """A part of docs/metrics.md: a heading, prose around one table of metrics."""
 
@@ -500,8 +613,10 @@ class Section:
 SECTIONS: tuple[Section, ...] = (
     Section(
         "Task metrics (signal side)",
-        (SENT, RECEIVED, REDELIVERED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, REJECTED, RUNTIME, QUEUE_WAIT,
-         IN_PROGRESS, LAST_SUCCESS, OLDEST_RUNNING_AGE, TIME_LIMIT, MEMORY_GROWTH, CPU, PUBLISH),
+        (SENT, RECEIVED, REDELIVERED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, REJECTED, RUN_REJECTED, IGNORED,
+         REPLACED, FAILED_BEFORE_START, RUNTIME, QUEUE_WAIT, IN_PROGRESS, LAST_SUCCESS, OLDEST_RUNNING_AGE,
+         TIME_LIMIT, MEMORY_GROWTH, CPU, PUBLISH),
+        after=outcomes_table(),
     ),
     Section(
         "Worker metrics",
@@ -574,7 +689,8 @@ SERVED: tuple[Spec, ...] = tuple(spec for section in SECTIONS for spec in sectio
 #: Every metric written to the metrics directory by the instrumentation (the heartbeat included, which is
 #: served as celery_worker_up); the merge in collect.py serves them.
 RECORDED: tuple[Spec, ...] = (
-    SENT, RECEIVED, REDELIVERED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, REJECTED, RUNTIME, QUEUE_WAIT,
+    SENT, RECEIVED, REDELIVERED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, REJECTED, RUN_REJECTED, IGNORED,
+    REPLACED, FAILED_BEFORE_START, RUNTIME, QUEUE_WAIT,
     IN_PROGRESS, LAST_SUCCESS, OLDEST_RUNNING_AGE, TIME_LIMIT, MEMORY_GROWTH, CPU, PUBLISH, HEARTBEAT,
     POOL_PROCESSES, TASKS_ACTIVE, TASKS_RESERVED, TASKS_SCHEDULED, CONSUMING, RESIDENT_MEMORY,
     POOL_PROCESS_MAX_MEMORY, DROPPED_LABELS, LABELS_TRUNCATED, HANDLER_ERRORS, COMPACTED,

@@ -7,8 +7,15 @@ this process's mmap file. Which process runs which receiver:
 - producer (any process that publishes): before/after_task_publish
 - worker main: task_received, task_rejected, task_unknown, task_revoked
 - pool process (prefork child, thread or solo): prerun, postrun (which also
-  counts successes), failure, retry (and failure for lost workers in the
-  main process)
+  counts the run's outcome), failure, retry
+
+Every run that prerun counted ends in exactly one outcome, written by postrun
+in the same write as its runtime (see `Instrumentation.outcome`): success,
+failure by exception (a hard time limit too), retry, ignored, replaced,
+rejected (requeued or not). The worker main adds the one outcome only it
+knows, a termination (revoked, `terminated`); the reaper adds lost runs
+(`WorkerLostError`). A failure with no run in progress failed before its run
+started and is counted apart (`celery_task_failed_before_start_total`).
 """
 
 from __future__ import annotations
@@ -28,8 +35,8 @@ from functools import wraps
 from typing import Any
 
 from celery import Celery, signals
-from celery.exceptions import TimeLimitExceeded, WorkerLostError
-from celery.states import SUCCESS
+from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
+from celery.states import FAILURE, IGNORED, REJECTED, RETRY, SUCCESS
 
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import metrics as m
@@ -48,6 +55,11 @@ DUE_HEADER = "csx_due"
 #: Added by the worker main process to the request it hands to the pool, so
 #: pool processes know the queue the message really came from.
 QUEUE_HEADER = "csx_queue"
+#: The Ignore that `Task.replace` raises (Celery 5.3+): the run ended by replacing itself.
+REPLACED_MESSAGE = "Replaced by new task"
+#: How much shorter than its hard time limit a run killed by SIGTERM may have lasted and still be counted as
+#: timed out (at most half the limit): the limit runs from the pool's accept, a little before prerun.
+TIME_LIMIT_SLACK = 1.0
 #: ru_maxrss is in kilobytes on Linux (and the BSDs), in bytes on macOS.
 _MAXRSS_BYTES = 1 if sys.platform == "darwin" else 1024
 _getrusage = resource.getrusage
@@ -200,6 +212,10 @@ class Instrumentation:
         self.retried = m.Recorder(s, c.RETRIED)
         self.revoked = m.Recorder(s, c.REVOKED)
         self.rejected = m.Recorder(s, c.REJECTED)
+        self.ignored = m.Recorder(s, c.IGNORED)
+        self.replaced = m.Recorder(s, c.REPLACED)
+        self.run_rejected = m.Recorder(s, c.RUN_REJECTED)
+        self.failed_before_start = m.Recorder(s, c.FAILED_BEFORE_START)
         self.runtime = m.Recorder(s, c.RUNTIME, options.runtime_buckets)
         self.queue_wait = m.Recorder(s, c.QUEUE_WAIT, options.queue_wait_buckets)
         self.cpu = m.Recorder(s, c.CPU)
@@ -231,8 +247,10 @@ class Instrumentation:
         # (task, delivery) -> (queue label, received series, redelivered series); no series if ignored.
         self._received: dict[tuple[Any, Any, Any, Any], tuple[str, m.Series | None, m.Series | None]] = {}
         self._logged_errors: set[str] = set()
-        # Ids of runs whose hard time limit was counted (the last 1 000): Celery reports one twice.
-        self._timed_out: dict[str, None] = {}
+        # Ids of runs whose postrun counted a failure Celery reports again afterwards (the last 1 000).
+        self._ended: dict[str, None] = {}
+        #: The worker's hard time limit (`--time-limit`, `task_time_limit`), set at worker_init (worker.py).
+        self.worker_time_limit: Any = None
 
     # -- helpers -------------------------------------------------------------
 
@@ -443,7 +461,7 @@ class Instrumentation:
                 self.queue_wait.labels(label, queue), self.runtime.labels(label, queue),
                 self.succeeded.labels(label, queue), self.last_success.labels(label),
                 self.cpu.labels(label, queue) if resources else None,
-                self.memory_growth.labels(label, queue) if resources else None, self.peak,
+                self.memory_growth.labels(label, queue) if resources else None, self.peak, label, queue,
             )
             if label != OVERFLOW:  # folded names are not remembered one by one
                 self._series[key] = series
@@ -483,13 +501,22 @@ class Instrumentation:
         self, signal: Any = None, sender: Any = None, task_id: str = "", task: Any = None, args: Any = None,
         kwargs: Any = None, retval: Any = None, state: str | None = None, **_: Any,
     ) -> None:
-        """Runtime, in-progress, and success too: task_postrun says the state, which saves
-        Celery dispatching task_success to us on every task."""
+        """Runtime, in-progress and the run's outcome, in one write: task_postrun says the state
+        (and carries what the run raised), which saves Celery dispatching task_success to us on
+        every task and makes every run that prerun counted end exactly once."""
         try:
-            success_at = _time() if state == SUCCESS else None
             runs = self._runs.stack
             # The run prerun started last in this thread is this one, but for an odd nesting.
             run = runs.pop() if runs and runs[-1][0] == task_id else _take_run(runs, task_id)
+            if state == SUCCESS:
+                success_at: float | None = _time()
+                ended = None
+            elif run is not None:
+                success_at = None
+                ended = self.outcome(run[3], task, task_id, state, retval, _perf_counter() - run[1])
+            else:
+                success_at = None
+                ended = self.outcome(None, task, task_id, state, retval, 0.0)
             if run is not None:
                 _, begin, cpu_begin, series, beat = run
                 if self._resources:
@@ -497,18 +524,69 @@ class Instrumentation:
                     # read at prerun would double it): a run that set no new peak grew 0.
                     peak = self.peak
                     series.finish(_perf_counter() - begin, success_at, _thread_time() - cpu_begin,
-                                  peak.read() if peak.inherited else _getrusage(_RUSAGE_SELF).ru_maxrss)
+                                  peak.read() if peak.inherited else _getrusage(_RUSAGE_SELF).ru_maxrss, ended)
                 else:
-                    series.finish(_perf_counter() - begin, success_at)
+                    series.finish(_perf_counter() - begin, success_at, ended=ended)
                 if beat is not None:
                     self.beat_runs.finish(beat, success_at is not None)
             else:
-                self._postrun_uncounted(task, success_at)
+                self._postrun_uncounted(task, success_at, ended)
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
             self.handler_failed("task_postrun", exc)
 
-    def _postrun_uncounted(self, task: Any, success_at: float | None) -> None:
-        """A postrun whose prerun counted nothing (an ignored task, a failed write): the success still counts."""
+    def outcome(self, series: _TaskSeries | None, task: Any, task_id: str, state: str | None,
+                retval: Any, elapsed: float) -> m.Series | None:
+        """The counter a run that did not succeed ends in, from postrun's state and what the run raised.
+
+        Called only for runs that did not succeed, so the common path pays nothing. None: the run ends
+        where only the worker main can tell how (a termination ends the pool process's run with
+        SystemExit, and the worker main counts it as revoked), or the task is ignored.
+        """
+        if series is None:
+            series = self.series_for(task.name, self.queue_of(_request_of(task)))
+            if series is None:
+                return None
+        name, queue = series.name, series.queue
+        if state == FAILURE:  # retval is what the task raised (task_failure sends a picklable copy)
+            return self.failed.labels(name, queue, exception_name(retval))
+        if state == RETRY:
+            return self.retried.labels(name, queue)
+        if state == IGNORED:
+            if isinstance(retval, Ignore) and retval.args[:1] == (REPLACED_MESSAGE,):
+                return self.replaced.labels(name, queue)
+            return self.ignored.labels(name, queue)
+        if state == REJECTED:
+            requeue = "true" if isinstance(retval, Reject) and retval.requeue else "false"
+            return self.run_rejected.labels(name, queue, requeue)
+        # No state: the run raised past Celery's handling. Eager with task_eager_propagates (or
+        # apply(throw=True)), where Celery re-raises before task_failure; or SystemExit in a pool process.
+        raised = sys.exc_info()[1]  # postrun is sent from a `finally`: the exception in flight
+        if raised is None:
+            return None
+        if isinstance(raised, Retry):
+            return self.retried.labels(name, queue)
+        if not isinstance(raised, Exception):
+            request = _request_of(task)
+            if not getattr(request, "is_eager", False):
+                # SIGTERM (billiard raises SystemExit) or a greenlet pool's timeout: a hard time limit
+                # if the run lasted its limit, else a termination, which the worker main counts as revoked.
+                limit = _hard_limit(request, task, self.worker_time_limit)
+                if limit and elapsed >= limit - min(TIME_LIMIT_SLACK, limit / 2):
+                    return self.failed.labels(name, queue, TimeLimitExceeded.__name__)
+                return None
+        elif not getattr(_request_of(task), "is_eager", False):
+            # Celery's own handling raised (a result backend down): it reports task_failure again after this.
+            self._remember(self._ended, task_id)
+        return self.failed.labels(name, queue, exception_name(raised))
+
+    @staticmethod
+    def _remember(ids: dict[str, None], task_id: str) -> None:
+        ids[task_id] = None
+        if len(ids) > 1000:
+            del ids[next(iter(ids))]
+
+    def _postrun_uncounted(self, task: Any, success_at: float | None, ended: m.Series | None) -> None:
+        """A postrun whose prerun counted nothing (an ignored task, a failed write): the outcome still counts."""
         request = _request_of(task)
         if getattr(request, ENTRY_HEADER, None) is not None:
             self.beat_runs.finish(request, success_at is not None)
@@ -516,31 +594,46 @@ class Instrumentation:
             found = self.series_for(task.name, self.queue_of(request))
             if found is not None:
                 found.finish(None, success_at)
+        elif ended is not None:
+            ended.inc()
+
+    def _in_progress_here(self, task_id: Any) -> bool:
+        """Whether this thread runs `task_id` now: its postrun, still to come, counts the outcome."""
+        return any(run[0] == task_id for run in self._runs.stack)
 
     def on_failure(self, sender: Any = None, task_id: str = "", exception: BaseException | None = None,
                    **_: Any) -> None:
+        # A failure of a run in progress in this thread is counted by its postrun, with the rest of the run.
+        if self._in_progress_here(task_id):
+            return
         # A lost run is counted by the reaper (compact.py), from the dead process's in-progress gauge,
         # exactly once. Celery sends task_failure(WorkerLostError) from the worker main only when it
         # does not requeue the message (Request.on_failure: not acks_late + reject_on_worker_lost), so
-        # counting it here would count that run twice, and a requeued run not at all. Skipping it is
-        # exact: every run whose prerun counted it and whose postrun never came is reaped as one.
-        if isinstance(exception, WorkerLostError):
+        # counting it here would count that run twice, and a requeued run not at all. A Reject
+        # (requeue=False) is reported by the worker main after the run's postrun counted the rejection.
+        if isinstance(exception, (WorkerLostError, Reject)):
             return
+        if task_id in self._ended:  # Celery's handling failed after the run's postrun counted it
+            del self._ended[task_id]
+            return
+        # A hard time limit is the run's own outcome: the pool process's postrun counts it (the run ends
+        # there with SystemExit when its limit is up). Should the pool process die before its postrun
+        # (billiard SIGKILLs it 0.1 s after SIGTERM), the reaper counts the run as lost instead: one
+        # outcome either way, where counting Celery's report here too made two.
         if isinstance(exception, TimeLimitExceeded):
-            # A hard time limit is sent twice by the worker main (Celery 5.7): from Request.on_failure,
-            # with the request's context, then from Request.on_timeout, without it. One run, one failure.
-            seen = self._timed_out
-            if task_id in seen:
-                return
-            seen[task_id] = None
-            if len(seen) > 1000:
-                del seen[next(iter(seen))]
+            return
         name = self.task_name(sender.name)
-        if name is not None:
-            kind = exception_name(exception)
-            self.failed.labels(name, self.queue_of(sender.request), kind).inc()
+        if name is None:
+            return
+        # No run in progress: the delivery failed before its run started (arguments Celery cannot
+        # apply, a task the pool process does not know), so it has no start to balance.
+        self.failed_before_start.labels(name, self.queue_of(sender.request), exception_name(exception)).inc()
 
     def on_retry(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        """A retry of a run in this thread is counted by its postrun; one the worker main announces
+        (a run cancelled when the broker connection was lost) is counted here."""
+        if self._in_progress_here(getattr(request, "id", None)):
+            return
         name = self.task_name(sender.name)
         if name is not None:
             self.retried.labels(name, self.queue_of(request)).inc()
@@ -586,6 +679,16 @@ def _request_of(task: Any) -> Any:
         return task.request_stack.top
 
 
+def _hard_limit(request: Any, task: Any, worker_limit: Any) -> float | None:
+    """The hard time limit the pool enforces on this run: the message's, else the task's, else the worker's."""
+    limits = getattr(request, "timelimit", None)
+    for limit in (limits[0] if isinstance(limits, (list, tuple)) and limits else None,
+                  getattr(task, "time_limit", None), worker_limit):
+        if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0:
+            return float(limit)
+    return None
+
+
 def _take_run(runs: list[tuple[Any, float, float, _TaskSeries, Any]], task_id: Any) -> Any:
     """The record of `task_id` below the top of the stack, if any, taken with every record above it: those
     are runs whose postrun never came (Celery sends it in a `finally`, so none), and the stack cannot grow."""
@@ -609,8 +712,9 @@ class _TaskSeries:
 
     def __init__(self, store: Store, in_progress: m.Series, started: m.Series, queue_wait: m.Series,
                  runtime: m.Series, succeeded: m.Series, last_success: m.Series, cpu: m.Series | None,
-                 memory_growth: m.Series | None, peak: _Peak) -> None:
+                 memory_growth: m.Series | None, peak: _Peak, name: str = "", queue: str = "") -> None:
         self.store = store
+        self.name, self.queue = name, queue  # label values, for the outcomes other than success
         self.in_progress, self.started, self.queue_wait = in_progress, started, queue_wait
         self.runtime, self.succeeded, self.last_success = runtime, succeeded, last_success
         self.cpu, self.memory_growth, self.peak = cpu, memory_growth, peak
@@ -651,16 +755,20 @@ class _TaskSeries:
                 waits[index[bisect.bisect_left(self.wait_bounds, wait)]] += 1.0
                 waits[index[-1]] += wait
 
-    def finish(self, runtime: float | None, success_at: float | None, cpu: float = 0.0, maxrss: int = -1) -> None:
+    def finish(self, runtime: float | None, success_at: float | None, cpu: float = 0.0, maxrss: int = -1,
+               ended: m.Series | None = None) -> None:
         """The live gauge back down, the runtime (and CPU and memory growth when `task_resources` is
-        on), if the start was counted; the success, if any. `maxrss` is the process's peak RSS now
-        (getrusage units)."""
+        on), if the start was counted; the success, if any, or the counter of the run's other outcome
+        (`ended`), in the same write. `maxrss` is the process's peak RSS now (getrusage units)."""
         store = self.store
         with store.lock:
             if runtime is not None and self.run_bound != store.generation:
                 self._bind_run()
             if success_at is not None and self.success_bound != store.generation:
                 self._bind_success()
+            if ended is not None:  # bound under the lock, before anything is written: one write per run
+                outcomes, (ended_i,) = ended.binding()
+                outcomes.values[ended_i] += 1.0
             if runtime is not None:
                 self.live.values[self.live_i] -= 1.0
                 runtimes, index = self.runtimes.values, self.runtime_i

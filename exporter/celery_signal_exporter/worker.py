@@ -190,7 +190,10 @@ def install_worker_metrics(app: Celery, inst: Instrumentation) -> None:
 
     app.steps["consumer"].add(ExporterHeartbeat)
 
-    def on_worker_init(**_: Any) -> None:
+    def on_worker_init(sender: Any = None, **_: Any) -> None:
+        # The worker's own hard time limit (`--time-limit`, else `task_time_limit`), known to pool
+        # processes forked after this: their postrun tells a hard time limit from a termination by it.
+        inst.worker_time_limit = getattr(sender, "time_limit", None)
         # Prepare the directory: create it, and clear only what dead processes left live.
         try:
             os.makedirs(inst.options.metrics_dir, exist_ok=True)

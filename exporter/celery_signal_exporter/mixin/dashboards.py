@@ -231,7 +231,7 @@ def overview(c: Config) -> Dashboard:
         _ts(
             c,
             "Failure ratio",
-            "Failed runs as a share of finished runs (failed + succeeded) per task, over "
+            "Failed runs as a share of finished runs (failed, succeeded, replaced or ignored) per task, over "
             f"{c.failure_window} (a recorded series). Retries are not failures; a task that never failed "
             "reads 0.",
             "percentunit",
@@ -359,13 +359,16 @@ def tasks(c: Config) -> Dashboard:
         _ts(
             c,
             "Runs by outcome",
-            "Tasks received, started, succeeded, failed and retried per second, by task. Received counts "
+            "Tasks received, started, and each outcome a run can end in (succeeded, failed, retried, ignored, "
+            "replaced, rejected by the run) per second, by task, and deliveries that failed before they started. "
+            "Received counts "
             "deliveries: redelivered ones (restored after a worker stopped, or requeued) count again, and are "
             "shown apart.",
             "ops",
             *[
                 (f"sum {_by(c, 'name')}(rate({_q(c, f'celery_task_{o}_total', *qt)}[{RATE}]))", f"{{{{name}}}} {o}")
-                for o in ("received", "redelivered", "started", "succeeded", "failed", "retried")
+                for o in ("received", "redelivered", "started", "succeeded", "failed", "retried", "ignored", "replaced",
+                          "run_rejected", "failed_before_start")
             ],
         )
     )

@@ -69,9 +69,17 @@ def recording_rules(c: Config) -> list[dict[str, Any]]:
             "expr": (
                 f"(\n  sum by ({g}name) (rate(celery_task_failed_total{{{c.sel()}}}[{c.failure_window}]))\n"
                 f"  or\n  sum by ({g}name) (rate(celery_task_succeeded_total{{{c.sel()}}}[{c.failure_window}])) * 0\n"
-                ")\n/\n"
+                ")\n/\n(\n  "
                 f"sum by ({g}name) (rate({{{finished}}}"
                 f"[{c.failure_window}]))"
+                # Runs that replaced themselves or raised Ignore are runs, not failures (issue 28). Added
+                # family by family: without the metric name their series would clash with succeeded's.
+                + "".join(
+                    f"\n+\n(\n  sum by ({g}name) (rate(celery_task_{o}_total{{{c.sel()}}}[{c.failure_window}]))\n"
+                    f"  or\n  sum by ({g}name) (rate({{{finished}}}[{c.failure_window}])) * 0\n)"
+                    for o in ("replaced", "ignored")
+                )
+                + "\n)"
             ),
         },
     ]
