@@ -152,7 +152,8 @@ def test_dashboards_have_data_and_backlog_alert_pages_then_resolves(tmp_path: Pa
         alertmanager(tmp, hook.url) as am_url,
     ):
         broker = f"{redis_url}/0"
-        env = env_for(broker, str(metrics_dir))
+        # CSX_TEST_LATE: pool processes forget t.late, so the outcomes scenario has a pre-start failure.
+        env = env_for(broker, str(metrics_dir), CSX_TEST_LATE="1")
         with (
             # A time limit, so the Tasks dashboard's "Oldest run vs time limit" has its limit line.
             worker(env, tmp, "--time-limit", "600", concurrency=1) as slow_worker,
@@ -169,6 +170,7 @@ def test_dashboards_have_data_and_backlog_alert_pages_then_resolves(tmp_path: Pa
             ) as prom,
         ):
             produce(env, "counts")
+            produce(env, "outcomes")  # ignored, replaced, rejected by the run, failed before start
             wait_until(
                 lambda: prom.query('sum(celery_task_rejected_total{job="celery-worker"}) >= 1'), 60,
                 "Prometheus to scrape the finished workload",
