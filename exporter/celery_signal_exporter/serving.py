@@ -20,6 +20,7 @@ from celery_signal_exporter._http import (
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_SEND_TIMEOUT,
+    release_freed_memory,
     server_options,
 )
 from celery_signal_exporter.collect import DEFAULT_MAX_TASK_NAMES
@@ -100,6 +101,7 @@ def run(config: ServeConfig, probes: Sequence[ProbeGroup], listener: socket.sock
     if config.web.tls is not None:
         tls = {"ssl_certfile": config.web.tls.cert_file, "ssl_keyfile": config.web.tls.key_file,
                "ssl_ca_certs": config.web.tls.client_ca_file, "ssl_cert_reqs": config.web.tls.cert_reqs}
+    release_freed_memory()
     limits = server_options(config.header_timeout, config.send_timeout, config.max_connections)
     level = config.log_level.lower()
     server = uvicorn.Server(uvicorn.Config(create_app(exporter, users=config.web.users), host=config.host,
