@@ -139,3 +139,61 @@ def test_waves_of_slow_readers_stay_within_the_bound_and_memory_comes_back(
         assert end - start <= 2 * body_mb, f"RSS stayed {end - start:.0f} MiB above the start"
         assert ex.get("/healthz").status_code == 200
         assert ex.get("/metrics").status_code == 200
+
+
+class _Conn:
+    """Just what the gate asks of a connection."""
+
+    def __init__(self) -> None:
+        self.closing = False
+        self.evicted = False
+        self.transport = self
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def evict(self) -> None:
+        self.evicted = True
+
+
+def test_the_gate_hands_slots_over_in_order_and_skips_those_gone() -> None:
+    import asyncio
+
+    from celery_signal_exporter._http import Gate
+
+    async def run() -> None:
+        gate = Gate(slots=2, wait=5.0)
+        a, b, c, d, e = (_Conn() for _ in range(5))
+        assert await gate.admit(a) and await gate.admit(b)  # type: ignore[arg-type]
+        waiting = [asyncio.ensure_future(gate.admit(x)) for x in (c, d, e)]  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        assert not any(w.done() for w in waiting)
+        d.closing = True  # gave up while waiting
+        gate.release(a)  # type: ignore[arg-type]
+        gate.forget(b)  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        assert waiting[0].result() is True and waiting[2].result() is True, "c and e got the slots, in order"
+        assert not waiting[1].done(), "d left the queue unserved"
+        gate.release(c)  # type: ignore[arg-type]
+        assert await gate.admit(_Conn()), "a free slot is taken at once, not queued behind a gone waiter"  # type: ignore[arg-type]
+        waiting[1].cancel()
+
+    asyncio.run(run())
+
+
+def test_idle_connections_past_the_limit_go_oldest_first_never_the_young(monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery_signal_exporter import _http
+
+    now = [1000.0]
+    monkeypatch.setattr(_http.time, "monotonic", lambda: now[0])
+    gate = _http.Gate(slots=2, wait=1.0)
+    old, older_still, young = _Conn(), _Conn(), _Conn()
+    gate.set_idle(older_still)  # type: ignore[arg-type]
+    gate.set_idle(old)  # type: ignore[arg-type]
+    now[0] += 5
+    gate.set_idle(young)  # type: ignore[arg-type]
+    assert older_still.evicted and not old.evicted and not young.evicted
+    gate.set_idle(_Conn())  # type: ignore[arg-type]
+    assert old.evicted, "the longest idle goes"
+    gate.set_idle(_Conn())  # type: ignore[arg-type]
+    assert not young.evicted, "a connection idle under a second is never evicted"

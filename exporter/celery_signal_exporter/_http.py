@@ -58,24 +58,22 @@ class Gate:
         self.holders: set[LimitedH11Protocol] = set()
         self.waiters: deque[tuple[asyncio.Future[None], LimitedH11Protocol]] = deque()
         self.idle: dict[LimitedH11Protocol, float] = {}  # insertion order: longest idle first
-        self.refused = 0
 
     async def admit(self, conn: LimitedH11Protocol) -> bool:
         """Wait for a slot for `conn` (at most `wait` seconds); False means answer 503."""
         if conn in self.holders:
             return True
-        if len(self.holders) < self.slots and not self.waiters:
+        self._hand_over()  # the longest waiters first; those that went away leave the queue
+        if len(self.holders) < self.slots:
             self.holders.add(conn)
             return True
         if len(self.waiters) >= self.slots * WAITING_PER_SLOT:
-            self.refused += 1
             return False
         entry: tuple[asyncio.Future[None], LimitedH11Protocol] = (asyncio.get_running_loop().create_future(), conn)
         self.waiters.append(entry)
         try:
             await asyncio.wait_for(entry[0], self.wait)
         except asyncio.TimeoutError:
-            self.refused += 1
             return False
         except asyncio.CancelledError:
             self.release(conn)  # granted just as the wait was cancelled
@@ -92,6 +90,9 @@ class Gate:
         if conn not in self.holders:
             return
         self.holders.discard(conn)
+        self._hand_over()
+
+    def _hand_over(self) -> None:
         while self.waiters and len(self.holders) < self.slots:
             future, waiter = self.waiters.popleft()
             if not future.done() and not waiter.transport.is_closing():
@@ -125,20 +126,22 @@ async def admitted(scope: Scope) -> bool:
 
 
 def release_freed_memory() -> bool:
-    """Keep glibc from holding on to freed response bodies.
+    """Keep glibc from holding on to freed response bodies; call it before any thread starts.
 
     glibc raises its mmap threshold to the size of each large block freed (up
     to 32 MiB), after which multi-megabyte bodies come from the heap, and
     memory freed there is rarely returned. A fixed threshold (which also stops
     that adjustment) keeps every large block in its own mapping, unmapped on
-    free. Returns whether the setting took (False off glibc).
+    free. And every thread that renders would get a heap of its own (up to 8
+    per core), each keeping what it freed: two are enough for a scrape, the
+    probes and compaction. Returns whether the settings took (False off glibc).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    m_mmap_threshold = -3
-    return bool(mallopt(m_mmap_threshold, 256 * 1024))
+    m_mmap_threshold, m_arena_max = -3, -8
+    return bool(mallopt(m_mmap_threshold, 256 * 1024)) and bool(mallopt(m_arena_max, 2))
 
 
 class LimitedH11Protocol(H11Protocol):

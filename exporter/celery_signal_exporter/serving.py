@@ -93,6 +93,7 @@ def run(config: ServeConfig, probes: Sequence[ProbeGroup], listener: socket.sock
     workers have seen) and are stopped, and the listener closed, on the way
     out. Returns whether the server had started.
     """
+    release_freed_memory()  # before the compaction thread, the probes and the server's threads start
     exporter = Exporter(ServiceConfig(metrics_dir=config.metrics_dir, worker_timeout=config.worker_timeout,
                                       sources=list(probes), max_task_names=config.max_task_names))
     if config.metrics_dir is not None and config.compact_interval > 0:
@@ -101,7 +102,6 @@ def run(config: ServeConfig, probes: Sequence[ProbeGroup], listener: socket.sock
     if config.web.tls is not None:
         tls = {"ssl_certfile": config.web.tls.cert_file, "ssl_keyfile": config.web.tls.key_file,
                "ssl_ca_certs": config.web.tls.client_ca_file, "ssl_cert_reqs": config.web.tls.cert_reqs}
-    release_freed_memory()
     limits = server_options(config.header_timeout, config.send_timeout, config.max_connections)
     level = config.log_level.lower()
     server = uvicorn.Server(uvicorn.Config(create_app(exporter, users=config.web.users), host=config.host,
