@@ -457,14 +457,25 @@ class DirectoryCollector:
         return plan + rest
 
     def _judge(self, path: str, filename: str, why: str) -> None:
-        """Leave an unreadable writer's file unopened while it keeps its inode (unless young)."""
+        """Leave an unreadable file unopened while it keeps its inode: not a young one (a foreign writer may be
+        making it) and never one a live writer holds (whatever failed, its counts are read every scrape)."""
         try:
             st = os.stat(path)
-        except OSError:
+            if time.time_ns() - st.st_ctime_ns < _YOUNG_NS:
+                return
+            fd = open_to_read(path)
+        except FileNotFoundError:
             return
-        if time.time_ns() - st.st_ctime_ns >= _YOUNG_NS:
-            self._judged[filename] = (st.st_ino, why)
-            self._to_read = None
+        except OSError:
+            fd = -1  # cannot even be opened: no writer's file
+        if fd >= 0:
+            try:
+                if held_by_a_live_writer(fd):
+                    return
+            finally:
+                os.close(fd)
+        self._judged[filename] = (st.st_ino, why)
+        self._to_read = None
 
     def _read_archive(self, path: str, kind: str) -> tuple[int, _Loaded | Exception]:
         """An archive's generation and contents, read once; a damaged one has generation 0."""
