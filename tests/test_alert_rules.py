@@ -432,6 +432,19 @@ CASES: list[dict[str, Any]] = [
 ]
 
 
+# A full metrics volume (issue 27): lost writes page at once; an old loss, or none, does not.
+CASES.append(case(
+    "CeleryExporterWritesLost",
+    [
+        (ql("celery_exporter_writes_lost_total", f'{WORKER}, pod="w1", signal="task_prerun"'), "0+1x20"),
+        (ql("celery_exporter_writes_lost_total", f'{WORKER}, pod="w1", signal="task_postrun"'), "0x20"),
+        (ql("celery_exporter_writes_lost_total", f'{WORKER}, pod="w1", signal="task_received"'), "0 3x20"),
+    ],
+    "15m",
+    [expected("CeleryExporterWritesLost", {"namespace": "prod", "signal": "task_prerun"}, "10")],
+))
+
+
 def test_every_alert_has_a_case() -> None:
     # The incident alerts' cases live beside their incident tests (imported here, not there: that
     # module builds on this one's helpers).

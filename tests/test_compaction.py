@@ -327,11 +327,11 @@ def test_a_first_compaction_during_an_unlocked_read_is_read_again(tmp_path: Any,
     plan = collector._plan
     calls = []
 
-    def plan_then_compact(names: list[str]) -> Any:
-        out = plan(names)
+    def plan_then_compact() -> Any:
+        out = plan()
         if not calls:
             compaction.compact(d)  # moves the files listed a moment ago into the archive
-        calls.append(names)
+        calls.append(out)
         return out
 
     monkeypatch.setattr(collector, "_plan", plan_then_compact)

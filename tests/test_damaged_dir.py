@@ -163,3 +163,45 @@ def test_full_disk_never_reaches_a_task(redis_url: str, tmp_path: pytest.TempPat
             assert value(s, "celery_task_sent_total", name="t.ok") == 5
             assert value(s, "celery_task_in_progress") == 0
             assert value(s, "celery_exporter_handler_errors_total") == errors
+
+
+def test_full_disk_with_recycled_children_counts_every_run_or_its_loss(
+        redis_url: str, tmp_path: pytest.TempPathFactory) -> None:
+    """`--max-tasks-per-child 1`: runs after the disk filled are in new children that cannot make their files
+    (until compaction frees a dead child's room).
+
+    Each such run is counted once as lost, in the space the worker main reserved
+    at its start (`celery_exporter_writes_lost_total`), so started + lost runs =
+    runs, exactly, and succeeded + lost outcomes = runs. Before: those runs were
+    counted nowhere, not even as errors; only received 13 (the worker main's
+    file existed) against started 10 hinted at it.
+    """
+    with tiny_tmpfs(str(tmp_path / "metrics"), "2m") as metrics_dir:
+        env = env_for(redis_url, metrics_dir)
+        with worker(env, str(tmp_path), "--max-tasks-per-child", "1", concurrency=1) as w, \
+                exporter(str(tmp_path), "--metrics-dir", metrics_dir) as ex:
+            produce(env, "many", 3)
+            wait_until(lambda: (r := ex.scrape()) and value(r, "celery_task_succeeded_total") == 3
+                       and _compactions(r) >= 2, 60, "3 tasks and their children compacted")
+            filler = _fill(metrics_dir)
+            produce(env, "many", 10)
+            wait_until(lambda: w.log().count("succeeded in") == 13, 60, "the 10 tasks to succeed")
+            s = wait_until(lambda: (r := ex.scrape()) and value(r, "celery_task_received_total") == 13 and r,
+                           30, "the received messages to be counted")
+            started = value(s, "celery_task_started_total", name="t.ok")
+            lost = value(s, "celery_exporter_writes_lost_total", signal="task_prerun")
+            succeeded = value(s, "celery_task_succeeded_total", name="t.ok")
+            lost_outcomes = value(s, "celery_exporter_writes_lost_total", signal="task_postrun")
+            print(f"\nstarted {started:g} + lost {lost:g}; succeeded {succeeded:g} + lost {lost_outcomes:g}")
+            assert started + lost == 13, (started, lost)
+            assert succeeded + lost_outcomes == 13, (succeeded, lost_outcomes)
+            assert lost >= 1, "no child went without files: the test did not fill the disk"
+            assert value(s, "celery_exporter_handler_errors_total", signal="task_prerun") >= lost
+            assert value(s, "celery_task_in_progress") == 0
+            os.unlink(filler)
+            produce(env, "many", 2)
+            s = wait_until(lambda: (r := ex.scrape()) and value(r, "celery_task_succeeded_total", name="t.ok")
+                           + value(r, "celery_exporter_writes_lost_total", signal="task_postrun") == 15 and r,
+                           60, "recovery once there is room again")
+            assert value(s, "celery_task_started_total", name="t.ok") \
+                + value(s, "celery_exporter_writes_lost_total", signal="task_prerun") == 15

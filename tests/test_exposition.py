@@ -126,3 +126,24 @@ def test_laid_out_families_from_a_real_merge_encode_like_prometheus_client(tmp_p
         body_bytes, _ = Encoder().render(fams, accept)
         assert body_bytes == encoder(Families(fams))  # type: ignore[arg-type]
         assert b'celery_task_sent_total{name="t.ok",queue_name="q\\"1"} 9.0' in body_bytes
+
+
+def test_the_encoder_keeps_only_what_the_last_scrape_served() -> None:
+    """Values that change on every scrape (runtimes, timestamps) must not grow the encoder for ever.
+
+    Before: every distinct value was kept up to 200 000 texts (~27 MiB) and
+    label sets up to 200 000, whatever the scrapes still served.
+    """
+    encoder = Encoder()
+    served = 0
+    for scrape in range(300):
+        gauge = GaugeMetricFamily("celery_changing", "Changes.", labels=["name"])
+        names = 1000 if scrape < 150 else 10  # the series go away too
+        for i in range(names):
+            gauge.add_metric([f"t{(scrape * 7 + i) % 5000}"], scrape * 1000.0 + i + 0.5)
+        served = names
+        body, _ = encoder.render([gauge], None)
+        assert body.count(b"\n") == names + 2
+    kept = len(encoder._floats) + len(getattr(encoder, "_old_floats", {}))
+    lines = len(encoder._lines) + len(getattr(encoder, "_old_lines", {}))
+    assert kept <= 2 * served and lines <= 2 * served, f"{kept} value texts and {lines} label texts kept"

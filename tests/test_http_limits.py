@@ -2,8 +2,8 @@
 
 A connection must send a complete request head within --header-timeout
 (trickling bytes does not extend it), a client that leaves a response unread
-is dropped after --send-timeout, more than --max-connections connections get
-503, HEAD answers like GET without a body, and Accept-Encoding is
+is dropped after --send-timeout (tests/test_http_starvation.py: slow readers,
+idle sockets and --max-connections), HEAD answers like GET without a body, and Accept-Encoding is
 negotiated as RFC 9110 12.5.3 says. Timing asserts are bounds with slack
 (closed after about the timeout, well before it plus several seconds),
 never exact.
@@ -181,68 +181,7 @@ def test_header_timeout_behind_tls(tmp_path: Path) -> None:
         assert httpx.get(s.base + "/healthz", verify=ca, timeout=5).status_code == 200
 
 
-# --- slow readers and the connection limit -----------------------------------------------------------------
-
-
-def test_slow_readers_are_dropped_and_memory_stays_bounded(tmp_path: Path, sockets: list[socket.socket]) -> None:
-    """Twice, 200 clients ask for an 8.5 MB /metrics, 5 every 0.2 s, and never read.
-
-    Unbounded (before the fix) one wave of 200 held 1.6 GB of RSS for as
-    long as the clients stayed. Here at most 10 are served at once and each
-    is reset after the 2 s send timeout; the rest get 503. Measured: +330 to
-    +380 MB of RSS at the peak, over a 250 MB start (bodies in flight, and
-    glibc keeping what it freed); 700 MB is the generous bound, under half
-    of one unbounded wave.
-    """
-    fill(tmp_path / "metrics", 1500)
-    with exporter(str(tmp_path), "--metrics-dir", str(tmp_path / "metrics"), "--compact-interval", "0",
-                  "--max-connections", "10", "--send-timeout", "2", "--header-timeout", "5") as ex:
-        assert len(httpx.get(ex.url + "/metrics", timeout=120).content) > 8_000_000  # the first merge is slow
-        start_rss = peak = rss_mb(ex.proc.pid)
-        reset = 0
-        for wave in range(2):
-            socks: list[socket.socket] = []
-            for _ in range(40):
-                socks += connect(ex, 5, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", rcvbuf=4096)
-                sockets += socks[-5:]
-                peak = max(peak, rss_mb(ex.proc.pid))
-                time.sleep(0.2)
-            deadline = time.monotonic() + 60
-            while closed_by_server(socks) < len(socks):
-                assert time.monotonic() < deadline, f"wave {wave}: {closed_by_server(socks)} of 200 closed"
-                peak = max(peak, rss_mb(ex.proc.pid))
-                time.sleep(0.2)
-            reset += closed_by_server(socks, select.POLLERR)
-            close_all(socks)
-        refused = ex.log().count("Exceeded concurrency limit")
-        grown = peak - start_rss
-        print(f"\nRSS {start_rss:.0f} MB at start, peak {peak:.0f} MB (+{grown:.0f} MB); "
-              f"{400 - refused} served and reset: {reset}, {refused} refused")
-        assert reset >= 10, "too few slow readers were served for this test to mean anything"
-        assert reset == 400 - refused, "every slow reader served is reset by the send timeout"
-        assert grown < 700, f"RSS grew {grown:.0f} MB"
-        assert ex.get("/healthz").status_code == 200
-        assert ex.get("/metrics").status_code == 200
-
-
-def test_connections_beyond_the_limit_get_503_and_healthz_recovers(small: Path, tmp_path: Path,
-                                                                    sockets: list[socket.socket]) -> None:
-    with exporter(str(tmp_path), "--metrics-dir", str(small), "--max-connections", "5",
-                  "--header-timeout", "60") as ex:
-        # Connections are taken in the order they arrive, so the idle ones are counted before any request.
-        idle = connect(ex, 4)
-        sockets += idle
-        r = httpx.get(ex.url + "/healthz", timeout=10, headers={"Connection": "close"})
-        assert r.status_code == 200, "the fifth connection is within the limit"
-        idle += connect(ex, 1)
-        sockets += idle[-1:]
-        r = httpx.get(ex.url + "/metrics", timeout=10)
-        assert r.status_code == 503, r.text
-        assert r.text == "Service Unavailable"
-        assert r.headers["connection"] == "close"
-        close_all(idle)
-        wait_until(lambda: ex.get("/healthz").status_code == 200, 10, "/healthz once the idle connections close")
-        assert ex.scrape()
+# --- slow readers and the connection limit: tests/test_http_starvation.py -------------------------------
 
 
 # --- HEAD ----------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import signal
 
 import pytest
 
+from celery_signal_exporter.store import LEDGER_N
 from celery_signal_exporter.worker import pid_alive
 from tests.harness import Samples, env_for, exporter, has, produce, value, wait_until, worker
 
@@ -53,8 +54,9 @@ def test_recycled_children_lose_no_count(redis_url: str, tmp_path: pytest.TempPa
         assert max(max(t[:2]) for t in seen) <= n, "a count was doubled"
         left = sorted(os.listdir(metrics_dir))
         main = w.proc.pid
-        assert [f for f in left if f.endswith(".db") and "archive" not in f and f"_{main}." not in f] == [], \
-            "only archives and the worker main's own files remain"
+        assert [f for f in left if f.endswith(".db") and "archive" not in f and f"_{main}." not in f
+                and f != f"counter_{main}-{LEDGER_N}.db"] == [], \
+            "only archives and the worker main's own files (its ledger too) remain"
         assert not [f for f in left if f.startswith(".compact-")]
         assert "exited with 'signal" not in w.log()
     print(f"\nrecycling: {n} children, {len(seen)} scrapes, at most {most_files} entries in the directory, "
@@ -172,7 +174,8 @@ def test_sigkilled_worker_main_takes_its_live_gauges_and_keeps_its_counts(
         with worker(env, str(tmp_path), concurrency=2) as w2:
             s = wait_until(lambda: (r := ex.scrape()) and not [
                 f for f in os.listdir(metrics_dir) if f.endswith(".db") and "archive" not in f
-                and f"_{w2.proc.pid}." not in f] and r, 30, "the new worker main to compact the dead files")
+                and f"_{w2.proc.pid}." not in f and f != f"counter_{w2.proc.pid}-{LEDGER_N}.db"] and r, 30,
+                "the new worker main to compact the dead files")
             assert value(s, "celery_task_started_total", name="t.sleep") == 2
             assert value(s, "celery_task_succeeded_total", name="t.ok") == 5
             assert value(s, "celery_task_sent_total", name="t.ok") == 5

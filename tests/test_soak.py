@@ -63,7 +63,7 @@ MIN_RATE = 500
 SCRAPERS = 5
 CHILD_KILL_EVERY = 20.0
 SLEEPER_TENTHS = 40  # a 4 s run to kill; killed only while at most half of it has gone by
-MAX_RSS_GROWTH_KB = 5 * 1024
+MAX_RSS_GROWTH_KB = 2 * 1024  # issue 27: the encoder once cached every value it served
 MAX_FILES = 200
 NAMES = [f"soak.t{i:02d}" for i in range(30)]
 

@@ -449,6 +449,16 @@ HANDLER_ERRORS = Spec(
     notes="receiver errors swallowed so that they never reach Celery; `worker_compact` counts compactions that "
           "could not write an archive (full disk)",
 )
+WRITES_LOST = Spec(
+    "celery_exporter_writes_lost", "counter",
+    "Signal handler calls whose counts could not be written to the metrics directory (a full or read-only "
+    "volume): what they would have counted is missing from the other series.",
+    ("signal",),
+    recorded_by="instrumentation; by a process that cannot make or grow its own file, in the space its worker "
+                "main reserved at start",
+    notes="`task_prerun`: runs not counted as started (started + these = runs); `task_postrun`: outcomes and "
+          "runtimes not counted; any rise means the volume needs room (runbook CeleryExporterWritesLost)",
+)
 TASK_NAMES_FOLDED = Spec(
     "celery_exporter_task_names_folded", "gauge",
     "Distinct task names beyond the exporter's cap, shown as __overflow__.", (),
@@ -674,8 +684,8 @@ is the next message to be delivered (highest priority), not the oldest.
     Section(
         "Exporter metrics",
         (BUILD_INFO, SCRAPE_DURATION, METRICS_FILES, MERGE_ERRORS, DROPPED_LABELS, LABELS_TRUNCATED, HANDLER_ERRORS,
-         TASK_NAMES_FOLDED, QUEUE_NAMES_FOLDED, COMPACTED, PROBE_DURATION, PROBE_LAST_SUCCESS, PROBE_ERRORS,
-         PROBE_QUEUES_DROPPED),
+         WRITES_LOST, TASK_NAMES_FOLDED, QUEUE_NAMES_FOLDED, COMPACTED, PROBE_DURATION, PROBE_LAST_SUCCESS,
+         PROBE_ERRORS, PROBE_QUEUES_DROPPED),
         before="""\
 What these count is also logged, once per cause (a damaged file, a broker
 going down), on the one logger `celery_signal_exporter`, which both the
@@ -693,7 +703,7 @@ RECORDED: tuple[Spec, ...] = (
     REPLACED, FAILED_BEFORE_START, RUNTIME, QUEUE_WAIT,
     IN_PROGRESS, LAST_SUCCESS, OLDEST_RUNNING_AGE, TIME_LIMIT, MEMORY_GROWTH, CPU, PUBLISH, HEARTBEAT,
     POOL_PROCESSES, TASKS_ACTIVE, TASKS_RESERVED, TASKS_SCHEDULED, CONSUMING, RESIDENT_MEMORY,
-    POOL_PROCESS_MAX_MEMORY, DROPPED_LABELS, LABELS_TRUNCATED, HANDLER_ERRORS, COMPACTED,
+    POOL_PROCESS_MAX_MEMORY, DROPPED_LABELS, LABELS_TRUNCATED, HANDLER_ERRORS, WRITES_LOST, COMPACTED,
     BEAT_HEARTBEAT, BEAT_ENTRY_INTERVAL, BEAT_ENTRY_NEXT_DUE, BEAT_ENTRY_LAST_DISPATCH, BEAT_ENTRY_DISPATCHED,
     BEAT_ENTRY_DISPATCH_FAILURES, BEAT_ENTRY_STARTED, BEAT_ENTRY_RUNNING, BEAT_ENTRY_LAST_SUCCESS,
     BEAT_ENTRY_OVERLAPS, BEAT_ENTRY_EXPIRED,

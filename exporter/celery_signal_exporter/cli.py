@@ -126,7 +126,9 @@ def _broker_schemes() -> str:
          help="Seconds a client may leave a response unread (the send buffer above its high-water mark) "
               "before its connection is dropped.")
 @_option("--max-connections", type=click.IntRange(min=1), default=100,
-         help="Connections served at once; a request on one more connection is answered 503 and closed.")
+         help="Responses served at once (memory for unread ones is at most this x the size of /metrics); a "
+              "/metrics request beyond them waits for a slot, 503 after --header-timeout, and idle connections "
+              "past this number are closed oldest first. /healthz and /readyz never wait.")
 @_option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
          default="info", help="Log level.")
 def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, app_name: str | None,

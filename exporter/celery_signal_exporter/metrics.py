@@ -80,6 +80,11 @@ class Series:
         return f
 
     @property
+    def key(self) -> str:
+        """The file key of a counter's or gauge's one value (the ledger holds such keys)."""
+        return self._keys[0]
+
+    @property
     def bounds(self) -> list[float]:
         """A histogram's bucket upper bounds, +Inf last."""
         return self._bounds

@@ -226,6 +226,7 @@ class Instrumentation:
         self.dropped = m.Recorder(s, c.DROPPED_LABELS)
         self.truncated = m.Recorder(s, c.LABELS_TRUNCATED)
         self.handler_errors = m.Recorder(s, c.HANDLER_ERRORS)
+        self.writes_lost = m.Recorder(s, c.WRITES_LOST)
         self.queues = QueueResolver(app, self.queue_label)
         self.beat_runs = BeatRuns(self)
         # Raw value -> label value, for the names and queues below their caps.
@@ -296,10 +297,22 @@ class Instrumentation:
         return short
 
     def handler_failed(self, signal: str, exc: BaseException) -> None:
-        try:
-            self.handler_errors.labels(signal).inc()
-        except Exception:  # noqa: BLE001 - the store itself may be what failed
-            pass
+        """Count a receiver's error, and as a lost write too when the metrics volume refused it (OSError).
+
+        Where this process's own file cannot take the count either (a child
+        forked after the volume filled has no file at all), it goes to the
+        worker main's ledger, whose room was reserved at start: never silent.
+        """
+        counts = (self.handler_errors, self.writes_lost) if isinstance(exc, OSError) else (self.handler_errors,)
+        for recorder in counts:
+            series = recorder.labels(signal)
+            try:
+                series.inc()
+            except Exception:  # noqa: BLE001 - the store itself may be what failed
+                try:
+                    self.store.spill(series.key)
+                except Exception:  # noqa: BLE001 - no ledger room either: nothing more can be done
+                    pass
         if signal not in self._logged_errors:
             self._logged_errors.add(signal)
             log.error("celery-signal-exporter: %s receiver failed, counting and going on: %s: %s",
@@ -652,6 +665,12 @@ class Instrumentation:
             (signals.task_failure, "task_failure", self.guard("task_failure", self.on_failure)),
             (signals.task_retry, "task_retry", self.guard("task_retry", self.on_retry)),
         ]
+
+    def reserve(self) -> None:
+        """Make the ledger the worker main's children count their errors and lost writes in (see store.Ledger)."""
+        keys = [recorder.labels(signal).key for signal in self.signal_names()
+                for recorder in (self.handler_errors, self.writes_lost)]
+        self.store.reserve(keys)
 
     def signal_names(self) -> list[str]:
         worker_side = ["worker_tick", "worker_init", "worker_shutdown", "worker_compact", "beat_run"]

@@ -20,6 +20,7 @@ from celery_signal_exporter._http import (
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_SEND_TIMEOUT,
+    release_freed_memory,
     server_options,
 )
 from celery_signal_exporter.collect import DEFAULT_MAX_TASK_NAMES
@@ -92,6 +93,7 @@ def run(config: ServeConfig, probes: Sequence[ProbeGroup], listener: socket.sock
     workers have seen) and are stopped, and the listener closed, on the way
     out. Returns whether the server had started.
     """
+    release_freed_memory()  # before the compaction thread, the probes and the server's threads start
     exporter = Exporter(ServiceConfig(metrics_dir=config.metrics_dir, worker_timeout=config.worker_timeout,
                                       sources=list(probes), max_task_names=config.max_task_names))
     if config.metrics_dir is not None and config.compact_interval > 0:

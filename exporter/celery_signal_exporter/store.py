@@ -21,6 +21,7 @@ judged by the lock.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
@@ -58,6 +59,8 @@ __all__ = [
 ]
 
 INITIAL_SIZE = 1 << 16
+#: The name number of a worker main's ledger (`counter_<pid>-1000.db`): past any name `open_owned` takes.
+LEDGER_N = 1000
 _DOUBLE = struct.Struct("<d")
 
 
@@ -250,6 +253,90 @@ def open_owned(directory: str, prefix: str, pid: int) -> MetricFile:
     raise OSError(f"no free metrics file name for {prefix}_{pid} in {directory}")
 
 
+class Ledger:
+    """Counts for processes that cannot write their own files, in space a worker main reserved ahead.
+
+    A pool child forked once the metrics volume is full cannot make its
+    files, so without this its runs would be counted nowhere. The worker
+    main makes the ledger at start, while there is room: a counter file
+    holding every series it will take, at 0, so adding to one never needs
+    space. The main holds the writer's lock (the file is its own, merged and
+    compacted like any other); its children, and the main when its own file
+    is full, add under a POSIX record lock, which is separate from that flock.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = -1
+        self._map: mmap.mmap | None = None
+        self._values: Doubles | None = None
+        self._slots: dict[str, int] = {}
+
+    @staticmethod
+    def make(directory: str, keys: list[str]) -> MetricFile:
+        """This process's ledger (its writer's lock held) with every key in it; OSError without room.
+
+        A ledger left under our pid by a dead worker main (a restarted
+        container is pid 1 again) is carried on, as counters are; one held
+        by a live process (another pid namespace) makes us take the next name.
+        """
+        pid = os.getpid()
+        for n in range(LEDGER_N, LEDGER_N + 100):
+            path = os.path.join(directory, writer_file("counter", pid, n))
+            fd, tmp = _fresh_file(directory, os.path.basename(path))
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                os.close(fd)
+                fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+                try:
+                    lock_as_writer(fd)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+            finally:
+                os.unlink(tmp)
+            ledger = MetricFile(path, fd)
+            try:
+                for key in keys:
+                    ledger.slot(key)
+            except BaseException:
+                ledger.close()
+                raise
+            return ledger
+        raise OSError(f"no free ledger name for pid {pid} in {directory}")
+
+    def add(self, key: str, amount: float = 1.0) -> bool:
+        """Add to `key`'s value; False if the ledger does not hold that key."""
+        if self._values is None:
+            self._fd = os.open(self.path, os.O_RDWR)
+            size = os.fstat(self._fd).st_size
+            self._map = mmap.mmap(self._fd, size)
+            self._values = as_doubles(self._map)
+            for key_, length, pos in walk_entries(self._map[:used_size(self._map)]):
+                self._slots[key_] = (pos + 4 + padded_length(length)) >> 3
+        index = self._slots.get(key)
+        if index is None:
+            return False
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            self._values[index] += amount
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        return True
+
+    def close(self) -> None:
+        if self._values is not None:
+            self._values.release()
+            self._values = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class Store:
     """All of this process's metric files in one directory.
 
@@ -264,17 +351,44 @@ class Store:
         self.generation = 0
         self._files: dict[str, MetricFile] = {}
         self.lock = threading.Lock()
+        #: The worker main's ledger (see Ledger): its path is inherited by the children it forks.
+        self.ledger_path: str | None = None
+        self._ledger: Ledger | None = None
+        self._own_ledger: MetricFile | None = None
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
         inherited, self._files = self._files, {}
         self.lock = threading.Lock()
         self.generation += 1
+        if self._own_ledger is not None:
+            inherited["ledger"] = self._own_ledger  # the parent's, and its lock: not ours to keep alive
+            self._own_ledger = None
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
         for f in inherited.values():
             try:
                 f.close()  # our copies only: the parent's lock lives on in the parent
             except (OSError, ValueError):
                 pass
+
+    def reserve(self, keys: list[str]) -> None:
+        """Make this process's ledger, holding `keys`, for the children it will fork (a worker main, at start)."""
+        with self.lock:
+            if self._own_ledger is None:
+                os.makedirs(self.directory, exist_ok=True)
+                self._own_ledger = Ledger.make(self.directory, keys)
+                self.ledger_path = self._own_ledger.path
+
+    def spill(self, key: str, amount: float = 1.0) -> bool:
+        """Add to `key` in the worker main's ledger, for a write this process's own file could not take."""
+        with self.lock:
+            if self.ledger_path is None:
+                return False
+            if self._ledger is None:
+                self._ledger = Ledger(self.ledger_path)
+            return self._ledger.add(key, amount)
 
     def file(self, prefix: str) -> MetricFile:
         """The file for a kind such as 'counter' or 'gauge_livesum'. Lock held by caller."""
@@ -290,4 +404,10 @@ class Store:
             for f in self._files.values():
                 f.close()
             self._files = {}
+            if self._ledger is not None:
+                self._ledger.close()
+                self._ledger = None
+            if self._own_ledger is not None:
+                self._own_ledger.close()
+                self._own_ledger = None
             self.generation += 1

@@ -23,15 +23,17 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import os
 import ssl
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import bcrypt
 import yaml
-from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 #: Paths served without credentials: the liveness probe must work for the
@@ -194,23 +196,41 @@ def _is_bcrypt(value: str) -> bool:
     return True
 
 
+def _cost(hashed: bytes) -> int:
+    """The work factor of a bcrypt hash (`$2b$12$...` -> 12)."""
+    return int(hashed[4:6])
+
+
 class BasicAuth:
     """ASGI middleware: HTTP basic auth against bcrypt hashes.
 
-    bcrypt is deliberately slow (tens of ms), so checks run in a thread, and
-    a successful (user, password) pair is remembered by its SHA-256 for the
-    life of the process, as exporter-toolkit does, so that scrapes every few
-    seconds do not burn a core. Unknown users are checked against a dummy
-    hash so that timing does not tell which users exist.
+    bcrypt is deliberately slow (tens to hundreds of ms), so checks run in
+    threads of their own (half the cores, at least one), never in the pool
+    that renders /metrics: a password guesser cannot starve scrapes. A
+    successful (user, password) pair is remembered by its SHA-256, one per
+    user, as exporter-toolkit does, so that scrapes every few seconds do not
+    burn a core; a failure never is.
+
+    A failure must not tell which users exist: every check runs one bcrypt
+    of a real user's cost. An unknown name is checked against a dummy hash of
+    the cost of a user picked by a keyed digest of the name (so a name always
+    costs the same, and the costs unknown names show are the users' own), and
+    a password over the 72 bytes bcrypt takes is still run, cut to 72,
+    before it is refused.
     """
 
     def __init__(self, app: ASGIApp, users: dict[str, bytes], realm: str = "celery-signal-exporter") -> None:
         self.app = app
         self.users = users
         self.challenge = f'Basic realm="{realm}", charset="UTF-8"'.encode()
-        self._dummy = bcrypt.hashpw(b"dummy", bcrypt.gensalt(10))
-        self._verified: set[bytes] = set()
+        self._costs = sorted(_cost(hashed) for hashed in users.values())
+        self._dummies = {cost: bcrypt.hashpw(os.urandom(16).hex().encode(), bcrypt.gensalt(cost))
+                         for cost in set(self._costs)}
+        self._key = os.urandom(32)
+        self._verified: dict[str, bytes] = {}
         self._lock = threading.Lock()
+        self._threads = max(1, (os.cpu_count() or 2) // 2)
+        self._limiter: anyio.CapacityLimiter | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") in UNAUTHENTICATED_PATHS:
@@ -238,23 +258,31 @@ class BasicAuth:
             return False
         key = hashlib.sha256(decoded.encode("utf-8", "surrogatepass")).digest()
         with self._lock:
-            if key in self._verified:
+            if hmac.compare_digest(self._verified.get(user, b""), key):
                 return True
-        hashed = self.users.get(user)
-        ok = await run_in_threadpool(self._check, password, hashed)
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self._threads)
+        ok = await anyio.to_thread.run_sync(self._check, user, password, limiter=self._limiter)
         if ok:
             with self._lock:
-                if len(self._verified) < 1000:
-                    self._verified.add(key)
+                self._verified[user] = key  # one per user: bounded by the users configured
         return ok
 
-    def _check(self, password: str, hashed: bytes | None) -> bool:
-        # bcrypt >= 5 refuses passwords over 72 bytes; such a password never matches.
-        secret = password.encode("utf-8", "surrogatepass")[:73]
+    def _hash_for(self, user: str) -> tuple[bytes, bool]:
+        """The hash to check `user` against, and whether it is theirs."""
+        hashed = self.users.get(user)
+        if hashed is not None:
+            return hashed, True
+        digest = hmac.new(self._key, user.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+        cost = self._costs[int.from_bytes(digest[:8], "big") % len(self._costs)]
+        return self._dummies[cost], False
+
+    def _check(self, user: str, password: str) -> bool:
+        hashed, real = self._hash_for(user)
+        secret = password.encode("utf-8", "surrogatepass")
+        fits = len(secret) <= 72  # bcrypt >= 5 refuses longer ones: they never match, but cost the same
         try:
-            if hashed is None:
-                bcrypt.checkpw(secret[:72], self._dummy)
-                return False
-            return len(secret) <= 72 and bcrypt.checkpw(secret, hashed)
+            matched = bcrypt.checkpw(secret[:72], hashed)
         except ValueError:
             return False
+        return matched and real and fits

@@ -104,6 +104,7 @@ class WorkerMetrics:
             self.compacted.labels().inc(0)  # compaction adds to it in the archive
             for signal in self.inst.signal_names():
                 self.inst.handler_errors.labels(signal).inc(0)
+                self.inst.writes_lost.labels(signal).inc(0)
         except Exception as exc:  # noqa: BLE001
             self.inst.handler_failed("worker_init", exc)
 
@@ -200,6 +201,10 @@ def install_worker_metrics(app: Celery, inst: Instrumentation) -> None:
             with directory_lock(inst.options.metrics_dir, exclusive=True):
                 pass  # create the lock file now, so readers take it from the first compaction on
             reap_dead_processes(inst.options.metrics_dir)
+        except Exception as exc:  # noqa: BLE001
+            inst.handler_failed("worker_init", exc)
+        try:
+            inst.reserve()  # before the pool forks: every child inherits where to count what it cannot write
         except Exception as exc:  # noqa: BLE001
             inst.handler_failed("worker_init", exc)
 

@@ -815,7 +815,22 @@ def queues(c: Config) -> Dashboard:
         ),
         w=8,
     )
+    lay.add(_writes_lost(c), w=8)
     return d
+
+
+def _writes_lost(c: Config) -> PanelBuilder:
+    """Issue 27: what a full or read-only metrics volume made the instrumentation lose, by signal."""
+    return _ts(
+        c,
+        "Writes lost",
+        "Signal handler calls whose counts the metrics volume refused (full or read-only), by signal: "
+        "task_prerun is runs missing from started, task_postrun outcomes and runtimes missing. Counted in the "
+        "room each worker main reserves at start, so a child with no file of its own is counted too. Should "
+        "stay flat at 0; see the runbook of CeleryExporterWritesLost.",
+        "ops",
+        (f"sum {_by(c, 'signal')}(rate({_q(c, 'celery_exporter_writes_lost_total')}[{RATE}]))", "{{signal}}"),
+    )
 
 
 def periodic(c: Config) -> Dashboard:

@@ -75,6 +75,7 @@ IDS: dict[str, dict[str, int]] = {
         "Instrumentation errors": 16,
         "Metrics files and cardinality": 17,
         "Scrape duration": 18,
+        "Writes lost": 19,
     },
     PERIODIC: {
         "Beat": 1,

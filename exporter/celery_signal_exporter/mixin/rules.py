@@ -262,7 +262,8 @@ def _stuck(c: Config) -> str:
 
 def alerts(c: Config) -> list[Alert]:
     """Every alert the config leaves on, in the order of docs/runbooks.md."""
-    every = objectives.alerts(c) + _all_alerts(c) + _worker_state_alerts(c) + _incident_alerts(c)
+    every = (objectives.alerts(c) + _all_alerts(c) + _worker_state_alerts(c) + _incident_alerts(c)
+             + _volume_alerts(c))
     check_objectives(c)
     unknown = sorted(set(c.disabled_alerts) - {a.name for a in every})
     if unknown:
@@ -561,6 +562,26 @@ def _worker_state_alerts(c: Config) -> list[Alert]:
             f"A run of task {task} from queue {{{{ $labels.queue_name }}}} has been running for "
             "{{ $value | humanizeDuration }}, past its time limit (or its run_limits entry where it has none).",
             (TASKS, "Oldest run vs time limit"),
+        ),
+    ]
+
+
+def _volume_alerts(c: Config) -> list[Alert]:
+    """Counts the metrics volume refused (issue 27): a full or read-only volume loses runs, never silently.
+    Its window is `failure_window`, the one the other counts of lost work use."""
+    where = "".join(f"{{{{ $labels.{label} }}}}/" for label in c.group_labels)
+    return [
+        Alert(
+            "CeleryExporterWritesLost",
+            f"sum by ({c.by}signal) (increase(celery_exporter_writes_lost_total{{{c.sel()}}}[{c.failure_window}]))"
+            " > 0",
+            "0s",
+            "warning",
+            "Celery metrics are being lost: the metrics volume refuses writes.",
+            f"{{{{ $value | humanize }}}} {where}{{{{ $labels.signal }}}} handler calls could not write their "
+            f"counts over the last {c.failure_window} (a full or read-only metrics volume): runs, outcomes or "
+            "publishes are missing from the other series.",
+            (QUEUES, "Writes lost"),
         ),
     ]
 
