@@ -327,6 +327,20 @@ QUEUE_OLDEST_AGE = Spec(
     notes="Redis: queues whose next message carries the `csx_due` header. RabbitMQ: classic queues whose next "
           "message carries the AMQP `timestamp` property (whole seconds; the head as of the last 5 s stats refresh)",
 )
+QUEUE_DELAYED = Spec(
+    "celery_queue_delayed", "gauge", "Messages the broker holds back until their delay ends (SQS: countdown/ETA)",
+    QUEUE,
+    recorded_by="probe",
+    notes="SQS only: `ApproximateNumberOfMessagesDelayed`, tasks published with a countdown or ETA that SQS keeps "
+          "out of sight (up to 15 minutes); not in `celery_queue_length` until due",
+)
+QUEUE_DEAD_LETTER = Spec(
+    "celery_queue_dead_letter_length", "gauge",
+    "Messages in the queue's dead-letter queue, labelled with the source queue", QUEUE,
+    recorded_by="probe",
+    notes="SQS only: `ApproximateNumberOfMessages` of the queue named by the source queue's `RedrivePolicy` "
+          "(`deadLetterTargetArn`), for queues that have one",
+)
 BROKER_UP = Spec(
     "celery_broker_up", "gauge", "1 if the last broker probe succeeded", ("broker",),
     recorded_by="probe", notes="1 if the last probe cycle succeeded",
@@ -450,6 +464,13 @@ PROBE_ERRORS = Spec(
     "celery_exporter_probe_errors", "counter", "Failed probe cycles by reason", ("broker", "reason"),
     recorded_by="probe loop", notes="`reason`: connection, timeout, auth, protocol, other",
 )
+PROBE_REQUESTS = Spec(
+    "celery_exporter_probe_requests", "counter",
+    "API requests a probe sent to the broker, failed ones included", ("broker",),
+    recorded_by="probe loop",
+    notes="SQS only (each request is billed): ListQueues pages, GetQueueAttributes, GetQueueUrl; "
+          "as of the last successful cycle",
+)
 PROBE_QUEUES_DROPPED = Spec(
     "celery_exporter_probe_queues_dropped", "counter",
     "Queues left out of a probe cycle by the queue cap, summed over cycles", ("broker",),
@@ -528,7 +549,8 @@ worker, or replacing it under a new hostname, is not a worker down.
     ),
     Section(
         "Broker metrics (probes)",
-        (QUEUE_LENGTH, QUEUE_UNACKED, QUEUE_CONSUMERS, QUEUE_OLDEST_AGE, BROKER_UP, BROKER_UNACKED,
+        (QUEUE_LENGTH, QUEUE_UNACKED, QUEUE_CONSUMERS, QUEUE_OLDEST_AGE, QUEUE_DELAYED, QUEUE_DEAD_LETTER,
+         BROKER_UP, BROKER_UNACKED,
          BROKER_MEMORY_USED, BROKER_MEMORY_LIMIT, BROKER_MEMORY_ALARM, BROKER_DISK_ALARM, BROKER_ALARM_CHECKS,
          BROKER_MEMORY_ALARM_RAISED, BROKER_DISK_ALARM_RAISED),
         after="""\
@@ -560,7 +582,7 @@ is the next message to be delivered (highest priority), not the oldest.
         "Exporter metrics",
         (BUILD_INFO, SCRAPE_DURATION, METRICS_FILES, MERGE_ERRORS, DROPPED_LABELS, LABELS_TRUNCATED, HANDLER_ERRORS,
          TASK_NAMES_FOLDED, QUEUE_NAMES_FOLDED, COMPACTED, PROBE_DURATION, PROBE_LAST_SUCCESS, PROBE_ERRORS,
-         PROBE_QUEUES_DROPPED),
+         PROBE_QUEUES_DROPPED, PROBE_REQUESTS),
         before="""\
 What these count is also logged, once per cause (a damaged file, a broker
 going down), on the one logger `celery_signal_exporter`, which both the

@@ -46,8 +46,6 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float, list
     broker is probed for its queue depth and memory too. Raises
     `OptionError` for a broker URL no probe can use, before anything starts.
     """
-    urls = (broker_url,) if broker_url else ()
-    probes = build_probes(ProbeConfig(urls=urls, interval=5, timeout=4, loop=LoopOptions(queues=("fast", "slow"))))
     workdir = tempfile.mkdtemp(prefix="celery-exporter-demo-")
     metrics_dir = os.path.join(workdir, "metrics")
     os.makedirs(metrics_dir)
@@ -59,6 +57,17 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float, list
     })
     os.environ.update({k: env[k] for k in ("CELERY_EXPORTER_METRICS_DIR", "CELERY_EXPORTER_DEMO_DIR",
                                          "CELERY_EXPORTER_DEMO_BROKER")})
+    try:
+        # Without a broker URL the demo's own filesystem transport is probed like any broker: the
+        # filesystem probe counts the files waiting in the worker's data_folder_in.
+        from celery_signal_exporter.demo_app import filesystem_transport
+
+        urls, transport = ((broker_url,), {}) if broker_url else (("filesystem://",), filesystem_transport(workdir))
+        probes = build_probes(ProbeConfig(urls=urls, interval=5, timeout=4, transport_options=transport,
+                                          loop=LoopOptions(queues=("fast", "slow"))))
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     log_path = os.path.join(workdir, "worker.log")
     worker_log = open(log_path, "wb")
     worker = subprocess.Popen(
