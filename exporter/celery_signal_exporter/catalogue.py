@@ -309,11 +309,12 @@ BEAT_ENTRY_EXPIRED = Spec(
 QUEUE_LENGTH = Spec(
     "celery_queue_length", "gauge", "Messages waiting in the queue, every priority (RabbitMQ: ready)", QUEUE,
     recorded_by="probe",
-    notes="Redis: every priority sub-queue summed (`vhost` is the db index); RabbitMQ: ready messages",
+    notes="Redis: every priority sub-queue summed (`vhost` is the db index); RabbitMQ: ready messages; SQS: "
+          "`ApproximateNumberOfMessages` (visible); filesystem: message files in `data_folder_in`",
 )
 QUEUE_UNACKED = Spec(
     "celery_queue_unacked", "gauge", "Messages delivered to consumers but not yet acknowledged", QUEUE,
-    recorded_by="probe", notes="RabbitMQ only",
+    recorded_by="probe", notes="RabbitMQ; SQS: `ApproximateNumberOfMessagesNotVisible` (in flight)",
 )
 QUEUE_CONSUMERS = Spec(
     "celery_queue_consumers", "gauge", "Consumers subscribed to the queue", QUEUE,
@@ -325,7 +326,8 @@ QUEUE_OLDEST_AGE = Spec(
     QUEUE,
     recorded_by="probe",
     notes="Redis: queues whose next message carries the `csx_due` header. RabbitMQ: classic queues whose next "
-          "message carries the AMQP `timestamp` property (whole seconds; the head as of the last 5 s stats refresh)",
+          "message carries the AMQP `timestamp` property (whole seconds; the head as of the last 5 s stats refresh). "
+          "Filesystem: the mtime of the queue's oldest message file. Not SQS",
 )
 QUEUE_DELAYED = Spec(
     "celery_queue_delayed", "gauge", "Messages the broker holds back until their delay ends (SQS: countdown/ETA)",
@@ -559,15 +561,17 @@ removed, e.g. `redis://10.0.0.5:6379/0`.
 
 ### What each broker can and cannot report
 
-| what | Redis | RabbitMQ |
-| --- | --- | --- |
-| queue length (`celery_queue_length`) | yes: waiting messages, every priority sub-queue summed; a deleted empty list is 0 | yes: ready messages; delivered but unacked ones are in `celery_queue_unacked` |
-| unacked per queue (`celery_queue_unacked`) | **no**: kombu keeps one unacked hash for all queues, reported as `celery_broker_unacked` | yes |
-| consumers (`celery_queue_consumers`) | **no**: a BRPOP client does not say which queues it serves | yes |
-| oldest-message age (`celery_queue_oldest_message_age_seconds`) | yes, for queues whose next message carries the `csx_due` header | classic queues only, whose next message carries the AMQP `timestamp` property and is in memory (`head_message_timestamp`); **no** for quorum queues, streams, or a paged-out head (lazy queues) (checked on 3.10.8) |
-| memory used and limit | yes: `used_memory`, `maxmemory` (0 = none) | yes: `mem_used`, `mem_limit` of every node |
-| memory and disk alarms | **no** | yes, per node: the state, and every alarm check (`--rabbitmq-alarm-interval`, 1 s) that found one raised, read live from `/api/health/checks/alarms` |
-| broker up | yes | yes |
+| what | Redis | RabbitMQ | Amazon SQS | filesystem |
+| --- | --- | --- | --- | --- |
+| queue length (`celery_queue_length`) | yes: waiting messages, every priority sub-queue summed; a deleted empty list is 0 | yes: ready messages; delivered but unacked ones are in `celery_queue_unacked` | yes: visible messages; in-flight and delayed ones apart | yes: message files in `data_folder_in` |
+| unacked per queue (`celery_queue_unacked`) | **no**: kombu keeps one unacked hash for all queues, reported as `celery_broker_unacked` | yes | yes: in flight (received, not deleted) | **no**: in the worker's memory |
+| delayed (`celery_queue_delayed`) | no | no | yes: messages SQS holds until their delay ends | no |
+| dead letters (`celery_queue_dead_letter_length`) | no | no | yes, for queues with a redrive policy | no |
+| consumers (`celery_queue_consumers`) | **no**: a BRPOP client does not say which queues it serves | yes | **no** | **no** |
+| oldest-message age (`celery_queue_oldest_message_age_seconds`) | yes, for queues whose next message carries the `csx_due` header | classic queues only, whose next message carries the AMQP `timestamp` property and is in memory (`head_message_timestamp`); **no** for quorum queues, streams, or a paged-out head (lazy queues) (checked on 3.10.8) | **no**: only a receive could read it | yes: the oldest file's mtime |
+| memory used and limit | yes: `used_memory`, `maxmemory` (0 = none) | yes: `mem_used`, `mem_limit` of every node | no | no |
+| memory and disk alarms | **no** | yes, per node: the state, and every alarm check (`--rabbitmq-alarm-interval`, 1 s) that found one raised, read live from `/api/health/checks/alarms` | no | no |
+| broker up | yes | yes | yes | yes |
 
 A series the broker cannot give is absent, never a misleading 0. On
 RabbitMQ the numbers are those of the management API, which refreshes its
