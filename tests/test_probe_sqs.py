@@ -434,3 +434,45 @@ def test_check_probes_an_sqs_url_once(moto_server: MotoServer, sqs_prefix: str) 
     assert f"broker sqs://{moto_server.endpoint[7:]} up" in check.stdout
     assert SECRET not in check.stdout + check.stderr
     client.close()
+
+
+def test_credentials_from_the_aws_chain_web_identity_as_irsa_gives_them(tmp_path: Path) -> None:
+    """No key in the URL: the exporter gets a role's temporary credentials the way IRSA hands them to a
+    pod (AWS_ROLE_ARN + AWS_WEB_IDENTITY_TOKEN_FILE, STS AssumeRoleWithWebIdentity), from moto with IAM
+    checks on, so only those credentials can read the queue."""
+    # Unchecked: the role, its policy, the queue, 2 messages, then the exporter's AssumeRoleWithWebIdentity.
+    server = MotoServer(tmp_path, env={"INITIAL_NO_AUTH_ACTION_COUNT": "6"})
+    server.start()
+    try:
+        iam = boto3.client("iam", endpoint_url=server.endpoint, region_name=REGION,
+                           aws_access_key_id="setup", aws_secret_access_key="setup")
+        trust = {"Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Action": "sts:AssumeRoleWithWebIdentity",
+            "Principal": {"Federated": "arn:aws:iam::123456789012:oidc-provider/oidc.eks.example"}}]}
+        role = iam.create_role(RoleName="celery-sqs", AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+        iam.put_role_policy(RoleName="celery-sqs", PolicyName="sqs", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sqs:*", "Resource": "*"}]}))
+        setup = boto3.client("sqs", endpoint_url=server.endpoint, region_name=REGION,
+                             aws_access_key_id="setup", aws_secret_access_key="setup")
+        queue = setup.create_queue(QueueName="irsa-work")["QueueUrl"]
+        for _ in range(2):
+            setup.send_message(QueueUrl=queue, MessageBody="x")
+        token = tmp_path / "token"
+        token.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6Y2VsZXJ5In0.c2ln")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update({"PYTHONPATH": PYTHONPATH, "AWS_ROLE_ARN": role, "AWS_WEB_IDENTITY_TOKEN_FILE": str(token),
+                    "AWS_ENDPOINT_URL_STS": server.endpoint, "AWS_DEFAULT_REGION": REGION,
+                    "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"})
+        with exporter(str(tmp_path), "--broker-url", f"sqs://127.0.0.1:{server.port}", "--probe-interval", "1",
+                      "--probe-timeout", "1", env=env) as ex:
+            s = wait_until(scrape_when(ex, lambda r: has(r, "celery_queue_length", queue_name="irsa-work")),
+                           30, "the queue read with the role's credentials")
+            assert value(s, "celery_queue_length", queue_name="irsa-work") == 2
+            assert value(s, "celery_exporter_probe_errors_total") == 0
+        # And the checks are on: a key moto never issued is refused.
+        bad = boto3.client("sqs", endpoint_url=server.endpoint, region_name=REGION,
+                           aws_access_key_id="AKIDNEVERISSUED", aws_secret_access_key="x")
+        with pytest.raises(Exception, match="InvalidClientTokenId"):
+            bad.list_queues()
+    finally:
+        server.stop()

@@ -95,8 +95,8 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ProxyConnectionError,
                         bx.SSLError, bx.HTTPClientError, OSError)):
         return "connection"
-    if isinstance(exc, (KeyError, TypeError, ValueError)):
-        return "protocol"  # an answer of an unexpected shape (a redrive policy that is not JSON)
+    if isinstance(exc, (bx.ResponseParserError, KeyError, TypeError, ValueError)):
+        return "protocol"  # an answer of an unexpected shape (an HTML error page, a redrive policy not JSON)
     return "other"
 
 
