@@ -476,3 +476,84 @@ def test_credentials_from_the_aws_chain_web_identity_as_irsa_gives_them(tmp_path
             bad.list_queues()
     finally:
         server.stop()
+
+
+@contextmanager
+def fake_sqs(answer: str) -> Iterator[tuple[str, list[str]]]:
+    """A real HTTP endpoint on loopback that answers every SQS call the same way: `throttled` (HTTP 400,
+    SQS's RequestThrottled in the JSON protocol) or `hang` (reads the request, never answers).
+    Yields its address and the operations it was asked for."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    calls: list[str] = []
+    release = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            calls.append(str(self.headers.get("X-Amz-Target", "")).rsplit(".", 1)[-1])
+            if answer == "hang":
+                release.wait(10)
+                return
+            body = json.dumps({"__type": "com.amazonaws.sqs#RequestThrottled", "message": "Rate exceeded"}).encode()
+            self.send_response(400)
+            self.send_header("Content-Type", "application/x-amz-json-1.0")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", calls
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("answer, reason, cause", [("throttled", "protocol", "RequestThrottled"),
+                                                   ("hang", "timeout", "ReadTimeoutError")])
+def test_throttled_and_hung_endpoints_are_classified_and_retried_once(answer: str, reason: str, cause: str) -> None:
+    with fake_sqs(answer) as (host, calls):
+        probe = probe_for_url(f"sqs://{KEY}:{SECRET}@{host}", ProbeOptions(timeout=0.5,
+                                                                          transport_options={"region": REGION}))
+        assert isinstance(probe, SQSProbe)
+        started = time.monotonic()
+        with pytest.raises(ProbeError) as err:
+            probe.snapshot({"alpha"})
+        took = time.monotonic() - started
+        requests = probe._requests
+        probe.close()
+    assert (err.value.reason, err.value.cause) == (reason, cause), err.value
+    assert calls == ["ListQueues", "ListQueues"], "one retry (botocore standard mode, 2 attempts), then the error"
+    assert requests == 2, "every attempt is counted"
+    assert SECRET not in str(err.value) and KEY not in str(err.value)
+    print(f"{answer}: {took:.2f}s")
+
+
+def test_a_missing_predefined_queue_is_an_error_a_listed_one_deleted_is_not(
+        moto_server: MotoServer, sqs_prefix: str) -> None:
+    client = sqs_client(moto_server.endpoint)
+    gone = client.create_queue(QueueName=f"{sqs_prefix}gone")["QueueUrl"]
+    kept = client.create_queue(QueueName=f"{sqs_prefix}kept")["QueueUrl"]
+    url = broker_url(moto_server.endpoint)
+    listed = probe_for_url(url, ProbeOptions(timeout=5, transport_options=transport(sqs_prefix)))
+    predefined = probe_for_url(url, ProbeOptions(timeout=5, transport_options={
+        "region": REGION, "predefined_queues": {"gone": {"url": gone}, "kept": {"url": kept}}}))
+    try:
+        assert listed.discover() == {"gone", "kept"}
+        client.delete_queue(QueueUrl=gone)
+        assert [q.name for q in listed.snapshot({"gone", "kept"}).queues] == ["kept"]
+        with pytest.raises(ProbeError) as err:
+            predefined.snapshot({"gone", "kept"})
+        assert err.value.reason == "protocol" and "NonExistentQueue" in err.value.cause, err.value
+    finally:
+        listed.close()
+        predefined.close()
+        client.close()

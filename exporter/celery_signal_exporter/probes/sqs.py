@@ -110,6 +110,8 @@ class _Queue:
 
     url: str
     client_key: tuple[str, str | None]
+    #: Named by the configuration (predefined_queues): missing is an error, not a queue deleted meanwhile.
+    required: bool = False
 
 
 class SQSProbe:
@@ -138,7 +140,7 @@ class SQSProbe:
         self._secrets = tuple(s for s in (key_id, secret) if s)
         self._config = Config(
             connect_timeout=opts.timeout, read_timeout=opts.timeout,
-            retries={"mode": "standard", "max_attempts": 2},  # one retry; the loop's next cycle is the real one
+            retries={"mode": "standard", "total_max_attempts": 2},  # one retry; the next cycle is the real one
             max_pool_connections=PARALLEL, user_agent_extra="celery-signal-exporter",
         )
         self._lock = threading.Lock()
@@ -162,7 +164,7 @@ class SQSProbe:
             self._credentials.setdefault(qkey, (qkey[1], spec.get("secret_access_key") or secret))
             if spec.get("secret_access_key"):
                 self._secrets += (str(spec["secret_access_key"]), str(qkey[1]))
-            self._queues[self._label(str(name))] = _Queue(str(spec["url"]), qkey)
+            self._queues[self._label(str(name))] = _Queue(str(spec["url"]), qkey, required=True)
         self._listed = self._predefined
 
     # -- clients -------------------------------------------------------------
@@ -332,7 +334,7 @@ class SQSProbe:
                 answer = self._client(queue.client_key).get_queue_attributes(
                     QueueUrl=queue.url, AttributeNames=list(ATTRIBUTES))
             except ClientError as exc:
-                if _not_found(exc):
+                if _not_found(exc) and not queue.required:
                     return queue.url, None
                 raise
             return queue.url, dict(answer.get("Attributes", {}))
