@@ -557,3 +557,22 @@ def test_a_missing_predefined_queue_is_an_error_a_listed_one_deleted_is_not(
         listed.close()
         predefined.close()
         client.close()
+
+
+@pytest.mark.parametrize("url, endpoint, key", [
+    ("sqs://", None, None),
+    ("sqs://@localhost:4566", "http://localhost:4566", None),
+    ("sqs://localhost:4566/", "http://localhost:4566", None),
+    ("sqs://AKID:se%2Fcr%40t@", None, "AKID"),
+    ("sqs://AKID:se/cr@t@[::1]:4566", "http://[::1]:4566", "AKID"),
+])
+def test_urls_as_kombu_reads_them(url: str, endpoint: str | None, key: str | None) -> None:
+    """No network here: the endpoint and the credentials each URL gives (kombu: http unless is_secure)."""
+    probe = probe_for_url(url)
+    assert isinstance(probe, SQSProbe)
+    assert probe.endpoint == endpoint
+    assert probe._credentials[probe._default_key][0] == key
+    if key:
+        assert probe._credentials[probe._default_key][1] == "se/cr@t"
+    secure = probe_for_url("sqs://h:1", ProbeOptions(transport_options={"is_secure": True}))
+    assert isinstance(secure, SQSProbe) and secure.endpoint == "https://h:1"

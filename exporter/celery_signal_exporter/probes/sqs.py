@@ -127,7 +127,7 @@ class SQSProbe:
         self.label = redact_url(url)
         bare, key_id, secret = split_credentials(url)
         rest = bare.split("://", 1)[1] if "://" in bare else ""
-        host = rest.split("/", 1)[0].split("?", 1)[0]
+        host = rest.split("/", 1)[0].split("?", 1)[0].rsplit("@", 1)[-1]  # `sqs://@host`: empty credentials
         secure = transport.get("is_secure")
         # kombu: a host in the URL is the endpoint, http unless `is_secure` (SQS-compatible servers).
         self.endpoint = f"{'https' if secure else 'http'}://{host}" if host else None
