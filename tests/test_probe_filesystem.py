@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -153,6 +154,11 @@ def test_demo_serves_queue_length_of_its_own_queues() -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     import httpx
 
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    found = re.search(r"in (/\S+);", first)
+    assert found, first
+    workdir = found.group(1)
     try:
         def probed() -> Samples | None:
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
@@ -169,6 +175,14 @@ def test_demo_serves_queue_length_of_its_own_queues() -> None:
         # The demo's producer sends 9 tasks a second; a queue never holds more than was sent.
         sent = value(s, "celery_task_sent_total", queue_name="fast")
         assert 0 <= value(s, "celery_queue_length", queue_name="fast") <= sent
-    finally:
+        # SIGTERM (what Kubernetes and `timeout` send) stops it as cleanly as Ctrl-C.
         proc.terminate()
-        proc.wait(timeout=60)
+        rest = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0 and "stopped" in rest, rest
+        assert not os.path.exists(workdir), "the demo leaves nothing behind"
+        leftovers = subprocess.run(["pgrep", "-f", workdir], capture_output=True, text=True)
+        assert leftovers.stdout == "", "no worker process survives the demo"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

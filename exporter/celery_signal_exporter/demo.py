@@ -39,6 +39,10 @@ def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(broker_url: str | None, host: str, port: int, duration: float, listener: socket.socket) -> None:
     """Run the demo until Ctrl-C or `duration` seconds, on `listener`; then remove everything it made.
 
@@ -96,10 +100,16 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float, list
         where = redact_url(broker_url) if broker_url else f"kombu filesystem transport in {workdir}"
         click.echo(f"demo: worker and producer running on {where}; worker log: {log_path}")
         click.echo(f"demo: metrics at http://{host}:{port}/metrics  (Ctrl-C stops everything)")
+        # uvicorn re-raises the signal that stopped it once it has shut down. SIGTERM's default action
+        # would end this process there, before the cleanup below, leaving the worker and the temporary
+        # directory behind; as an interrupt it takes the same way out as Ctrl-C.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             started = run(config, probes, listener, duration)
         except KeyboardInterrupt:
             pass  # uvicorn re-raises Ctrl-C after its own shutdown: ours is the normal stop
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     finally:
         listener.close()
         stop.set()
