@@ -29,7 +29,7 @@ class QueueStats:
     unacked: int | None = None
     consumers: int | None = None
     oldest_message_age_seconds: float | None = None
-    #: Messages the broker holds back until their delay ends (SQS: countdown/ETA tasks it keeps).
+    #: Messages the broker holds back until their delay ends (SQS: those published with a delay).
     delayed: int | None = None
     #: Messages in the queue's dead-letter queue (SQS: its redrive policy's target).
     dead_letter: int | None = None
