@@ -23,9 +23,10 @@ COPY exporter/ exporter/
 # read-only final image never has to write them. kombu[redis]: kombu's Redis
 # transport imports `packaging`, which only that extra brings; without it a
 # worker built on this image cannot reach Redis. kombu's version is still the
-# one celery pins, the extra only adds its dependencies.
+# one celery pins, the extra only adds its dependencies. [sqs]: boto3, for
+# the SQS probe (overlays/sqs).
 RUN python -m venv "$VIRTUAL_ENV" \
-    && "$VIRTUAL_ENV/bin/pip" install --no-cache-dir . "kombu[redis]" \
+    && "$VIRTUAL_ENV/bin/pip" install --no-cache-dir ".[sqs]" "kombu[redis]" \
     && "$VIRTUAL_ENV/bin/celery-signal-exporter" --version
 
 FROM python:3.11-slim AS runtime

@@ -154,3 +154,76 @@ def amqp_vhost(amqp_base_url: str) -> Iterator[str]:
 @pytest.fixture
 def amqp_url(amqp_base_url: str, amqp_vhost: str) -> str:
     return f"{amqp_base_url}/{amqp_vhost}"
+
+
+class MotoServer:
+    """moto in server mode (`python -m moto.server`) on loopback and a free port: a real HTTP SQS
+    endpoint for the SQS probe and for kombu's SQS transport in real workers. moto keeps everything in
+    memory, so its state ends with the process; `env` adds settings (INITIAL_NO_AUTH_ACTION_COUNT)."""
+
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
+        import importlib.util
+        import sys
+
+        if importlib.util.find_spec("moto.server") is None or importlib.util.find_spec("flask") is None:
+            pytest.fail("moto[server] is not installed (the SQS tests run moto in server mode); "
+                        "pip install -e '.[test]' installs it", pytrace=False)
+        self.python = sys.executable
+        self.port = _free_port()
+        self.log_path = workdir / f"moto-{self.port}.log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([self.python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                         stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"moto server exited with {self.proc.returncode}:\n"
+                            f"{self.log_path.read_text(errors='replace')[-2000:]}", pytrace=False)
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        pytest.fail(f"moto server did not listen on port {self.port} within 60 s", pytrace=False)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """The session's own moto server (no auth checks: any key is accepted)."""
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def sqs_prefix(moto_server: MotoServer) -> Iterator[str]:
+    """A queue-name prefix of the test's own on the session's moto; its queues are deleted after."""
+    import boto3
+
+    prefix = f"csx{uuid.uuid4().hex[:8]}-"
+    yield prefix
+    client = boto3.client("sqs", endpoint_url=moto_server.endpoint, region_name="us-east-1",
+                          aws_access_key_id="test", aws_secret_access_key="test")
+    for url in client.list_queues(QueueNamePrefix=prefix).get("QueueUrls", []):
+        client.delete_queue(QueueUrl=url)
+    client.close()

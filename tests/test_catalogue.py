@@ -4,10 +4,12 @@ and docs/metrics.md is what it generates."""
 from __future__ import annotations
 
 import ast
+import json
 import os
 import time
 from pathlib import Path
 
+import boto3
 import pytest
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,6 +21,7 @@ from celery_signal_exporter.probes.base import NodeStats, QueueStats
 from celery_signal_exporter.probes.loop import ProbeGroup, ProbeLoop
 from celery_signal_exporter.service import Exporter, ServiceConfig
 from celery_signal_exporter.store import Store
+from tests.conftest import MotoServer
 from tests.harness import ROOT, env_for, exporter, has, produce, value, wait_until, worker
 
 Catalogue = dict[str, frozenset[str]]
@@ -137,9 +140,11 @@ def test_served_without_brokers_equals_the_catalogue(tmp_path: Path) -> None:
     os.makedirs(metrics_dir)
     store = write_every_recorded_metric(metrics_dir)
     snapshot = BrokerSnapshot(
-        queues=[QueueStats("celery", "0", 3, unacked=1, consumers=2, oldest_message_age_seconds=1.5)],
+        queues=[QueueStats("celery", "0", 3, unacked=1, consumers=2, oldest_message_age_seconds=1.5, delayed=2,
+                           dead_letter=1)],
         nodes=[NodeStats("rabbit@h", 1e6, 2e6, memory_alarm=False, disk_alarm=True)],
         unacked_total=4,
+        requests_total=7,
     )
     loop = ProbeLoop(CachedProbe(snapshot), "redis://127.0.0.1:1/0")
     assert loop.probe_once()
@@ -156,13 +161,26 @@ def test_served_without_brokers_equals_the_catalogue(tmp_path: Path) -> None:
     assert {n: served[n] for n in expected if served[n] != expected[n]} == {}, "type, help or labels differ"
 
 
-def test_metrics_endpoint_equals_catalogue(amqp_url: str, redis_url: str, tmp_path: pytest.TempPathFactory) -> None:
+def test_metrics_endpoint_equals_catalogue(amqp_url: str, redis_url: str, moto_server: MotoServer, sqs_prefix: str,
+                                          tmp_path: pytest.TempPathFactory) -> None:
     metrics_dir = str(tmp_path / "metrics")
     env = env_for(amqp_url, metrics_dir, CSX_TEST_LATE="1")
     # A message waiting on Redis with the due header, so oldest-message age has something to read.
     producer = Celery("catalogue", broker=redis_url, set_as_current=False)
     producer.send_task("t.ok", queue="waiting", headers={"csx_due": time.time()})
+    # SQS (moto) for what only it reports: a queue with a dead-letter queue and a delayed message.
+    sqs = boto3.client("sqs", endpoint_url=moto_server.endpoint, region_name="us-east-1",
+                       aws_access_key_id="test", aws_secret_access_key="test")
+    dlq = sqs.create_queue(QueueName=f"{sqs_prefix}dlq")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    source = sqs.create_queue(QueueName=f"{sqs_prefix}waiting", Attributes={
+        "RedrivePolicy": json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": "3"})})["QueueUrl"]
+    sqs.send_message(QueueUrl=source, MessageBody="x", DelaySeconds=600)
+    sqs.close()
+    sqs_url = f"sqs://test:test@{moto_server.endpoint.removeprefix('http://')}"
     args = ["--metrics-dir", metrics_dir, "--broker-url", amqp_url, "--broker-url", redis_url,
+            "--broker-url", sqs_url, "--transport-options",
+            json.dumps({"queue_name_prefix": sqs_prefix, "region": "us-east-1"}),
             "--queue", "waiting", "--probe-interval", "1", "--probe-timeout", "1"]
     # A worker time limit, so every task has one to expose; a 2 s run, so a tick sees a run in progress.
     with worker(env, str(tmp_path), "--time-limit", "300", concurrency=2), exporter(str(tmp_path), *args) as ex:
@@ -174,7 +192,8 @@ def test_metrics_endpoint_equals_catalogue(amqp_url: str, redis_url: str, tmp_pa
             text = ex.get("/metrics").text
             s = ex.scrape()
             done = value(s, "celery_task_succeeded_total") + value(s, "celery_task_failed_total") >= 45
-            probed = value(s, "celery_broker_up") == 2 and value(s, "celery_queue_consumers") >= 2
+            probed = value(s, "celery_broker_up") == 3 and value(s, "celery_queue_consumers") >= 2 \
+                and value(s, "celery_queue_delayed", queue_name="waiting") == 1
             aged = value(s, "celery_queue_oldest_message_age_seconds", queue_name="waiting") > 0
             ran = has(s, "celery_task_oldest_running_age_seconds") and all(
                 has(s, spec.sample_name) for spec in (catalogue.IGNORED, catalogue.REPLACED, catalogue.RUN_REJECTED,

@@ -41,7 +41,7 @@ RULES_FILE = ROOT / "deploy" / "prometheus" / "celery-rules.yml"
 DASHBOARDS = ROOT / "dashboards"
 DASHBOARD_FILES = {"celery-overview.json", "celery-tasks.json", "celery-queues.json", "celery-periodic.json",
                    "celery-workers.json", "celery-objectives.json"}
-OVERLAYS = {"redis": "redis://", "rabbitmq": "amqp://"}
+OVERLAYS = {"redis": "redis://", "rabbitmq": "amqp://", "sqs": "sqs://"}
 KUSTOMIZATIONS = ["base", *(f"overlays/{name}" for name in OVERLAYS)]
 CRD_GROUP = "monitoring.coreos.com/"
 # Each skipped checkov finding, justified in docs/deploy.md and in the
@@ -260,6 +260,28 @@ def test_broker_probe_runs_once_from_the_secret(rendered: dict[str, list[dict[st
     monitor = find(objects, "ServiceMonitor", "celery-broker-probe")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == [service["spec"]["ports"][0]["name"]]
+
+
+def test_sqs_overlay_takes_its_credentials_from_irsa_and_holds_no_secret(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The role comes from the service account's IRSA annotation; no key, secret or token in any object."""
+    objects = rendered["overlays/sqs"]
+    account = find(objects, "ServiceAccount", "celery-signal-exporter")
+    role = account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert re.fullmatch(r"arn:aws:iam::[0-9]{12}:role/[\w+=,.@-]+", role), role
+    assert account["automountServiceAccountToken"] is False
+    secret = next(o for o in objects if o["kind"] == "Secret")
+    assert base64.b64decode(secret["data"]["url"]).decode() == "sqs://", "no credentials in the broker URL"
+    for name in ("celery-worker", "celery-broker-probe", "celery-beat"):
+        pod = find(objects, "Deployment", name)["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == "celery-signal-exporter", name
+        for c in pod["containers"]:
+            assert not {n for n in env_of(c) if n.startswith("AWS_")}, "IRSA's webhook sets the AWS variables"
+    text = json.dumps(objects)
+    assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|AWS_SECRET_ACCESS_KEY", text, re.I)
+    probe = container(find(objects, "Deployment", "celery-broker-probe"), "exporter")
+    options = json.loads(env_of(probe)["CELERY_EXPORTER_TRANSPORT_OPTIONS"])
+    assert set(options) == {"region", "queue_name_prefix"}, options
 
 
 def test_manifests_only_use_environment_variables_the_exporter_reads(

@@ -181,8 +181,13 @@ def test_probe_for_url_by_scheme() -> None:
         assert isinstance(probe_for_url(url), RedisProbe)
     for url in ("amqp://h//", "amqps://h/v", "pyamqp://h"):
         assert isinstance(probe_for_url(url), RabbitMQProbe)
+    from celery_signal_exporter.probes.filesystem import FilesystemProbe
+    from celery_signal_exporter.probes.sqs import SQSProbe
+
+    assert isinstance(probe_for_url("sqs://AKIAKEY:S3cretKey@sqs.example"), SQSProbe)
+    assert isinstance(probe_for_url("filesystem://"), FilesystemProbe)
     with pytest.raises(ValueError, match="no broker probe") as err:
-        probe_for_url("sqs://AKIAKEY:S3cretKey@sqs.example/q")
+        probe_for_url("mongodb://AKIAKEY:S3cretKey@db.example/q")
     message = str(err.value)
     assert "\n" not in message and "S3cretKey" not in message and "AKIAKEY" not in message
 

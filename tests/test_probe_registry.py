@@ -27,7 +27,7 @@ from celery_signal_exporter.probes import (
 from tests.harness import PYTHONPATH, ROOT, exporter, value, wait_until
 
 #: Top-level modules of the broker clients: none may load before a probe exists.
-BROKER_LIBRARIES = ("redis", "pyrabbit2", "requests", "kombu")
+BROKER_LIBRARIES = ("redis", "pyrabbit2", "requests", "kombu", "boto3", "botocore")
 
 #: A test probe for the made-up `fixedq://` scheme. It talks to no broker and
 #: reports one queue of the length its own option says: it shows what one
@@ -106,6 +106,8 @@ def test_cli_and_help_load_no_broker_library_until_a_probe_is_created() -> None:
         from celery_signal_exporter.probes import probe_for_url
         probe_for_url("redis://127.0.0.1:1/0")
         seen["redis probe"] = sorted({{m.split(".")[0] for m in loaded()}})
+        probe_for_url("sqs://127.0.0.1:1")
+        seen["sqs probe"] = sorted({{m.split(".")[0] for m in loaded()}})
         print(json.dumps(seen))
     """)
     out = run_python(code)
@@ -114,6 +116,8 @@ def test_cli_and_help_load_no_broker_library_until_a_probe_is_created() -> None:
     for step in ("import", "--help", "serve --help", "demo --help", "check --help", "kinds"):
         assert seen[step] == [], (step, seen[step])
     assert "redis" in seen["redis probe"] and "pyrabbit2" not in seen["redis probe"], seen["redis probe"]
+    assert "boto3" not in seen["redis probe"], "boto3 loads only with an SQS probe"
+    assert {"boto3", "botocore"} <= set(seen["sqs probe"]), seen["sqs probe"]
 
 
 def test_the_registry_knows_both_brokers_and_their_options() -> None:
@@ -126,6 +130,8 @@ def test_the_registry_knows_both_brokers_and_their_options() -> None:
         "rabbitmq_alarm_interval", "oldest_age"}
     # The one option both read is the same declaration, shared rather than a clash.
     assert by_name["redis"].options[0] in by_name["rabbitmq"].options
+    assert kind_for_url("sqs://").name == "sqs" and kind_for_url("filesystem://").name == "filesystem"
+    assert by_name["sqs"].options == () and by_name["filesystem"].options == (by_name["redis"].options[0],)
     with pytest.raises(ValueError, match="no broker probe"):
         kind_for_url("kafka://h")
 

@@ -1,7 +1,7 @@
 """The Celery app the integration tests run in real worker and producer processes.
 
 Configured from the environment so one module serves every broker:
-CSX_TEST_BROKER (URL), CELERY_EXPORTER_METRICS_DIR, CSX_TEST_MAX_NAMES,
+CSX_TEST_BROKER (URL), CSX_TEST_TRANSPORT (transport options, JSON), CELERY_EXPORTER_METRICS_DIR, CSX_TEST_MAX_NAMES,
 CSX_TEST_GC_FREEZE (freeze the worker's heap once ready: cheaper forks).
 Run as a script it is a producer: `python -m tests.workload_app SCENARIO`.
 """
@@ -28,6 +28,8 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
+    # kombu transport options as JSON (the SQS tests: region, queue_name_prefix, polling).
+    broker_transport_options=json.loads(os.environ.get("CSX_TEST_TRANSPORT") or "{}"),
 )
 celery_signal_exporter.instrument(
     app,

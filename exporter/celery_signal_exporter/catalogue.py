@@ -341,11 +341,12 @@ BEAT_ENTRY_EXPIRED = Spec(
 QUEUE_LENGTH = Spec(
     "celery_queue_length", "gauge", "Messages waiting in the queue, every priority (RabbitMQ: ready)", QUEUE,
     recorded_by="probe",
-    notes="Redis: every priority sub-queue summed (`vhost` is the db index); RabbitMQ: ready messages",
+    notes="Redis: every priority sub-queue summed (`vhost` is the db index); RabbitMQ: ready messages; SQS: "
+          "`ApproximateNumberOfMessages` (visible); filesystem: message files in `data_folder_in`",
 )
 QUEUE_UNACKED = Spec(
     "celery_queue_unacked", "gauge", "Messages delivered to consumers but not yet acknowledged", QUEUE,
-    recorded_by="probe", notes="RabbitMQ only",
+    recorded_by="probe", notes="RabbitMQ; SQS: `ApproximateNumberOfMessagesNotVisible` (in flight)",
 )
 QUEUE_CONSUMERS = Spec(
     "celery_queue_consumers", "gauge", "Consumers subscribed to the queue", QUEUE,
@@ -357,7 +358,22 @@ QUEUE_OLDEST_AGE = Spec(
     QUEUE,
     recorded_by="probe",
     notes="Redis: queues whose next message carries the `csx_due` header. RabbitMQ: classic queues whose next "
-          "message carries the AMQP `timestamp` property (whole seconds; the head as of the last 5 s stats refresh)",
+          "message carries the AMQP `timestamp` property (whole seconds; the head as of the last 5 s stats refresh). "
+          "Filesystem: the mtime of the queue's oldest message file. Not SQS",
+)
+QUEUE_DELAYED = Spec(
+    "celery_queue_delayed", "gauge", "Messages the broker holds back until their delay ends (SQS: countdown/ETA)",
+    QUEUE,
+    recorded_by="probe",
+    notes="SQS only: `ApproximateNumberOfMessagesDelayed`, tasks published with a countdown or ETA that SQS keeps "
+          "out of sight (up to 15 minutes); not in `celery_queue_length` until due",
+)
+QUEUE_DEAD_LETTER = Spec(
+    "celery_queue_dead_letter_length", "gauge",
+    "Messages in the queue's dead-letter queue, labelled with the source queue", QUEUE,
+    recorded_by="probe",
+    notes="SQS only: `ApproximateNumberOfMessages` of the queue named by the source queue's `RedrivePolicy` "
+          "(`deadLetterTargetArn`), for queues that have one",
 )
 BROKER_UP = Spec(
     "celery_broker_up", "gauge", "1 if the last broker probe succeeded", ("broker",),
@@ -491,6 +507,13 @@ PROBE_LAST_SUCCESS = Spec(
 PROBE_ERRORS = Spec(
     "celery_exporter_probe_errors", "counter", "Failed probe cycles by reason", ("broker", "reason"),
     recorded_by="probe loop", notes="`reason`: connection, timeout, auth, protocol, other",
+)
+PROBE_REQUESTS = Spec(
+    "celery_exporter_probe_requests", "counter",
+    "API requests a probe sent to the broker, failed ones included", ("broker",),
+    recorded_by="probe loop",
+    notes="SQS only (each request is billed): ListQueues pages, GetQueueAttributes, GetQueueUrl; "
+          "as of the last successful cycle",
 )
 PROBE_QUEUES_DROPPED = Spec(
     "celery_exporter_probe_queues_dropped", "counter",
@@ -653,7 +676,8 @@ worker, or replacing it under a new hostname, is not a worker down.
     ),
     Section(
         "Broker metrics (probes)",
-        (QUEUE_LENGTH, QUEUE_UNACKED, QUEUE_CONSUMERS, QUEUE_OLDEST_AGE, BROKER_UP, BROKER_UNACKED,
+        (QUEUE_LENGTH, QUEUE_UNACKED, QUEUE_CONSUMERS, QUEUE_OLDEST_AGE, QUEUE_DELAYED, QUEUE_DEAD_LETTER,
+         BROKER_UP, BROKER_UNACKED,
          BROKER_MEMORY_USED, BROKER_MEMORY_LIMIT, BROKER_MEMORY_ALARM, BROKER_DISK_ALARM, BROKER_ALARM_CHECKS,
          BROKER_MEMORY_ALARM_RAISED, BROKER_DISK_ALARM_RAISED),
         after="""\
@@ -662,15 +686,17 @@ removed, e.g. `redis://10.0.0.5:6379/0`.
 
 ### What each broker can and cannot report
 
-| what | Redis | RabbitMQ |
-| --- | --- | --- |
-| queue length (`celery_queue_length`) | yes: waiting messages, every priority sub-queue summed; a deleted empty list is 0 | yes: ready messages; delivered but unacked ones are in `celery_queue_unacked` |
-| unacked per queue (`celery_queue_unacked`) | **no**: kombu keeps one unacked hash for all queues, reported as `celery_broker_unacked` | yes |
-| consumers (`celery_queue_consumers`) | **no**: a BRPOP client does not say which queues it serves | yes |
-| oldest-message age (`celery_queue_oldest_message_age_seconds`) | yes, for queues whose next message carries the `csx_due` header | classic queues only, whose next message carries the AMQP `timestamp` property and is in memory (`head_message_timestamp`); **no** for quorum queues, streams, or a paged-out head (lazy queues) (checked on 3.10.8) |
-| memory used and limit | yes: `used_memory`, `maxmemory` (0 = none) | yes: `mem_used`, `mem_limit` of every node |
-| memory and disk alarms | **no** | yes, per node: the state, and every alarm check (`--rabbitmq-alarm-interval`, 1 s) that found one raised, read live from `/api/health/checks/alarms` |
-| broker up | yes | yes |
+| what | Redis | RabbitMQ | Amazon SQS | filesystem |
+| --- | --- | --- | --- | --- |
+| queue length (`celery_queue_length`) | yes: waiting messages, every priority sub-queue summed; a deleted empty list is 0 | yes: ready messages; delivered but unacked ones are in `celery_queue_unacked` | yes: visible messages; in-flight and delayed ones apart | yes: message files in `data_folder_in` |
+| unacked per queue (`celery_queue_unacked`) | **no**: kombu keeps one unacked hash for all queues, reported as `celery_broker_unacked` | yes | yes: in flight (received, not deleted) | **no**: in the worker's memory |
+| delayed (`celery_queue_delayed`) | no | no | yes: messages SQS holds until their delay ends | no |
+| dead letters (`celery_queue_dead_letter_length`) | no | no | yes, for queues with a redrive policy | no |
+| consumers (`celery_queue_consumers`) | **no**: a BRPOP client does not say which queues it serves | yes | **no** | **no** |
+| oldest-message age (`celery_queue_oldest_message_age_seconds`) | yes, for queues whose next message carries the `csx_due` header | classic queues only, whose next message carries the AMQP `timestamp` property and is in memory (`head_message_timestamp`); **no** for quorum queues, streams, or a paged-out head (lazy queues) (checked on 3.10.8) | **no**: only a receive could read it | yes: the oldest file's mtime |
+| memory used and limit | yes: `used_memory`, `maxmemory` (0 = none) | yes: `mem_used`, `mem_limit` of every node | no | no |
+| memory and disk alarms | **no** | yes, per node: the state, and every alarm check (`--rabbitmq-alarm-interval`, 1 s) that found one raised, read live from `/api/health/checks/alarms` | no | no |
+| broker up | yes | yes | yes | yes |
 
 A series the broker cannot give is absent, never a misleading 0. On
 RabbitMQ the numbers are those of the management API, which refreshes its
@@ -685,7 +711,7 @@ is the next message to be delivered (highest priority), not the oldest.
         "Exporter metrics",
         (BUILD_INFO, SCRAPE_DURATION, METRICS_FILES, MERGE_ERRORS, DROPPED_LABELS, LABELS_TRUNCATED, HANDLER_ERRORS,
          WRITES_LOST, TASK_NAMES_FOLDED, QUEUE_NAMES_FOLDED, COMPACTED, PROBE_DURATION, PROBE_LAST_SUCCESS,
-         PROBE_ERRORS, PROBE_QUEUES_DROPPED),
+         PROBE_ERRORS, PROBE_QUEUES_DROPPED, PROBE_REQUESTS),
         before="""\
 What these count is also logged, once per cause (a damaged file, a broker
 going down), on the one logger `celery_signal_exporter`, which both the

@@ -39,6 +39,10 @@ def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(broker_url: str | None, host: str, port: int, duration: float, listener: socket.socket) -> None:
     """Run the demo until Ctrl-C or `duration` seconds, on `listener`; then remove everything it made.
 
@@ -46,8 +50,6 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float, list
     broker is probed for its queue depth and memory too. Raises
     `OptionError` for a broker URL no probe can use, before anything starts.
     """
-    urls = (broker_url,) if broker_url else ()
-    probes = build_probes(ProbeConfig(urls=urls, interval=5, timeout=4, loop=LoopOptions(queues=("fast", "slow"))))
     workdir = tempfile.mkdtemp(prefix="celery-exporter-demo-")
     metrics_dir = os.path.join(workdir, "metrics")
     os.makedirs(metrics_dir)
@@ -59,6 +61,17 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float, list
     })
     os.environ.update({k: env[k] for k in ("CELERY_EXPORTER_METRICS_DIR", "CELERY_EXPORTER_DEMO_DIR",
                                          "CELERY_EXPORTER_DEMO_BROKER")})
+    try:
+        # Without a broker URL the demo's own filesystem transport is probed like any broker: the
+        # filesystem probe counts the files waiting in the worker's data_folder_in.
+        from celery_signal_exporter.demo_app import filesystem_transport
+
+        urls, transport = ((broker_url,), {}) if broker_url else (("filesystem://",), filesystem_transport(workdir))
+        probes = build_probes(ProbeConfig(urls=urls, interval=5, timeout=4, transport_options=transport,
+                                          loop=LoopOptions(queues=("fast", "slow"))))
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     log_path = os.path.join(workdir, "worker.log")
     worker_log = open(log_path, "wb")
     worker = subprocess.Popen(
@@ -87,10 +100,16 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float, list
         where = redact_url(broker_url) if broker_url else f"kombu filesystem transport in {workdir}"
         click.echo(f"demo: worker and producer running on {where}; worker log: {log_path}")
         click.echo(f"demo: metrics at http://{host}:{port}/metrics  (Ctrl-C stops everything)")
+        # uvicorn re-raises the signal that stopped it once it has shut down. SIGTERM's default action
+        # would end this process there, before the cleanup below, leaving the worker and the temporary
+        # directory behind; as an interrupt it takes the same way out as Ctrl-C.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             started = run(config, probes, listener, duration)
         except KeyboardInterrupt:
             pass  # uvicorn re-raises Ctrl-C after its own shutdown: ours is the normal stop
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     finally:
         listener.close()
         stop.set()

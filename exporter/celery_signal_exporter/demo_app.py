@@ -20,19 +20,26 @@ BROKER_ENV = "CELERY_EXPORTER_DEMO_BROKER"
 DIR_ENV = "CELERY_EXPORTER_DEMO_DIR"
 
 
-def _broker() -> tuple[str, dict[str, Any]]:
-    url = os.environ.get(BROKER_ENV, "")
-    if url:
-        return url, {}
-    folder = os.path.join(os.environ.get(DIR_ENV, "/tmp/celery-exporter-demo"), "broker")
-    os.makedirs(folder, exist_ok=True)
-    return "filesystem://", {
+def filesystem_transport(workdir: str) -> dict[str, Any]:
+    """The filesystem transport's options for a demo in `workdir`: one folder both ways, so the
+    worker's `data_folder_in` (what the exporter's filesystem probe counts) is where the producer writes."""
+    folder = os.path.join(workdir, "broker")
+    return {
         "data_folder_in": folder,
         "data_folder_out": folder,
         "store_processed": False,
         "polling_interval": 0.1,
         "control_folder": os.path.join(folder, "control"),
     }
+
+
+def _broker() -> tuple[str, dict[str, Any]]:
+    url = os.environ.get(BROKER_ENV, "")
+    if url:
+        return url, {}
+    options = filesystem_transport(os.environ.get(DIR_ENV, "/tmp/celery-exporter-demo"))
+    os.makedirs(options["data_folder_in"], exist_ok=True)
+    return "filesystem://", options
 
 
 url, transport_options = _broker()

@@ -617,10 +617,13 @@ def queues(c: Config) -> Dashboard:
             "Messages waiting in each queue, and the true backlog: those plus the tasks workers hold "
             "without running them (prefetched or scheduled), or on RabbitMQ its unacked messages less the "
             "runs in progress where that is more (consumers that report nothing). Recorded series; the "
-            "backlog alerts read the true backlog.",
+            "backlog alerts read the true backlog. SQS also reports the messages it holds back until their "
+            "delay ends (delayed) and the depth of each queue's dead-letter queue.",
             "short",
             (_r(c, "queue:celery_queue_length:sum", QUEUE), "{{queue_name}}"),
             (_r(c, "queue:celery_queue_backlog:sum", QUEUE), "{{queue_name}} true backlog"),
+            (f"{by_q}({_q(c, 'celery_queue_delayed', QUEUE)})", "{{queue_name}} delayed"),
+            (f"{by_q}({_q(c, 'celery_queue_dead_letter_length', QUEUE)})", "{{queue_name}} dead letters"),
         ),
         w=8,
     )
@@ -726,7 +729,8 @@ def queues(c: Config) -> Dashboard:
         _ts(
             c,
             "Probe errors",
-            "Failed probe cycles per second by reason: connection, timeout, auth, protocol, other.",
+            "Failed probe cycles per second by reason: connection, timeout, auth, protocol, other; and, "
+            "where each request is billed (SQS), the probe's API requests per second.",
             "ops",
             (
                 f"sum {_by(c, 'broker', 'reason')}(rate({_q(c, 'celery_exporter_probe_errors_total')}[{RATE}]))",
@@ -735,6 +739,10 @@ def queues(c: Config) -> Dashboard:
             (
                 f"sum {_by(c, 'broker')}(rate({_q(c, 'celery_exporter_probe_queues_dropped_total')}[{RATE}]))",
                 "{{broker}} queues dropped",
+            ),
+            (
+                f"sum {_by(c, 'broker')}(rate({_q(c, 'celery_exporter_probe_requests_total')}[{RATE}]))",
+                "{{broker}} API requests",
             ),
         ),
         w=8,

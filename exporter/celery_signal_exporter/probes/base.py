@@ -29,6 +29,10 @@ class QueueStats:
     unacked: int | None = None
     consumers: int | None = None
     oldest_message_age_seconds: float | None = None
+    #: Messages the broker holds back until their delay ends (SQS: those published with a delay).
+    delayed: int | None = None
+    #: Messages in the queue's dead-letter queue (SQS: its redrive policy's target).
+    dead_letter: int | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,9 @@ class BrokerSnapshot:
     # Transport-wide unacked count where the broker cannot split it per queue
     # (Redis keeps one unacked hash for all queues).
     unacked_total: int | None = None
+    #: Requests the probe has sent to the broker's API since it was created, failed cycles included
+    #: (SQS bills per request); None for brokers where a cycle's cost is fixed.
+    requests_total: int | None = None
 
 
 S = TypeVar("S")
