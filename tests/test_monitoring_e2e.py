@@ -16,6 +16,7 @@ pager.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -33,7 +34,9 @@ from celery_signal_exporter.mixin.rules import rule_groups
 from tests.harness import ROOT, env_for, exporter, produce, wait_until, worker
 from tests.stack import Prometheus, Webhook, alertmanager, prometheus, redis_server
 from tests.test_beat import PERIODIC_DASHBOARD
+from tests.conftest import MotoServer
 from tests.test_mixin import dashboards, panels, substitute
+from tests.test_probe_sqs import REGION, broker_url, sqs_client
 
 # The three alerts of danihodovic/celery-exporter's mixin, with its default
 # selector and windows; `for` is shortened from 1m/20m/15m so the test ends.
@@ -131,8 +134,23 @@ def check_panels(prom: Prometheus) -> None:
     assert not empty, "panel queries without data:\n" + "\n".join(empty)
 
 
-def test_dashboards_have_data_and_backlog_alert_pages_then_resolves(tmp_path: Path, amqp_url: str) -> None:
+def sqs_queues(endpoint: str, prefix: str) -> None:
+    """For the panels only SQS fills: a message SQS holds delayed, and one in a queue's dead-letter queue."""
+    client = sqs_client(endpoint)
+    dlq = client.create_queue(QueueName=f"{prefix}e2e-sqs-dlq")["QueueUrl"]
+    arn = client.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    policy = json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": "2"})
+    queue = client.create_queue(QueueName=f"{prefix}e2e-sqs", Attributes={"RedrivePolicy": policy})["QueueUrl"]
+    client.send_message(QueueUrl=queue, MessageBody="{}", DelaySeconds=900)
+    client.send_message(QueueUrl=dlq, MessageBody="{}")
+    client.close()
+
+
+def test_dashboards_have_data_and_backlog_alert_pages_then_resolves(
+        tmp_path: Path, amqp_url: str, moto_server: MotoServer, sqs_prefix: str) -> None:
     tmp = str(tmp_path)
+    sqs_queues(moto_server.endpoint, sqs_prefix)
+    sqs_url = broker_url(moto_server.endpoint)
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     rules = tmp_path / "celery-rules.yml"
@@ -162,9 +180,14 @@ def test_dashboards_have_data_and_backlog_alert_pages_then_resolves(tmp_path: Pa
                 tmp, "--broker-url", broker, "--broker-url", amqp_url, "--queue", "alpha", "--queue", "beta",
                 "--probe-interval", "1", "--probe-timeout", "1",
             ) as probe,
+            # An SQS broker (moto) for the panels only SQS fills: delayed, dead letters, API requests.
+            exporter(tmp, "--broker-url", sqs_url, "--transport-options",
+                     json.dumps({"region": REGION, "queue_name_prefix": sqs_prefix}),
+                     "--probe-interval", "1", "--probe-timeout", "1") as sqs_probe,
             prometheus(
                 tmp,
-                {"celery-worker": f"127.0.0.1:{sidecar.port}", "celery-probe": f"127.0.0.1:{probe.port}"},
+                {"celery-worker": f"127.0.0.1:{sidecar.port}", "celery-probe": f"127.0.0.1:{probe.port}",
+                 "celery-sqs-probe": f"127.0.0.1:{sqs_probe.port}"},
                 [str(rules), str(compat)],
                 am_url,
             ) as prom,
