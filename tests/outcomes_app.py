@@ -98,6 +98,13 @@ def retry_out(self: Task) -> None:
     raise self.retry(exc=ValueError("again"), countdown=0)
 
 
+@app.task(name="o.retry_then_ok", bind=True, max_retries=2, default_retry_delay=0)
+def retry_then_ok(self: Task) -> None:
+    """Fails its first try, succeeds on its retry: flaky, recovered."""
+    if self.request.retries == 0:
+        raise self.retry(exc=ValueError("once"), countdown=0)
+
+
 @app.task(name="o.autoretry", autoretry_for=(KeyError,), max_retries=2, default_retry_delay=0)
 def autoretry() -> None:
     raise KeyError("again")
@@ -227,6 +234,7 @@ def publish() -> dict[str, Any]:
     reject_requeue.delay()
     reject_drop.delay()
     retry_out.delay()
+    retry_then_ok.delay()
     autoretry.delay()
     eager_parent.delay()
     chord([chord_member.s(i) for i in range(3)], chord_body.s())()

@@ -152,6 +152,16 @@ CASES: list[dict[str, Any]] = [
         [expected("CeleryQueueWaitBudgetBurn", {"namespace": "prod", "queue_name": "slow"}, "20%", wait="10m 0s")],
     ),
     case(
+        # Two runs of "flaky" gave up after their retries; "recovers" retried and succeeded (still 0).
+        "CeleryTaskRetriesExhausted",
+        [
+            (ql("celery_task_retries_exhausted_total", f'{WORKER}, name="flaky", queue_name="q"'), "0x10 1 2x10"),
+            (ql("celery_task_retries_exhausted_total", f'{WORKER}, name="recovers", queue_name="q"'), "0x21"),
+        ],
+        "12m",
+        [expected("CeleryTaskRetriesExhausted", {"namespace": "prod", "name": "flaky", "queue_name": "q"}, "2")],
+    ),
+    case(
         "CeleryOldestMessageTooOld",
         [
             (ql("celery_queue_oldest_message_age_seconds", f'{PROBE}, queue_name="old", vhost="0"'), "1000x30"),

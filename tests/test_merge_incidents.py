@@ -59,6 +59,26 @@ def test_expired_zero_is_rendered_on_the_metrics_page(tmp_path: Path) -> None:
     assert text.count("# TYPE celery_task_revoked") == 1, "one family, whoever made it"
 
 
+def test_retries_exhausted_is_served_at_zero_beside_started_until_a_run_gives_up(tmp_path: Path) -> None:
+    """A task's first exhausted retries must be an increase: 0 beside every started (name, queue)."""
+    d = str(tmp_path)
+    collector = DirectoryCollector(d)
+
+    def exhausted() -> dict[str, float]:
+        return {k: v for k, v in merged_samples(collector).items()
+                if k.startswith("celery_task_retries_exhausted_total")}
+
+    write_as_dead_process(d, lambda s: m.Recorder(s, c.SENT).labels("only-sent", "q").inc())
+    write_as_dead_process(d, lambda s: m.Recorder(s, c.STARTED).labels("a", "q").inc())
+    write_as_dead_process(d, lambda s: m.Recorder(s, c.STARTED).labels("b", "q").inc())
+    key = 'celery_task_retries_exhausted_total{name="%s",queue_name="q"}'
+    assert exhausted() == {key % "a": 0, key % "b": 0}, "a started task only; a sent one has no runs"
+    write_as_dead_process(d, lambda s: m.Recorder(s, c.RETRIES_EXHAUSTED).labels("a", "q").inc())
+    assert exhausted() == {key % "a": 1, key % "b": 0}, "the real series takes over, once"
+    compaction.compact(d)
+    assert exhausted() == {key % "a": 1, key % "b": 0}, "compaction changes nothing"
+
+
 def test_a_stopped_mark_ends_the_up_series_and_a_vanished_worker_reads_0(tmp_path: Path) -> None:
     d = str(tmp_path)
     now = time.time()

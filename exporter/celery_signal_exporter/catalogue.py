@@ -101,6 +101,13 @@ RETRIED = Spec(
     notes="one per `self.retry()` (and `autoretry_for`); the worker main's are runs it cancelled when the broker "
           "connection was lost",
 )
+RETRIES_EXHAUSTED = Spec(
+    "celery_task_retries_exhausted", "counter",
+    "Runs that failed for good after at least one retry: the task gave up and its work is lost.", TASK,
+    recorded_by="`task_postrun` with state `FAILURE` of a run whose `request.retries` is 1 or more",
+    notes="also counted in `celery_task_failed_total`, in the same write; `self.retry()` past `max_retries` "
+          "and `autoretry_for` running out both land here. A flaky task that recovers by retry reads 0",
+)
 REVOKED = Spec(
     "celery_task_revoked", "counter", "Tasks revoked, expired or terminated instead of completing.",
     ("name", "queue_name", "reason"),
@@ -646,9 +653,9 @@ class Section:
 SECTIONS: tuple[Section, ...] = (
     Section(
         "Task metrics (signal side)",
-        (SENT, RECEIVED, REDELIVERED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, REJECTED, RUN_REJECTED, IGNORED,
-         REPLACED, FAILED_BEFORE_START, RUNTIME, QUEUE_WAIT, IN_PROGRESS, LAST_SUCCESS, OLDEST_RUNNING_AGE,
-         TIME_LIMIT, MEMORY_GROWTH, CPU, PUBLISH),
+        (SENT, RECEIVED, REDELIVERED, STARTED, SUCCEEDED, FAILED, RETRIED, RETRIES_EXHAUSTED, REVOKED, REJECTED,
+         RUN_REJECTED, IGNORED, REPLACED, FAILED_BEFORE_START, RUNTIME, QUEUE_WAIT, IN_PROGRESS, LAST_SUCCESS,
+         OLDEST_RUNNING_AGE, TIME_LIMIT, MEMORY_GROWTH, CPU, PUBLISH),
         after=outcomes_table(),
     ),
     Section(
@@ -725,8 +732,8 @@ SERVED: tuple[Spec, ...] = tuple(spec for section in SECTIONS for spec in sectio
 #: Every metric written to the metrics directory by the instrumentation (the heartbeat included, which is
 #: served as celery_worker_up); the merge in collect.py serves them.
 RECORDED: tuple[Spec, ...] = (
-    SENT, RECEIVED, REDELIVERED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, REJECTED, RUN_REJECTED, IGNORED,
-    REPLACED, FAILED_BEFORE_START, RUNTIME, QUEUE_WAIT,
+    SENT, RECEIVED, REDELIVERED, STARTED, SUCCEEDED, FAILED, RETRIED, RETRIES_EXHAUSTED, REVOKED, REJECTED,
+    RUN_REJECTED, IGNORED, REPLACED, FAILED_BEFORE_START, RUNTIME, QUEUE_WAIT,
     IN_PROGRESS, LAST_SUCCESS, OLDEST_RUNNING_AGE, TIME_LIMIT, MEMORY_GROWTH, CPU, PUBLISH, HEARTBEAT,
     POOL_PROCESSES, TASKS_ACTIVE, TASKS_RESERVED, TASKS_SCHEDULED, CONSUMING, RESIDENT_MEMORY,
     POOL_PROCESS_MAX_MEMORY, DROPPED_LABELS, LABELS_TRUNCATED, HANDLER_ERRORS, WRITES_LOST, COMPACTED,

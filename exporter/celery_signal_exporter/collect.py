@@ -52,6 +52,7 @@ from celery_signal_exporter.catalogue import (
     QUEUE_NAMES_FOLDED,
     RECEIVED,
     RESIDENT_MEMORY,
+    RETRIES_EXHAUSTED,
     REVOKED,
     SENT,
     STARTED,
@@ -112,9 +113,12 @@ _PER_WORKER_LIVE = frozenset({
     POOL_PROCESSES.name, TASKS_ACTIVE.name, TASKS_RESERVED.name, TASKS_SCHEDULED.name, CONSUMING.name,
     RESIDENT_MEMORY.name, POOL_PROCESS_MAX_MEMORY.name,
 })
-#: Counters whose (name, queue_name) series get `celery_task_revoked_total{reason="expired"}` served at 0
-#: beside them, so that `increase()` sees a task's first expiry (a series born at 1 reads 0).
-_EXPIRY_PEERS = frozenset({SENT.name, RECEIVED.name, STARTED.name})
+#: Rare-event counters served at 0 beside the (name, queue_name) series of their peers, so that
+#: `increase()` sees the first event (a series born at 1 reads 0): the counter, its fixed labels, the peers.
+_FIRST_EVENTS: tuple[tuple[Spec, dict[str, str], frozenset[str]], ...] = (
+    (REVOKED, {"reason": "expired"}, frozenset({SENT.name, RECEIVED.name, STARTED.name})),
+    (RETRIES_EXHAUSTED, {}, frozenset({STARTED.name})),
+)
 #: Gauge modes whose merge picks one writer's value, so the writer's liveness can matter.
 _PICK_ONE = frozenset({"mostrecent", "max", "min"})
 
@@ -168,7 +172,7 @@ class _Family:
 
     def __init__(self, metric: str, help_text: str, kind: str, rows: list[Any]) -> None:
         self.metric, self.help, self.kind, self.rows = metric, help_text, kind, rows
-        # Samples served at 0 after the rows' own: series no file holds yet (see _expiry_zeros).
+        # Samples served at 0 after the rows' own: series no file holds yet (see _first_event_zeros).
         self.zeros: list[tuple[str, dict[str, str], str | None]] = []
         # A histogram row whose every bound is one series (the usual case) is summed up in one C call.
         self.single: list[tuple[int, ...] | None] = [
@@ -666,39 +670,42 @@ class DirectoryCollector:
                     _, sample, labels = self._meta[i]
                     rows.append((sample, labels, dict(labels), i))
             skeleton.append(_Family(metric, self._helps.get(metric, ""), kind, rows))
-        return self._expiry_zeros(skeleton, present)
+        return self._first_event_zeros(skeleton, present)
 
-    def _expiry_zeros(self, skeleton: list[_Family], present: frozenset[int]) -> list[_Family]:
-        """`celery_task_revoked_total{reason="expired"}` at 0 for every (name, queue_name) served a task
-        counter, unless a file holds it already.
+    def _first_event_zeros(self, skeleton: list[_Family], present: frozenset[int]) -> list[_Family]:
+        """Counters of rare events served at 0 for every (name, queue_name) served a peer counter,
+        unless a file holds them already: `celery_task_revoked_total{reason="expired"}` and
+        `celery_task_retries_exhausted_total`.
 
-        Celery counts an expiry only when it happens, so the series is born at 1, and `increase()` of a
-        series born at 1 reads 0: a task's first expiry would never page. Serving 0 before it is what the
-        worker would write, at no cost in the worker. Derived from the series present now, so it is
-        bounded by them, and the real series (at least 1) takes over from the 0: it never goes back.
+        Celery reports such an event only when it happens, so its series is born at 1, and `increase()`
+        of a series born at 1 reads 0: a task's first expiry or first exhausted retries would never page.
+        Serving 0 before it is what the worker would write, at no cost in the worker. Derived from the
+        series present now, so it is bounded by them, and the real series (at least 1) takes over from
+        the 0: it never goes back.
         """
-        pairs: set[tuple[str, str]] = set()
-        have: set[tuple[str, str]] = set()
-        for i in present:
-            metric, _, labels = self._meta[i]
-            if metric in _EXPIRY_PEERS or metric == REVOKED.name:
-                label_map = dict(labels)
-                pair = (label_map.get("name", ""), label_map.get("queue_name", ""))
-                if metric != REVOKED.name:
-                    pairs.add(pair)
-                elif label_map.get("reason") == "expired":
-                    have.add(pair)
-        missing = sorted(pairs - have)
-        if not missing:
-            return skeleton
-        family = next((f for f in skeleton if f.metric == REVOKED.name), None)
-        if family is None:
-            family = _Family(REVOKED.name, self._helps.get(REVOKED.name, REVOKED.help), REVOKED.kind, [])
-            skeleton = sorted([*skeleton, family], key=lambda f: f.metric)
-        sample = REVOKED.sample_name
-        for name, queue in missing:
-            zero = {"name": name, "queue_name": queue, "reason": "expired"}
-            family.zeros.append((sample, zero, line_prefix(sample, zero)))
+        for spec, extra, peers in _FIRST_EVENTS:
+            pairs: set[tuple[str, str]] = set()
+            have: set[tuple[str, str]] = set()
+            for i in present:
+                metric, _, labels = self._meta[i]
+                if metric in peers or metric == spec.name:
+                    label_map = dict(labels)
+                    pair = (label_map.get("name", ""), label_map.get("queue_name", ""))
+                    if metric != spec.name:
+                        pairs.add(pair)
+                    elif all(label_map.get(k) == v for k, v in extra.items()):
+                        have.add(pair)
+            missing = sorted(pairs - have)
+            if not missing:
+                continue
+            family = next((f for f in skeleton if f.metric == spec.name), None)
+            if family is None:
+                family = _Family(spec.name, self._helps.get(spec.name, spec.help), spec.kind, [])
+                skeleton = sorted([*skeleton, family], key=lambda f: f.metric)
+            sample = spec.sample_name
+            for name, queue in missing:
+                zero = {"name": name, "queue_name": queue, **extra}
+                family.zeros.append((sample, zero, line_prefix(sample, zero)))
         return skeleton
 
     def _families(self, skeleton: list[_Family], values: list[float]) -> list[Metric]:

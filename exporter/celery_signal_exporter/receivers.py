@@ -210,6 +210,7 @@ class Instrumentation:
         self.succeeded = m.Recorder(s, c.SUCCEEDED)
         self.failed = m.Recorder(s, c.FAILED)
         self.retried = m.Recorder(s, c.RETRIED)
+        self.retries_exhausted = m.Recorder(s, c.RETRIES_EXHAUSTED)
         self.revoked = m.Recorder(s, c.REVOKED)
         self.rejected = m.Recorder(s, c.REJECTED)
         self.ignored = m.Recorder(s, c.IGNORED)
@@ -530,6 +531,7 @@ class Instrumentation:
             else:
                 success_at = None
                 ended = self.outcome(None, task, task_id, state, retval, 0.0)
+            gave_up = self.gave_up(run[3] if run else None, task) if state == FAILURE and ended is not None else None
             if run is not None:
                 _, begin, cpu_begin, series, beat = run
                 if self._resources:
@@ -537,15 +539,31 @@ class Instrumentation:
                     # read at prerun would double it): a run that set no new peak grew 0.
                     peak = self.peak
                     series.finish(_perf_counter() - begin, success_at, _thread_time() - cpu_begin,
-                                  peak.read() if peak.inherited else _getrusage(_RUSAGE_SELF).ru_maxrss, ended)
+                                  peak.read() if peak.inherited else _getrusage(_RUSAGE_SELF).ru_maxrss, ended,
+                                  gave_up)
                 else:
-                    series.finish(_perf_counter() - begin, success_at, ended=ended)
+                    series.finish(_perf_counter() - begin, success_at, ended=ended, gave_up=gave_up)
                 if beat is not None:
                     self.beat_runs.finish(beat, success_at is not None)
             else:
                 self._postrun_uncounted(task, success_at, ended)
+                if gave_up is not None:
+                    gave_up.inc()
         except Exception as exc:  # noqa: BLE001 - never raise into Celery
             self.handler_failed("task_postrun", exc)
+
+    def gave_up(self, series: _TaskSeries | None, task: Any) -> m.Series | None:
+        """The retries-exhausted counter of a failed run that had been retried (`request.retries` >= 1):
+        the task gave up. Read on the failure path only."""
+        request = _request_of(task)
+        retries = getattr(request, "retries", 0)
+        if not isinstance(retries, int) or retries < 1:
+            return None
+        if series is None:
+            series = self.series_for(task.name, self.queue_of(request))
+            if series is None:
+                return None
+        return self.retries_exhausted.labels(series.name, series.queue)
 
     def outcome(self, series: _TaskSeries | None, task: Any, task_id: str, state: str | None,
                 retval: Any, elapsed: float) -> m.Series | None:
@@ -775,7 +793,7 @@ class _TaskSeries:
                 waits[index[-1]] += wait
 
     def finish(self, runtime: float | None, success_at: float | None, cpu: float = 0.0, maxrss: int = -1,
-               ended: m.Series | None = None) -> None:
+               ended: m.Series | None = None, gave_up: m.Series | None = None) -> None:
         """The live gauge back down, the runtime (and CPU and memory growth when `task_resources` is
         on), if the start was counted; the success, if any, or the counter of the run's other outcome
         (`ended`), in the same write. `maxrss` is the process's peak RSS now (getrusage units)."""
@@ -787,6 +805,9 @@ class _TaskSeries:
                 self._bind_success()
             if ended is not None:  # bound under the lock, before anything is written: one write per run
                 outcomes, (ended_i,) = ended.binding()
+                if gave_up is not None:  # a failure after retries: both counters in the same write
+                    exhausted, (gave_up_i,) = gave_up.binding()
+                    exhausted.values[gave_up_i] += 1.0
                 outcomes.values[ended_i] += 1.0
             if runtime is not None:
                 self.live.values[self.live_i] -= 1.0

@@ -189,6 +189,7 @@ class Config:
     failure_min: int = 5  # at least this many failures in the window before the ratio pages
     failure_for: str = "10m"
     expiring_for: str = "5m"
+    retries_exhausted_for: str = "0s"  # CeleryTaskRetriesExhausted: any run that gave up, over failure_window
     # CeleryTasksDroppedByBroker: sent, less received, revoked and the queue's growth (messages the broker
     # dropped unseen, e.g. Celery's `expires` as a RabbitMQ message TTL), over `dropped_window`; pages at
     # `dropped_min` such messages and more than `dropped_ratio` of those sent.

@@ -376,11 +376,17 @@ def tasks(c: Config) -> Dashboard:
         _ts(
             c,
             "Failures by exception",
-            "Failed runs per second by task and exception class. WorkerLostError means the pool process died mid-task.",
+            "Failed runs per second by task and exception class. WorkerLostError means the pool process died "
+            "mid-task. \"gave up after retries\": failures of runs that had been retried, whose work is lost "
+            "(a flaky task that recovers by retry never shows there).",
             "ops",
             (
                 f"sum {_by(c, 'name', 'exception')}(rate({_q(c, 'celery_task_failed_total', *qt)}[{RATE}]))",
                 "{{name}} {{exception}}",
+            ),
+            (
+                f"sum {_by(c, 'name')}(rate({_q(c, 'celery_task_retries_exhausted_total', *qt)}[{RATE}]))",
+                "{{name}} gave up after retries",
             ),
         )
     )

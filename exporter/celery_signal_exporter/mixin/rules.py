@@ -454,6 +454,18 @@ def _celery_alerts(c: Config) -> list[Alert]:
             f"expired before they started over the last {c.failure_window}.",
             (TASKS, "Retries, revokes and expirations"),
         ),
+        Alert(
+            # A ticket: the work of these runs is lost, but one run is rarely an outage.
+            "CeleryTaskRetriesExhausted",
+            f"sum by ({g}name, queue_name) (increase(celery_task_retries_exhausted_total{{{c.sel()}}}"
+            f"[{c.failure_window}])) > 0",
+            c.retries_exhausted_for,
+            "warning",
+            "Celery tasks gave up after their last retry.",
+            f"{{{{ $value | humanize }}}} runs of task {task} from queue {{{{ $labels.queue_name }}}} failed for "
+            f"good after retrying over the last {c.failure_window}: their work is lost unless someone reruns it.",
+            (TASKS, "Failures by exception"),
+        ),
     ] + ([
         # For tasks beat does not schedule (cron, another scheduler): by name regex; off unless configured.
         Alert(
