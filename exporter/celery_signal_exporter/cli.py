@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -129,6 +130,9 @@ def _broker_schemes() -> str:
          help="Responses served at once (memory for unread ones is at most this x the size of /metrics); a "
               "/metrics request beyond them waits for a slot, 503 after --header-timeout, and idle connections "
               "past this number are closed oldest first. /healthz and /readyz never wait.")
+@_option("--exclude-metrics", default=None,
+         help="Regex of metric families not to serve (matched in full, with or without _total); "
+              "the workers' CELERY_EXPORTER_EXCLUDE_METRICS stops recording them too.")
 @_option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
          default="info", help="Log level.")
 def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, app_name: str | None,
@@ -136,7 +140,7 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
           queue_include: tuple[str, ...], queue_exclude: tuple[str, ...], max_queues: int,
           transport_options: str | None, web_config_file: str | None, max_task_names: int,
           compact_interval: float, header_timeout: float, send_timeout: float, max_connections: int,
-          log_level: str, **probe_values: Any) -> None:
+          exclude_metrics: str | None, log_level: str, **probe_values: Any) -> None:
     """Serve /metrics: the merged metrics directory plus broker probes.
 
     An unreachable broker is not a startup error (brokers come and go): it is
@@ -146,6 +150,7 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
     from celery_signal_exporter.serving import ProbeConfig, ServeConfig, run
 
     _setup_logging(log_level)
+    exclude = _exclude(exclude_metrics, "--exclude-metrics")
     web = _web_config(web_config_file)
     metrics_dir = metrics_dir_or_env(metrics_dir)
     options: dict[str, Any] = {}
@@ -171,8 +176,18 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
     run(ServeConfig(metrics_dir=metrics_dir, host=host, port=port, worker_timeout=worker_timeout,
                     max_task_names=max_task_names, compact_interval=compact_interval,
                     header_timeout=header_timeout, send_timeout=send_timeout, max_connections=max_connections,
-                    log_level=log_level, web=web),
+                    log_level=log_level, web=web, exclude=exclude),
         probes, _listen(host, port))
+
+
+def _exclude(text: str | None, option: str) -> re.Pattern[str] | None:
+    """The --exclude-metrics regex, or exit 2 with one line."""
+    from celery_signal_exporter.exclude import parse_exclude
+
+    try:
+        return parse_exclude(text, option)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"{option}: "), param_hint=option) from None
 
 
 def _build_probes(config: ProbeConfig) -> list[ProbeGroup]:
@@ -265,12 +280,14 @@ def _from_app(name: str, broker_urls: tuple[str, ...], queues: tuple[str, ...]) 
 @_option("--broker-url", "broker_urls", multiple=True,
          help="Broker(s) to probe once: unlike serve, an unreachable broker is an error here.")
 @_option("--probe-timeout", type=click.FloatRange(min=0.1), default=5.0, help="Seconds one broker probe may take.")
+@_option("--exclude-metrics", default=None,
+         help="Regex of metric families switched off: validated, and every alert left blind is named.")
 @_option("--web-config-file", "--web.config.file", "web_config_file", default=None,
          help="Web-config file to validate, as serve would load it.")
 @click.pass_context
 def check(ctx: click.Context, metrics_dir: str | None, runtime_buckets: str | None, queue_wait_buckets: str | None,
           memory_growth_buckets: str | None, publish_buckets: str | None, broker_urls: tuple[str, ...],
-          probe_timeout: float, web_config_file: str | None) -> None:
+          probe_timeout: float, exclude_metrics: str | None, web_config_file: str | None) -> None:
     """Validate configuration, print one line, exit 0 (ok) or 2 (the first problem).
 
     Reads the same environment variables the instrumented workers use
@@ -287,7 +304,7 @@ def check(ctx: click.Context, metrics_dir: str | None, runtime_buckets: str | No
     buckets = {"runtime_buckets": runtime_buckets, "queue_wait_buckets": queue_wait_buckets,
                "memory_growth_buckets": memory_growth_buckets, "publish_buckets": publish_buckets}
     switches = [name for name in OPT_IN_SWITCHES if os.environ.get(f"CELERY_EXPORTER_{name}") is not None]
-    given = (*buckets.values(), web_config_file)
+    given = (*buckets.values(), web_config_file, exclude_metrics)
     if not metrics_dir and not broker_urls and not switches and all(v is None for v in given):
         raise click.UsageError("nothing to check: set CELERY_EXPORTER_METRICS_DIR or give --metrics-dir, "
                                "--broker-url or --web-config-file")
@@ -302,6 +319,8 @@ def check(ctx: click.Context, metrics_dir: str | None, runtime_buckets: str | No
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
         done.append(f"{count} {name.replace('_', ' ')}")
+    if exclude_metrics is not None:
+        done.append(_check_exclude(ctx, exclude_metrics))
     for name in switches:
         try:
             on = switch(False, name)
@@ -317,6 +336,25 @@ def check(ctx: click.Context, metrics_dir: str | None, runtime_buckets: str | No
     for url in broker_urls:
         done.append(_check_broker(url, probe_timeout))
     click.echo("ok: " + "; ".join(done))
+
+
+def _check_exclude(ctx: click.Context, text: str) -> str:
+    """Validate the exclusion regex (exit 2 with one line), and warn, one line each, about the rules
+    it leaves blind: they read a family nobody records any more."""
+    from celery_signal_exporter import catalogue
+    from celery_signal_exporter.exclude import blind_rules, excluded
+
+    source = ctx.get_parameter_source("exclude_metrics")
+    option = _env("exclude_metrics") if source == click.core.ParameterSource.ENVIRONMENT else "--exclude-metrics"
+    pattern = _exclude(text, option)
+    if pattern is None:
+        return "no metrics excluded"
+    families = [spec.name for spec in catalogue.SERVED if excluded(pattern, spec.name)]
+    if not families:
+        click.echo(f"celery-signal-exporter: warning: {option} matches no metric family", err=True)
+    for rule, reads in blind_rules(pattern):
+        click.echo(f"celery-signal-exporter: warning: {rule} goes blind: it reads {', '.join(reads)}", err=True)
+    return f"{len(families)} metric families excluded"
 
 
 def _check_writable(path: str) -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
+from typing import cast
 
 from celery_signal_exporter.catalogue import Spec
+from celery_signal_exporter.exclude import excluded
 from celery_signal_exporter.store import Doubles, MetricFile, Store, series_key, write_gauge
 
 DEFAULT_RUNTIME_BUCKETS: tuple[float, ...] = (
@@ -50,9 +52,10 @@ class Series:
     `values[i] += x`.
     """
 
-    __slots__ = ("_bounds", "_file", "_generation", "_index", "_keys", "_prefix", "_store")
+    __slots__ = ("_bounds", "_excluded", "_file", "_generation", "_index", "_keys", "_prefix", "_store")
 
-    def __init__(self, store: Store, spec: Spec, values: Sequence[str], buckets: Sequence[float]) -> None:
+    def __init__(self, store: Store, spec: Spec, values: Sequence[str], buckets: Sequence[float],
+                 excluded: bool = False) -> None:
         labels = dict(zip(spec.labels, values, strict=True))
         self._store = store
         self._bounds: list[float] = list(buckets)
@@ -69,10 +72,16 @@ class Series:
         self._generation = -1
         self._file: MetricFile | None = None
         self._index: list[int] = []
+        # A family switched off (exclude.py) writes into memory nobody reads: no file space, no series,
+        # and every caller (the per-task path binds several series at once) stays as it is.
+        self._excluded = excluded
+        if excluded:
+            self._file = cast(MetricFile, _Scratch(len(self._keys) + 1))
+            self._index = list(range(len(self._keys)))
 
     def _current(self) -> MetricFile:
         f = self._file
-        if f is None or self._generation != self._store.generation:
+        if f is None or (self._generation != self._store.generation and not self._excluded):
             f = self._store.file(self._prefix)
             self._index = [f.slot(k) >> 3 for k in self._keys]
             self._file = f
@@ -113,12 +122,22 @@ def write_observation(values: Doubles, index: list[int], bounds: list[float], va
     values[index[-1]] += value
 
 
+class _Scratch:
+    """Where a switched-off family's series write: the doubles of one series (and a gauge's timestamp)."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, size: int) -> None:
+        self.values = [0.0] * size
+
+
 class Recorder:
     """A catalogue entry bound to a store, with its series cached by label values."""
 
     def __init__(self, store: Store, spec: Spec, buckets: Sequence[float] = ()) -> None:
         self.spec = spec
         self._store = store
+        self._excluded = excluded(store.exclude, spec.name)
         finite = sorted(float(b) for b in buckets if b != math.inf)
         self._buckets = (*finite, math.inf) if spec.kind == "histogram" else ()
         self._series: dict[tuple[str, ...], Series] = {}
@@ -126,7 +145,7 @@ class Recorder:
     def labels(self, *values: str) -> Series:
         series = self._series.get(values)
         if series is None:
-            series = Series(self._store, self.spec, values, self._buckets)
+            series = Series(self._store, self.spec, values, self._buckets, self._excluded)
             self._series[values] = series
         return series
 

@@ -24,6 +24,7 @@ import bisect
 import logging
 import math
 import os
+import re
 import resource
 import sys
 import threading
@@ -42,6 +43,8 @@ from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import metrics as m
 from celery_signal_exporter.beat import ENTRY_HEADER, BeatRuns, install_beat_metrics
 from celery_signal_exporter.buckets import parse_buckets
+from celery_signal_exporter.exclude import ENV as EXCLUDE_ENV
+from celery_signal_exporter.exclude import parse_exclude
 from celery_signal_exporter.labels import MAX_LABEL_LENGTH, OVERFLOW, cut
 from celery_signal_exporter.metrics_dir import METRICS_DIR_ENV, metrics_dir_or_env
 from celery_signal_exporter.queues import CACHE_LIMIT, QueueResolver
@@ -86,6 +89,8 @@ class Options:
     task_resources: bool = False
     #: Opt-in publish latency: a clock read in each publish signal and a histogram write (`publish_timing`).
     publish_timing: bool = False
+    #: Families recorded nowhere (`exclude_metrics`, exclude.py).
+    exclude: re.Pattern[str] | None = None
 
 
 class _Peak:
@@ -201,7 +206,7 @@ class Instrumentation:
     def __init__(self, app: Celery, options: Options) -> None:
         self.app = app
         self.options = options
-        self.store = Store(options.metrics_dir)
+        self.store = Store(options.metrics_dir, options.exclude)
         s = self.store
         self.sent = m.Recorder(s, c.SENT)
         self.received = m.Recorder(s, c.RECEIVED)
@@ -974,6 +979,7 @@ def instrument(
     schedule_refresh: float = 30.0,
     task_resources: bool = False,
     publish_timing: bool = False,
+    exclude_metrics: str | None = None,
 ) -> Instrumentation:
     """Connect the exporter's signal receivers for `app`, once per process.
 
@@ -990,6 +996,10 @@ def instrument(
     `task_resources` (or CELERY_EXPORTER_TASK_RESOURCES=1) records each run's CPU seconds and
     memory growth; `publish_timing` (or CELERY_EXPORTER_PUBLISH_TIMING=1) each publish's time.
     Off, those series are absent and nothing is read for them.
+
+    `exclude_metrics` (or CELERY_EXPORTER_EXCLUDE_METRICS): a regex of metric families this process
+    records nothing of (exclude.py), e.g. "celery_task_queue_wait_seconds" for a team that does not
+    want per-task queue-wait histograms; `check` names the alerts that would go blind.
     """
     global _active
     # Options are checked on every call, so a bad one fails loudly even where a first call won.
@@ -1007,6 +1017,8 @@ def instrument(
             raise ValueError(f"{option}: must be a whole number of at least 1, not {cap!r}")
     resources = switch(task_resources, "TASK_RESOURCES")
     timing = switch(publish_timing, "PUBLISH_TIMING")
+    exclude = parse_exclude(exclude_metrics if exclude_metrics is not None else os.environ.get(EXCLUDE_ENV),
+                            "exclude_metrics" if exclude_metrics is not None else EXCLUDE_ENV)
     if _active is not None:
         return _active
     options = Options(
@@ -1022,6 +1034,7 @@ def instrument(
         schedule_refresh=schedule_refresh,
         task_resources=resources,
         publish_timing=timing,
+        exclude=exclude,
     )
     inst = Instrumentation(app, options)
     inst.connect()

@@ -10,6 +10,7 @@ import gzip
 import logging
 import os
 import platform
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +27,7 @@ from celery_signal_exporter import catalogue as c
 from celery_signal_exporter._http import admitted, choose_encoding
 from celery_signal_exporter.collect import DEFAULT_MAX_TASK_NAMES, DirectoryCollector, MergeStats
 from celery_signal_exporter.compact import compact
+from celery_signal_exporter.exclude import excluded
 from celery_signal_exporter.exposition import Encoder
 
 log = logging.getLogger("celery_signal_exporter")
@@ -46,6 +48,8 @@ class ServiceConfig:
     worker_timeout: float = 10.0
     sources: Sequence[Source] = field(default_factory=list)
     max_task_names: int = DEFAULT_MAX_TASK_NAMES
+    #: Families served to nobody (`--exclude-metrics`, exclude.py), whoever wrote them.
+    exclude: re.Pattern[str] | None = None
 
 
 class Exporter:
@@ -98,6 +102,13 @@ class Exporter:
         yield duration
         self._last_duration = time.perf_counter() - start
 
+    def _served(self) -> Iterator[Metric]:
+        """The families a scrape returns: all of them, less those `exclude` switches off."""
+        pattern = self.config.exclude
+        if pattern is None:
+            return self.collect()
+        return (family for family in self.collect() if not excluded(pattern, family.name))
+
     def render(self, accept: str | None, compress: bool = False) -> tuple[bytes, str]:
         """The body (gzip level 1 when `compress`) and its content type.
 
@@ -118,7 +129,7 @@ class Exporter:
                 with self._queue_lock:
                     self._renders += 1
                     number = self._renders
-                body, content_type = self._encoder.render(self.collect(), accept)
+                body, content_type = self._encoder.render(self._served(), accept)
                 if compress:
                     body = gzip.compress(body, 1)  # fastest level: 3x quicker than 6, 30% larger
                 self._shared[key] = (number, body, content_type)

@@ -8,6 +8,7 @@ could drift. Both now describe what they want in a `ServeConfig` and a
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 from collections.abc import Mapping, Sequence
@@ -62,6 +63,8 @@ class ServeConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     log_level: str = "info"
     web: WebConfig = field(default_factory=WebConfig)
+    #: Metric families not served (`--exclude-metrics`).
+    exclude: re.Pattern[str] | None = None
 
 
 def build_probes(config: ProbeConfig) -> list[ProbeGroup]:
@@ -95,7 +98,8 @@ def run(config: ServeConfig, probes: Sequence[ProbeGroup], listener: socket.sock
     """
     release_freed_memory()  # before the compaction thread, the probes and the server's threads start
     exporter = Exporter(ServiceConfig(metrics_dir=config.metrics_dir, worker_timeout=config.worker_timeout,
-                                      sources=list(probes), max_task_names=config.max_task_names))
+                                      sources=list(probes), max_task_names=config.max_task_names,
+                                      exclude=config.exclude))
     if config.metrics_dir is not None and config.compact_interval > 0:
         exporter.start_compaction(config.compact_interval)
     tls: dict[str, Any] = {}

@@ -25,6 +25,7 @@ import fcntl
 import json
 import mmap
 import os
+import re
 import stat
 import struct
 import sys
@@ -346,8 +347,10 @@ class Store:
     locks alive after the parent dies.
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, exclude: re.Pattern[str] | None = None) -> None:
         self.directory = directory
+        #: Families switched off (exclude.py): their recorders write nowhere.
+        self.exclude = exclude
         self.generation = 0
         self._files: dict[str, MetricFile] = {}
         self.lock = threading.Lock()
