@@ -46,7 +46,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class SessionRedis:
+class _ServerProcess:
+    """A server the test session starts for itself (started by the subclass) and kills at the end."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self.proc = None
+
+
+class SessionRedis(_ServerProcess):
     """The test session's own redis-server: no persistence, its own directory."""
 
     def __init__(self, workdir: Path) -> None:
@@ -86,13 +100,6 @@ class SessionRedis:
         self.stop()
         pytest.fail(f"the session's redis-server did not answer PING on port {self.port} within 30 s", pytrace=False)
 
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-        self.proc = None
 
 
 @pytest.fixture(scope="session")
@@ -156,7 +163,7 @@ def amqp_url(amqp_base_url: str, amqp_vhost: str) -> str:
     return f"{amqp_base_url}/{amqp_vhost}"
 
 
-class MotoServer:
+class MotoServer(_ServerProcess):
     """moto in server mode (`python -m moto.server`) on loopback and a free port: a real HTTP SQS
     endpoint for the SQS probe and for kombu's SQS transport in real workers. moto keeps everything in
     memory, so its state ends with the process; `env` adds settings (INITIAL_NO_AUTH_ACTION_COUNT)."""
@@ -195,13 +202,6 @@ class MotoServer:
         self.stop()
         pytest.fail(f"moto server did not listen on port {self.port} within 60 s", pytrace=False)
 
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-        self.proc = None
 
 
 @pytest.fixture(scope="session")
