@@ -140,11 +140,11 @@ def test_served_without_brokers_equals_the_catalogue(tmp_path: Path) -> None:
     os.makedirs(metrics_dir)
     store = write_every_recorded_metric(metrics_dir)
     snapshot = BrokerSnapshot(
-        queues=[QueueStats("celery", "0", 3, unacked=1, consumers=2, oldest_message_age_seconds=1.5, delayed=2,
-                           dead_letter=1)],
+        queues=[QueueStats("celery", "0", 3, unacked=1, consumers=2, oldest_message_age_seconds=1.5,
+                           measures=((catalogue.QUEUE_DELAYED, 2), (catalogue.QUEUE_DEAD_LETTER, 1)))],
         nodes=[NodeStats("rabbit@h", 1e6, 2e6, memory_alarm=False, disk_alarm=True)],
         unacked_total=4,
-        requests_total=7,
+        counters=((catalogue.PROBE_REQUESTS, 7),),
     )
     loop = ProbeLoop(CachedProbe(snapshot), "redis://127.0.0.1:1/0")
     assert loop.probe_once()

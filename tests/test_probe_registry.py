@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery_signal_exporter.probes import register
+from celery_signal_exporter import catalogue as c
 from celery_signal_exporter.probes.base import BrokerSnapshot, ProbeKind, ProbeOption, ProbeOptions, QueueStats
 
 
@@ -62,7 +63,10 @@ class FixedProbe:
         return set()
 
     def snapshot(self, queues: set[str]) -> BrokerSnapshot:
-        return BrokerSnapshot(queues=[QueueStats(name="fixed", vhost="/", length=self.length)])
+        # Figures of its own ride on the catalogue's entries: the loop serves them unchanged.
+        return BrokerSnapshot(queues=[QueueStats(name="fixed", vhost="/", length=self.length,
+                                                 measures=((c.QUEUE_DELAYED, 3.0),))],
+                              counters=((c.PROBE_REQUESTS, 11.0),))
 
     def close(self) -> None:
         pass
@@ -180,6 +184,9 @@ def test_a_third_broker_is_one_file(tmp_path: Path) -> None:
                              "the fixedq probe's first cycle")
         assert value(samples, "celery_queue_length", queue_name="fixed", vhost="/") == 42
         assert value(samples, "celery_broker_up", broker="fixedq://anywhere") == 1
+        # Its own figures (a per-queue gauge, a broker counter) with no change to the loop or the CLI.
+        assert value(samples, "celery_queue_delayed", queue_name="fixed", vhost="/") == 3
+        assert value(samples, "celery_exporter_probe_requests_total", broker="fixedq://anywhere") == 11
 
     # The option's environment variable reaches the probe as well.
     with exporter(str(tmp_path), "--broker-url", "fixedq://anywhere", "--probe-interval", "1",

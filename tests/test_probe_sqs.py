@@ -19,8 +19,9 @@ from typing import Any
 import boto3
 import pytest
 
+from celery_signal_exporter import catalogue
 from celery_signal_exporter.probes import ProbeOptions, probe_for_url
-from celery_signal_exporter.probes.base import ProbeError
+from celery_signal_exporter.probes.base import BrokerSnapshot, ProbeError, QueueStats
 from celery_signal_exporter.probes.loop import LoopOptions, ProbeLoop
 from celery_signal_exporter.probes.sqs import SQSProbe, entity_name
 from tests.conftest import MotoServer
@@ -76,6 +77,18 @@ def make_dead_letter_pair(endpoint: str, prefix: str, name: str, max_receives: i
     policy = json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": str(max_receives)})
     client.create_queue(QueueName=f"{prefix}{name}", Attributes={"RedrivePolicy": policy, "VisibilityTimeout": "1"})
     client.close()
+
+
+def measure(queue: QueueStats, spec: Any) -> float | None:
+    """A queue's figure of the SQS probe's own (delayed, dead letters), None where it reported none."""
+    found = [value for s, value in queue.measures if s is spec]
+    return found[0] if found else None
+
+
+def requests_of(snapshot: BrokerSnapshot) -> int:
+    """The API requests the SQS probe counted, from its snapshot's own counters."""
+    (total,) = [value for spec, value in snapshot.counters if spec is catalogue.PROBE_REQUESTS]
+    return int(total)
 
 
 def scrape_when(ex: ExporterProcess, ready: Callable[[Samples], bool]) -> Callable[[], Samples | None]:
@@ -202,7 +215,8 @@ def test_fifo_queue_depth_then_drained_by_a_worker(moto_server: MotoServer, sqs_
     try:
         assert probe.discover() == {"orders.fifo"}
         (stats,) = probe.snapshot({"orders.fifo"}).queues
-        assert (stats.name, stats.length, stats.unacked, stats.delayed) == ("orders.fifo", 4, 0, 0)
+        assert (stats.name, stats.length, stats.unacked, measure(stats, catalogue.QUEUE_DELAYED)) == \
+            ("orders.fifo", 4, 0, 0)
         with worker(env, str(tmp_path), queues="orders.fifo", concurrency=1, app="tests.sqs_app"):
             def drained() -> bool:
                 (q,) = probe.snapshot({"orders.fifo"}).queues
@@ -229,13 +243,14 @@ def test_requests_per_cycle_are_bounded_by_the_selection_and_counted(
 
     def requests() -> int:
         snap = loop._snapshot
-        assert snap is not None and snap.requests_total is not None
-        return snap.requests_total
+        assert snap is not None
+        return requests_of(snap)
 
     try:
         assert loop.probe_once()  # discovery (1 ListQueues) + src and a1 (2) + src's DLQ, not selected (1)
         assert requests() == 4
-        assert {q.name: (q.length, q.dead_letter) for q in loop._snapshot.queues} == {  # type: ignore[union-attr]
+        assert {q.name: (q.length, measure(q, catalogue.QUEUE_DEAD_LETTER))
+                for q in loop._snapshot.queues} == {  # type: ignore[union-attr]
             "src": (0, 0), "a1": (1, None)}
         assert loop.probe_once()
         assert requests() == 4 + 3, "no ListQueues between discoveries"
@@ -269,7 +284,7 @@ def test_predefined_queues_are_read_without_listing(moto_server: MotoServer, sqs
         assert probe.discover() == {"work"}
         snap = probe.snapshot({"work", "not-predefined"})
         assert [(q.name, q.length) for q in snap.queues] == [("work", 3)]
-        assert snap.requests_total == 1, "one GetQueueAttributes, no ListQueues, no GetQueueUrl"
+        assert requests_of(snap) == 1, "one GetQueueAttributes, no ListQueues, no GetQueueUrl"
     finally:
         probe.close()
         client.close()

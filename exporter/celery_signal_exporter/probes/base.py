@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from celery_signal_exporter.catalogue import Spec
+
 #: Every reason a probe error is counted under; the loop pre-creates them at 0
 #: so that `rate()` works before the first failure.
 ERROR_REASONS = ("connection", "timeout", "auth", "protocol", "other")
@@ -29,10 +31,10 @@ class QueueStats:
     unacked: int | None = None
     consumers: int | None = None
     oldest_message_age_seconds: float | None = None
-    #: Messages the broker holds back until their delay ends (SQS: those published with a delay).
-    delayed: int | None = None
-    #: Messages in the queue's dead-letter queue (SQS: its redrive policy's target).
-    dead_letter: int | None = None
+    #: What only this broker reports of the queue, by catalogue entry (labels queue_name and vhost, as
+    #: above): SQS's delayed messages and its dead-letter queue's depth. The loop serves whatever it is
+    #: given, so a broker with figures of its own adds a catalogue entry and nothing to the loop.
+    measures: tuple[tuple[Spec, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,9 @@ class BrokerSnapshot:
     # Transport-wide unacked count where the broker cannot split it per queue
     # (Redis keeps one unacked hash for all queues).
     unacked_total: int | None = None
-    #: Requests the probe has sent to the broker's API since it was created, failed cycles included
-    #: (SQS bills per request); None for brokers where a cycle's cost is fixed.
-    requests_total: int | None = None
+    #: The broker's own counters, by catalogue entry (label broker), e.g. the API requests the SQS probe
+    #: sent (SQS bills per request). The loop keeps each one's last value through an outage.
+    counters: tuple[tuple[Spec, float], ...] = ()
 
 
 S = TypeVar("S")

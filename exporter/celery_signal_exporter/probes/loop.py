@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from celery_signal_exporter import catalogue as c
+from celery_signal_exporter.catalogue import Spec
 from celery_signal_exporter.probes import probe_for_url
 from celery_signal_exporter.probes.base import (
     ALARM_RESOURCES,
@@ -132,7 +133,7 @@ class ProbeLoop:
         self._alarms_now: set[tuple[str, str]] | None = None  # the last check's answer; None after a failure
         self._watch_failing = False
         self._known_nodes: set[str] = set()
-        self._requests: int | None = None  # the probe's API request count, as of its last snapshot
+        self._counters: dict[Spec, float] = {}  # the probe's own counters, as of its last snapshot
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -262,7 +263,7 @@ class ProbeLoop:
                 queues=[q for q in snapshot.queues if q.name in kept],
                 nodes=snapshot.nodes,
                 unacked_total=snapshot.unacked_total,
-                requests_total=snapshot.requests_total,
+                counters=snapshot.counters,
             )
         except ProbeError as exc:
             result.reason, result.cause, result.message = exc.reason, exc.cause, exc.message
@@ -303,8 +304,7 @@ class ProbeLoop:
             self._last_success = time.time()
             self._duration = time.monotonic() - started
             self._dropped_total += max(0, dropped)
-            if snapshot.requests_total is not None:
-                self._requests = snapshot.requests_total
+            self._counters.update(snapshot.counters)
             # Nodes that can raise alarms (RabbitMQ's, not Redis's) get their alarm counters at 0.
             alarming = [n for n in snapshot.nodes if n.memory_alarm is not None or n.disk_alarm is not None]
             self._known_nodes.update(n.node for n in alarming)
@@ -352,15 +352,13 @@ class ProbeLoop:
             errors, dropped = dict(self._errors), self._dropped_total
             alarm_checks, alarm_raised = self._alarm_checks, dict(self._alarm_raised)
             alarms_now, known_nodes = self._alarms_now, sorted(self._known_nodes)
-            requests = self._requests
+            counters = dict(self._counters)
         b = [self.broker]
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "length": c.family(c.QUEUE_LENGTH),
             "unacked": c.family(c.QUEUE_UNACKED),
             "consumers": c.family(c.QUEUE_CONSUMERS),
             "age": c.family(c.QUEUE_OLDEST_AGE),
-            "delayed": c.family(c.QUEUE_DELAYED),
-            "dead_letter": c.family(c.QUEUE_DEAD_LETTER),
             "broker_unacked": c.family(c.BROKER_UNACKED),
             "up": c.family(c.BROKER_UP),
             "mem_used": c.family(c.BROKER_MEMORY_USED),
@@ -374,14 +372,13 @@ class ProbeLoop:
             "last_success": c.family(c.PROBE_LAST_SUCCESS),
             "errors": c.family(c.PROBE_ERRORS),
             "dropped": c.family(c.PROBE_QUEUES_DROPPED),
-            "requests": c.family(c.PROBE_REQUESTS),
         }
         families["up"].add_metric(b, 1.0 if up else 0.0)
         for reason, count in errors.items():
             families["errors"].add_metric([self.broker, reason], count)
         families["dropped"].add_metric(b, dropped)
-        if requests is not None:  # kept through an outage: a counter must not vanish
-            families["requests"].add_metric(b, requests)
+        for spec, total in counters.items():  # kept through an outage: a counter must not vanish
+            families.setdefault(spec.name, c.family(spec)).add_metric(b, total)
         if duration is not None:
             families["duration"].add_metric(b, duration)
         if last_success is not None:
@@ -434,10 +431,8 @@ def _add_queue(families: dict[str, GaugeMetricFamily | CounterMetricFamily], q: 
         families["consumers"].add_metric(labels, q.consumers)
     if q.oldest_message_age_seconds is not None:
         families["age"].add_metric(labels, q.oldest_message_age_seconds)
-    if q.delayed is not None:
-        families["delayed"].add_metric(labels, q.delayed)
-    if q.dead_letter is not None:
-        families["dead_letter"].add_metric(labels, q.dead_letter)
+    for spec, measure in q.measures:
+        families.setdefault(spec.name, c.family(spec)).add_metric(labels, measure)
 
 
 def collect_all(loops: Sequence[ProbeLoop]) -> list[Metric]:

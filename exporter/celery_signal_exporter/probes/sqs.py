@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from celery_signal_exporter import catalogue as c
 from celery_signal_exporter.probes import register
 from celery_signal_exporter.probes.base import (
     BrokerSnapshot,
@@ -268,12 +269,13 @@ class SQSProbe:
                 name=name, vhost=VHOST,
                 length=int(attrs.get("ApproximateNumberOfMessages", 0)),
                 unacked=int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0)),
-                delayed=int(attrs.get("ApproximateNumberOfMessagesDelayed", 0)),
-                dead_letter=int(dead.get("ApproximateNumberOfMessages", 0)) if dead is not None else None,
+                measures=((c.QUEUE_DELAYED, int(attrs.get("ApproximateNumberOfMessagesDelayed", 0))),
+                          *(((c.QUEUE_DEAD_LETTER, int(dead.get("ApproximateNumberOfMessages", 0))),)
+                            if dead is not None else ())),
             ))
         with self._lock:
             requests = self._requests
-        return BrokerSnapshot(queues=stats, requests_total=requests)
+        return BrokerSnapshot(queues=stats, counters=((c.PROBE_REQUESTS, requests),))
 
     def _resolve(self, name: str) -> _Queue | None:
         """A queue's URL: known from listing, else one GetQueueUrl (its answer, even "missing", is kept)."""
