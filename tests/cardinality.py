@@ -149,6 +149,7 @@ def measure_config(broker_url: str, tmp: Path, config: Config, steps: Sequence[i
     wenv = env_for(broker_url, str(worker_dir), **extra)
     penv = env_for(broker_url, str(producer_dir), **extra)
     result: dict[str, Any] = {"worker": {}, "producer": {}}
+    worker_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         stack.enter_context(worker(wenv, str(tmp), app="tests.cardinality_app", queues="q1,q2", concurrency=4))
         wex = stack.enter_context(exporter(str(tmp), "--metrics-dir", str(worker_dir)))

@@ -14,7 +14,8 @@ from celery_signal_exporter import catalogue as c
 #: The event-based exporter's sources, read for its figures (see the page's last section).
 EVENT_EXPORTER_COMMIT = "012e11e5ec0ed8873fe714a63613de1c561c35ab"
 FLEET = 100
-#: The thinning snippet's regex: the two histograms' buckets it keeps (bounds as 1 or 1.0, both seen served).
+#: The thinning snippet's regex: the two histograms' buckets it keeps, bounds as this exporter serves them (1)
+#: or as prometheus-client formats them (1.0), like the shipped rules' `le=~"300(\\.0)?"`.
 KEEP_BUCKETS = r"celery_task_(runtime|queue_wait)_seconds_bucket;(0\.1|1(\.0)?|10(\.0)?|60(\.0)?|300(\.0)?|\+Inf)"
 
 #: Why each per-(task, queue) family is there, in the page's order.
@@ -90,7 +91,9 @@ def render_page(data: dict[str, Any]) -> str:
 Every figure on this page was counted on the `/metrics` of the real exporter,
 serving the metrics directory of a real prefork worker on Redis
 (`tests/cardinality_app.py`: task names `card.t000`, `card.t001`, … routed
-alternately to queues `q1` and `q2`, so each name is one (task, queue) pair).
+alternately to queues `q1` and `q2`, so each name is one (task, queue) pair;
+each run sleeps 0.3 s and the worker writes its heartbeat every 0.1 s, so
+every run is seen in progress, as a run of seconds is at the default 2 s).
 A producer with a metrics directory of its own published one run of each of
 10, then 50, then 200 names; after each step the series were counted by
 family. `python -m tests.cardinality` measures again and rewrites this page;
