@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,14 +120,15 @@ def breakdown(found: Series, names: int) -> dict[str, Any]:
 
 def _settled(ex: ExporterProcess, check: Any, what: str) -> Series:
     """The page once `check(page)` holds and two scrapes a heartbeat and a half apart show the same series."""
-    def stable() -> Series | None:
+    def stable() -> Series:
+        """The second page if it settled, else the empty set (falsy: poll again)."""
         first = ex.get("/metrics").text
         if not check(first):
-            return None
+            return set()
         time.sleep(1.2)
         second = ex.get("/metrics").text
         s1, s2 = series(first), series(second)
-        return s2 if s1 == s2 and check(second) else None
+        return s2 if s1 == s2 and check(second) else set()
 
     return wait_until(stable, 90, what, interval=0.3)
 
@@ -237,7 +238,8 @@ def recorded(text: str) -> dict[str, Any]:
     return dict(json.loads(text[start:text.rindex(" -->")]))
 
 
-def private_redis(tmp: Path) -> Iterator[str]:
+def private_redis(tmp: Path) -> Generator[str, None, None]:
+    """A redis-server of the generator's own, as the test session has (tests/conftest.py)."""
     from tests.conftest import SessionRedis
 
     server = SessionRedis(tmp)

@@ -101,11 +101,10 @@ family. `python -m tests.cardinality` measures again and rewrites this page;
 figure here is no longer true.
 
 In short: a worker pod costs **{d_pair} series per (task, queue)** with the
-defaults ({d_buckets} of them histogram buckets), **{o_pair}** with every
-opt-in on, plus about {d_fixed} series that do not grow with tasks. A fleet of
-{FLEET} pods running 50 task names is about
-{_fmt(FLEET * d['worker'][mid]['total'])} series; six buckets instead of
-eighteen bring a pod to {s_pair} per pair.
+defaults ({d_buckets} of them histogram buckets), **{o_pair}** with every opt-in
+on, plus {d_fixed} series that do not grow with tasks. A fleet of {FLEET} pods
+running 50 task names each is {_fmt(FLEET * d['worker'][mid]['total'])} series; six buckets instead of
+eighteen bring it to {s_pair} per pair.
 
 ## Per (task, queue), per worker pod
 
@@ -132,8 +131,8 @@ their `_bucket` series (the bounds and `+Inf`), `_sum` and `_count`.
 
     add(f"""
 The defaults' runtime and queue-wait histograms have 18 bounds each (5 ms …
-1 h) and `+Inf`: {d['worker'][mid]['buckets'].get(c.RUNTIME.name)} bucket series each, so the two
-histograms are {d['worker'][mid]['per_pair'].get(c.RUNTIME.name, 0) * 2} of the {d_pair}. Memory growth, on with
+1 h) and `+Inf`: {d['worker'][mid]['buckets'].get(c.RUNTIME.name)} bucket series each, so the two histograms
+are {d['worker'][mid]['per_pair'].get(c.RUNTIME.name, 0) * 2} of the {d_pair}. Memory growth, on with
 `CELERY_EXPORTER_TASK_RESOURCES`, has 7 bounds and `+Inf`.
 
 ### Only when it happens
@@ -191,8 +190,7 @@ consumes (`reserved`, `scheduled`, `consuming`: one per queue each); the
 exporter's own families are the same in every pod.
 
 The broker probe runs once for the whole fleet (`serve --broker-url …`, not in
-the worker pods). On Redis with the two queues it served
-{probe['total']} series:
+the worker pods). On Redis with the two queues it served {probe['total']} series:
 
 | family | series |
 | --- | --- |""")
@@ -216,8 +214,8 @@ Prometheus holds one set per scraped pod: the pod's target labels (`pod`,
         add(f"| {step} | {' | '.join(_fmt(FLEET * cfg['worker'][step]['total']) for cfg in (d, o, six))} |")
     triple = ev["per_triple"]
     add(f"""
-Add each producer pod (about {sum(pd['per_pair'].values())} per (task, queue) it publishes) and the
-one broker probe ({probe['total']} series for two Redis queues).
+Add each producer pod ({sum(pd['per_pair'].values())} per (task, queue) it publishes, and its
+exporter's own) and the one broker probe ({probe['total']} series for two Redis queues).
 
 ## Beside the event-based exporter
 
@@ -268,15 +266,15 @@ Without the queue-wait histogram ours is {d_pair - d['worker'][mid]['per_pair'].
    both by `instrument()` in the workers and producers and by
    `serve --exclude-metrics`, it drops every family whose name matches. What
    it saves is that family's row in the table above, times the pairs: the
-   queue-wait histogram alone is {d['worker'][mid]['per_pair'].get(c.QUEUE_WAIT.name, 0)} of the {d_pair}. Look
-   in docs/metric-usage.md first for the panels and rules that read a family
-   (the queue-wait objectives read `celery_task_queue_wait_seconds`).
-   Not measured here.
+   queue-wait histogram alone is {d['worker'][mid]['per_pair'].get(c.QUEUE_WAIT.name, 0)} of the {d_pair}. Look in
+   docs/metric-usage.md first for the panels and rules that read a family
+   (the queue-wait objectives read `celery_task_queue_wait_seconds`). Not
+   measured here.
 2. **Fewer buckets: `CELERY_EXPORTER_RUNTIME_BUCKETS`,
    `CELERY_EXPORTER_QUEUE_WAIT_BUCKETS`.** With six bounds for both
-   (`{_six()}`), measured: {s_pair} series per (task, queue) instead of
-   {d_pair} ({s_buckets} buckets instead of {d_buckets}), {_fmt(six['worker'][mid]['total'])} per pod at
-   {mid} names instead of {_fmt(d['worker'][mid]['total'])}. Keep a bound at each threshold your rules
+   (`{_six()}`), measured: {s_pair} series per (task, queue) instead of {d_pair}
+   ({s_buckets} buckets instead of {d_buckets}), {_fmt(six['worker'][mid]['total'])} per pod at {mid} names instead of
+   {_fmt(d['worker'][mid]['total'])}. Keep a bound at each threshold your rules
    test: the shipped objectives read `le="300.0"` of queue wait, so keep 300 in
    `CELERY_EXPORTER_QUEUE_WAIT_BUCKETS` or give your queues objectives on
    bounds you keep. Set the same buckets in every process: series of different
@@ -333,9 +331,9 @@ Without the queue-wait histogram ours is {d_pair - d['worker'][mid]['per_pair'].
              action: drop
      ```
 
-     Long-term storage then holds {d['worker'][mid]['buckets'].get(c.RUNTIME.name)} runtime bucket series per
-     task name and {d['worker'][mid]['buckets'].get(c.QUEUE_WAIT.name)} queue-wait bucket series per queue for the
-     whole fleet, instead of {d_buckets} per (task, queue) per pod. Quantiles read
+     Long-term storage then holds {d['worker'][mid]['buckets'].get(c.RUNTIME.name)} runtime bucket series per task
+     name and {d['worker'][mid]['buckets'].get(c.QUEUE_WAIT.name)} queue-wait bucket series per queue for the whole
+     fleet, instead of {d_buckets} per (task, queue) per pod. Quantiles read
      `histogram_quantile(0.95, name_le:celery_task_runtime_seconds_bucket:rate5m)`.
      The shipped rules (`deploy/prometheus/celery-rules.yml`) already record
      runtime and queue-wait quantiles per task and per queue this way.
@@ -344,8 +342,8 @@ Without the queue-wait histogram ours is {d_pair - d['worker'][mid]['per_pair'].
    beyond them in each process into `__overflow__`, and
    `serve --max-task-names 2000` does the same across a pod's directory, so a
    pod serves at most 2 001 task names ({_fmt(2001 * d_pair)} series at the defaults
-   when each runs on one queue). `instrument(ignore_tasks=[...])` records nothing at all for the
-   names given: housekeeping tasks you never look at.
+   when each runs on one queue). `instrument(ignore_tasks=[...])` records
+   nothing at all for the names given: housekeeping tasks you never look at.
 """)
     return "\n".join(out)
 
