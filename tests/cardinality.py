@@ -142,8 +142,10 @@ def _succeeded(text: str, want: int) -> bool:
     return total == 2 * want
 
 
-def measure_config(broker_url: str, tmp: Path, config: Config, steps: Sequence[int] = STEPS) -> dict[str, Any]:
-    """One worker start-up for `config`; after each step of names, the worker pod's and the producer's pages."""
+def measure_config(broker_url: str, tmp: Path, config: Config, steps: Sequence[int] = STEPS,
+                   events: bool = False) -> dict[str, Any]:
+    """One worker start-up for `config`; after each step of names, the worker pod's and the producer's pages;
+    with `events`, then what two failures and a retry that fails for good add to the worker pod's page."""
     tmp.mkdir(parents=True, exist_ok=True)
     worker_dir, producer_dir = tmp / "worker-metrics", tmp / "producer-metrics"
     extra = dict(config.env, CSX_CARD_NAMES=str(max(steps)))
@@ -158,17 +160,41 @@ def measure_config(broker_url: str, tmp: Path, config: Config, steps: Sequence[i
         pex = stack.enter_context(exporter(str(tmp), "--metrics-dir", str(producer_dir)))
         done = 0
         for step in steps:
-            out = subprocess.run([sys.executable, "-m", "tests.cardinality_app", "publish", str(done), str(step)],
-                                 env=penv, cwd=ROOT, capture_output=True, text=True, timeout=120)
-            if out.returncode != 0:
-                raise AssertionError(f"producer failed ({out.returncode}):\n{out.stderr[-3000:]}")
+            _produce(penv, "publish", str(done), str(step))
             done = step
             page = _settled(wex, lambda text, n=step: _succeeded(text, n), f"{step} names to run")
             result["worker"][str(step)] = breakdown(page, step)
             ppage = _settled(pex, lambda text, n=step: f'name="card.t{n - 1:03d}"' in text,
                              f"the producer's {step} names")
             result["producer"][str(step)] = breakdown(ppage, step)
+        if events:
+            _produce(penv, "events")
+            after = _settled(wex, lambda text: _sample_sum(text, "celery_task_failed_total") == 3,
+                             "the failing and retrying runs")
+            result["events"] = added(page, after)
     return result
+
+
+def _produce(env: dict[str, str], *args: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "tests.cardinality_app", *args],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise AssertionError(f"producer failed ({out.returncode}):\n{out.stderr[-3000:]}")
+
+
+def _sample_sum(text: str, sample: str) -> float:
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == sample)
+
+
+def added(before: Series, after: Series) -> dict[str, Any]:
+    """What the event runs changed on the page: series added, by sample name and the labels that say why
+    (task name, exception, reason), and how many went away (none should)."""
+    new = sorted(after - before, key=lambda s: (s[0], sorted(s[1])))
+    rows = []
+    for sample, labels in new:
+        label_map = dict(labels)
+        rows.append({"sample": sample, "labels": {k: v for k, v in sorted(label_map.items()) if k != "hostname"}})
+    return {"added": rows, "removed": len(before - after)}
 
 
 def measure_probe(broker_url: str, tmp: Path) -> dict[str, Any]:
@@ -186,7 +212,8 @@ def measure(broker_url: str, tmp: Path, configs: Sequence[str] = tuple(CONFIG_BY
     """Every figure the page shows, measured."""
     data: dict[str, Any] = {"steps": list(steps), "configs": {}}
     for key in configs:
-        data["configs"][key] = measure_config(broker_url, tmp / key, CONFIG_BY_KEY[key], steps)
+        data["configs"][key] = measure_config(broker_url, tmp / key, CONFIG_BY_KEY[key], steps,
+                                              events=key == "defaults")
     data["probe"] = measure_probe(broker_url, tmp / "probe")
     data["event_exporter"] = event_exporter_series()
     return data

@@ -6,7 +6,8 @@ default 200). Each run sleeps 0.3 s. Task ``card.tNNN`` is routed to queue ``q1`
 ``q2`` when odd, so every name has one (task, queue) pair and the pairs split
 evenly over the two queues. Run as a script it is a producer:
 ``python -m tests.cardinality_app publish START STOP`` sends one run of each
-name START..STOP-1 and prints how many it sent.
+name START..STOP-1 and prints how many it sent; ``... events`` sends the runs
+that fail and retry (`events()`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import time
 from os import environ
 
-from celery import Celery
+from celery import Celery, Task
 from kombu import Queue
 
 import celery_signal_exporter
@@ -48,12 +49,21 @@ celery_signal_exporter.instrument(app, heartbeat_interval=0.1)
 RUN_SECONDS = 0.3
 
 
-def _trivial() -> None:
+#: What a run may be asked to do instead of succeeding, for the events that add series.
+FAILURES: dict[str, type[Exception]] = {"ValueError": ValueError, "KeyError": KeyError}
+
+
+def _run(self: Task, outcome: str = "") -> None:
+    """Sleep, then succeed; or raise the exception class named, or retry once (and fail for good)."""
     time.sleep(RUN_SECONDS)
+    if outcome == "retry":
+        raise self.retry(max_retries=1, countdown=0)
+    if outcome:
+        raise FAILURES[outcome]("cardinality")
 
 
 for _i in range(NAMES):
-    app.task(name=task_name(_i))(_trivial)
+    app.task(name=task_name(_i), bind=True)(_run)
 
 
 def publish(start: int, stop: int) -> int:
@@ -64,7 +74,19 @@ def publish(start: int, stop: int) -> int:
     return stop - start
 
 
+def events() -> int:
+    """The runs that add series only when they happen: two failures of name 0 with two exception classes,
+    and a run of name 1 that retries once and then fails for good."""
+    for outcome in FAILURES:
+        app.send_task(task_name(0), args=[outcome])
+    app.send_task(task_name(1), args=["retry"])
+    return len(FAILURES) + 1
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "publish":
-        sys.exit("usage: python -m tests.cardinality_app publish START STOP")
-    print(json.dumps({"sent": publish(int(sys.argv[2]), int(sys.argv[3]))}))
+    if sys.argv[1:2] == ["events"]:
+        print(json.dumps({"sent": events()}))
+    elif len(sys.argv) == 4 and sys.argv[1] == "publish":
+        print(json.dumps({"sent": publish(int(sys.argv[2]), int(sys.argv[3]))}))
+    else:
+        sys.exit("usage: python -m tests.cardinality_app publish START STOP | events")

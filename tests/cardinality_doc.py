@@ -144,6 +144,21 @@ not include them. Each adds the series below, for good (a counter stays):
 | --- | --- |""")
     for name, what in EVENT_ROWS:
         add(f"| `{name}` | {what} |")
+    ev_runs = d["events"]
+    add(f"""
+Measured on the defaults' worker pod after the {steps[-1]} names: two runs of
+`card.t000` that raised `ValueError` and `KeyError`, and a run of `card.t001`
+that retried once and then failed for good (`self.retry(max_retries=1)`),
+added {len(ev_runs['added'])} series and removed {ev_runs['removed']}:
+
+| series added | labels |
+| --- | --- |""")
+    for row in ev_runs["added"]:
+        labels = ", ".join(f'{k}="{v}"' for k, v in row["labels"].items())
+        add(f"| `{row['sample']}` | `{labels}` |")
+    add("""
+`retries_exhausted` and `revoked{reason="expired"}` already stood at 0 for
+`card.t001`, so its failure for good added no series of theirs.""")
 
     p = o["producer"][mid]
     pd = d["producer"][mid]

@@ -53,6 +53,7 @@ def test_the_page_is_what_its_figures_render(page: str, figures: dict[str, Any])
 def test_a_pod_is_what_does_not_scale_plus_pairs_times_the_per_pair_figure(figures: dict[str, Any]) -> None:
     assert figures["steps"] == [10, 50, 200]
     for key, cfg in figures["configs"].items():
+        assert ("events" in cfg) == (key == "defaults")
         for side in ("worker", "producer"):
             by_step = cfg[side]
             first = by_step["10"]
@@ -75,6 +76,9 @@ def test_the_figures_hold_on_a_real_worker(redis_url: str, tmp_path: Path, figur
         for side in ("worker", "producer"):
             for step in ("10", "50"):
                 assert measured["configs"][key][side][step] == cfg[side][step], (key, side, step)
+    # Two failures and a retry that fails for good: +1 per (task, queue, exception class), +1 retried, +1 sent.
+    assert measured["configs"]["defaults"]["events"] == figures["configs"]["defaults"]["events"]
+    assert len(figures["configs"]["defaults"]["events"]["added"]) == 5
     assert measured["probe"] == figures["probe"]
     assert measured["event_exporter"] == figures["event_exporter"]
     assert time.monotonic() - started < 240
