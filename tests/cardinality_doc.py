@@ -228,6 +228,7 @@ Prometheus holds one set per scraped pod: the pod's target labels (`pod`,
     for step in steps:
         add(f"| {step} | {' | '.join(_fmt(FLEET * cfg['worker'][step]['total']) for cfg in (d, o, six))} |")
     triple = ev["per_triple"]
+    source = f"https://github.com/danihodovic/celery-exporter/blob/{EVENT_EXPORTER_COMMIT}"
     add(f"""
 Add each producer pod ({sum(pd['per_pair'].values())} per (task, queue) it publishes, and its
 exporter's own) and the one broker probe ({probe['total']} series for two Redis queues).
@@ -238,19 +239,20 @@ exporter's own) and the one broker probe ({probe['total']} series for two Redis 
 the most used event-based exporter, was not run here. Its figures are counted
 from what its source builds, read at commit `{EVENT_EXPORTER_COMMIT[:12]}`:
 
-- `README.md`, *Metrics*: the counters `celery_task_sent_total`,
+- [`README.md`]({source}/README.md), *Metrics*: the counters `celery_task_sent_total`,
   `received`, `started`, `succeeded`, `failed`, `rejected`, `revoked`,
   `retried`; the gauges `celery_worker_up`, `celery_worker_tasks_active`; the
   histogram `celery_task_runtime`; per queue `celery_queue_length`,
   `celery_active_consumer_count`, `celery_active_worker_count`,
   `celery_active_process_count`.
-- `src/exporter.py`: every task family is labelled `name`, `hostname` (the
+- [`src/exporter.py`]({source}/src/exporter.py): every task family is labelled `name`, `hostname` (the
   worker's host) and `queue_name` (`failed` adds `exception`); on any task
   event but `task-sent` it sets the seven other counters of that label set
   to 0 (`inc(0)`, `failed` with `exception=""`); the runtime histogram is
-  observed on `task-succeeded`; worker series are purged
-  `--purge-offline-worker-metrics` (10 min) after a worker goes silent.
-- `src/cli.py`: `--buckets` defaults to prometheus-client's
+  observed on `task-succeeded`; all of a worker host's series, task series
+  included, are removed `--purge-offline-worker-metrics` (10 min) after it
+  goes silent.
+- [`src/cli.py`]({source}/src/cli.py): `--buckets` defaults to prometheus-client's
   `Histogram.DEFAULT_BUCKETS`: {ev['default_buckets'] - 1} bounds (5 ms … 10 s) and `+Inf`.
 
 Counting a registry of that shape with prometheus-client after one
