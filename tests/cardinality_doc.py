@@ -283,10 +283,12 @@ Without the queue-wait histogram ours is {d_pair - d['worker'][mid]['per_pair'].
    both by `instrument()` in the workers and producers and by
    `serve --exclude-metrics`, it drops every family whose name matches. What
    it saves is that family's row in the table above, times the pairs: the
-   queue-wait histogram alone is {d['worker'][mid]['per_pair'].get(c.QUEUE_WAIT.name, 0)} of the {d_pair}. Look in
-   docs/metric-usage.md first for the panels and rules that read a family
-   (the queue-wait objectives read `celery_task_queue_wait_seconds`). Not
-   measured here.
+   queue-wait histogram alone is {d['worker'][mid]['per_pair'].get(c.QUEUE_WAIT.name, 0)} of the {d_pair}.
+   An excluded family is written nowhere in the workers, so nothing of it reaches a file or a series
+   (tests/test_exclude.py). docs/metric-usage.md lists the panels and rules
+   that read a family, and `celery-signal-exporter check --exclude-metrics
+   <regex>` names, one line each, the rules an exclusion leaves blind (the
+   queue-wait objectives read `celery_task_queue_wait_seconds`).
 2. **Fewer buckets: `CELERY_EXPORTER_RUNTIME_BUCKETS`,
    `CELERY_EXPORTER_QUEUE_WAIT_BUCKETS`.** With six bounds for both
    (`{_six()}`), measured: {s_pair} series per (task, queue) instead of {d_pair}
