@@ -133,6 +133,7 @@ class _DeadStore:
         self.directory, self.pid = directory, pid
         self.lock = threading.Lock()
         self.generation = 0
+        self.exclude = None  # no family switched off
         self.files: dict[str, Any] = {}
 
     def file(self, prefix: str) -> Any:
