@@ -75,7 +75,7 @@ if VARIANT in ("ours", "both"):
 if VARIANT == "floor":
     from celery import signals
 
-    from celery_signal_exporter.receivers import Instrumentation, Options
+    from celery_signal_exporter.recording.receivers import Instrumentation, Options
 
     def _nothing(**_: object) -> None:
         """A receiver that does nothing: Celery still dispatches to it on every task."""
@@ -85,14 +85,14 @@ if VARIANT == "floor":
     for _signal, _label, _fn in Instrumentation(app, Options(os.environ["CSX_BENCH_METRICS_DIR"])).receivers():
         _signal.connect(_nothing, weak=False)
     # Dispatched as instrument() has Celery dispatch ours: with the receiver cache on.
-    from celery_signal_exporter.receivers import cache_receivers
+    from celery_signal_exporter.recording.receivers import cache_receivers
 
     cache_receivers()
 
     if os.environ.get("CSX_BENCH_DUE_HEADER") == "1":
         # An experiment (benchmarks.bench_instructions): the floor's messages carry our due header too, so
         # that instrumented over floor is our receivers' bodies without what Celery does with one more header.
-        from celery_signal_exporter.receivers import DUE_HEADER
+        from celery_signal_exporter.recording.receivers import DUE_HEADER
 
         def _due(headers: dict[str, Any] | None = None, **_: object) -> None:
             if headers is not None:
@@ -103,7 +103,7 @@ if VARIANT == "floor":
 if os.environ.get("CSX_BENCH_SIGNAL_CACHE") == "0":
     # An experiment of the instruction benchmark (docs/design.md): Celery's default dispatch, without the
     # per-sender receiver cache that instrument() turns on.
-    from celery_signal_exporter.receivers import PER_TASK_SIGNALS
+    from celery_signal_exporter.recording.receivers import PER_TASK_SIGNALS
 
     for _cached in PER_TASK_SIGNALS:
         _cached.use_caching, _cached.sender_receivers_cache = False, {}

@@ -43,7 +43,7 @@ def loop(case: str, n: int) -> None:
     from celery import Celery, signals
 
     import celery_signal_exporter
-    from celery_signal_exporter import receivers as r
+    from celery_signal_exporter.recording import receivers as r
 
     app = Celery("bodies", broker="memory://", set_as_current=False)
     tmp = tempfile.mkdtemp(prefix="csx-bodies-", dir=SHM)

@@ -52,7 +52,7 @@ def measure(calls: int) -> dict[str, list[float]]:
     from celery import Celery
 
     import celery_signal_exporter
-    from celery_signal_exporter.receivers import DUE_HEADER, QUEUE_HEADER
+    from celery_signal_exporter.recording.receivers import DUE_HEADER, QUEUE_HEADER
 
     tmp = tempfile.mkdtemp(prefix="csx-bench-hooks-", dir=SHM)
     app = Celery("hooks", broker="memory://", set_as_current=False)
@@ -150,7 +150,7 @@ def measure(calls: int) -> dict[str, list[float]]:
         for sig, uid in ours:
             sig.receivers.extend(saved[uid])
             getattr(sig, "sender_receivers_cache", {}).clear()
-    collect = celery_signal_exporter.collect
+    collect = celery_signal_exporter.server.collect
     errors = sum(v for k, v in collect.merged_samples(collect.DirectoryCollector(tmp)).items()
                  if k.startswith("celery_exporter_handler_errors_total"))
     shutil.rmtree(tmp, ignore_errors=True)
@@ -190,6 +190,6 @@ def run(size: Size) -> Section:
 
 
 if __name__ == "__main__":
-    import celery_signal_exporter.collect  # noqa: F401 - used through the package in measure()
+    import celery_signal_exporter.server.collect  # noqa: F401 - used through the package in measure()
 
     print(json.dumps(measure(int(sys.argv[1]))))

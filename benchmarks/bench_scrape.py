@@ -3,7 +3,7 @@
 """Scrape cost at scale: `/metrics` latency and body size of our service vs prometheus-client's stock collector.
 
 A synthetic metrics directory per grid point, written with the product's own
-writer (exporter/celery_signal_exporter/store.py, exporter/celery_signal_exporter/metrics.py):
+writer (exporter/celery_signal_exporter/recording/store.py, exporter/celery_signal_exporter/recording/metrics.py):
 
 - live processes: real forked processes that write every (task name, queue)
   series a pool process writes (started, succeeded, received, runtime and
@@ -97,7 +97,7 @@ def _pairs(point: Point) -> list[tuple[str, str]]:
 def _write_pool_series(store: Any, pairs: list[tuple[str, str]], finished: bool) -> None:
     """What a pool process records for each pair it ran (finished: its in-progress is back to 0)."""
     from celery_signal_exporter import catalogue as c
-    from celery_signal_exporter import metrics as m
+    from celery_signal_exporter.recording import metrics as m
 
     metrics = {spec.name: m.Recorder(store, spec, m.DEFAULT_RUNTIME_BUCKETS if spec.kind == "histogram" else ())
                for spec in (c.RECEIVED, c.STARTED, c.SUCCEEDED, c.RUNTIME, c.QUEUE_WAIT, c.IN_PROGRESS,
@@ -115,7 +115,7 @@ def _write_pool_series(store: Any, pairs: list[tuple[str, str]], finished: bool)
 
 def _live_process(dirs: list[str], pairs: list[tuple[str, str]], conn: Connection) -> None:
     """A live pool process: writes into every dir through the product's Store, then holds on."""
-    from celery_signal_exporter.store import Store
+    from celery_signal_exporter.recording.store import Store
 
     stores = [Store(d) for d in dirs]
     for store in stores:
@@ -137,7 +137,7 @@ class _DeadStore:
         self.files: dict[str, Any] = {}
 
     def file(self, prefix: str) -> Any:
-        from celery_signal_exporter.store import MetricFile
+        from celery_signal_exporter.recording.store import MetricFile
 
         f = self.files.get(prefix)
         if f is None:

@@ -36,8 +36,8 @@ def _tick_cpu(directory: str, ticks: int, changing: bool) -> dict[str, float]:
     from celery import Celery
 
     from celery_signal_exporter import catalogue
-    from celery_signal_exporter.receivers import Instrumentation, Options
-    from celery_signal_exporter.worker import WorkerMetrics
+    from celery_signal_exporter.recording.receivers import Instrumentation, Options
+    from celery_signal_exporter.recording.worker import WorkerMetrics
 
     app = Celery("bench-tick", broker="memory://", set_as_current=False)
     inst = Instrumentation(app, Options(directory))

@@ -152,7 +152,7 @@ def worker(env: dict[str, str], tmp: str, *args: str, concurrency: int = 2, pool
            hostname: str | None = None, launcher: Sequence[str] = ()) -> Iterator[WorkerProcess]:
     """A real `celery worker` on `app` (tests.workload_app), ready once its heartbeat is on disk.
     `launcher`: a command that execs the worker command given as its arguments."""
-    from celery_signal_exporter.collect import DirectoryCollector
+    from celery_signal_exporter.server.collect import DirectoryCollector
 
     hostname = hostname or f"w{uuid.uuid4().hex[:6]}@test"
     log_path = os.path.join(tmp, f"worker-{hostname}.log")

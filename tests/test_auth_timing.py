@@ -19,7 +19,7 @@ import time
 
 import bcrypt
 
-from celery_signal_exporter.webconfig import BasicAuth
+from celery_signal_exporter.server.webconfig import BasicAuth
 
 RIGHT = "correct horse"
 

@@ -15,12 +15,12 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from celery_signal_exporter import catalogue
-from celery_signal_exporter.metrics import Recorder
 from celery_signal_exporter.probes import BrokerSnapshot
 from celery_signal_exporter.probes.base import NodeStats, QueueStats
-from celery_signal_exporter.probes.loop import ProbeGroup, ProbeLoop
-from celery_signal_exporter.service import Exporter, ServiceConfig
-from celery_signal_exporter.store import Store
+from celery_signal_exporter.recording.metrics import Recorder
+from celery_signal_exporter.recording.store import Store
+from celery_signal_exporter.server.probe_loop import ProbeGroup, ProbeLoop
+from celery_signal_exporter.server.service import Exporter, ServiceConfig
 from tests.conftest import MotoServer
 from tests.harness import ROOT, env_for, exporter, has, produce, value, wait_until, worker
 

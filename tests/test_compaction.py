@@ -20,9 +20,10 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import compact as compaction
-from celery_signal_exporter import metrics as m
-from celery_signal_exporter.collect import DirectoryCollector, merged_samples
-from celery_signal_exporter.store import MetricFile, Store, open_owned, read_entries
+from celery_signal_exporter.directory import read_entries
+from celery_signal_exporter.recording import metrics as m
+from celery_signal_exporter.recording.store import MetricFile, Store, open_owned
+from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
 
 SENT = 'celery_task_sent_total{name="a",queue_name="q"}'
 RUNTIME_COUNT = 'celery_task_runtime_seconds_count{name="a",queue_name="q"}'

@@ -198,7 +198,7 @@ def test_check_passes_good_settings_with_one_line(tmp_path: Path, redis_url: str
 
 def test_parse_buckets_values() -> None:
     """What instrument() and check accept: spaces allowed, floats back, order kept."""
-    from celery_signal_exporter.buckets import parse_buckets
+    from celery_signal_exporter.options import parse_buckets
 
     assert parse_buckets("0.005, 0.01,1 ,60", "X") == (0.005, 0.01, 1.0, 60.0)
     assert parse_buckets("1e-3,2.5E1", "X") == (0.001, 25.0)

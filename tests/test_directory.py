@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from celery_signal_exporter import directory as d
-from celery_signal_exporter.store import Store
+from celery_signal_exporter.recording.store import Store
 
 KINDS = [*d.ARCHIVED_KINDS, "gauge_livesum", "gauge_livemostrecent", "gauge_all"]
 

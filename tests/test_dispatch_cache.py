@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from celery import signals
 
-from celery_signal_exporter import receivers as r
-from celery_signal_exporter.queues import CACHE_LIMIT
+from celery_signal_exporter.recording import receivers as r
+from celery_signal_exporter.recording.queues import CACHE_LIMIT
 
 
 @pytest.fixture

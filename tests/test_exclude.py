@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from celery_signal_exporter.exclude import excluded, parse_exclude
+from celery_signal_exporter.options import excluded, parse_exclude
 from tests.harness import ROOT, Samples, env_for, exporter, produce, value, wait_until, worker
 
 WORKER_SIDE = "celery_task_queue_wait_seconds|celery_task_runtime_seconds"

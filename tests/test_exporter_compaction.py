@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 from celery_signal_exporter import catalogue as c
-from celery_signal_exporter import metrics as m
-from celery_signal_exporter.store import Store
+from celery_signal_exporter.recording import metrics as m
+from celery_signal_exporter.recording.store import Store
 from tests.harness import exporter, value, wait_until
 from tests.test_compaction import write_as_dead_process
 

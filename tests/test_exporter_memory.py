@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 
 from celery_signal_exporter import catalogue as c
-from celery_signal_exporter import metrics as m
-from celery_signal_exporter.store import Store
+from celery_signal_exporter.recording import metrics as m
+from celery_signal_exporter.recording.store import Store
 from tests.harness import exporter
 from tests.test_http_limits import rss_mb
 

@@ -16,7 +16,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 
-from celery_signal_exporter.exposition import Encoder
+from celery_signal_exporter.server.exposition import Encoder
 
 HOSTILE = 'a"b\\c\nd é☃ ' + "x" * 10_000
 
@@ -105,9 +105,9 @@ def test_laid_out_families_from_a_real_merge_encode_like_prometheus_client(tmp_p
     """The merge hands the encoder pre-laid-out families; their text must equal prometheus-client's
     rendering of the very same samples."""
     from celery_signal_exporter import catalogue as c
-    from celery_signal_exporter import metrics as m
-    from celery_signal_exporter.collect import DirectoryCollector, LaidOut
-    from celery_signal_exporter.store import Store
+    from celery_signal_exporter.recording import metrics as m
+    from celery_signal_exporter.recording.store import Store
+    from celery_signal_exporter.server.collect import DirectoryCollector, LaidOut
     from tests.test_compaction import write_as_dead_process
 
     def body(store: Store) -> None:

@@ -23,9 +23,9 @@ import httpx
 import pytest
 
 from celery_signal_exporter import catalogue as c
-from celery_signal_exporter import metrics as m
-from celery_signal_exporter._http import choose_encoding
-from celery_signal_exporter.store import Store
+from celery_signal_exporter.recording import metrics as m
+from celery_signal_exporter.recording.store import Store
+from celery_signal_exporter.server._http import choose_encoding
 from tests.harness import ExporterProcess, exporter, parse, wait_until
 from tests.test_http_security import make_pki, serve, web_config
 

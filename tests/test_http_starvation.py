@@ -159,7 +159,7 @@ class _Conn:
 def test_the_gate_hands_slots_over_in_order_and_skips_those_gone() -> None:
     import asyncio
 
-    from celery_signal_exporter._http import Gate
+    from celery_signal_exporter.server._http import Gate
 
     async def run() -> None:
         gate = Gate(slots=2, wait=5.0)
@@ -182,7 +182,7 @@ def test_the_gate_hands_slots_over_in_order_and_skips_those_gone() -> None:
 
 
 def test_idle_connections_past_the_limit_go_oldest_first_never_the_young(monkeypatch: pytest.MonkeyPatch) -> None:
-    from celery_signal_exporter import _http
+    from celery_signal_exporter.server import _http
 
     now = [1000.0]
     monkeypatch.setattr(_http.time, "monotonic", lambda: now[0])

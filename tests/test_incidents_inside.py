@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from celery_signal_exporter.collect import DirectoryCollector, merged_samples
+from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
 from tests.harness import ROOT, env_for, exporter, wait_until, worker
 from tests.incident_plan_inside import PERIODIC_QUEUE, PRODUCTION_INTERVAL
 from tests.incident_proxy_inside import delay_proxy

@@ -19,10 +19,10 @@ import pytest
 
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import compact as compaction
-from celery_signal_exporter import metrics as m
-from celery_signal_exporter.collect import DirectoryCollector, merged_samples
-from celery_signal_exporter.directory import is_lost_runs, pid_alive
-from celery_signal_exporter.store import Store, read_entries
+from celery_signal_exporter.directory import is_lost_runs, pid_alive, read_entries
+from celery_signal_exporter.recording import metrics as m
+from celery_signal_exporter.recording.store import Store
+from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
 from tests.harness import ROOT, Samples, env_for, exporter, produce, value, wait_until, worker
 
 LOST = 'celery_task_failed_total{exception="WorkerLostError",name="a",queue_name="q"}'

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import compact as compaction
-from celery_signal_exporter import metrics as m
-from celery_signal_exporter.collect import DirectoryCollector, merged_samples
-from celery_signal_exporter.store import Store
+from celery_signal_exporter.recording import metrics as m
+from celery_signal_exporter.recording.store import Store
+from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
 from tests.test_compaction import write_as_dead_process
 
 EXPIRED = 'celery_task_revoked_total{name="%s",queue_name="%s",reason="expired"}'
@@ -50,7 +50,7 @@ def test_expired_is_served_at_zero_beside_task_counters_until_a_real_expiry(tmp_
 
 
 def test_expired_zero_is_rendered_on_the_metrics_page(tmp_path: Path) -> None:
-    from celery_signal_exporter.service import Exporter, ServiceConfig
+    from celery_signal_exporter.server.service import Exporter, ServiceConfig
 
     write_as_dead_process(str(tmp_path), lambda s: m.Recorder(s, c.RECEIVED).labels("a", "q").inc())
     body, _ = Exporter(ServiceConfig(metrics_dir=str(tmp_path))).render(None)

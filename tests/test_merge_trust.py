@@ -14,10 +14,10 @@ import tracemalloc
 from typing import Any
 
 from celery_signal_exporter import catalogue as c
-from celery_signal_exporter import metrics as m
-from celery_signal_exporter.collect import DirectoryCollector, merged_samples
 from celery_signal_exporter.compact import compact
-from celery_signal_exporter.store import Store
+from celery_signal_exporter.recording import metrics as m
+from celery_signal_exporter.recording.store import Store
+from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
 
 STARTED = 'celery_task_started_total{name="steady",queue_name="q"}'
 

@@ -26,10 +26,10 @@ from prometheus_client.core import Metric
 
 from celery_signal_exporter.probes import BrokerSnapshot, NodeStats, ProbeError, ProbeOptions, probe_for_url
 from celery_signal_exporter.probes.base import Alarms
-from celery_signal_exporter.probes.loop import LoopOptions, ProbeGroup, ProbeLoop, build_probe_loops
 from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe, RabbitMQSettings
 from celery_signal_exporter.probes.redis import RedisProbe
 from celery_signal_exporter.redact import redact_url, scrub, secrets_of
+from celery_signal_exporter.server.probe_loop import LoopOptions, ProbeGroup, ProbeLoop, build_probe_loops
 
 # -- helpers ----------------------------------------------------------------
 

@@ -24,8 +24,8 @@ from pyrabbit2.api import Client
 
 from celery_signal_exporter.probes import ProbeOptions, probe_for_url
 from celery_signal_exporter.probes.base import BrokerSnapshot, OptionError, ProbeError
-from celery_signal_exporter.probes.loop import LoopOptions, ProbeLoop
 from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe, RabbitMQSettings
+from celery_signal_exporter.server.probe_loop import LoopOptions, ProbeLoop
 from tests.conftest import AMQP_HOST, RABBIT_MGMT_PORT
 from tests.harness import PYTHONPATH, Samples, exporter, has, value, wait_until
 from tests.incident_rabbit_inside import RabbitNode, rabbit_node

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from celery_signal_exporter.metrics_dir import metrics_dir_or_env
+from celery_signal_exporter.options import metrics_dir_or_env
 from celery_signal_exporter.probes import (
     PATH_ENV,
     Probe,

@@ -22,8 +22,8 @@ import pytest
 from celery_signal_exporter import catalogue
 from celery_signal_exporter.probes import ProbeOptions, probe_for_url
 from celery_signal_exporter.probes.base import BrokerSnapshot, ProbeError, QueueStats
-from celery_signal_exporter.probes.loop import LoopOptions, ProbeLoop
 from celery_signal_exporter.probes.sqs import SQSProbe, entity_name
+from celery_signal_exporter.server.probe_loop import LoopOptions, ProbeLoop
 from tests.conftest import MotoServer
 from tests.harness import (
     PYTHONPATH,

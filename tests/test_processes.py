@@ -8,8 +8,8 @@ import signal
 
 import pytest
 
-from celery_signal_exporter.store import LEDGER_N
-from celery_signal_exporter.worker import pid_alive
+from celery_signal_exporter.directory import pid_alive
+from celery_signal_exporter.recording.store import LEDGER_N
 from tests.harness import Samples, env_for, exporter, has, produce, value, wait_until, worker
 
 
@@ -90,7 +90,7 @@ def test_solo_and_threads_pools_count_exactly(redis_url: str, tmp_path: pytest.T
 
 def _child_running(metrics_dir: str) -> int | None:
     """The pid whose live file shows a task in progress."""
-    from celery_signal_exporter.store import read_entries
+    from celery_signal_exporter.directory import read_entries
 
     for name in os.listdir(metrics_dir):
         if not name.startswith("gauge_livesum_"):

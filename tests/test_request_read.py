@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import Celery
 
-from celery_signal_exporter.receivers import _request_of
+from celery_signal_exporter.recording.receivers import _request_of
 
 
 def _task() -> Any:

@@ -16,7 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
-from celery_signal_exporter.service import Exporter, ServiceConfig
+from celery_signal_exporter.server.service import Exporter, ServiceConfig
 from tests.test_http_limits import fill
 from tests.test_worker_tick import make_junk, settle
 

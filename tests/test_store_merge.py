@@ -9,9 +9,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from celery_signal_exporter import catalogue as c
-from celery_signal_exporter import metrics as m
-from celery_signal_exporter.collect import DirectoryCollector, merged_samples
-from celery_signal_exporter.store import MetricFile, Store, read_entries, series_key
+from celery_signal_exporter.directory import read_entries, series_key
+from celery_signal_exporter.recording import metrics as m
+from celery_signal_exporter.recording.store import MetricFile, Store
+from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
 
 
 def test_files_are_prometheus_client_compatible(tmp_path: pytest.TempPathFactory) -> None:
@@ -131,7 +132,7 @@ def test_hostile_label_values_round_trip(tmp_path: pytest.TempPathFactory) -> No
     from prometheus_client.parser import text_string_to_metric_families
 
     from celery_signal_exporter.labels import MAX_LABEL_LENGTH, cut
-    from celery_signal_exporter.service import Exporter, ServiceConfig
+    from celery_signal_exporter.server.service import Exporter, ServiceConfig
 
     hostile = ['quote " back \\ slash', "new\nline", "unicodé ✓", "x" * 10_000]
     store = Store(str(tmp_path))
@@ -193,7 +194,8 @@ def test_task_names_are_capped_across_the_whole_directory(tmp_path: pytest.TempP
 def test_a_file_rewritten_on_the_same_inode_with_other_keys_is_not_misread(tmp_path: pytest.TempPathFactory) -> None:
     """The merge caches each file's layout; a new file on a recycled inode with keys of the same size
     (pid reuse after compaction, on a disk that reuses inode numbers) must not inherit it."""
-    from celery_signal_exporter.store import MAGIC, encode_entries, series_key
+    from celery_signal_exporter.directory import encode_entries, series_key
+    from celery_signal_exporter.recording.store import MAGIC
 
     path = os.path.join(str(tmp_path), "counter_5.db")
 
@@ -232,7 +234,7 @@ def test_series_bound_before_a_file_grows_keep_writing_into_the_new_map(tmp_path
 
 def test_struct_fallback_writes_the_same_bytes_as_the_view(tmp_path: pytest.TempPathFactory) -> None:
     """Big-endian machines write through struct; the file must be byte for byte what the view writes."""
-    from celery_signal_exporter.store import _PackedDoubles
+    from celery_signal_exporter.recording.store import _PackedDoubles
 
     paths = [str(tmp_path / "counter_1.db"), str(tmp_path / "counter_2.db")]
     files = [MetricFile(p) for p in paths]
@@ -285,7 +287,7 @@ def test_a_merge_that_raises_still_answers_the_scrape(tmp_path: pytest.TempPathF
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever goes wrong inside the merge (here: libfaketime once made time.sleep raise EINVAL in
     it), the scrape answers with everything else and counts the failed merge."""
-    from celery_signal_exporter.service import Exporter, ServiceConfig
+    from celery_signal_exporter.server.service import Exporter, ServiceConfig
 
     m.Recorder(Store(str(tmp_path)), c.SENT).labels("a", "q").inc()
     ex = Exporter(ServiceConfig(metrics_dir=str(tmp_path)))

@@ -297,7 +297,7 @@ def test_off_the_reads_are_not_made(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     (counted by replacing them), and the file holds none of their series. On, all of them are."""
     from celery import Celery
 
-    from celery_signal_exporter import receivers as r
+    from celery_signal_exporter.recording import receivers as r
 
     calls: dict[str, int] = {"thread_time": 0, "getrusage": 0, "perf_counter": 0}
 

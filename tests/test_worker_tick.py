@@ -12,8 +12,9 @@ import pytest
 
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import compact as compaction
-from celery_signal_exporter import metrics as m
-from celery_signal_exporter.store import Store, open_owned, series_key
+from celery_signal_exporter.directory import series_key
+from celery_signal_exporter.recording import metrics as m
+from celery_signal_exporter.recording.store import Store, open_owned
 from tests.harness import Samples, env_for, exporter, produce, value, wait_until, worker
 
 JUNK = 50_000
@@ -145,7 +146,7 @@ def test_a_tick_opens_only_what_may_have_changed(tmp_path: Any) -> None:
     assert not any(name in view.verdicts for name in gone)
 
     assert junk <= set(os.listdir(d)) and fingerprint(d, junk) == before, "junk is never touched"
-    from celery_signal_exporter.collect import DirectoryCollector, merged_samples
+    from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
 
     s = merged_samples(DirectoryCollector(d))
     assert s['celery_task_sent_total{name="a",queue_name="q"}'] == 8
@@ -164,8 +165,8 @@ def test_a_tick_reaps_a_dead_writers_live_file_once(tmp_path: Any, monkeypatch: 
     """
     from celery import Celery
 
-    from celery_signal_exporter.receivers import Instrumentation, Options
-    from celery_signal_exporter.worker import WorkerMetrics
+    from celery_signal_exporter.recording.receivers import Instrumentation, Options
+    from celery_signal_exporter.recording.worker import WorkerMetrics
 
     d = str(tmp_path)
     dead = write_dead(d, 3)
@@ -195,7 +196,7 @@ def test_a_tick_reaps_a_dead_writers_live_file_once(tmp_path: Any, monkeypatch: 
     assert judged.count(live_name) == 1, judged
     assert opened.count(live_name) == 1, f"the dead live file opened {opened.count(live_name)} times in one tick"
     assert live_name not in os.listdir(d)
-    from celery_signal_exporter.collect import DirectoryCollector, merged_samples
+    from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
 
     s = merged_samples(DirectoryCollector(d))
     assert s['celery_task_failed_total{exception="WorkerLostError",name="a",queue_name="q"}'] == 1
@@ -220,7 +221,7 @@ def test_a_foreign_file_adopted_in_place_is_compacted_once_its_verdict_expires(
     adopted.close()  # and it dies
     wait_until(lambda: compaction.compact(d).absorbed == 1, 10, "the adopted file to be compacted")
     assert f"counter_{pid}.db" not in os.listdir(d)
-    from celery_signal_exporter.collect import DirectoryCollector, merged_samples
+    from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
 
     assert merged_samples(DirectoryCollector(d))['celery_task_sent_total{name="a",queue_name="q"}'] == 7
 

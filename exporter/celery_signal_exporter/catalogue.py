@@ -1,14 +1,14 @@
 """Every metric the exporter serves, defined once: name, type, labels, help,
 and the words `docs/metrics.md` shows for it.
 
-The recorders (`receivers.py`, `worker.py`, through `metrics.py`), the merge
-(`collect.py`), the probe loop (`probes/loop.py`) and the service
-(`service.py`) take names, help texts and labels from here, so the page and
+The recorders (`recording/receivers.py`, `recording/worker.py`, through
+`recording/metrics.py`), the merge (`server/collect.py`), the probe loop
+(`server/probe_loop.py`) and the service (`server/service.py`) take names, help texts and labels from here, so the page and
 `/metrics` cannot drift apart. `python -m celery_signal_exporter.catalogue`
 writes `docs/metrics.md` from this module; a test fails when the committed
 page differs, and another holds what the real collectors serve to `SERVED`.
 
-This module imports nothing heavy: pool processes load it through `metrics.py`.
+This module imports nothing heavy: pool processes load it through `recording/metrics.py`.
 """
 
 from __future__ import annotations
@@ -775,15 +775,15 @@ and no fewer, and that this page is what the catalogue generates.
   metric's name, type, labels and help text, and the columns of this page.
   Every other module takes them from there, and
   `python -m celery_signal_exporter.catalogue` writes this page.
-- **Recorded**: task metrics in `exporter/celery_signal_exporter/receivers.py`
-  and worker metrics in `exporter/celery_signal_exporter/worker.py`, both
-  through `exporter/celery_signal_exporter/metrics.py`, which writes each
+- **Recorded**: task metrics in `exporter/celery_signal_exporter/recording/receivers.py`
+  and worker metrics in `exporter/celery_signal_exporter/recording/worker.py`, both
+  through `exporter/celery_signal_exporter/recording/metrics.py`, which writes each
   process's file in the metrics directory. Broker metrics are built in
-  `exporter/celery_signal_exporter/probes/loop.py` from what each probe in
+  `exporter/celery_signal_exporter/server/probe_loop.py` from what each probe in
   `exporter/celery_signal_exporter/probes/` reads; [probes.md](probes.md)
   says what each broker can and cannot report.
-- **Served** by `exporter/celery_signal_exporter/service.py`: the merge of
-  the metrics directory (`exporter/celery_signal_exporter/collect.py`, which
+- **Served** by `exporter/celery_signal_exporter/server/service.py`: the merge of
+  the metrics directory (`exporter/celery_signal_exporter/server/collect.py`, which
   also turns the worker heartbeat into `celery_worker_up`), the probe loops'
   cached results, and the service's own metrics.
 

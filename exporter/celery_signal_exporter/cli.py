@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from celery_signal_exporter import __version__
-from celery_signal_exporter.metrics_dir import metrics_dir_or_env
+from celery_signal_exporter._version import __version__
+from celery_signal_exporter.options import metrics_dir_or_env
 
 if TYPE_CHECKING:
     from celery_signal_exporter.probes import ProbeKind
-    from celery_signal_exporter.probes.loop import ProbeGroup
-    from celery_signal_exporter.serving import ProbeConfig
-    from celery_signal_exporter.webconfig import WebConfig
+    from celery_signal_exporter.server.probe_loop import ProbeGroup
+    from celery_signal_exporter.server.serving import ProbeConfig
+    from celery_signal_exporter.server.webconfig import WebConfig
 
 ENV = "CELERY_EXPORTER_"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -146,8 +146,8 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
     An unreachable broker is not a startup error (brokers come and go): it is
     logged once and shows as celery_broker_up 0. Use `check` to fail on it.
     """
-    from celery_signal_exporter.probes.loop import DEFAULT_EXCLUDE, LoopOptions
-    from celery_signal_exporter.serving import ProbeConfig, ServeConfig, run
+    from celery_signal_exporter.server.probe_loop import DEFAULT_EXCLUDE, LoopOptions
+    from celery_signal_exporter.server.serving import ProbeConfig, ServeConfig, run
 
     _setup_logging(log_level)
     exclude = _exclude(exclude_metrics, "--exclude-metrics")
@@ -182,7 +182,7 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
 
 def _exclude(text: str | None, option: str) -> re.Pattern[str] | None:
     """The --exclude-metrics regex, or exit 2 with one line."""
-    from celery_signal_exporter.exclude import parse_exclude
+    from celery_signal_exporter.options import parse_exclude
 
     try:
         return parse_exclude(text, option)
@@ -193,7 +193,7 @@ def _exclude(text: str | None, option: str) -> re.Pattern[str] | None:
 def _build_probes(config: ProbeConfig) -> list[ProbeGroup]:
     """The probe loops, or exit 2 with one line naming the option at fault."""
     from celery_signal_exporter.probes import OptionError
-    from celery_signal_exporter.serving import build_probes
+    from celery_signal_exporter.server.serving import build_probes
 
     try:
         return build_probes(config)
@@ -203,7 +203,7 @@ def _build_probes(config: ProbeConfig) -> list[ProbeGroup]:
 
 def _web_config(path: str | None) -> WebConfig:
     """The parsed web-config file (an empty one when unset); exit 2 on any problem."""
-    from celery_signal_exporter.webconfig import WebConfig, WebConfigError, load_web_config
+    from celery_signal_exporter.server.webconfig import WebConfig, WebConfigError, load_web_config
 
     if not path:
         return WebConfig()
@@ -297,8 +297,7 @@ def check(ctx: click.Context, metrics_dir: str | None, runtime_buckets: str | No
     CELERY_EXPORTER_PUBLISH_TIMING), so it can run as an init container
     in the worker's pod before a bad value costs a silent histogram.
     """
-    from celery_signal_exporter.buckets import parse_buckets
-    from celery_signal_exporter.receivers import OPT_IN_SWITCHES, switch
+    from celery_signal_exporter.options import OPT_IN_SWITCHES, parse_buckets, switch
 
     metrics_dir = metrics_dir_or_env(metrics_dir)
     buckets = {"runtime_buckets": runtime_buckets, "queue_wait_buckets": queue_wait_buckets,
@@ -342,7 +341,8 @@ def _check_exclude(ctx: click.Context, text: str) -> str:
     """Validate the exclusion regex (exit 2 with one line), and warn, one line each, about the rules
     it leaves blind: they read a family nobody records any more."""
     from celery_signal_exporter import catalogue
-    from celery_signal_exporter.exclude import blind_rules, excluded
+    from celery_signal_exporter.mixin.usage import blind_rules
+    from celery_signal_exporter.options import excluded
 
     source = ctx.get_parameter_source("exclude_metrics")
     option = _env("exclude_metrics") if source == click.core.ParameterSource.ENVIRONMENT else "--exclude-metrics"
@@ -352,7 +352,7 @@ def _check_exclude(ctx: click.Context, text: str) -> str:
     families = [spec.name for spec in catalogue.SERVED if excluded(pattern, spec.name)]
     if not families:
         click.echo(f"celery-signal-exporter: warning: {option} matches no metric family", err=True)
-    for rule, reads in blind_rules(pattern):
+    for rule, reads in blind_rules(lambda name: excluded(pattern, name)):
         click.echo(f"celery-signal-exporter: warning: {rule} goes blind: it reads {', '.join(reads)}", err=True)
     return f"{len(families)} metric families excluded"
 

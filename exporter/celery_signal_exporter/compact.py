@@ -67,16 +67,14 @@ from dataclasses import dataclass, field
 
 from celery_signal_exporter.catalogue import COMPACTED, FAILED, IN_PROGRESS
 from celery_signal_exporter.directory import (
-    ARCHIVE_SUFFIX,
-    LOCK_NAME,
     MAGIC,
     MERGE_RULES,
-    STAGING_PREFIX,
     archive_generation,
     archive_name,
     claim_if_dead,
     dead_by_pid,
     directory_lock,
+    encode_entries,
     generation_tag,
     is_lost_runs,
     is_ours,
@@ -87,24 +85,17 @@ from celery_signal_exporter.directory import (
     lost_runs_file,
     needs_a_look,
     open_to_read,
-    pid_alive,
+    read_entries,
     read_generation,
     read_prefix,
     read_used,
     same_file,
+    series_key,
     staging_dirs,
     staging_name,
     tmp_file,
     used_size,
 )
-from celery_signal_exporter.store import encode_entries, read_entries, series_key
-
-# Some names moved to directory.py (the directory's rules) and stay importable from here.
-__all__ = [
-    "ARCHIVE_SUFFIX", "COMPACTED_KEY", "FUTURE_SLACK", "LOCK_NAME", "LOST_EXCEPTION", "MERGE_RULES",
-    "STAGING_PREFIX", "VERDICT_TTL", "CompactResult", "archive_generation", "archive_name", "compact",
-    "directory_lock", "kind_of", "main", "merge_into", "pid_alive", "reap", "staging_dirs",
-]
 
 log = logging.getLogger("celery_signal_exporter")
 

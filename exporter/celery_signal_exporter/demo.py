@@ -19,9 +19,9 @@ import threading
 
 import click
 
-from celery_signal_exporter.probes.loop import LoopOptions
 from celery_signal_exporter.redact import redact_url
-from celery_signal_exporter.serving import ProbeConfig, ServeConfig, build_probes, run
+from celery_signal_exporter.server.probe_loop import LoopOptions
+from celery_signal_exporter.server.serving import ProbeConfig, ServeConfig, build_probes, run
 
 
 def _stop_worker(proc: subprocess.Popen[bytes]) -> None:

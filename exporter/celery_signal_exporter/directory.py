@@ -26,6 +26,8 @@ move files by them; none of them spells a rule out again.
 from __future__ import annotations
 
 import fcntl
+import json
+import math
 import mmap
 import os
 import re
@@ -196,6 +198,19 @@ def archive_generation(data: bytes) -> int:
 def padded_length(length: int) -> int:
     """A key's length padded so that the value after it (and its 4-byte length) is 8-aligned."""
     return length + (8 - (length + 4) % 8)
+
+
+def series_key(metric: str, sample: str, labels: dict[str, str], help_text: str) -> str:
+    """The mmap key prometheus-client uses for one series of one sample."""
+    return json.dumps([metric, sample, labels, help_text], sort_keys=True)
+
+
+def format_le(bound: float) -> str:
+    """Bucket bound formatted as prometheus-client formats it (the `le` in a series key)."""
+    if bound == math.inf:
+        return "+Inf"
+    text = repr(float(bound))
+    return text[:-2] if text.endswith(".0") else text
 
 
 def encode_entry(key: str, value: float, timestamp: float) -> bytes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from celery_signal_exporter import catalogue as c
@@ -86,3 +87,27 @@ def markdown(config: Config) -> str:
         rules = "<br>".join(f"`{r}`" for r in used["rules"]) or "—"
         lines.append(f"| `{name}` | {panels} | {rules} |")
     return "\n".join(lines) + "\n"
+
+
+_RULE_NAMES = re.compile(r"\b(?:celery_[a-z0-9_]+|(?:queue|task):[a-z0-9_]+:[a-z0-9_]+)")
+
+
+def blind_rules(switched_off: Callable[[str], bool]) -> list[tuple[str, list[str]]]:
+    """The production rules (recorded series and alerts, in order) that read a family `switched_off`
+    says is excluded, directly or through a recorded series, with what they read: `check` warns about
+    each. The predicate (options.excluded with the operator's regex) keeps this module free of options."""
+    from celery_signal_exporter.mixin.config import PRODUCTION
+
+    blind: set[str] = set()
+    found: dict[str, list[str]] = {}  # a name recorded or alerted on by several rules: one line
+    for group in rule_groups(PRODUCTION)["groups"]:
+        for rule in group["rules"]:
+            names = set(_RULE_NAMES.findall(rule["expr"]))
+            reads = {n for n in names if switched_off(n)} | (names & blind)
+            if not reads:
+                continue
+            name = rule.get("alert") or rule["record"]
+            if "record" in rule:
+                blind.add(rule["record"])
+            found[name] = sorted({*found.get(name, []), *reads})
+    return list(found.items())

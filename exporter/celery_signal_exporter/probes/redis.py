@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from celery_signal_exporter.headers import DUE_HEADER
 from celery_signal_exporter.probes import register
 from celery_signal_exporter.probes.base import (
     OLDEST_AGE,
@@ -62,9 +63,6 @@ class RedisSettings:
     def from_options(cls, values: Mapping[str, Any]) -> RedisSettings:
         return cls(read_oldest_age=bool(values["oldest_age"]))
 
-#: Header our instrumentation puts on every published task: the UNIX time
-#: the task became due, i.e. max(publish time, ETA).
-DUE_HEADER = "csx_due"
 DEFAULT_SEP = "\x06\x16"
 DEFAULT_PRIORITY_STEPS = (0, 3, 6, 9)
 DEFAULT_UNACKED_KEY = "unacked"

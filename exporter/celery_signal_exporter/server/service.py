@@ -22,13 +22,13 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from prometheus_client.core import Metric
 from starlette.concurrency import run_in_threadpool
 
-from celery_signal_exporter import __version__
+from celery_signal_exporter._version import __version__
 from celery_signal_exporter import catalogue as c
-from celery_signal_exporter._http import admitted, choose_encoding
-from celery_signal_exporter.collect import DEFAULT_MAX_TASK_NAMES, DirectoryCollector, MergeStats
 from celery_signal_exporter.compact import compact
-from celery_signal_exporter.exclude import excluded
-from celery_signal_exporter.exposition import Encoder
+from celery_signal_exporter.options import excluded
+from celery_signal_exporter.server._http import admitted, choose_encoding
+from celery_signal_exporter.server.collect import DEFAULT_MAX_TASK_NAMES, DirectoryCollector, MergeStats
+from celery_signal_exporter.server.exposition import Encoder
 
 log = logging.getLogger("celery_signal_exporter")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,7 +48,7 @@ class ServiceConfig:
     worker_timeout: float = 10.0
     sources: Sequence[Source] = field(default_factory=list)
     max_task_names: int = DEFAULT_MAX_TASK_NAMES
-    #: Families served to nobody (`--exclude-metrics`, exclude.py), whoever wrote them.
+    #: Families served to nobody (`--exclude-metrics`, options.py), whoever wrote them.
     exclude: re.Pattern[str] | None = None
 
 
@@ -193,10 +193,10 @@ INDEX = """<!doctype html><html><head><title>celery-signal-exporter</title></hea
 
 def create_app(exporter: Exporter, users: dict[str, bytes] | None = None) -> FastAPI:
     """The FastAPI app; with `users` (name -> bcrypt hash) every path but
-    /healthz needs HTTP basic auth (see celery_signal_exporter.webconfig)."""
+    /healthz needs HTTP basic auth (see celery_signal_exporter.server.webconfig)."""
     app = FastAPI(title="celery-signal-exporter", version=__version__, docs_url=None, redoc_url=None)
     if users:
-        from celery_signal_exporter.webconfig import BasicAuth
+        from celery_signal_exporter.server.webconfig import BasicAuth
 
         app.add_middleware(BasicAuth, users=users)
 

@@ -22,7 +22,6 @@ judged by the lock.
 from __future__ import annotations
 
 import fcntl
-import json
 import mmap
 import os
 import re
@@ -32,20 +31,16 @@ import sys
 import threading
 from typing import Protocol
 
-# The file format's names live in directory.py; they stay importable from here.
 from celery_signal_exporter.directory import (
     MAGIC,
     TAG_OFFSET,
-    encode_entries,
     encode_entry,
     encode_used,
-    held_by_a_live_writer,
     is_live_kind,
     is_ours,
     lock_as_writer,
     new_header,
     padded_length,
-    read_entries,
     same_file,
     tmp_file,
     used_size,
@@ -53,21 +48,10 @@ from celery_signal_exporter.directory import (
     writer_file,
 )
 
-__all__ = [
-    "INITIAL_SIZE", "MAGIC", "Doubles", "MetricFile", "Store", "as_doubles", "encode_entries",
-    "held_by_a_live_writer", "open_owned", "padded_length", "read_entries", "series_key", "walk_entries",
-    "write_gauge",
-]
-
 INITIAL_SIZE = 1 << 16
 #: The name number of a worker main's ledger (`counter_<pid>-1000.db`): past any name `open_owned` takes.
 LEDGER_N = 1000
 _DOUBLE = struct.Struct("<d")
-
-
-def series_key(metric: str, sample: str, labels: dict[str, str], help_text: str) -> str:
-    """The mmap key prometheus-client uses for one series of one sample."""
-    return json.dumps([metric, sample, labels, help_text], sort_keys=True)
 
 
 class Doubles(Protocol):
@@ -349,7 +333,7 @@ class Store:
 
     def __init__(self, directory: str, exclude: re.Pattern[str] | None = None) -> None:
         self.directory = directory
-        #: Families switched off (exclude.py): their recorders write nowhere.
+        #: Families switched off (options.py): their recorders write nowhere.
         self.exclude = exclude
         self.generation = 0
         self._files: dict[str, MetricFile] = {}

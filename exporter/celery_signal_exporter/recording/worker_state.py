@@ -26,15 +26,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery_signal_exporter import catalogue as c
-from celery_signal_exporter import metrics as m
+from celery_signal_exporter.headers import QUEUE_HEADER
 from celery_signal_exporter.labels import OVERFLOW
-from celery_signal_exporter.receivers import QUEUE_HEADER
-
-if TYPE_CHECKING:
-    from celery_signal_exporter.receivers import Instrumentation
+from celery_signal_exporter.recording import metrics as m
+from celery_signal_exporter.recording.host import Host
 
 #: How often the time limits are read again from the task registry (tasks registered late, config changes).
 TIME_LIMIT_REFRESH = 300.0
@@ -87,7 +85,7 @@ def time_limit(task: Any, default: Any) -> float | None:
 class WorkerState:
     """The worker main's own state, written as gauges on each tick."""
 
-    def __init__(self, inst: Instrumentation) -> None:
+    def __init__(self, inst: Host) -> None:
         self.inst = inst
         store = inst.store
         self.oldest = m.Recorder(store, c.OLDEST_RUNNING_AGE)
@@ -108,12 +106,12 @@ class WorkerState:
     # -- labels --------------------------------------------------------------
 
     def name_label(self, raw: Any) -> str | None:
-        """Instrumentation's label for a task name (None: ignored), without counting a fold again:
+        """Host's label for a task name (None: ignored), without counting a fold again:
         `task_received` counted it once per message; a tick must not count it once more per tick."""
         return self.inst.task_name(raw, count=False)
 
     def queue_label(self, raw: Any) -> str:
-        """Instrumentation's label for a queue name, past the cap folded uncounted (as `name_label`)."""
+        """Host's label for a queue name, past the cap folded uncounted (as `name_label`)."""
         return self.inst.queue_label(raw if isinstance(raw, str) else str(raw), count=False)
 
     def queue_of(self, consumer: Any, request: Any) -> str:

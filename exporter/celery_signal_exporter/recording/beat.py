@@ -31,27 +31,21 @@ import os
 import socket
 import time
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import signals
 
 from celery_signal_exporter import catalogue as c
-from celery_signal_exporter import metrics as m
+from celery_signal_exporter.directory import read_entries
+from celery_signal_exporter.headers import BEAT_RUN_ATTR, ENTRY_HEADER, NEXT_DUE_HEADER
 from celery_signal_exporter.labels import cut
-from celery_signal_exporter.queues import CACHE_LIMIT
-from celery_signal_exporter.store import read_entries
+from celery_signal_exporter.recording import metrics as m
+from celery_signal_exporter.recording.host import Host
+from celery_signal_exporter.recording.queues import CACHE_LIMIT
+from celery_signal_exporter.recording.tick import TickThread
 
-if TYPE_CHECKING:
-    from celery_signal_exporter.receivers import Instrumentation
-
-#: Message header naming the beat schedule entry a run was dispatched for.
-ENTRY_HEADER = "csx_entry"
-#: Message header holding the UNIX time the entry's next run is due, as beat saw it at dispatch.
-NEXT_DUE_HEADER = "csx_next_due"
 #: The `signal` labels beat's own errors count under in celery_exporter_handler_errors_total.
 BEAT_SIGNALS = ("beat_init", "beat_tick", "beat_schedule", "beat_dispatch", "beat_shutdown")
-#: Attribute prerun sets on the request of a beat run: (entry series, next due), for postrun.
-BEAT_RUN_ATTR = "csx_beat_run"
 
 
 def _seconds(delta: Any) -> float:
@@ -93,7 +87,7 @@ def interval_of(schedule: Any) -> float | None:
 class BeatMetrics:
     """The beat process's series: per-entry schedule and dispatches, and its heartbeat."""
 
-    def __init__(self, inst: Instrumentation, refresh: float) -> None:
+    def __init__(self, inst: Host, refresh: float) -> None:
         self.inst = inst
         self.refresh = refresh
         s = inst.store
@@ -228,12 +222,10 @@ def entries_on_disk(directory: str) -> set[tuple[str, str]]:
     return found
 
 
-def install_beat_metrics(inst: Instrumentation) -> None:
+def install_beat_metrics(inst: Host) -> None:
     """Watch the schedule in whichever process runs beat (standalone or `-B`)."""
 
     def on_beat_init(sender: Any = None, **_: Any) -> None:
-        from celery_signal_exporter.worker import TickThread
-
         try:
             metrics = BeatMetrics(inst, inst.options.schedule_refresh)
             # A beat restarted on the same directory (a container restart) finds its predecessor's entries:
@@ -263,7 +255,7 @@ def install_beat_metrics(inst: Instrumentation) -> None:
 class BeatRuns:
     """Per-entry series of runs, written in pool processes for requests that carry `csx_entry`."""
 
-    def __init__(self, inst: Instrumentation) -> None:
+    def __init__(self, inst: Host) -> None:
         self.inst = inst
         s = inst.store
         self.running = m.Recorder(s, c.BEAT_ENTRY_RUNNING)

@@ -17,19 +17,19 @@ from typing import Any
 
 import uvicorn
 
-from celery_signal_exporter._http import (
+from celery_signal_exporter.probes import OptionError, ProbeOptions, probe_settings
+from celery_signal_exporter.redact import redact_url, scrub
+from celery_signal_exporter.server._http import (
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_SEND_TIMEOUT,
     release_freed_memory,
     server_options,
 )
-from celery_signal_exporter.collect import DEFAULT_MAX_TASK_NAMES
-from celery_signal_exporter.probes import OptionError, ProbeOptions, probe_settings
-from celery_signal_exporter.probes.loop import LoopOptions, ProbeGroup, build_probe_loops
-from celery_signal_exporter.redact import redact_url, scrub
-from celery_signal_exporter.service import Exporter, ServiceConfig, create_app
-from celery_signal_exporter.webconfig import WebConfig
+from celery_signal_exporter.server.collect import DEFAULT_MAX_TASK_NAMES
+from celery_signal_exporter.server.probe_loop import LoopOptions, ProbeGroup, build_probe_loops
+from celery_signal_exporter.server.service import Exporter, ServiceConfig, create_app
+from celery_signal_exporter.server.webconfig import WebConfig
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from typing import cast
 
 from celery_signal_exporter.catalogue import Spec
-from celery_signal_exporter.exclude import excluded
-from celery_signal_exporter.store import Doubles, MetricFile, Store, series_key, write_gauge
+from celery_signal_exporter.directory import format_le, series_key
+from celery_signal_exporter.options import excluded
+from celery_signal_exporter.recording.store import Doubles, MetricFile, Store, write_gauge
 
 DEFAULT_RUNTIME_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600,
@@ -34,14 +35,6 @@ DEFAULT_PUBLISH_BUCKETS: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3
 def file_prefix(spec: Spec) -> str:
     """The file kind a spec's series go to: gauges are split by merge mode, as prometheus-client does."""
     return f"gauge_{spec.mode}" if spec.kind == "gauge" else spec.kind
-
-
-def format_le(bound: float) -> str:
-    """Bucket bound formatted as prometheus-client formats it."""
-    if bound == math.inf:
-        return "+Inf"
-    text = repr(float(bound))
-    return text[:-2] if text.endswith(".0") else text
 
 
 class Series:
@@ -72,7 +65,7 @@ class Series:
         self._generation = -1
         self._file: MetricFile | None = None
         self._index: list[int] = []
-        # A family switched off (exclude.py) writes into memory nobody reads: no file space, no series,
+        # A family switched off (options.py) writes into memory nobody reads: no file space, no series,
         # and every caller (the per-task path binds several series at once) stays as it is.
         self._excluded = excluded
         if excluded:

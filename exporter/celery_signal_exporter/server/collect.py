@@ -67,6 +67,7 @@ from celery_signal_exporter.compact import FUTURE_SLACK, LISTING_SETTLE_NS
 from celery_signal_exporter.directory import (
     archive_kind,
     directory_lock,
+    format_le,
     held_by_a_live_writer,
     is_ours,
     kind_of,
@@ -79,9 +80,8 @@ from celery_signal_exporter.directory import (
     staging_dirs,
     walk_entries,
 )
-from celery_signal_exporter.exposition import line_prefix
 from celery_signal_exporter.labels import cut
-from celery_signal_exporter.metrics import format_le
+from celery_signal_exporter.server.exposition import line_prefix
 
 log = logging.getLogger("celery_signal_exporter")
 
@@ -192,7 +192,7 @@ class _Family:
 class LaidOut(Metric):
     """A family whose samples' names and labels are laid out once; a scrape brings only the values.
 
-    The encoder (celery_signal_exporter.exposition) writes these without building a Sample
+    The encoder (celery_signal_exporter.server.exposition) writes these without building a Sample
     per value; anyone else reading `.samples` gets ordinary Samples.
     """
 

@@ -24,13 +24,11 @@ import bisect
 import logging
 import math
 import os
-import re
 import resource
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from functools import wraps
 from typing import Any
@@ -40,24 +38,25 @@ from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLo
 from celery.states import FAILURE, IGNORED, REJECTED, RETRY, SUCCESS
 
 from celery_signal_exporter import catalogue as c
-from celery_signal_exporter import metrics as m
-from celery_signal_exporter.beat import ENTRY_HEADER, BeatRuns, install_beat_metrics
-from celery_signal_exporter.buckets import parse_buckets
-from celery_signal_exporter.exclude import ENV as EXCLUDE_ENV
-from celery_signal_exporter.exclude import parse_exclude
+from celery_signal_exporter.headers import DUE_HEADER, ENTRY_HEADER, QUEUE_HEADER
 from celery_signal_exporter.labels import MAX_LABEL_LENGTH, OVERFLOW, cut
-from celery_signal_exporter.metrics_dir import METRICS_DIR_ENV, metrics_dir_or_env
-from celery_signal_exporter.queues import CACHE_LIMIT, QueueResolver
-from celery_signal_exporter.store import Store
+from celery_signal_exporter.options import (
+    EXCLUDE_ENV,
+    check_buckets,
+    or_env,
+    parse_exclude,
+    resolve_metrics_dir,
+    switch,
+)
+from celery_signal_exporter.recording import metrics as m
+from celery_signal_exporter.recording.beat import BeatRuns, install_beat_metrics
+from celery_signal_exporter.recording.host import Options
+from celery_signal_exporter.recording.queues import CACHE_LIMIT, QueueResolver
+from celery_signal_exporter.recording.store import Store
+from celery_signal_exporter.recording.worker import install_worker_metrics
 
 log = logging.getLogger("celery_signal_exporter")
 
-#: Message header carrying the UNIX time a task became due: its publish time,
-#: or its ETA when it has one. Queue wait and oldest-message age start there.
-DUE_HEADER = "csx_due"
-#: Added by the worker main process to the request it hands to the pool, so
-#: pool processes know the queue the message really came from.
-QUEUE_HEADER = "csx_queue"
 #: The Ignore that `Task.replace` raises (Celery 5.3+): the run ended by replacing itself.
 REPLACED_MESSAGE = "Replaced by new task"
 #: How much shorter than its hard time limit a run killed by SIGTERM may have lasted and still be counted as
@@ -70,27 +69,6 @@ _RUSAGE_SELF = resource.RUSAGE_SELF
 _thread_time = time.thread_time
 _time = time.time
 _perf_counter = time.perf_counter
-
-
-@dataclass(frozen=True)
-class Options:
-    metrics_dir: str
-    runtime_buckets: tuple[float, ...] = m.DEFAULT_RUNTIME_BUCKETS
-    queue_wait_buckets: tuple[float, ...] = m.DEFAULT_QUEUE_WAIT_BUCKETS
-    memory_growth_buckets: tuple[float, ...] = m.DEFAULT_MEMORY_GROWTH_BUCKETS
-    publish_buckets: tuple[float, ...] = m.DEFAULT_PUBLISH_BUCKETS
-    max_task_names: int = 500
-    max_queue_names: int = 100
-    ignore_tasks: frozenset[str] = frozenset()
-    heartbeat_interval: float = 2.0
-    schedule_refresh: float = 30.0
-    #: Opt-in per-run CPU seconds and memory growth: two clock reads and a getrusage per run cost more than
-    #: the per-task budget of issue 18, so they are off unless asked for (`task_resources`).
-    task_resources: bool = False
-    #: Opt-in publish latency: a clock read in each publish signal and a histogram write (`publish_timing`).
-    publish_timing: bool = False
-    #: Families recorded nowhere (`exclude_metrics`, exclude.py).
-    exclude: re.Pattern[str] | None = None
 
 
 class _Peak:
@@ -901,66 +879,6 @@ def _timestamp(eta: Any) -> float:
     return datetime.fromisoformat(str(eta)).timestamp()
 
 
-def check_buckets(value: Any, option: str, unit: str = "seconds") -> tuple[float, ...]:
-    """Bucket bounds from a list of numbers or a "0.1,1,10" string, checked by the CLI's parser.
-
-    Checked here, at instrument() time, so that a bad list fails the app's
-    import with one line naming the option, never later inside a signal
-    handler. A trailing +Inf, as prometheus-client users write it, is allowed.
-    """
-    if isinstance(value, str):
-        return parse_buckets(value, option, unit)
-    try:
-        items = list(value)
-    except TypeError:
-        raise ValueError(f"{option}: expected a list of {unit}, not {type(value).__name__}") from None
-    if items and not isinstance(items[-1], bool) and isinstance(items[-1], (int, float)) and items[-1] == math.inf:
-        items.pop()
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, (int, float)):
-            raise ValueError(f"{option}: bucket {item!r} is not a number")
-    return parse_buckets(",".join(repr(float(b)) for b in items), option, unit)
-
-
-def _or_env(value: Sequence[float] | str | None, name: str, default: Sequence[float]) -> Sequence[float] | str:
-    """The argument, else CELERY_EXPORTER_<name>, else the default."""
-    if value is not None:
-        return value
-    return os.environ.get(f"CELERY_EXPORTER_{name}") or default
-
-
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
-
-
-#: The opt-in measures' switches, as CELERY_EXPORTER_<name> (`celery-signal-exporter check` validates them).
-OPT_IN_SWITCHES = ("TASK_RESOURCES", "PUBLISH_TIMING")
-
-
-def switch(value: bool, name: str) -> bool:
-    """An opt-in switch: on if the argument is True or CELERY_EXPORTER_<name> says so.
-
-    Checked at instrument() time, so a typo fails the app's import with one line naming
-    the variable instead of silently leaving the measure off.
-    """
-    if not isinstance(value, bool):
-        raise ValueError(f"{name.lower()}: expected True or False, not {value!r}")
-    variable = f"CELERY_EXPORTER_{name}"
-    text = os.environ.get(variable, "").strip().lower()
-    if text not in _TRUE and text not in _FALSE:
-        raise ValueError(f"{variable}: expected 1 or 0 (true/false, yes/no, on/off), not {os.environ[variable]!r}")
-    return value or text in _TRUE
-
-
-def resolve_metrics_dir(metrics_dir: str | None) -> str:
-    directory = metrics_dir_or_env(metrics_dir)
-    if directory is None:
-        raise ValueError(
-            "celery-signal-exporter: no metrics directory; pass metrics_dir= or set "
-            f"{METRICS_DIR_ENV[0]} (or {METRICS_DIR_ENV[1]})"
-        )
-    return directory
-
-
 _active: Instrumentation | None = None
 
 
@@ -998,20 +916,20 @@ def instrument(
     Off, those series are absent and nothing is read for them.
 
     `exclude_metrics` (or CELERY_EXPORTER_EXCLUDE_METRICS): a regex of metric families this process
-    records nothing of (exclude.py), e.g. "celery_task_queue_wait_seconds" for a team that does not
+    records nothing of (options.py), e.g. "celery_task_queue_wait_seconds" for a team that does not
     want per-task queue-wait histograms; `check` names the alerts that would go blind.
     """
     global _active
     # Options are checked on every call, so a bad one fails loudly even where a first call won.
-    runtime = check_buckets(_or_env(runtime_buckets, "RUNTIME_BUCKETS", m.DEFAULT_RUNTIME_BUCKETS), "runtime_buckets")
+    runtime = check_buckets(or_env(runtime_buckets, "RUNTIME_BUCKETS", m.DEFAULT_RUNTIME_BUCKETS), "runtime_buckets")
     queue_wait = check_buckets(
-        _or_env(queue_wait_buckets, "QUEUE_WAIT_BUCKETS", m.DEFAULT_QUEUE_WAIT_BUCKETS), "queue_wait_buckets"
+        or_env(queue_wait_buckets, "QUEUE_WAIT_BUCKETS", m.DEFAULT_QUEUE_WAIT_BUCKETS), "queue_wait_buckets"
     )
     growth = check_buckets(
-        _or_env(memory_growth_buckets, "MEMORY_GROWTH_BUCKETS", m.DEFAULT_MEMORY_GROWTH_BUCKETS),
+        or_env(memory_growth_buckets, "MEMORY_GROWTH_BUCKETS", m.DEFAULT_MEMORY_GROWTH_BUCKETS),
         "memory_growth_buckets", "bytes",
     )
-    publish = check_buckets(_or_env(publish_buckets, "PUBLISH_BUCKETS", m.DEFAULT_PUBLISH_BUCKETS), "publish_buckets")
+    publish = check_buckets(or_env(publish_buckets, "PUBLISH_BUCKETS", m.DEFAULT_PUBLISH_BUCKETS), "publish_buckets")
     for option, cap in (("max_task_names", max_task_names), ("max_queue_names", max_queue_names)):
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
             raise ValueError(f"{option}: must be a whole number of at least 1, not {cap!r}")
@@ -1038,8 +956,6 @@ def instrument(
     )
     inst = Instrumentation(app, options)
     inst.connect()
-    from celery_signal_exporter.worker import install_worker_metrics
-
     install_worker_metrics(app, inst)
     install_beat_metrics(inst)
     _active = inst

@@ -24,22 +24,18 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import Celery, bootsteps, signals
 
 from celery_signal_exporter import catalogue as c
-from celery_signal_exporter import metrics as m
 from celery_signal_exporter.compact import compact, reap
 from celery_signal_exporter.directory import directory_lock
-from celery_signal_exporter.directory import pid_alive as pid_alive  # where the tests and older callers look for it
-from celery_signal_exporter.worker_state import WorkerState
-
-if TYPE_CHECKING:
-    from celery_signal_exporter.receivers import Instrumentation
+from celery_signal_exporter.recording import metrics as m
+from celery_signal_exporter.recording.host import Host
+from celery_signal_exporter.recording.tick import TickThread
+from celery_signal_exporter.recording.worker_state import WorkerState
 
 log = logging.getLogger("celery_signal_exporter")
 
@@ -64,31 +60,8 @@ def runs_tasks_on_its_loop(pool: Any) -> bool:
     return isinstance(pool, SoloPool)
 
 
-class TickThread:
-    """Calls `fn()` every `interval` seconds on a daemon thread until stopped."""
-
-    def __init__(self, interval: float, fn: Callable[[], None]) -> None:
-        self.interval, self.fn = interval, fn
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self.run, name="celery-signal-exporter-tick", daemon=True)
-        self.thread.start()
-
-    def run(self) -> None:
-        while not self.stopping.wait(self.interval):
-            try:
-                self.fn()
-            except Exception:  # noqa: BLE001 - tick() counts its own errors; the thread must live on
-                pass
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop and wait (bounded) for a tick in flight, so that nothing is written after the last word."""
-        self.stopping.set()
-        if self.thread is not threading.current_thread():
-            self.thread.join(timeout)
-
-
 class WorkerMetrics:
-    def __init__(self, inst: Instrumentation) -> None:
+    def __init__(self, inst: Host) -> None:
         self.inst = inst
         self.heartbeat = m.Recorder(inst.store, c.HEARTBEAT)
         self.pool_processes = m.Recorder(inst.store, c.POOL_PROCESSES)
@@ -150,7 +123,7 @@ class WorkerMetrics:
             self.inst.handler_failed("worker_shutdown", exc)
 
 
-def install_worker_metrics(app: Celery, inst: Instrumentation) -> None:
+def install_worker_metrics(app: Celery, inst: Host) -> None:
     worker_metrics = WorkerMetrics(inst)
     interval = inst.options.heartbeat_interval
 
