@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,8 +15,16 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import boto3
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from celery_signal_exporter import catalogue as c
+from celery_signal_exporter.directory import read_entries
+from celery_signal_exporter.recording import metrics as m
+from celery_signal_exporter.recording.store import Store
+from celery_signal_exporter.server.collect import DirectoryCollector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: PYTHONPATH for child processes: this checkout's tests and its package source, ahead of any
@@ -152,7 +161,6 @@ def worker(env: dict[str, str], tmp: str, *args: str, concurrency: int = 2, pool
            hostname: str | None = None, launcher: Sequence[str] = ()) -> Iterator[WorkerProcess]:
     """A real `celery worker` on `app` (tests.workload_app), ready once its heartbeat is on disk.
     `launcher`: a command that execs the worker command given as its arguments."""
-    from celery_signal_exporter.server.collect import DirectoryCollector
 
     hostname = hostname or f"w{uuid.uuid4().hex[:6]}@test"
     log_path = os.path.join(tmp, f"worker-{hostname}.log")
@@ -190,3 +198,146 @@ def worker(env: dict[str, str], tmp: str, *args: str, concurrency: int = 2, pool
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+def write_as_dead_process(directory: str, body: Callable[[Store], None]) -> int:
+    """Fork, write with a fresh store in the child, exit; returns the dead child's pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            store = Store(directory)
+            body(store)
+        except BaseException:  # noqa: BLE001 - report through the exit code
+            code = 1
+        os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+    return pid
+
+
+def running_children(metrics_dir: str, task: str) -> set[int]:
+    """Pids whose live file shows `task` in progress (a killed one's until it is reaped)."""
+    pids = set()
+    for name in os.listdir(metrics_dir):
+        if not name.startswith("gauge_livesum_"):
+            continue
+        try:
+            with open(os.path.join(metrics_dir, name), "rb") as f:
+                entries = list(read_entries(f.read()))
+        except (OSError, ValueError):
+            continue
+        if any("celery_task_in_progress" in key and f'"{task}"' in key and v > 0 for key, v, _ in entries):
+            pids.add(int(name[len("gauge_livesum_"):-3].split("-")[0]))
+    return pids
+
+
+JUNK = 50_000
+
+
+def make_junk(directory: str, n: int = JUNK) -> None:
+    """Foreign and damaged files under our names, and names that are nobody's: a third of each."""
+    os.makedirs(directory, exist_ok=True)
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            open(os.path.join(directory, f"counter_{900000 + i}.db"), "wb").close()  # empty
+        elif kind == 1:  # garbage: a header no reader accepts, so nobody may judge or delete it
+            with open(os.path.join(directory, f"gauge_livesum_{900000 + i}.db"), "wb") as f:
+                f.write(b"\xff\xff\xff\x7f" + i.to_bytes(8, "little") * 7)
+        else:
+            with open(os.path.join(directory, f"junk-{i}.txt"), "wb") as f:
+                f.write(b"not ours")
+
+
+def settle(directory: str) -> None:
+    """Age the directory's mtime past the window in which a listing is not trusted (no sleeping)."""
+    past = time.time() - 10
+    os.utime(directory, (past, past))
+
+
+KEY, SECRET = "AKIDCSXTEST", "s3cr/t+key@#"  # moto without auth accepts any key
+REGION = "us-east-1"
+
+
+def broker_url(endpoint: str, key: str = KEY, secret: str = SECRET) -> str:
+    from urllib.parse import quote
+
+    return f"sqs://{quote(key, safe='')}:{quote(secret, safe='')}@{endpoint.removeprefix('http://')}"
+
+
+def sqs_client(endpoint: str) -> Any:
+    return boto3.client("sqs", endpoint_url=endpoint, region_name=REGION, aws_access_key_id=KEY,
+                        aws_secret_access_key=SECRET)
+
+
+
+
+class RedisServer:
+    """A private redis-server that a test may kill and start again."""
+
+    def __init__(self, *args: str) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed; bash .ci/services.sh installs it", pytrace=False)
+        self.binary = binary
+        self.args = args
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                *self.args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"private redis-server exited with {self.proc.returncode}", pytrace=False)
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        pytest.fail(f"private redis-server did not listen on {self.port}", pytrace=False)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail("promtool not found: install Debian's `prometheus` package (bash .ci/tools.sh does)", pytrace=False)
+    return path
+
+
+def files(directory: str) -> list[str]:
+    return sorted(f for f in os.listdir(directory) if not f.startswith("."))
+
+
+def one_task(i: int) -> Callable[[Store], None]:
+    def body(store: Store) -> None:
+        m.Recorder(store, c.SENT).labels("a", "q").inc()
+        m.Recorder(store, c.RUNTIME, (0.1, 1)).labels("a", "q").observe(0.5)
+        m.Recorder(store, c.IN_PROGRESS).labels("a", "q").inc()  # died mid-task: must not be counted
+        m.Recorder(store, c.LAST_SUCCESS).labels("a").set(1000.0 + i)
+    return body

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from tests.objectives_sim import first_pages, series, simulate
-from tests.test_alert_rules import ROOT, RULES
+from tests.rules_support import ROOT, RULES
 
 ONSET = 1800
 UNTIL = ONSET + 9000

@@ -22,7 +22,8 @@ from typing import Any
 import yaml
 from prometheus_client.utils import floatToGoString
 
-from tests.test_alert_rules import PROBE, WORKER, promtool
+from tests.harness import promtool
+from tests.rules_support import PROBE, WORKER
 
 STEP = 30  # seconds between samples and between rule evaluations, as deploy/examples/prometheus.yml
 

@@ -7,70 +7,16 @@ we expect Prometheus to print written out by hand.
 from __future__ import annotations
 
 import dataclasses
-import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
-from celery_signal_exporter.mixin import panels
-from celery_signal_exporter.mixin.config import PRODUCTION, Config, RunLimit
+from celery_signal_exporter.mixin.config import PRODUCTION, RunLimit
 from celery_signal_exporter.mixin.rules import alerts, rule_groups
-
-ROOT = Path(__file__).resolve().parent.parent
-RULES = ROOT / "deploy/prometheus/celery-rules.yml"
-NS = 'namespace="prod"'
-PROBE = f'job="celery-probe", {NS}'
-WORKER = f'job="celery-worker", {NS}'
-BEAT = f'job="celery-beat", {NS}'
-
-
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail("promtool not found: install Debian's `prometheus` package (bash .ci/tools.sh does)", pytrace=False)
-    return path
-
-
-def expected(alert: str, labels: dict[str, str], value: str = "", config: Config = PRODUCTION,
-             wait: str = "") -> dict[str, Any]:
-    """The alert's labels and annotations as Prometheus should render them for `labels` and `value`."""
-    rule = [a for a in alerts(config) if a.name == alert][-1]  # the last: the default objective's
-
-    def fill(template: str) -> str:
-        # A `with ... query` block renders `wait` where the case gives one, else nothing.
-        template = re.sub(r"\{\{ with .*? \}\}(.*?)\{\{ \. \| first \| value \| \w+ \}\}(.*?)\{\{ end \}\}",
-                          lambda m: f"{m.group(1)}{wait}{m.group(2)}" if wait else "", template)
-        template = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), template)
-        return re.sub(r"\{\{ \$value \| \w+ \}\}", value, template)
-
-    return {
-        "exp_labels": {**labels, "severity": rule.severity, **rule.labels},
-        "exp_annotations": {
-            "summary": rule.summary,
-            "description": fill(rule.description),
-            "runbook_url": f"{config.runbook_url}#{alert.lower()}",
-            "dashboard_url": panels.url(config, *rule.panel),
-        },
-    }
-
-
-def case(
-    alert: str, series: list[tuple[str, str]], at: str, firing: list[dict[str, Any]], interval: str = "1m"
-) -> dict[str, Any]:
-    return {
-        "interval": interval,
-        "input_series": [{"series": s, "values": v} for s, v in series],
-        "alert_rule_test": [{"eval_time": at, "alertname": alert, "exp_alerts": firing}],
-    }
-
-
-def ql(metric: str, labels: str) -> str:
-    return f"{metric}{{{labels}}}"
-
+from tests.harness import promtool
+from tests.rules_support import BEAT, NS, PROBE, RULES, WORKER, case, expected, ql
 
 CASES: list[dict[str, Any]] = [
     case(

@@ -27,8 +27,9 @@ import yaml
 from celery_signal_exporter.mixin.config import PRODUCTION, seconds
 from celery_signal_exporter.mixin.dashboards import render
 from celery_signal_exporter.mixin.dashboards import tasks as tasks_dashboard
-from tests.test_alert_rules import NS, PROBE, RULES, WORKER, expected, promtool, ql
-from tests.test_mixin import substitute
+from tests.harness import promtool
+from tests.mixin_support import substitute
+from tests.rules_support import NS, PROBE, RULES, WORKER, expected, ql
 
 STEP = 30  # seconds between samples, and between rule evaluations
 ONSET = 600  # the overload starts 10 minutes in, after a quiet (or balanced) history

@@ -17,7 +17,8 @@ import yaml
 
 from celery_signal_exporter.mixin.config import PRODUCTION, seconds
 from tests import test_alert_rules as alert_rules
-from tests.test_alert_rules import RULES, case, promtool, ql
+from tests.harness import promtool
+from tests.rules_support import RULES, case, ql
 
 STEP = 30  # seconds: the production scrape and evaluation interval (deploy/examples/prometheus.yml)
 NS = 'namespace="prod"'

@@ -22,8 +22,9 @@ import pytest
 from celery_signal_exporter.mixin.config import PRODUCTION, QueueObjective, check_objectives, seconds
 from celery_signal_exporter.mixin.generate import to_yaml
 from celery_signal_exporter.mixin.rules import rule_groups
+from tests.harness import promtool
 from tests.objectives_sim import first_pages, series, simulate
-from tests.test_alert_rules import RULES, promtool
+from tests.rules_support import RULES
 
 ONSET = 1800  # half an hour of history before an overload starts
 UNTIL = ONSET + 3900  # the longest target (60 min) and a scrape or two

@@ -25,13 +25,10 @@ import yaml
 from celery_signal_exporter.mixin.config import short_profile
 from celery_signal_exporter.mixin.rules import rule_groups
 from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
+from tests.catalogue_support import BEAT, documented, exposed
 from tests.harness import ROOT, env_for, exporter, free_port, has, value, wait_until, worker
+from tests.mixin_support import PERIODIC_DASHBOARD, dashboards, panels, substitute
 from tests.stack import Prometheus, prometheus
-from tests.test_catalogue import BEAT, documented, exposed
-from tests.test_mixin import dashboards, panels, substitute
-
-#: Its panels have data only where beat runs: this module checks them (test_monitoring_e2e, the others).
-PERIODIC_DASHBOARD = "celery-periodic.json"
 
 #: No Alertmanager: these tests read alert states from Prometheus itself.
 NO_ALERTMANAGER = "http://127.0.0.1:9"

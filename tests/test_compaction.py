@@ -7,11 +7,8 @@ their writer lock, exactly as in a worker.
 from __future__ import annotations
 
 import errno
-import itertools
-import multiprocessing
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,6 +21,7 @@ from celery_signal_exporter.directory import LOCK_NAME, read_entries
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import MetricFile, Store, open_owned
 from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
+from tests.harness import files, one_task, write_as_dead_process
 
 SENT = 'celery_task_sent_total{name="a",queue_name="q"}'
 RUNTIME_COUNT = 'celery_task_runtime_seconds_count{name="a",queue_name="q"}'
@@ -31,34 +29,6 @@ RUNTIME_SUM = 'celery_task_runtime_seconds_sum{name="a",queue_name="q"}'
 IN_PROGRESS = 'celery_task_in_progress{name="a",queue_name="q"}'
 LAST_SUCCESS = 'celery_task_last_success_timestamp_seconds{name="a"}'
 BEAT = "celery_worker_heartbeat_timestamp_seconds"
-
-
-def write_as_dead_process(directory: str, body: Callable[[Store], None]) -> int:
-    """Fork, write with a fresh store in the child, exit; returns the dead child's pid."""
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            store = Store(directory)
-            body(store)
-        except BaseException:  # noqa: BLE001 - report through the exit code
-            code = 1
-        os._exit(code)
-    assert os.waitpid(pid, 0)[1] == 0
-    return pid
-
-
-def one_task(i: int) -> Callable[[Store], None]:
-    def body(store: Store) -> None:
-        m.Recorder(store, c.SENT).labels("a", "q").inc()
-        m.Recorder(store, c.RUNTIME, (0.1, 1)).labels("a", "q").observe(0.5)
-        m.Recorder(store, c.IN_PROGRESS).labels("a", "q").inc()  # died mid-task: must not be counted
-        m.Recorder(store, c.LAST_SUCCESS).labels("a").set(1000.0 + i)
-    return body
-
-
-def files(directory: str) -> list[str]:
-    return sorted(f for f in os.listdir(directory) if not f.startswith("."))
 
 
 def stock(directory: str) -> str:
@@ -226,56 +196,6 @@ def test_a_live_gauge_file_is_replaced_not_inherited_and_never_half_made(tmp_pat
         assert list(read_entries(raw.read())) == []
     again.close()
     assert not [n for n in os.listdir(d) if n.endswith(".tmp")]
-
-
-def _churn(directory: str, n: int, scraping: Any) -> None:
-    """n processes in a row, each counting 1 and exiting, as recycled children do.
-
-    Halfway through it waits until the test has scraped a few times, so that scrapes
-    overlap the churn however fast or slow this machine is at the moment."""
-    for i in range(n):
-        if i == n // 2 and not scraping.wait(timeout=120):
-            raise SystemExit("no scrapes arrived within 120 s")
-        write_as_dead_process(directory, one_task(i))
-
-
-def _compactor(directory: str, until: str) -> None:
-    while not os.path.exists(until):
-        compaction.compact(directory, max_files=7)
-    compaction.compact(directory, max_files=1 << 30)
-
-
-def test_concurrent_compactors_scrapes_and_churn_stay_exact(tmp_path: Any) -> None:
-    d, stop = str(tmp_path / "m"), str(tmp_path / "stop")
-    os.makedirs(d)
-    ctx = multiprocessing.get_context("fork")
-    n = 300
-    scraping = ctx.Event()
-    churners = [ctx.Process(target=_churn, args=(d, n, scraping)) for _ in range(2)]
-    compactors = [ctx.Process(target=_compactor, args=(d, stop)) for _ in range(2)]
-    for p in churners + compactors:
-        p.start()
-    collector = DirectoryCollector(d)
-    seen = []
-    while any(p.is_alive() for p in churners):
-        s = merged_samples(collector)
-        seen.append((s.get(SENT, 0), s.get(RUNTIME_COUNT, 0)))
-        if len(seen) == 3:
-            scraping.set()
-    for p in churners:
-        p.join()
-        assert p.exitcode == 0
-    open(stop, "w").close()
-    for p in compactors:
-        p.join()
-        assert p.exitcode == 0
-    assert len(seen) >= 3, "scrapes really ran during the churn"
-    assert all(a <= b for a, b in itertools.pairwise(seen)), "a count went down: something was lost"
-    assert max(v for v, _ in seen) <= 2 * n and max(v for _, v in seen) <= 2 * n, "something was counted twice"
-    s = merged_samples(collector)
-    assert (s[SENT], s[RUNTIME_COUNT]) == (2 * n, 2 * n)
-    assert collector.last.files_unreadable == 0
-    assert files(d) == ["counter_archive.db", "gauge_max_archive.db", "histogram_archive.db"], "only archives left"
 
 
 def test_foreign_prometheus_client_files_are_never_compacted(tmp_path: Any) -> None:

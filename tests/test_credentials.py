@@ -35,8 +35,7 @@ import httpx
 import pytest
 
 from tests.conftest import AMQP_HOST, AMQP_PORT, RABBIT_MGMT_PORT
-from tests.harness import PYTHONPATH, ROOT, free_port, parse, value, wait_until
-from tests.test_probe_loop import RedisServer
+from tests.harness import PYTHONPATH, ROOT, RedisServer, free_port, parse, value, wait_until
 
 #: Fragments chosen not to occur in normal output; the separators are the
 #: characters that break URL parsing.

@@ -9,8 +9,7 @@ from pathlib import Path
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
-from tests.harness import exporter, value, wait_until
-from tests.test_compaction import write_as_dead_process
+from tests.harness import exporter, value, wait_until, write_as_dead_process
 
 
 def publish_and_die(directory: str, n: int) -> None:

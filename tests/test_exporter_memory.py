@@ -23,7 +23,7 @@ from celery_signal_exporter import catalogue as c
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
 from tests.harness import exporter
-from tests.test_http_limits import rss_mb
+from tests.http_support import rss_mb
 
 SECONDS = 30.0
 MAX_GROWTH_MB = 2.0

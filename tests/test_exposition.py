@@ -108,7 +108,7 @@ def test_laid_out_families_from_a_real_merge_encode_like_prometheus_client(tmp_p
     from celery_signal_exporter.recording import metrics as m
     from celery_signal_exporter.recording.store import Store
     from celery_signal_exporter.server.collect import DirectoryCollector, LaidOut
-    from tests.test_compaction import write_as_dead_process
+    from tests.harness import write_as_dead_process
 
     def body(store: Store) -> None:
         for name in ("t.ok", HOSTILE, "ünï"):

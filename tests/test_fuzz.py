@@ -24,7 +24,7 @@ import httpx
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
-from tests.test_http_security import PASSWORD, USER, make_pki, serve, web_config
+from tests.http_support import PASSWORD, USER, make_pki, serve, web_config
 
 MAX_EXAMPLES = "150"
 SEED = "20261121"

@@ -12,7 +12,6 @@ never exact.
 from __future__ import annotations
 
 import gzip
-import select
 import socket
 import ssl
 import time
@@ -22,29 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from celery_signal_exporter import catalogue as c
-from celery_signal_exporter.recording import metrics as m
-from celery_signal_exporter.recording.store import Store
 from celery_signal_exporter.server._http import choose_encoding
 from tests.harness import ExporterProcess, exporter, parse, wait_until
-from tests.test_http_security import make_pki, serve, web_config
-
-SLACK = 8.0  # seconds past a timeout before a still-open connection fails a test
-CLOSED = select.POLLHUP | select.POLLERR | select.POLLRDHUP
-
-
-def fill(directory: Path, names: int) -> None:
-    """A metrics directory whose /metrics is about 5.6 kB per task name (8.5 MB at 1500)."""
-    directory.mkdir(exist_ok=True)
-    store = Store(str(directory))
-    runtime = m.Recorder(store, c.RUNTIME, [0.001 * 2 ** i for i in range(20)])
-    sent = m.Recorder(store, c.SENT)
-    for i in range(names):
-        name = f"app.tasks.some_module.task_number_{i:05d}"
-        for queue in ("default", "priority"):
-            runtime.labels(name, queue).observe(0.5)
-            sent.labels(name, queue).inc()
-    store.close()
+from tests.http_support import SLACK, closed_by_server, connect, fill, make_pki, serve, web_config
 
 
 @pytest.fixture
@@ -62,40 +41,11 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExporterProcess]
         yield ex
 
 
-def connect(ex: ExporterProcess, n: int, request: bytes = b"", rcvbuf: int | None = None) -> list[socket.socket]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        if rcvbuf:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        s.connect(("127.0.0.1", ex.port))
-        if request:
-            s.sendall(request)
-        socks.append(s)
-    return socks
-
-
-def closed_by_server(socks: list[socket.socket], how: int = CLOSED) -> int:
-    """How many of `socks` the server has closed (FIN or RST; POLLERR: RST only), without reading them."""
-    poller = select.poll()
-    for s in socks:
-        poller.register(s, select.POLLIN | select.POLLRDHUP)
-    return sum(1 for _, events in poller.poll(0) if events & how)
-
-
 def wait_all_closed(socks: list[socket.socket], timeout: float, what: str) -> float:
     """Seconds until the server had closed every socket; fails after `timeout`."""
     start = time.monotonic()
     wait_until(lambda: closed_by_server(socks) == len(socks), timeout, what, interval=0.1)
     return time.monotonic() - start
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def close_all(socks: list[socket.socket]) -> None:

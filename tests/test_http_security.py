@@ -8,131 +8,20 @@ localhost signed by it, and a client certificate for the mutual-TLS case.
 from __future__ import annotations
 
 import base64
-import datetime
-import ipaddress
 import os
 import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import bcrypt
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.harness import PYTHONPATH, ROOT, free_port, wait_until
+from tests.harness import PYTHONPATH, ROOT, free_port
+from tests.http_support import PASSWORD, USER, make_pki, serve, web_config
 
-USER = "prometheus"
-#: Awkward on purpose: colon (the basic-auth separator), unicode, quotes.
-PASSWORD = "s3:cr\u00e9t \"p@ss\" \u2603"
 PROTECTED = ["/metrics", "/readyz", "/", "/openapi.json"]
-
-
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
-def _write(path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> tuple[str, str]:
-    key_path, cert_path = path.with_suffix(".key"), path.with_suffix(".crt")
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return str(cert_path), str(key_path)
-
-
-def make_pki(directory: Path) -> dict[str, str]:
-    """ca.crt, server.crt/key (127.0.0.1, ::1, localhost) and client.crt/key, all signed by the CA."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(_name("csx test CA")).issuer_name(_name("csx test CA"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    out = {"ca": _write(directory / "ca", ca_key, ca)[0]}
-
-    def leaf(name: str, usage: x509.ObjectIdentifier, san: list[x509.GeneralName]) -> None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(ca.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName(san), critical=False)
-                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        out[name + "_cert"], out[name + "_key"] = _write(directory / name, key, cert)
-
-    leaf("server", ExtendedKeyUsageOID.SERVER_AUTH, [
-        x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        x509.IPAddress(ipaddress.ip_address("::1"))])
-    leaf("client", ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("scraper")])
-    return out
-
-
-def web_config(path: Path, *, tls: dict[str, str] | None = None, users: dict[str, str] | None = None) -> str:
-    """Write an exporter-toolkit web-config file (YAML) and return its path."""
-    import yaml
-
-    data: dict[str, object] = {}
-    if tls is not None:
-        data["tls_server_config"] = tls
-    if users is not None:
-        data["basic_auth_users"] = {u: bcrypt.hashpw(p.encode(), bcrypt.gensalt(4)).decode() for u, p in users.items()}
-    path.write_text(yaml.safe_dump(data, allow_unicode=True))
-    return str(path)
-
-
-class Served:
-    def __init__(self, proc: subprocess.Popen[str], base: str, log_path: str) -> None:
-        self.proc, self.base, self.log_path = proc, base, log_path
-
-    def log(self) -> str:
-        return Path(self.log_path).read_text(errors="replace")
-
-
-@contextmanager
-def serve(tmp: Path, *args: str, host: str = "127.0.0.1", scheme: str = "http",
-          verify: ssl.SSLContext | bool = True) -> Iterator[Served]:
-    """`serve` as a real process, up once /healthz (never protected) answers."""
-    port = free_port()
-    metrics = tmp / "metrics"
-    metrics.mkdir(exist_ok=True)
-    log_path = str(tmp / f"serve-{port}.log")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_EXPORTER_")}
-    env["PYTHONPATH"] = PYTHONPATH
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "celery_signal_exporter.cli",
-                                 "serve", "--host", host, "--port", str(port),
-                                 "--metrics-dir", str(metrics), *args],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    bracketed = host if host.startswith("[") else f"[{host}]" if ":" in host else host
-    netloc = f"{bracketed}:{port}"
-    served = Served(proc, f"{scheme}://{netloc}", log_path)
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited {proc.returncode}:\n{served.log()}")
-        try:
-            return httpx.get(served.base + "/healthz", verify=verify, timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(up, 30, "serve to answer /healthz")
-        yield served
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def basic(user: str, password: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.harness import exporter
-from tests.test_http_limits import closed_by_server, connect, fill, rss_mb
+from tests.http_support import closed_by_server, connect, fill, rss_mb
 
 GET_METRICS = b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 

@@ -33,9 +33,9 @@ import pytest
 
 from celery_signal_exporter.mixin.config import PRODUCTION, Config, QueueObjective, scaled, seconds
 from tests.harness import env_for, worker
+from tests.incident_queues import APP, LATE, Poller, Rig, anchor_page, first_page, poller, prod, suite
 from tests.incident_stack import PROFILE, K, Measure, Stack, incident_stack, probe, report, sidecar
 from tests.stack import redis_server
-from tests.test_incidents_queues import APP, LATE, Poller, Rig, anchor_page, first_page, poller, prod, suite
 
 pytestmark = pytest.mark.incident
 

@@ -19,11 +19,11 @@ import pytest
 
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import compact as compaction
-from celery_signal_exporter.directory import is_lost_runs, pid_alive, read_entries
+from celery_signal_exporter.directory import is_lost_runs, pid_alive
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
 from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
-from tests.harness import ROOT, Samples, env_for, exporter, produce, value, wait_until, worker
+from tests.harness import ROOT, Samples, env_for, exporter, produce, running_children, value, wait_until, worker
 
 LOST = 'celery_task_failed_total{exception="WorkerLostError",name="a",queue_name="q"}'
 
@@ -32,22 +32,6 @@ def publish(env: dict[str, str], task: str, *args: float) -> None:
     """Publish one task by name from a real, instrumented producer process."""
     code = f"from tests.workload_app import app; app.send_task({task!r}, args={list(args)!r}, queue='alpha')"
     subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True, timeout=60)
-
-
-def running_children(metrics_dir: str, task: str) -> set[int]:
-    """Pids whose live file shows `task` in progress (a killed one's until it is reaped)."""
-    pids = set()
-    for name in os.listdir(metrics_dir):
-        if not name.startswith("gauge_livesum_"):
-            continue
-        try:
-            with open(os.path.join(metrics_dir, name), "rb") as f:
-                entries = list(read_entries(f.read()))
-        except (OSError, ValueError):
-            continue
-        if any("celery_task_in_progress" in key and f'"{task}"' in key and v > 0 for key, v, _ in entries):
-            pids.add(int(name[len("gauge_livesum_"):-3].split("-")[0]))
-    return pids
 
 
 def lost_run_files(metrics_dir: str) -> list[str]:

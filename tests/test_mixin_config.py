@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,16 +20,8 @@ from celery_signal_exporter.mixin.config import PRODUCTION, Config, load
 from celery_signal_exporter.mixin.generate import LAYOUT, generated, outputs, repository_root
 from celery_signal_exporter.mixin.generate import main as generate_main
 from celery_signal_exporter.mixin.rules import alerts, rule_groups
-from tests.test_mixin import ROOT, promtool, substitute, vector_selectors
+from tests.mixin_support import MINE, ROOT, substitute, vector_selectors
 
-MINE = """\
-selector: 'job="celery-prod", env="eu"'
-group_labels: [cluster, namespace]
-disabled_alerts: [CeleryWorkerDown]
-ignore_tasks: 'celery\\.backend_cleanup|proj\\.internal\\..*'
-ignore_queues: 'celeryev\\..*'
-grafana_url: https://grafana.example.com/
-"""
 SELECTOR = {'job="celery-prod"', 'env="eu"'}
 # As the parser prints them: the regexes themselves, unquoted.
 IGNORES = {'name!~"celery\\.backend_cleanup|proj\\.internal\\..*"', 'queue_name!~"celeryev\\..*"'}
@@ -136,15 +127,6 @@ def test_a_disabled_alert_is_absent(out: Path, config: Config) -> None:
     production = json.loads(generated(PRODUCTION)["dashboards/celery-overview.json"])
     (workers_up,) = [p for p in production["panels"] if p["title"] == "Workers up"]
     assert workers_up["description"].endswith("\n\nAlerts: CeleryWorkerDown.")
-
-
-def test_promtool_checks_the_generated_rules(out: Path) -> None:
-    run = subprocess.run(
-        [promtool(), "check", "rules", str(out / "prometheus-rules.yaml")], capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    operator = yaml.safe_load((out / "prometheusrule.yaml").read_text())
-    assert operator["spec"] == yaml.safe_load((out / "prometheus-rules.yaml").read_text())
 
 
 @pytest.mark.parametrize("which", ["mine", "production"])

@@ -32,11 +32,9 @@ from celery_signal_exporter.mixin.config import short_profile
 from celery_signal_exporter.mixin.dashboards import DASHBOARDS
 from celery_signal_exporter.mixin.rules import rule_groups
 from tests.conftest import MotoServer
-from tests.harness import ROOT, env_for, exporter, produce, wait_until, worker
+from tests.harness import REGION, ROOT, broker_url, env_for, exporter, produce, sqs_client, wait_until, worker
+from tests.mixin_support import PERIODIC_DASHBOARD, dashboards, panels, substitute
 from tests.stack import Prometheus, Webhook, alertmanager, prometheus, redis_server
-from tests.test_beat import PERIODIC_DASHBOARD
-from tests.test_mixin import dashboards, panels, substitute
-from tests.test_probe_sqs import REGION, broker_url, sqs_client
 
 # The three alerts of danihodovic/celery-exporter's mixin, with its default
 # selector and windows; `for` is shortened from 1m/20m/15m so the test ends.

@@ -42,6 +42,7 @@ from tests.harness import (
     PYTHONPATH,
     ROOT,
     ExporterProcess,
+    RedisServer,
     Samples,
     env_for,
     exporter,
@@ -51,7 +52,6 @@ from tests.harness import (
     wait_until,
     worker,
 )
-from tests.test_probe_loop import RedisServer
 
 #: Seconds between probes (and the probe timeout) given to the exporter.
 INTERVAL = 1.0

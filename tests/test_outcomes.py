@@ -29,8 +29,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import AMQP_HOST, RABBIT_MGMT_PORT
-from tests.harness import ROOT, Samples, env_for, exporter, value, wait_until, worker
-from tests.test_lost_runs import running_children
+from tests.harness import ROOT, Samples, env_for, exporter, running_children, value, wait_until, worker
 
 #: The counters a started run can end in: (family, the labels that pick the outcome).
 OUTCOMES_OF_STARTED: tuple[tuple[str, dict[str, str]], ...] = (

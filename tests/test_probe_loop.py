@@ -9,9 +9,7 @@ ports where nothing answers. The only timing assertions are generous
 from __future__ import annotations
 
 import logging
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -30,6 +28,7 @@ from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe, RabbitMQSettin
 from celery_signal_exporter.probes.redis import RedisProbe
 from celery_signal_exporter.redact import redact_url, scrub, secrets_of
 from celery_signal_exporter.server.probe_loop import LoopOptions, ProbeGroup, ProbeLoop, build_probe_loops
+from tests.harness import RedisServer
 
 # -- helpers ----------------------------------------------------------------
 
@@ -38,57 +37,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A private redis-server that a test may kill and start again."""
-
-    def __init__(self, *args: str) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed; bash .ci/services.sh installs it", pytrace=False)
-        self.binary = binary
-        self.args = args
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                *self.args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"private redis-server exited with {self.proc.returncode}", pytrace=False)
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        pytest.fail(f"private redis-server did not listen on {self.port}", pytrace=False)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
 
 
 @pytest.fixture

@@ -26,38 +26,29 @@ from celery_signal_exporter.probes.sqs import SQSProbe, entity_name
 from celery_signal_exporter.server.probe_loop import LoopOptions, ProbeLoop
 from tests.conftest import MotoServer
 from tests.harness import (
+    KEY,
     PYTHONPATH,
+    REGION,
     ROOT,
+    SECRET,
     ExporterProcess,
     Samples,
+    broker_url,
     env_for,
     exporter,
     free_port,
     has,
+    sqs_client,
     value,
     wait_until,
     worker,
 )
-
-KEY, SECRET = "AKIDCSXTEST", "s3cr/t+key@#"  # moto without auth accepts any key
-REGION = "us-east-1"
-
-
-def broker_url(endpoint: str, key: str = KEY, secret: str = SECRET) -> str:
-    from urllib.parse import quote
-
-    return f"sqs://{quote(key, safe='')}:{quote(secret, safe='')}@{endpoint.removeprefix('http://')}"
 
 
 def transport(prefix: str, **extra: Any) -> dict[str, Any]:
     # Short long-polls keep the tests quick; the probe reads only region and prefix.
     return {"region": REGION, "queue_name_prefix": prefix, "wait_time_seconds": 1, "polling_interval": 0.2,
             "visibility_timeout": 60, **extra}
-
-
-def sqs_client(endpoint: str) -> Any:
-    return boto3.client("sqs", endpoint_url=endpoint, region_name=REGION, aws_access_key_id=KEY,
-                        aws_secret_access_key=SECRET)
 
 
 def produce(env: dict[str, str], scenario: str, *args: str | int) -> Any:

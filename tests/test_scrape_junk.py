@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from celery_signal_exporter.server.service import Exporter, ServiceConfig
-from tests.test_http_limits import fill
-from tests.test_worker_tick import make_junk, settle
+from tests.harness import make_junk, settle
+from tests.http_support import fill
 
 SCRAPES = 40
 ROUNDS = 3

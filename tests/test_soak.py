@@ -50,8 +50,19 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import PYTHONPATH, ROOT, Samples, WorkerProcess, env_for, free_port, parse, value, wait_until, worker
-from tests.test_probe_loop import RedisServer
+from tests.harness import (
+    PYTHONPATH,
+    ROOT,
+    RedisServer,
+    Samples,
+    WorkerProcess,
+    env_for,
+    free_port,
+    parse,
+    value,
+    wait_until,
+    worker,
+)
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(480)]
 

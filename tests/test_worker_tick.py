@@ -15,9 +15,7 @@ from celery_signal_exporter import compact as compaction
 from celery_signal_exporter.directory import series_key
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store, open_owned
-from tests.harness import Samples, env_for, exporter, produce, value, wait_until, worker
-
-JUNK = 50_000
+from tests.harness import JUNK, Samples, env_for, exporter, make_junk, produce, settle, value, wait_until, worker
 
 
 def test_a_solo_worker_busy_with_a_long_task_reads_up(redis_url: str, tmp_path: Path) -> None:
@@ -62,21 +60,6 @@ def test_a_solo_worker_busy_with_a_long_task_reads_up(redis_url: str, tmp_path: 
     print(f"\nsolo: {len(during)} scrapes over {during[-1][0]:.0f} s of an 18 s task, all up 1, active 1, pool 1")
 
 
-def make_junk(directory: str, n: int = JUNK) -> None:
-    """Foreign and damaged files under our names, and names that are nobody's: a third of each."""
-    os.makedirs(directory, exist_ok=True)
-    for i in range(n):
-        kind = i % 3
-        if kind == 0:
-            open(os.path.join(directory, f"counter_{900000 + i}.db"), "wb").close()  # empty
-        elif kind == 1:  # garbage: a header no reader accepts, so nobody may judge or delete it
-            with open(os.path.join(directory, f"gauge_livesum_{900000 + i}.db"), "wb") as f:
-                f.write(b"\xff\xff\xff\x7f" + i.to_bytes(8, "little") * 7)
-        else:
-            with open(os.path.join(directory, f"junk-{i}.txt"), "wb") as f:
-                f.write(b"not ours")
-
-
 def fingerprint(directory: str, names: set[str]) -> str:
     """A digest of the names given and their contents, to show that nothing was touched."""
     digest = hashlib.sha256()
@@ -84,12 +67,6 @@ def fingerprint(directory: str, names: set[str]) -> str:
         with open(os.path.join(directory, name), "rb") as f:
             digest.update(name.encode() + b"\0" + f.read())
     return digest.hexdigest()
-
-
-def settle(directory: str) -> None:
-    """Age the directory's mtime past the window in which a listing is not trusted (no sleeping)."""
-    past = time.time() - 10
-    os.utime(directory, (past, past))
 
 
 def write_dead(directory: str, sent: int) -> int:
