@@ -6,7 +6,7 @@
 # The build stage installs the package into a virtualenv; the final stage
 # copies only that virtualenv onto a fresh slim base, so nothing used to build
 # (pip's caches, the source tree, setuptools' build directories) ships.
-# tests/test_deploy.py runs the build stage's COPY and RUN steps in a fresh
+# tests/integration/test_deploy.py runs the build stage's COPY and RUN steps in a fresh
 # virtualenv exactly as written here, with VIRTUAL_ENV and WORKDIR pointed at
 # temporary directories: keep every path in a RUN step behind those two.
 

@@ -8,7 +8,7 @@ series on the real exporters' /metrics: the worker pod's, the producer's and a
 broker probe's. It writes the figures into docs/cardinality.md, whose prose and
 tables are rendered from them; the figures travel in the page as a JSON
 comment, so `--check` re-renders without measuring and
-tests/test_cardinality.py re-measures 10 and 50 names and compares.
+tests/integration/test_cardinality.py re-measures 10 and 50 names and compares.
 
 The event-based exporter's figures are not measured against a running copy of
 it: they are counted from the families its source builds (the metric names,

@@ -97,7 +97,7 @@ every run is seen in progress, as a run of seconds is at the default 2 s).
 A producer with a metrics directory of its own published one run of each of
 10, then 50, then 200 names; after each step the series were counted by
 family. `python -m tests.cardinality` measures again and rewrites this page;
-`tests/test_cardinality.py` measures 10 and 50 names again and fails when a
+`tests/integration/test_cardinality.py` measures 10 and 50 names again and fails when a
 figure here is no longer true.
 
 In short: a worker pod costs **{d_pair} series per (task, queue)** with the
@@ -285,7 +285,7 @@ Without the queue-wait histogram ours is {d_pair - d['worker'][mid]['per_pair'].
    it saves is that family's row in the table above, times the pairs: the
    queue-wait histogram alone is {d['worker'][mid]['per_pair'].get(c.QUEUE_WAIT.name, 0)} of the {d_pair}.
    An excluded family is written nowhere in the workers, so nothing of it reaches a file or a series
-   (tests/test_exclude.py). docs/metric-usage.md lists the panels and rules
+   (tests/integration/test_exclude.py). docs/metric-usage.md lists the panels and rules
    that read a family, and `celery-signal-exporter check --exclude-metrics
    <regex>` names, one line each, the rules an exclusion leaves blind (the
    queue-wait objectives read `celery_task_queue_wait_seconds`).

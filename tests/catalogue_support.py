@@ -20,7 +20,8 @@ def documented(section: str | None = None) -> Catalogue:
     return {spec.sample_name: frozenset(spec.labels) for spec in specs}
 
 
-#: Served by the beat process and by workers running beat's entries: tests/test_beat.py holds them to the catalogue.
+#: Served by the beat process and by workers running beat's entries: tests/system/test_beat.py holds them
+#: to the catalogue.
 BEAT = "Beat metrics"
 
 

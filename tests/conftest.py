@@ -1,4 +1,8 @@
-"""Shared fixtures: real brokers, found or failed loudly, never skipped.
+"""Shared fixtures: real brokers, found or failed loudly, never skipped; and the tiers.
+
+The folder a test lives in is its tier and its marker (`unit`, `integration`, `system`): plain
+`pytest` runs tests/unit, which must stay in one process with no broker, and a unit test that asks
+for a broker or starts a subprocess fails saying so.
 
 Redis is the session's own: a private `redis-server` on a free port, started
 once per test session and killed at its end, so no test ever writes into a
@@ -227,3 +231,35 @@ def sqs_prefix(moto_server: MotoServer) -> Iterator[str]:
     for url in client.list_queues(QueueNamePrefix=prefix).get("QueueUrls", []):
         client.delete_queue(QueueUrl=url)
     client.close()
+
+
+# --- The tiers ------------------------------------------------------------------------------------
+
+TIERS = ("unit", "integration", "system")
+BROKER_FIXTURES = frozenset({"session_redis", "redis_base_url", "redis_url", "amqp_base_url", "amqp_vhost",
+                             "amqp_url", "moto_server", "sqs_prefix"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with the tier of its folder; a unit test asking for a broker is an error."""
+    for item in items:
+        tier = next((t for t in TIERS if f"{os.sep}tests{os.sep}{t}{os.sep}" in str(item.path)), None)
+        if tier is None:
+            raise pytest.UsageError(f"{item.nodeid}: every test lives in tests/unit, tests/integration or tests/system")
+        item.add_marker(getattr(pytest.mark, tier))
+        brokers = BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if tier == "unit" and brokers:
+            raise pytest.UsageError(f"{item.nodeid}: a unit test uses {sorted(brokers)}; move it to tests/integration")
+
+
+@pytest.fixture(autouse=True)
+def _no_subprocess_in_unit_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quick tier stays in one process (os.fork for a dead writer is fine: it runs no program)."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{request.node.nodeid}: a unit test started a subprocess {args[1:2]}; "
+                             "move it to tests/integration")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

@@ -56,7 +56,7 @@ def free_port() -> int:
 def env_for(broker_url: str, metrics_dir: str, **extra: str) -> dict[str, str]:
     """The environment of a test's worker or producer. The opt-in per-task measures (CPU, memory
     growth, publish time) are on, so the apps and dashboards show every series; `extra` can turn
-    them off again (tests/test_task_resources.py proves what off means)."""
+    them off again (tests/integration/test_task_resources.py proves what off means)."""
     env = dict(os.environ)
     env.update({"CSX_TEST_BROKER": broker_url, "CELERY_EXPORTER_METRICS_DIR": metrics_dir,
                 "CELERY_EXPORTER_TASK_RESOURCES": "1", "CELERY_EXPORTER_PUBLISH_TIMING": "1",

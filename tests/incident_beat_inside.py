@@ -1,4 +1,4 @@
-"""The `celery beat` of tests/test_incidents_inside.py: one entry whose runs outlast its interval.
+"""The `celery beat` of tests/system/test_incidents_inside.py: one entry whose runs outlast its interval.
 
 Production: a job due every 20 s that runs 50 s; scaled by K: due every 1 s, runs 2.5 s. Its
 runs are `inside.steady`, which the suite's workers (tests/incident_app.py) run; beat only sends

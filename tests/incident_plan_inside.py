@@ -1,4 +1,4 @@
-"""Figures shared by tests/test_incidents_inside.py and the processes it starts (which the test
+"""Figures shared by tests/system/test_incidents_inside.py and the processes it starts (which the test
 process must not import: importing an instrumented app needs a metrics directory)."""
 
 from __future__ import annotations

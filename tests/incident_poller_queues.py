@@ -1,4 +1,4 @@
-"""The incident suite's producer (tests/test_incidents_queues.py): a real, instrumented process
+"""The incident suite's producer (tests/system/test_incidents_queues.py): a real, instrumented process
 publishing a plan of steps through tests/incident_app.py's app.
 
     python -m tests.incident_poller_queues QUEUE PLAN_JSON STATE_DIR

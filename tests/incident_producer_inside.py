@@ -1,4 +1,4 @@
-"""A producer process of tests/test_incidents_inside.py: publishes on a schedule, instrumented
+"""A producer process of tests/system/test_incidents_inside.py: publishes on a schedule, instrumented
 like a user's web pod (its sends and publish times land in the metrics directory).
 
     python -m tests.incident_producer_inside '<plan JSON>'

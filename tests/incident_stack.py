@@ -3,7 +3,7 @@ production rules under the faithful scaled profile, the real exporter with its c
 by the same factor, and a webhook standing in for the pager.
 
 Every duration of the rules (windows, `for`, horizons, offsets) and every count threshold is
-divided by K (`scaled()` in mixin/config.py, checked in tests/test_mixin.py); so are the cadences
+divided by K (`scaled()` in mixin/config.py, checked in tests/unit/test_mixin.py); so are the cadences
 around them: Prometheus's scrape and evaluation intervals (30 s in production, the PodMonitor's
 and prometheus-operator's), Alertmanager's group_wait/group_interval/repeat_interval (its
 defaults), the probe interval, the worker heartbeat and the worker timeout. An incident driven

@@ -1,4 +1,4 @@
-"""Tasks of tests/test_incidents_inside.py, registered with tests/incident_app.py's app.
+"""Tasks of tests/system/test_incidents_inside.py, registered with tests/incident_app.py's app.
 
 Durations are already scaled by the caller (production seconds / K); each task does what its
 incident needs and nothing else.

@@ -1,4 +1,4 @@
-"""Tasks of tests/test_incidents_queues.py, registered with tests/incident_app.py's app.
+"""Tasks of tests/system/test_incidents_queues.py, registered with tests/incident_app.py's app.
 
 Each run that the test must count leaves a trace on disk when it starts (one byte appended to a
 log, or a marker file): the test's ground truth for "started", read without Prometheus.

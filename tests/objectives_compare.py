@@ -3,7 +3,7 @@ objective rules, for the rules before them (git revision 8cbd7b1) and for celery
 
     .venv/bin/python -m tests.objectives_compare [OLD_RULES]
 
-Same simulated queues as tests/test_alert_rules_objectives.py (30 s scrape and evaluation, Poisson
+Same simulated queues as tests/system/test_alert_rules_objectives.py (30 s scrape and evaluation, Poisson
 arrivals, 30 minutes at 0.9 x before the onset), run for 150 minutes after the onset.
 """
 

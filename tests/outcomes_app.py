@@ -1,4 +1,4 @@
-"""The Celery app of tests/test_outcomes.py: one task name per control-flow path, so every path's
+"""The Celery app of tests/integration/test_outcomes.py: one task name per control-flow path, so every path's
 balance (started = the sum of its outcomes) is read on a name of its own.
 
 Configured from the environment: CSX_TEST_BROKER (URL), CELERY_EXPORTER_METRICS_DIR, CSX_OUTCOMES_DIR

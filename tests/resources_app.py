@@ -1,4 +1,4 @@
-"""The Celery app of tests/test_task_resources.py: tasks that take memory, CPU or time, in real processes.
+"""The Celery app of tests/integration/test_task_resources.py: tasks that take memory, CPU or time, in real processes.
 
 Configured from the environment like tests/workload_app.py (CSX_TEST_BROKER,
 CELERY_EXPORTER_METRICS_DIR). Run as a script it is a producer:

@@ -1,4 +1,4 @@
-"""The Celery app of tests/test_worker_state.py: what a worker main holds, runs and consumes.
+"""The Celery app of tests/integration/test_worker_state.py: what a worker main holds, runs and consumes.
 
 Configured from the environment like tests.workload_app (CSX_TEST_BROKER,
 CELERY_EXPORTER_METRICS_DIR). Queues are declared by the workers' -Q. Run as

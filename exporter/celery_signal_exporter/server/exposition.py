@@ -9,7 +9,7 @@ that keep changing would otherwise grow the cache for as long as they do.
 Negotiation is still prometheus-client's (`choose_encoder`), and anything
 this encoder does not handle (exemplars, timestamps, native histograms,
 OpenMetrics 2.0, names that need escaping) goes to prometheus-client's own
-encoder. tests/test_exposition.py checks that both
+encoder. tests/unit/test_exposition.py checks that both
 write the same bytes.
 """
 

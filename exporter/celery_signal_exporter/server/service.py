@@ -22,8 +22,8 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from prometheus_client.core import Metric
 from starlette.concurrency import run_in_threadpool
 
-from celery_signal_exporter._version import __version__
 from celery_signal_exporter import catalogue as c
+from celery_signal_exporter._version import __version__
 from celery_signal_exporter.compact import compact
 from celery_signal_exporter.options import excluded
 from celery_signal_exporter.server._http import admitted, choose_encoding

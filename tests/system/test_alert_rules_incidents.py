@@ -3,7 +3,7 @@ windows: a 30 s scrape and evaluation interval, every threshold and window as `P
 
 Each case says when the incident begins (its onset) and asserts the page is firing by the target
 time after it, and that healthy series beside it (steady, or just the other side of the condition)
-stay quiet the whole time. Annotations are stripped from a copy of the rule file: `tests/test_alert_rules.py`
+stay quiet the whole time. Annotations are stripped from a copy of the rule file: `tests/system/test_alert_rules.py`
 checks them; here only which alert fires for which series, and when, matters.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from celery_signal_exporter.mixin.config import PRODUCTION, seconds
-from tests import test_alert_rules as alert_rules
+from tests import rules_support as alert_rules
 from tests.harness import promtool
 from tests.rules_support import RULES, case, ql
 
@@ -203,7 +203,7 @@ def test_a_task_slower_than_yesterday_pages(tmp_path: Path) -> None:
     }])
 
 
-#: Cases for the two new alerts in the form of `tests/test_alert_rules.py` (1 m interval, exact values and
+#: Cases for the two new alerts in the form of `tests/system/test_alert_rules.py` (1 m interval, exact values and
 #: annotations), so that its one-case-per-alert list can take them in.
 NEW_ALERT_CASES: list[dict[str, Any]] = [
     case(

@@ -152,7 +152,7 @@ def test_serve_reports_ready_in_flight_delayed_and_dead_letters_exactly(
 
 
 def test_worker_side_counts_are_exact_on_sqs(moto_server: MotoServer, sqs_prefix: str, tmp_path: Path) -> None:
-    """tests/test_worker_counts.py's workload (without remote control, which SQS lacks without SNS)."""
+    """tests/integration/test_worker_counts.py's workload (without remote control, which SQS lacks without SNS)."""
     url = broker_url(moto_server.endpoint)
     metrics_dir = str(tmp_path / "metrics")
     env = env_for(url, metrics_dir, CSX_TEST_TRANSPORT=json.dumps(transport(sqs_prefix)))

@@ -2,7 +2,7 @@
 
 In-process, through the service's own render (merge and text), on two
 directories with the same metrics, one of them also holding the junk of
-tests/test_worker_tick.py (empty and garbage files under our names, and
+tests/integration/test_worker_tick.py (empty and garbage files under our names, and
 foreign names). Scrapes alternate between the two, so that the machine's
 load falls on both alike, and their 95th percentiles are compared: a ratio
 (with 2 ms of slack for a shared machine), as the issue asks for; the best of

@@ -2,7 +2,7 @@
 
 A connection must send a complete request head within --header-timeout
 (trickling bytes does not extend it), a client that leaves a response unread
-is dropped after --send-timeout (tests/test_http_starvation.py: slow readers,
+is dropped after --send-timeout (tests/integration/test_http_starvation.py: slow readers,
 idle sockets and --max-connections), HEAD answers like GET without a body, and Accept-Encoding is
 negotiated as RFC 9110 12.5.3 says. Timing asserts are bounds with slack
 (closed after about the timeout, well before it plus several seconds),
@@ -131,7 +131,7 @@ def test_header_timeout_behind_tls(tmp_path: Path) -> None:
         assert httpx.get(s.base + "/healthz", verify=ca, timeout=5).status_code == 200
 
 
-# --- slow readers and the connection limit: tests/test_http_starvation.py -------------------------------
+# --- slow readers and the connection limit: tests/integration/test_http_starvation.py -------------------------------
 
 
 # --- HEAD ----------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 alarm, tasks dropped by a message TTL, the first expiry, a runtime above yesterday's, a stuck task.
 
 Each incident runs its production durations divided by K (its rates kept, as the profile keeps
-ratios: see tests/test_incidents_queues.py) against the committed production rules scaled by K
+ratios: see tests/system/test_incidents_queues.py) against the committed production rules scaled by K
 (tests/incident_stack.py), so a page after t suite seconds is a page after K*t production seconds;
 the targets are asserted in production seconds. The anchor (celery-exporter's three alerts) is
 measured where one of them could apply, never asserted.

@@ -53,7 +53,7 @@ def test_workers_record_nothing_of_an_excluded_family_and_the_rest_stays_exact(
     assert not [k for k in s if k[0].startswith(("celery_task_queue_wait_seconds", "celery_task_runtime_seconds"))]
     written = b"".join(Path(metrics_dir, f).read_bytes() for f in os.listdir(metrics_dir))
     assert b"celery_task_queue_wait_seconds" not in written and b"celery_task_runtime_seconds" not in written
-    # Everything else exact (tests/test_worker_counts.py's workload).
+    # Everything else exact (tests/integration/test_worker_counts.py's workload).
     assert value(s, "celery_task_started_total", name="t.ok") == 30
     assert value(s, "celery_task_succeeded_total", name="t.retry_twice", queue_name="beta") == 5
     assert value(s, "celery_task_failed_total", name="t.fail") == 10

@@ -11,7 +11,7 @@ K = 20), judged in production seconds.
 Ground truth is outside the system under test: each run appends its start time to a log
 (tests/incident_tasks_queues.py `iq.timed`), and the producer keeps an absolute publishing schedule
 (tests/incident_poller_queues.py), so every run's wait is known (one producer, FIFO). Rates are
-production rates and counts are divided by K (tests/test_incidents_queues.py says why). The workers
+production rates and counts are divided by K (tests/system/test_incidents_queues.py says why). The workers
 use the profile's queue-wait buckets (every bucket divided by K), so each objective is a bucket.
 """
 

@@ -2,8 +2,8 @@
 
 - a task's first expiry is visible to `increase()`: the exporter serves
   `celery_task_revoked_total{reason="expired"}` at 0 beside the task's counters before it expires;
-- (a worker shut down gracefully does not page, one that vanishes does: tests/test_incidents_queues.py
-  and tests/test_monitoring_e2e.py;)
+- (a worker shut down gracefully does not page, one that vanishes does: tests/system/test_incidents_queues.py
+  and tests/system/test_monitoring_e2e.py;)
 - tasks RabbitMQ drops by their message TTL (Celery's `expires`) page CeleryTasksDroppedByBroker, under
   the faithful scaled profile (`scaled(PRODUCTION, K)`), on the real broker of the suite (3.10.8).
 """

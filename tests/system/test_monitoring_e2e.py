@@ -107,7 +107,7 @@ def has_up(prom: Prometheus, hostname: str) -> bool:
 
 def check_variables(prom: Prometheus) -> None:
     """Each dashboard variable's label_values() query finds values, as Grafana would list them.
-    No beat runs here: tests/test_beat.py checks the Periodic tasks dashboard against a real beat."""
+    No beat runs here: tests/system/test_beat.py checks the Periodic tasks dashboard against a real beat."""
     for name, d in dashboards().items():
         if name == PERIODIC_DASHBOARD:
             continue

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOOLS_BIN = ROOT / ".tools" / "bin"
 K8S = ROOT / "deploy" / "kubernetes"
 COMPOSE_DIR = ROOT / "deploy" / "compose"
