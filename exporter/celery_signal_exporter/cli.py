@@ -117,6 +117,9 @@ def _broker_schemes() -> str:
 @_option("--max-task-names", type=click.IntRange(min=1), default=2000,
          help="Distinct task names shown across the whole metrics directory; the rest are summed under "
               "name=\"__overflow__\" and counted in celery_exporter_task_names_folded.")
+@_option("--max-queue-names", type=click.IntRange(min=1), default=1000,
+         help="Distinct queue names shown across the whole metrics directory; the rest are summed under "
+              "queue_name=\"__overflow__\" and counted in celery_exporter_queue_names_folded.")
 @_option("--compact-interval", type=click.FloatRange(min=0), default=30.0,
          help="Seconds between compactions of dead processes' files by the exporter itself, for pods whose "
               "processes recycle without a Celery worker to compact (web servers that publish); 0 disables.")
@@ -138,7 +141,7 @@ def _broker_schemes() -> str:
 def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, app_name: str | None,
           broker_urls: tuple[str, ...], probe_interval: float, probe_timeout: float, queues: tuple[str, ...],
           queue_include: tuple[str, ...], queue_exclude: tuple[str, ...], max_queues: int,
-          transport_options: str | None, web_config_file: str | None, max_task_names: int,
+          transport_options: str | None, web_config_file: str | None, max_task_names: int, max_queue_names: int,
           compact_interval: float, header_timeout: float, send_timeout: float, max_connections: int,
           exclude_metrics: str | None, log_level: str, **probe_values: Any) -> None:
     """Serve /metrics: the merged metrics directory plus broker probes.
@@ -169,7 +172,7 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
         raise click.BadParameter("must not exceed --probe-interval", param_hint="--probe-timeout")
     config = ServeConfig(
         metrics_dir=metrics_dir, worker_timeout=worker_timeout, max_task_names=max_task_names,
-        compact_interval=compact_interval, exclude_metrics=exclude,
+        max_queue_names=max_queue_names, compact_interval=compact_interval, exclude_metrics=exclude,
         broker_urls=broker_urls, probe_interval=probe_interval, probe_timeout=probe_timeout, queues=queues,
         queue_include=queue_include, queue_exclude=queue_exclude or DEFAULT_EXCLUDE, max_queues=max_queues,
         transport_options=options, probe_values=probe_values,
