@@ -23,8 +23,8 @@ from celery_signal_exporter.options import metrics_dir_or_env
 
 if TYPE_CHECKING:
     from celery_signal_exporter.probes import ProbeKind
+    from celery_signal_exporter.server.config import ServeConfig
     from celery_signal_exporter.server.probe_loop import ProbeGroup
-    from celery_signal_exporter.server.serving import ProbeConfig
     from celery_signal_exporter.server.webconfig import WebConfig
 
 ENV = "CELERY_EXPORTER_"
@@ -117,6 +117,9 @@ def _broker_schemes() -> str:
 @_option("--max-task-names", type=click.IntRange(min=1), default=2000,
          help="Distinct task names shown across the whole metrics directory; the rest are summed under "
               "name=\"__overflow__\" and counted in celery_exporter_task_names_folded.")
+@_option("--max-queue-names", type=click.IntRange(min=1), default=1000,
+         help="Distinct queue names shown across the whole metrics directory; the rest are summed under "
+              "queue_name=\"__overflow__\" and counted in celery_exporter_queue_names_folded.")
 @_option("--compact-interval", type=click.FloatRange(min=0), default=30.0,
          help="Seconds between compactions of dead processes' files by the exporter itself, for pods whose "
               "processes recycle without a Celery worker to compact (web servers that publish); 0 disables.")
@@ -138,7 +141,7 @@ def _broker_schemes() -> str:
 def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, app_name: str | None,
           broker_urls: tuple[str, ...], probe_interval: float, probe_timeout: float, queues: tuple[str, ...],
           queue_include: tuple[str, ...], queue_exclude: tuple[str, ...], max_queues: int,
-          transport_options: str | None, web_config_file: str | None, max_task_names: int,
+          transport_options: str | None, web_config_file: str | None, max_task_names: int, max_queue_names: int,
           compact_interval: float, header_timeout: float, send_timeout: float, max_connections: int,
           exclude_metrics: str | None, log_level: str, **probe_values: Any) -> None:
     """Serve /metrics: the merged metrics directory plus broker probes.
@@ -146,8 +149,8 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
     An unreachable broker is not a startup error (brokers come and go): it is
     logged once and shows as celery_broker_up 0. Use `check` to fail on it.
     """
-    from celery_signal_exporter.server.probe_loop import DEFAULT_EXCLUDE, LoopOptions
-    from celery_signal_exporter.server.serving import ProbeConfig, ServeConfig, run
+    from celery_signal_exporter.server.config import DEFAULT_EXCLUDE, ServeConfig
+    from celery_signal_exporter.server.serving import run
 
     _setup_logging(log_level)
     exclude = _exclude(exclude_metrics, "--exclude-metrics")
@@ -167,17 +170,16 @@ def serve(metrics_dir: str | None, host: str, port: int, worker_timeout: float, 
             raise click.BadParameter(f"{metrics_dir} is not readable", param_hint="--metrics-dir")
     if probe_timeout > probe_interval:
         raise click.BadParameter("must not exceed --probe-interval", param_hint="--probe-timeout")
-    probes = _build_probes(ProbeConfig(
-        urls=broker_urls, interval=probe_interval, timeout=probe_timeout, transport_options=options,
-        loop=LoopOptions(queues=queues, include=queue_include, exclude=queue_exclude or DEFAULT_EXCLUDE,
-                         max_queues=max_queues),
-        values=probe_values,
-    ))
-    run(ServeConfig(metrics_dir=metrics_dir, host=host, port=port, worker_timeout=worker_timeout,
-                    max_task_names=max_task_names, compact_interval=compact_interval,
-                    header_timeout=header_timeout, send_timeout=send_timeout, max_connections=max_connections,
-                    log_level=log_level, web=web, exclude=exclude),
-        probes, _listen(host, port))
+    config = ServeConfig(
+        metrics_dir=metrics_dir, worker_timeout=worker_timeout, max_task_names=max_task_names,
+        max_queue_names=max_queue_names, compact_interval=compact_interval, exclude_metrics=exclude,
+        broker_urls=broker_urls, probe_interval=probe_interval, probe_timeout=probe_timeout, queues=queues,
+        queue_include=queue_include, queue_exclude=queue_exclude or DEFAULT_EXCLUDE, max_queues=max_queues,
+        transport_options=options, probe_values=probe_values,
+        host=host, port=port, web_config=web, header_timeout=header_timeout, send_timeout=send_timeout,
+        max_connections=max_connections, log_level=log_level,
+    )
+    run(config, _build_probes(config), _listen(host, port))
 
 
 def _exclude(text: str | None, option: str) -> re.Pattern[str] | None:
@@ -190,7 +192,7 @@ def _exclude(text: str | None, option: str) -> re.Pattern[str] | None:
         raise click.BadParameter(str(exc).removeprefix(f"{option}: "), param_hint=option) from None
 
 
-def _build_probes(config: ProbeConfig) -> list[ProbeGroup]:
+def _build_probes(config: ServeConfig) -> list[ProbeGroup]:
     """The probe loops, or exit 2 with one line naming the option at fault."""
     from celery_signal_exporter.probes import OptionError
     from celery_signal_exporter.server.serving import build_probes

@@ -20,8 +20,8 @@ import threading
 import click
 
 from celery_signal_exporter.redact import redact_url
-from celery_signal_exporter.server.probe_loop import LoopOptions
-from celery_signal_exporter.server.serving import ProbeConfig, ServeConfig, build_probes, run
+from celery_signal_exporter.server.config import ServeConfig
+from celery_signal_exporter.server.serving import build_probes, run
 
 
 def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
@@ -67,8 +67,10 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float, list
         from celery_signal_exporter.demo_app import filesystem_transport
 
         urls, transport = ((broker_url,), {}) if broker_url else (("filesystem://",), filesystem_transport(workdir))
-        probes = build_probes(ProbeConfig(urls=urls, interval=5, timeout=4, transport_options=transport,
-                                          loop=LoopOptions(queues=("fast", "slow"))))
+        config = ServeConfig(metrics_dir=metrics_dir, compact_interval=0, broker_urls=urls, probe_interval=5,
+                             probe_timeout=4, queues=("fast", "slow"), transport_options=transport,
+                             host=host, port=port, log_level="warning")
+        probes = build_probes(config)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -95,8 +97,6 @@ def run_demo(broker_url: str | None, host: str, port: int, duration: float, list
 
         producer = threading.Thread(target=produce, name="demo-producer", daemon=True)
         producer.start()
-        config = ServeConfig(metrics_dir=metrics_dir, host=host, port=port, compact_interval=0,
-                             log_level="warning")
         where = redact_url(broker_url) if broker_url else f"kombu filesystem transport in {workdir}"
         click.echo(f"demo: worker and producer running on {where}; worker log: {log_path}")
         click.echo(f"demo: metrics at http://{host}:{port}/metrics  (Ctrl-C stops everything)")

@@ -17,8 +17,9 @@ from celery_signal_exporter.probes import BrokerSnapshot
 from celery_signal_exporter.probes.base import NodeStats, QueueStats
 from celery_signal_exporter.recording.metrics import Recorder
 from celery_signal_exporter.recording.store import Store
+from celery_signal_exporter.server.config import ServeConfig
 from celery_signal_exporter.server.probe_loop import ProbeGroup, ProbeLoop
-from celery_signal_exporter.server.service import Exporter, ServiceConfig
+from celery_signal_exporter.server.service import Exporter
 from tests.catalogue_support import BEAT, documented, exposed, families
 from tests.conftest import MotoServer
 from tests.harness import ROOT, env_for, exporter, has, produce, value, wait_until, worker
@@ -43,7 +44,7 @@ def test_served_without_brokers_equals_the_catalogue(tmp_path: Path) -> None:
     loop = ProbeLoop(CachedProbe(snapshot), "redis://127.0.0.1:1/0")
     assert loop.probe_once()
     try:
-        service = Exporter(ServiceConfig(metrics_dir, sources=[ProbeGroup([loop])]))
+        service = Exporter(ServeConfig(metrics_dir=metrics_dir), [ProbeGroup([loop])])
         body, _ = service.render(None)
     finally:
         loop.stop()

@@ -27,7 +27,9 @@ from celery_signal_exporter.probes.base import Alarms
 from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe, RabbitMQSettings
 from celery_signal_exporter.probes.redis import RedisProbe
 from celery_signal_exporter.redact import redact_url, scrub, secrets_of
-from celery_signal_exporter.server.probe_loop import LoopOptions, ProbeGroup, ProbeLoop, build_probe_loops
+from celery_signal_exporter.server.config import ServeConfig
+from celery_signal_exporter.server.probe_loop import ProbeGroup, ProbeLoop
+from celery_signal_exporter.server.serving import build_probes
 from tests.harness import RedisServer
 
 # -- helpers ----------------------------------------------------------------
@@ -80,9 +82,9 @@ def wait_for(check: Callable[[], bool], limit: float, what: str) -> float:
     return time.monotonic() - start
 
 
-def redis_loop(url: str, options: LoopOptions | None = None, **kwargs: Any) -> ProbeLoop:
-    opts = options or LoopOptions()
-    return ProbeLoop(probe_for_url(url, ProbeOptions(timeout=opts.timeout)), url, opts, **kwargs)
+def redis_loop(url: str, config: ServeConfig | None = None, **kwargs: Any) -> ProbeLoop:
+    config = config or ServeConfig()
+    return ProbeLoop(probe_for_url(url, ProbeOptions(timeout=config.probe_timeout)), url, config, **kwargs)
 
 
 @pytest.fixture
@@ -142,7 +144,7 @@ def test_probe_for_url_by_scheme() -> None:
 
 def test_options_are_validated() -> None:
     with pytest.raises(ValueError, match="timeout"):
-        LoopOptions(interval=5, timeout=10)
+        ServeConfig(probe_interval=5, probe_timeout=10)
 
 
 # -- metrics from a real broker ----------------------------------------------
@@ -152,7 +154,7 @@ def test_metrics_from_redis(redis_url: str, app: Celery) -> None:
     for priority in range(10):
         app.send_task("x.y", queue="a", priority=priority)
     app.send_task("x.y", queue="b")
-    loop = redis_loop(redis_url, LoopOptions(queues=("d",)), known_queues=lambda: {"c"})
+    loop = redis_loop(redis_url, ServeConfig(queues=("d",)), known_queues=lambda: {"c"})
     assert loop.ready() == (False, f"broker {redis_url} not probed yet")
     assert loop.probe_once()
     assert loop.ready()[0]
@@ -179,7 +181,7 @@ def test_discovery_include_exclude_and_cap(redis_url: str, app: Celery) -> None:
     for i in range(6):
         app.send_task("x.y", queue=f"q{i}")  # kombu's bindings name them: discovered
     app.send_task("x.y", queue="other")
-    options = LoopOptions(queues=("q4",), include=(r"q\d",), exclude=(r"q5",), max_queues=3)
+    options = ServeConfig(queues=("q4",), queue_include=(r"q\d",), queue_exclude=(r"q5",), max_queues=3)
     loop = redis_loop(redis_url, options, known_queues=lambda: {"host.celery.pidbox"})
     assert loop.probe_once()
     got = samples(list(loop.collect()))
@@ -202,7 +204,7 @@ def test_failing_known_queues_callback_does_not_stop_probing(redis_url: str) -> 
     def broken() -> set[str]:
         raise RuntimeError("collector bug")
 
-    loop = redis_loop(redis_url, LoopOptions(queues=("x",)), known_queues=broken)
+    loop = redis_loop(redis_url, ServeConfig(queues=("x",)), known_queues=broken)
     assert loop.probe_once()
     assert value(list(loop.collect()), "celery_broker_up", broker=redis_url) == 1.0
 
@@ -238,7 +240,7 @@ def test_rabbitmq_loop_and_exposition(amqp_url: str, amqp_vhost: str, redis_url:
     node_alarms = samples(families)["celery_broker_memory_alarm"]
     assert node_alarms and all(dict(k)["broker"] == label for k in node_alarms)
 
-    redis = redis_loop(redis_url, LoopOptions(queues=("rq",)))
+    redis = redis_loop(redis_url, ServeConfig(queues=("rq",)))
     assert redis.probe_once()
 
     group = ProbeGroup([rabbit, redis])
@@ -258,7 +260,7 @@ def test_rabbitmq_loop_and_exposition(amqp_url: str, amqp_vhost: str, redis_url:
 
 def test_redis_outage_flips_up_and_recovers(private_redis: RedisServer) -> None:
     interval = 1.0
-    loop = redis_loop(private_redis.url, LoopOptions(interval=interval, timeout=0.5, queues=("q",)))
+    loop = redis_loop(private_redis.url, ServeConfig(probe_interval=interval, probe_timeout=0.5, queues=("q",)))
     slowest_collect = 0.0
 
     def up() -> float | None:
@@ -290,7 +292,7 @@ def test_redis_outage_flips_up_and_recovers(private_redis: RedisServer) -> None:
 
 def test_unreachable_broker_before_first_success() -> None:
     url = "redis://:n0t-the-secret@127.0.0.1:1/0"
-    loop = redis_loop(url, LoopOptions(interval=1, timeout=1))
+    loop = redis_loop(url, ServeConfig(probe_interval=1, probe_timeout=1))
     assert not loop.probe_once()
     ready, reason = loop.ready()
     assert not ready
@@ -303,7 +305,7 @@ def test_unreachable_broker_before_first_success() -> None:
 def test_rabbitmq_management_down_counts_connection_errors() -> None:
     url = "amqp://guest:guest@127.0.0.1:5672//"
     options = ProbeOptions(timeout=2, settings=(RabbitMQSettings(mgmt_port=free_port()),))
-    loop = ProbeLoop(probe_for_url(url, options), url, LoopOptions(interval=2, timeout=2))
+    loop = ProbeLoop(probe_for_url(url, options), url, ServeConfig(probe_interval=2, probe_timeout=2))
     assert not loop.probe_once()
     families = list(loop.collect())
     assert value(families, "celery_broker_up", broker="amqp://127.0.0.1:5672//") == 0.0
@@ -322,7 +324,7 @@ def test_hung_management_api_times_out_without_piling_up_threads(silent_port: in
     url = "amqp://guest:guest@127.0.0.1:5672//"
     # The HTTP call would wait 30 s; the loop gives up on it after 0.3 s.
     probe = probe_for_url(url, ProbeOptions(timeout=30, settings=(RabbitMQSettings(mgmt_port=silent_port),)))
-    loop = ProbeLoop(probe, url, LoopOptions(interval=0.4, timeout=0.3))
+    loop = ProbeLoop(probe, url, ServeConfig(probe_interval=0.4, probe_timeout=0.3))
     before = probe_threads()
     loop.start()
     try:
@@ -343,7 +345,8 @@ def test_hung_management_api_times_out_without_piling_up_threads(silent_port: in
 
 def test_hung_redis_times_out_in_the_probe(silent_port: int) -> None:
     url = f"redis://127.0.0.1:{silent_port}/0"
-    loop = ProbeLoop(probe_for_url(url, ProbeOptions(timeout=0.3)), url, LoopOptions(interval=2, timeout=2))
+    loop = ProbeLoop(probe_for_url(url, ProbeOptions(timeout=0.3)), url,
+                     ServeConfig(probe_interval=2, probe_timeout=2))
     assert not loop.probe_once()
     assert value(list(loop.collect()), "celery_exporter_probe_errors_total", broker=url, reason="timeout") == 1.0
 
@@ -358,7 +361,7 @@ def test_password_never_reaches_logs_errors_or_metrics(caplog: pytest.LogCapture
     url = f"redis://admin:{secret}@127.0.0.1:{server.port}/0"
     caplog.set_level(logging.DEBUG)
     try:
-        loop = redis_loop(url, LoopOptions(queues=("q",)))
+        loop = redis_loop(url, ServeConfig(queues=("q",)))
         assert not loop.probe_once()
         assert not loop.probe_once()
         families = list(loop.collect())
@@ -373,12 +376,12 @@ def test_password_never_reaches_logs_errors_or_metrics(caplog: pytest.LogCapture
         server.kill()
 
 
-def test_build_probe_loops_and_group(redis_url: str, amqp_url: str) -> None:
+def test_build_probes_and_group(redis_url: str, amqp_url: str) -> None:
     seen = {"from-instrumentation"}
-    loops = build_probe_loops([redis_url, amqp_url], interval=4, timeout=2)
+    (group,) = build_probes(ServeConfig(broker_urls=(redis_url, amqp_url), probe_interval=4, probe_timeout=2))
+    loops = group.loops
     assert [type(loop.probe) for loop in loops] == [RedisProbe, RabbitMQProbe]
-    assert [loop.options.timeout for loop in loops] == [2, 2]
-    group = ProbeGroup(loops)
+    assert [loop.config.probe_timeout for loop in loops] == [2, 2]
     group.known_queues = lambda: seen
     assert group.ready()[0] is False
     group.start()
@@ -395,7 +398,7 @@ def test_build_probe_loops_and_group(redis_url: str, amqp_url: str) -> None:
     finally:
         group.stop()
     with pytest.raises(ValueError, match="no broker probe"):
-        build_probe_loops(["kafka://h"])
+        build_probes(ServeConfig(broker_urls=("kafka://h",)))
 
 
 def test_discovery_runs_every_n_cycles_not_every_probe(redis_url: str, app: Celery) -> None:
@@ -414,7 +417,7 @@ def test_discovery_runs_every_n_cycles_not_every_probe(redis_url: str, app: Cele
 
     probe.discover = counted_discover  # type: ignore[method-assign]
     probe.snapshot = counted_snapshot  # type: ignore[method-assign]
-    loop = ProbeLoop(probe, redis_url, LoopOptions(discover_every=3))
+    loop = ProbeLoop(probe, redis_url, discover_every=3)
     for _ in range(6):
         assert loop.probe_once()
     assert calls.count("snapshot") == 6 and calls.count("discover") == 2
@@ -478,7 +481,7 @@ def test_alarm_checks_are_counted_per_node_and_resource(caplog: pytest.LogCaptur
     ]
     probe = ScriptedAlarms(script)
     url = "amqp://guest:S3cret-x@rabbit.example:5672//"
-    loop = ProbeLoop(probe, url, LoopOptions(interval=30, timeout=1))
+    loop = ProbeLoop(probe, url, ServeConfig(probe_interval=30, probe_timeout=1))
     assert loop.probe_once()
     # Before any check: the snapshot's node has its counters at 0, and the snapshot's alarm state.
     assert alarm_values(loop) == (0.0, 0.0, 0.0, 0.0, 0.0)
@@ -506,7 +509,7 @@ def test_alarm_checks_are_counted_per_node_and_resource(caplog: pytest.LogCaptur
 def test_alarm_watch_runs_on_its_own_cadence() -> None:
     """Snapshots every 30 s, alarm checks every 0.05 s: the checks go on between two snapshots."""
     probe = ScriptedAlarms([Alarms(raised=frozenset({("rabbit@a", "memory")}), nodes=frozenset({"rabbit@a"}))] * 3)
-    loop = ProbeLoop(probe, "amqp://rabbit.example:5672//", LoopOptions(interval=30, timeout=1))
+    loop = ProbeLoop(probe, "amqp://rabbit.example:5672//", ServeConfig(probe_interval=30, probe_timeout=1))
     loop.start()
     try:
         wait_for(lambda: (alarm_values(loop)[0] or 0) >= 10, 20, "ten alarm checks within one probe interval")
@@ -530,7 +533,8 @@ def test_a_probe_without_a_watch_counts_its_snapshots_as_checks() -> None:
         def close(self) -> None:
             pass
 
-    loop = ProbeLoop(SnapshotAlarms(), "amqp://rabbit.example:5672//", LoopOptions(interval=30, timeout=1))
+    loop = ProbeLoop(SnapshotAlarms(), "amqp://rabbit.example:5672//",
+                     ServeConfig(probe_interval=30, probe_timeout=1))
     for _ in range(3):
         assert loop.probe_once()
     assert alarm_values(loop, "n") == (3.0, 2.0, 0.0, 1.0, 0.0)

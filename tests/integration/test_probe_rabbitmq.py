@@ -25,7 +25,8 @@ from pyrabbit2.api import Client
 from celery_signal_exporter.probes import ProbeOptions, probe_for_url
 from celery_signal_exporter.probes.base import BrokerSnapshot, OptionError, ProbeError
 from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe, RabbitMQSettings
-from celery_signal_exporter.server.probe_loop import LoopOptions, ProbeLoop
+from celery_signal_exporter.server.config import ServeConfig
+from celery_signal_exporter.server.probe_loop import ProbeLoop
 from tests.conftest import AMQP_HOST, RABBIT_MGMT_PORT
 from tests.harness import PYTHONPATH, Samples, exporter, has, value, wait_until
 from tests.incident_rabbit_inside import RabbitNode, rabbit_node
@@ -385,7 +386,7 @@ def test_a_flapping_alarm_is_counted_by_the_loop(private_node: RabbitNode) -> No
     """Six bursts of 1 s, 1 s apart, checked every 0.1 s: every burst adds checks, so the counter
     reaches at least one per burst, while the disk counter and every check before the flap stay 0."""
     probe = node_probe(private_node, alarm_interval=0.1)
-    loop = ProbeLoop(probe, private_node.amqp_url, LoopOptions(interval=5, timeout=4))
+    loop = ProbeLoop(probe, private_node.amqp_url, ServeConfig(probe_interval=5, probe_timeout=4))
     node = private_node.node
     loop.start()
     try:
@@ -443,7 +444,7 @@ def test_alarm_check_failures_are_probe_errors(amqp_url: str, caplog: pytest.Log
         with pytest.raises(ProbeError) as err:
             probe.alarms()
         assert err.value.reason == reason and secret not in str(err.value)
-        loop = ProbeLoop(probe, probe.url, LoopOptions(interval=5, timeout=4))
+        loop = ProbeLoop(probe, probe.url, ServeConfig(probe_interval=5, probe_timeout=4))
         with caplog.at_level("DEBUG", logger="celery_signal_exporter"):
             assert loop.check_alarms_once() is False
             assert loop.check_alarms_once() is False

@@ -23,7 +23,8 @@ from celery_signal_exporter import catalogue
 from celery_signal_exporter.probes import ProbeOptions, probe_for_url
 from celery_signal_exporter.probes.base import BrokerSnapshot, ProbeError, QueueStats
 from celery_signal_exporter.probes.sqs import SQSProbe, entity_name
-from celery_signal_exporter.server.probe_loop import LoopOptions, ProbeLoop
+from celery_signal_exporter.server.config import ServeConfig
+from celery_signal_exporter.server.probe_loop import ProbeLoop
 from tests.conftest import MotoServer
 from tests.harness import (
     KEY,
@@ -230,7 +231,7 @@ def test_requests_per_cycle_are_bounded_by_the_selection_and_counted(
     url = broker_url(moto_server.endpoint)
     probe = probe_for_url(url, ProbeOptions(timeout=5, transport_options=transport(sqs_prefix)))
     assert isinstance(probe, SQSProbe)
-    loop = ProbeLoop(probe, url, LoopOptions(max_queues=2, queues=("src",), discover_every=3))
+    loop = ProbeLoop(probe, url, ServeConfig(max_queues=2, queues=("src",)), discover_every=3)
 
     def requests() -> int:
         snap = loop._snapshot
@@ -250,7 +251,8 @@ def test_requests_per_cycle_are_bounded_by_the_selection_and_counted(
         assert loop.probe_once()  # the 3rd cycle after the first discovers again
         assert requests() == 10 + 4
         # A queue named by the instrumentation but not listed: one GetQueueUrl, its miss remembered.
-        loop.options = LoopOptions(max_queues=3, queues=("src", "zz-missing"), discover_every=100)
+        loop.config = ServeConfig(max_queues=3, queues=("src", "zz-missing"))
+        loop.discover_every = 100
         assert loop.probe_once()  # GetQueueUrl zz-missing (1), src and a1 (2), the DLQ (1)
         assert requests() == 14 + 4
         assert loop.probe_once()

@@ -16,7 +16,8 @@ import statistics
 import time
 from pathlib import Path
 
-from celery_signal_exporter.server.service import Exporter, ServiceConfig
+from celery_signal_exporter.server.config import ServeConfig
+from celery_signal_exporter.server.service import Exporter
 from tests.harness import make_junk, settle
 from tests.http_support import fill
 
@@ -37,8 +38,8 @@ def test_junk_in_the_directory_does_not_slow_a_scrape(tmp_path: Path) -> None:
     time.sleep(2.5)  # a file that fails younger than 2 s is read again (a foreign writer may be making it)
     settle(str(junk))
     settle(str(clean))
-    exporters = {"clean": Exporter(ServiceConfig(metrics_dir=str(clean))),
-                 "junk": Exporter(ServiceConfig(metrics_dir=str(junk)))}
+    exporters = {"clean": Exporter(ServeConfig(metrics_dir=str(clean))),
+                 "junk": Exporter(ServeConfig(metrics_dir=str(junk)))}
     bodies = {what: ex.render(None)[0] for what, ex in exporters.items()}  # the first scrape reads everything
     assert bodies["clean"].split(b"\n# HELP celery_exporter_merge_errors")[0] == \
         bodies["junk"].split(b"\n# HELP celery_exporter_merge_errors")[0]

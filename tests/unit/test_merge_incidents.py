@@ -50,10 +50,11 @@ def test_expired_is_served_at_zero_beside_task_counters_until_a_real_expiry(tmp_
 
 
 def test_expired_zero_is_rendered_on_the_metrics_page(tmp_path: Path) -> None:
-    from celery_signal_exporter.server.service import Exporter, ServiceConfig
+    from celery_signal_exporter.server.config import ServeConfig
+    from celery_signal_exporter.server.service import Exporter
 
     write_as_dead_process(str(tmp_path), lambda s: m.Recorder(s, c.RECEIVED).labels("a", "q").inc())
-    body, _ = Exporter(ServiceConfig(metrics_dir=str(tmp_path))).render(None)
+    body, _ = Exporter(ServeConfig(metrics_dir=str(tmp_path))).render(None)
     text = body.decode()
     assert 'celery_task_revoked_total{name="a",queue_name="q",reason="expired"} 0.0\n' in text
     assert text.count("# TYPE celery_task_revoked") == 1, "one family, whoever made it"

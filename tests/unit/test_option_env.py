@@ -50,3 +50,52 @@ def test_every_option_reads_its_environment_variable(command: str, option: click
     assert got != option.default or (option.default is None and got is not None), (option.envvar, raw, got)
     if expected is not None:
         assert got == expected, (option.envvar, raw, got)
+
+
+def test_serve_hands_every_option_to_its_one_config(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve builds one ServeConfig from its options (here all from the environment) and passes it whole:
+    to serving.run, to every probe loop, and on to the merge's caps."""
+    from celery_signal_exporter import cli as cli_module
+    from celery_signal_exporter.options import parse_exclude
+    from celery_signal_exporter.server import serving
+    from celery_signal_exporter.server.service import Exporter
+    from celery_signal_exporter.server.webconfig import WebConfig
+    from tests.harness import free_port
+
+    port = free_port()
+    env = {"METRICS_DIR": str(tmp_path), "HOST": "127.0.0.1", "PORT": str(port), "WORKER_TIMEOUT": "3.5",
+           "BROKER_URL": "redis://a:1/0 redis://b:2/0", "PROBE_INTERVAL": "9", "PROBE_TIMEOUT": "4",
+           "QUEUE": "q1 q2", "QUEUE_INCLUDE": "q.*", "QUEUE_EXCLUDE": "x", "MAX_QUEUES": "5",
+           "TRANSPORT_OPTIONS": '{"sep": ":"}', "OLDEST_AGE": "false", "MAX_TASK_NAMES": "6",
+           "MAX_QUEUE_NAMES": "7", "COMPACT_INTERVAL": "0", "HEADER_TIMEOUT": "2.5", "SEND_TIMEOUT": "3.5",
+           "MAX_CONNECTIONS": "8", "EXCLUDE_METRICS": "celery_task_cpu_seconds", "LOG_LEVEL": "warning"}
+    for name, raw in env.items():
+        monkeypatch.setenv(f"CELERY_EXPORTER_{name}", raw)
+    seen: list[tuple[Any, Any]] = []
+
+    def run(config: Any, probes: Any, listener: Any, duration: float = 0.0) -> bool:
+        listener.close()
+        seen.append((config, probes))
+        return True
+
+    monkeypatch.setattr(serving, "run", run)
+    monkeypatch.setattr(cli_module, "_setup_logging", lambda level: None)
+    cli_module.main(["serve"])
+    ((config, probes),) = seen
+    assert {name: getattr(config, name) for name in (
+        "metrics_dir", "host", "port", "worker_timeout", "broker_urls", "probe_interval", "probe_timeout", "queues",
+        "queue_include", "queue_exclude", "max_queues", "transport_options", "max_task_names", "max_queue_names",
+        "compact_interval", "header_timeout", "send_timeout", "max_connections", "log_level", "web_config",
+        "exclude_metrics")} == {
+        "metrics_dir": str(tmp_path), "host": "127.0.0.1", "port": port, "worker_timeout": 3.5,
+        "broker_urls": ("redis://a:1/0", "redis://b:2/0"), "probe_interval": 9.0, "probe_timeout": 4.0,
+        "queues": ("q1", "q2"), "queue_include": ("q.*",), "queue_exclude": ("x",), "max_queues": 5,
+        "transport_options": {"sep": ":"}, "max_task_names": 6, "max_queue_names": 7, "compact_interval": 0.0,
+        "header_timeout": 2.5, "send_timeout": 3.5, "max_connections": 8, "log_level": "warning",
+        "web_config": WebConfig(), "exclude_metrics": parse_exclude("celery_task_cpu_seconds", "--exclude-metrics")}
+    assert config.probe_values["oldest_age"] is False
+    (group,) = probes
+    assert len(group.loops) == 2 and all(loop.config is config for loop in group.loops)
+    exporter = Exporter(config)
+    assert exporter.directory is not None
+    assert (exporter.directory.max_task_names, exporter.directory.max_queue_names) == (6, 7)

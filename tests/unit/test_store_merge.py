@@ -132,13 +132,14 @@ def test_hostile_label_values_round_trip(tmp_path: pytest.TempPathFactory) -> No
     from prometheus_client.parser import text_string_to_metric_families
 
     from celery_signal_exporter.labels import MAX_LABEL_LENGTH, cut
-    from celery_signal_exporter.server.service import Exporter, ServiceConfig
+    from celery_signal_exporter.server.config import ServeConfig
+    from celery_signal_exporter.server.service import Exporter
 
     hostile = ['quote " back \\ slash', "new\nline", "unicodé ✓", "x" * 10_000]
     store = Store(str(tmp_path))
     for name in hostile:
         m.Recorder(store, c.FAILED).labels(name, "q", name).inc()
-    body, _ = Exporter(ServiceConfig(metrics_dir=str(tmp_path))).render(None)
+    body, _ = Exporter(ServeConfig(metrics_dir=str(tmp_path))).render(None)
     names = {s.labels["name"] for f in text_string_to_metric_families(body.decode())
              for s in f.samples if s.name == "celery_task_failed_total"}
     assert names == {*hostile[:3], cut(hostile[3])}, "short values round trip; a long one is cut, as writers cut it"
@@ -287,10 +288,11 @@ def test_a_merge_that_raises_still_answers_the_scrape(tmp_path: pytest.TempPathF
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever goes wrong inside the merge (here: libfaketime once made time.sleep raise EINVAL in
     it), the scrape answers with everything else and counts the failed merge."""
-    from celery_signal_exporter.server.service import Exporter, ServiceConfig
+    from celery_signal_exporter.server.config import ServeConfig
+    from celery_signal_exporter.server.service import Exporter
 
     m.Recorder(Store(str(tmp_path)), c.SENT).labels("a", "q").inc()
-    ex = Exporter(ServiceConfig(metrics_dir=str(tmp_path)))
+    ex = Exporter(ServeConfig(metrics_dir=str(tmp_path)))
     assert b'celery_task_sent_total{name="a",queue_name="q"} 1.0' in ex.render(None)[0]
 
     def broken(self: DirectoryCollector) -> None:

@@ -23,13 +23,12 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter.catalogue import Spec
-from celery_signal_exporter.probes import probe_for_url
 from celery_signal_exporter.probes.base import (
     ALARM_RESOURCES,
     ERROR_REASONS,
@@ -37,46 +36,15 @@ from celery_signal_exporter.probes.base import (
     BrokerSnapshot,
     Probe,
     ProbeError,
-    ProbeOptions,
     QueueStats,
 )
 from celery_signal_exporter.redact import redact_url, scrub
+from celery_signal_exporter.server.config import ServeConfig
 
 log = logging.getLogger("celery_signal_exporter")  # one logger for the whole exporter, as in the other modules
 
-#: Celery's own plumbing that kombu registers as queues: remote-control
-#: mailboxes and their replies (`<host>.celery.pidbox`, `<id>.reply.celery.pidbox`),
-#: event receivers (`celeryev.<uuid>`) and server-named RabbitMQ queues. They
-#: are per process, so they would churn label values, and hold no tasks.
-DEFAULT_EXCLUDE: tuple[str, ...] = (r".*\.pidbox", r"celeryev\..*", r"amq\.gen-.*")
-
-
-@dataclass(frozen=True)
-class LoopOptions:
-    """How often and how widely to probe one broker."""
-
-    #: Seconds between the starts of two probe cycles.
-    interval: float = 15.0
-    #: Seconds one cycle may take before it counts as a `timeout` error.
-    timeout: float = 10.0
-    #: Queues always probed (and kept first when the cap bites).
-    queues: tuple[str, ...] = ()
-    #: Regexes (full match); a queue is kept if it matches any. Empty keeps all.
-    include: tuple[str, ...] = ()
-    #: Regexes (full match); a queue matching any is dropped. Wins over include.
-    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
-    #: Most distinct queue names reported; the rest are counted as dropped.
-    max_queues: int = 1000
-    #: Ask the broker for its queue names (Redis: kombu bindings) every N cycles.
-    discover_every: int = 20
-
-    def __post_init__(self) -> None:
-        if self.interval <= 0 or self.timeout <= 0:
-            raise ValueError("probe interval and timeout must be positive")
-        if self.timeout > self.interval:
-            raise ValueError(f"probe timeout ({self.timeout}s) must not exceed its interval ({self.interval}s)")
-        if self.max_queues < 0 or self.discover_every < 1:
-            raise ValueError("max_queues must be >= 0 and discover_every >= 1")
+#: Ask the broker for its queue names (Redis: kombu bindings) every N cycles: costlier than a snapshot.
+DISCOVER_EVERY = 20
 
 
 @dataclass
@@ -93,23 +61,28 @@ class _Result:
 
 
 class ProbeLoop:
-    """Probe one broker every `interval` seconds and serve the result as metrics."""
+    """Probe one broker every `config.probe_interval` seconds and serve the result as metrics."""
 
     def __init__(
         self,
         probe: Probe,
         url: str,
-        options: LoopOptions | None = None,
+        config: ServeConfig | None = None,
         known_queues: Callable[[], Iterable[str]] | None = None,
+        discover_every: int = DISCOVER_EVERY,
     ) -> None:
+        if discover_every < 1:
+            raise ValueError("discover_every must be >= 1")
         self.probe = probe
-        self.options = options or LoopOptions()
+        #: Read for the probe interval and timeout, the queues to report and the cap on them.
+        self.config = config or ServeConfig()
+        self.discover_every = discover_every
         self.broker = redact_url(url)
         self._url = url
         #: The instrumentation's seen queues; settable after construction.
         self.known_queues = known_queues
-        self._include = [re.compile(p) for p in self.options.include]
-        self._exclude = [re.compile(p) for p in self.options.exclude]
+        self._include = [re.compile(p) for p in self.config.queue_include]
+        self._exclude = [re.compile(p) for p in self.config.queue_exclude]
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -149,10 +122,10 @@ class ProbeLoop:
         """Stop the loop and release the probe's connections."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(self.options.timeout + 1)
+            self._thread.join(self.config.probe_timeout + 1)
             self._thread = None
         if self._watch_thread is not None:
-            self._watch_thread.join(self.options.timeout + 1)
+            self._watch_thread.join(self.config.probe_timeout + 1)
             self._watch_thread = None
         try:
             self.probe.close()
@@ -168,7 +141,7 @@ class ProbeLoop:
                 self._watch_thread = threading.Thread(target=self._watch_alarms, args=(self._watch,),
                                                       name=f"alarm watch {self.broker}", daemon=True)
                 self._watch_thread.start()
-            next_run += self.options.interval
+            next_run += self.config.probe_interval
             now = time.monotonic()
             next_run = max(next_run, now)  # after a long stall, don't burst to catch up
             self._stop.wait(next_run - now)
@@ -182,15 +155,15 @@ class ProbeLoop:
             self._record_failure("timeout", "timeout", "the previous probe call is still running", started)
             return False
         result = _Result()
-        discover = self._discovery_due or self._cycle % self.options.discover_every == 0
+        discover = self._discovery_due or self._cycle % self.discover_every == 0
         self._cycle += 1
         worker = threading.Thread(
             target=self._attempt, args=(result, discover), name=f"probe {self.broker}", daemon=True
         )
         worker.start()
-        if not result.done.wait(self.options.timeout):
+        if not result.done.wait(self.config.probe_timeout):
             self._inflight = worker
-            self._record_failure("timeout", "timeout", f"no answer within {self.options.timeout:g}s", started)
+            self._record_failure("timeout", "timeout", f"no answer within {self.config.probe_timeout:g}s", started)
             return False
         self._inflight = None
         if result.discovered is not None:
@@ -252,7 +225,7 @@ class ProbeLoop:
             if discover:
                 result.discovered = self.probe.discover()
             discovered = result.discovered if result.discovered is not None else self._discovered
-            candidates = set(self.options.queues) | self._known() | discovered
+            candidates = set(self.config.queues) | self._known() | discovered
             wanted = self._select(candidates)
             snapshot = self.probe.snapshot(set(wanted))
             # RabbitMQ lists every queue, so filter and cap what came back too.
@@ -292,9 +265,9 @@ class ProbeLoop:
     def _select(self, names: Iterable[str]) -> list[str]:
         """Filtered names, configured queues first then alphabetical, capped."""
         allowed = self._filtered(names)
-        configured = [q for q in dict.fromkeys(self.options.queues) if q in allowed]
+        configured = [q for q in dict.fromkeys(self.config.queues) if q in allowed]
         rest = sorted(allowed - set(configured))
-        return (configured + rest)[: self.options.max_queues]
+        return (configured + rest)[: self.config.max_queues]
 
     def _record_success(self, snapshot: BrokerSnapshot, dropped: int, started: float) -> None:
         with self._lock:
@@ -316,7 +289,7 @@ class ProbeLoop:
         if not was_up:
             log.info("broker %s up: %d queues", self.broker, len(snapshot.queues))
         if dropped > 0:
-            log.debug("broker %s: %d queues over the cap of %d", self.broker, dropped, self.options.max_queues)
+            log.debug("broker %s: %d queues over the cap of %d", self.broker, dropped, self.config.max_queues)
 
     def _record_failure(self, reason: str, cause: str, message: str, started: float) -> None:
         message = scrub(message, self._url)
@@ -483,21 +456,3 @@ class ProbeGroup:
     def collect(self) -> Iterator[Metric]:
         yield from collect_all(self.loops)
 
-
-def build_probe_loops(
-    urls: Iterable[str],
-    *,
-    interval: float = 15.0,
-    timeout: float = 10.0,
-    probe_options: ProbeOptions | None = None,
-    loop_options: LoopOptions | None = None,
-    known_queues: Callable[[], Iterable[str]] | None = None,
-) -> list[ProbeLoop]:
-    """One loop per broker URL; raises ValueError for a URL no probe handles.
-
-    Each network call gets half the cycle timeout, so that a call and its one
-    reconnect attempt still end inside the cycle and nothing stays stuck.
-    """
-    loop_opts = replace(loop_options or LoopOptions(), interval=interval, timeout=timeout)
-    probe_opts = replace(probe_options or ProbeOptions(), timeout=timeout / 2)
-    return [ProbeLoop(probe_for_url(url, probe_opts), url, loop_opts, known_queues) for url in urls]

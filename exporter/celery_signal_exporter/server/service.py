@@ -10,11 +10,9 @@ import gzip
 import logging
 import os
 import platform
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Header, Request
@@ -27,7 +25,8 @@ from celery_signal_exporter._version import __version__
 from celery_signal_exporter.compact import compact
 from celery_signal_exporter.options import excluded
 from celery_signal_exporter.server._http import admitted, choose_encoding
-from celery_signal_exporter.server.collect import DEFAULT_MAX_TASK_NAMES, DirectoryCollector, MergeStats
+from celery_signal_exporter.server.collect import DirectoryCollector, MergeStats
+from celery_signal_exporter.server.config import ServeConfig
 from celery_signal_exporter.server.exposition import Encoder
 
 log = logging.getLogger("celery_signal_exporter")
@@ -42,23 +41,16 @@ class Source(Protocol):
     def ready(self) -> tuple[bool, str]: ...
 
 
-@dataclass
-class ServiceConfig:
-    metrics_dir: str | None
-    worker_timeout: float = 10.0
-    sources: Sequence[Source] = field(default_factory=list)
-    max_task_names: int = DEFAULT_MAX_TASK_NAMES
-    #: Families served to nobody (`--exclude-metrics`, options.py), whoever wrote them.
-    exclude: re.Pattern[str] | None = None
-
-
 class Exporter:
     """Everything one scrape returns, gathered behind one lock-free call."""
 
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(self, config: ServeConfig, sources: Sequence[Source] = ()) -> None:
         self.config = config
+        #: What adds to the directory's metrics and may hold readiness back: the probe loops.
+        self.sources = list(sources)
         self.directory = (
-            DirectoryCollector(config.metrics_dir, config.worker_timeout, config.max_task_names)
+            DirectoryCollector(config.metrics_dir, config.worker_timeout, config.max_task_names,
+                               config.max_queue_names)
             if config.metrics_dir
             else None
         )
@@ -92,7 +84,7 @@ class Exporter:
             files.add_metric(["unreadable"], stats.files_unreadable)
             files.add_metric(["dead"], stats.files_dead)
             yield files
-        for source in self.config.sources:
+        for source in self.sources:
             yield from source.collect()
         info = c.family(c.BUILD_INFO)
         info.add_metric([__version__, platform.python_version()], 1.0)
@@ -103,8 +95,8 @@ class Exporter:
         self._last_duration = time.perf_counter() - start
 
     def _served(self) -> Iterator[Metric]:
-        """The families a scrape returns: all of them, less those `exclude` switches off."""
-        pattern = self.config.exclude
+        """The families a scrape returns: all of them, less those `exclude_metrics` switches off."""
+        pattern = self.config.exclude_metrics
         if pattern is None:
             return self.collect()
         return (family for family in self.collect() if not excluded(pattern, family.name))
@@ -171,7 +163,7 @@ class Exporter:
     def ready(self) -> tuple[bool, str]:
         if self.directory is not None and not os.path.isdir(self.directory.directory):
             return False, f"metrics directory {self.directory.directory} does not exist"
-        for source in self.config.sources:
+        for source in self.sources:
             ok, reason = source.ready()
             if not ok:
                 return False, reason
