@@ -1,4 +1,4 @@
-"""The command line: help, one-line errors, and the demo from start to Ctrl-C."""
+"""The command line: help, one-line errors, and the demo from start to Ctrl-C, SIGTERM or SIGHUP."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.harness import PYTHONPATH, ROOT, free_port, parse, value, wait_until
+from tests.harness import PYTHONPATH, ROOT, Samples, free_port, parse, value, wait_until
 
 CMD = [sys.executable, "-m", "celery_signal_exporter.cli"]
 
@@ -142,3 +143,105 @@ def test_demo_serves_task_metrics_and_stops_cleanly_on_sigint(installed: str, re
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _stat(pid: int) -> tuple[str, int, str] | None:
+    """(state, parent pid, start time) of `pid` from /proc; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ", and comm may hold ") "
+    return fields[0], int(fields[1]), fields[19]
+
+
+def process_tree(root: int) -> dict[int, str]:
+    """`root` and all its descendants, pid to start time: a pid reused later is no survivor.
+    (This kernel has no /proc/<pid>/task/*/children, so the parents come from every /proc/<pid>/stat.)"""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _stat(int(entry))) is not None:
+            children.setdefault(stat[1], []).append(int(entry))
+            starts[int(entry)] = stat[2]
+    tree: dict[int, str] = {}
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if pid in starts:
+            tree[pid] = starts[pid]
+            todo.extend(children.get(pid, []))
+    return tree
+
+
+def alive(pid: int, start: str) -> bool:
+    """Still running: the same process (same start time), and not a zombie nobody reaped yet."""
+    stat = _stat(pid)
+    return stat is not None and stat[2] == start and stat[0] not in ("Z", "X")
+
+
+#: A task longer than any stop may take: the stop finds a prefork child in the middle of it.
+LONG_TASK = 300
+#: How long the demo may take to exit once signalled.
+EXIT_BOUND = 10.0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_demo_stops_everything_it_started_on_each_signal(signum: signal.Signals, tmp_path: Path) -> None:
+    """Ctrl-C, SIGTERM (a process manager, `timeout`) and SIGHUP (a closed terminal) each stop the demo within
+    seconds, even while a worker child runs a long task: no process of its tree is left, nor its temporary
+    directory (the demo makes it under TMPDIR, here an empty directory of the test's own)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "TMPDIR": str(tmp_path)}
+    # A session of its own, like a terminal's job: the signal goes to the demo's whole process group, as
+    # Ctrl-C and a hang-up do, and not to pytest's.
+    proc = subprocess.Popen([*CMD, "demo", "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    assert proc.stdout is not None
+    tree: dict[int, str] = {}
+    try:
+        found = re.search(r"in (/\S+);", proc.stdout.readline())
+        assert found
+        workdir = found.group(1)
+        assert os.path.dirname(workdir) == str(tmp_path)
+
+        def scrape() -> Samples | None:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                return parse(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
+            except httpx.HTTPError:
+                return None
+
+        def scraped(metric: str, /, **labels: str) -> float:
+            s = scrape()
+            return value(s, metric, **labels) if s else 0
+
+        wait_until(lambda: scraped("celery_task_succeeded_total"), 60, "the demo's task metrics")
+        send = f"from celery_signal_exporter import demo_app; demo_app.slow.delay({LONG_TASK})"
+        subprocess.run([sys.executable, "-c", send], cwd=ROOT, check=True, timeout=60,
+                       env={**env, "CELERY_EXPORTER_DEMO_DIR": workdir,
+                            "CELERY_EXPORTER_METRICS_DIR": os.path.join(workdir, "metrics")})
+        # The demo's own slow tasks take at most 1.5 s: a run older than 3 s is the long one.
+        wait_until(lambda: scraped("celery_task_oldest_running_age_seconds", name="demo.slow") > 3, 60,
+                   "a worker child in the middle of the long task")
+        tree = process_tree(proc.pid)
+        assert len(tree) >= 4, f"the demo, its worker and the worker's two children: {tree}"
+
+        os.killpg(proc.pid, signum)
+        signalled = time.monotonic()
+        rest = proc.communicate(timeout=60)[0]
+        took = time.monotonic() - signalled
+        print(f"demo exited {took:.1f}s after {signum.name} with {proc.returncode}")
+        survivors = {pid: _stat(pid) for pid, start in tree.items() if alive(pid, start)}
+        assert not survivors, f"processes of the demo left behind: {survivors}"
+        assert not os.path.exists(workdir) and os.listdir(tmp_path) == [], os.listdir(tmp_path)
+        assert proc.returncode == 0 and "stopped" in rest, (proc.returncode, rest)
+        assert took < EXIT_BOUND, f"the demo took {took:.1f}s to stop"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid, start in tree.items():  # a failed stop leaves nothing running either
+            if alive(pid, start):
+                os.kill(pid, signal.SIGKILL)
