@@ -18,8 +18,12 @@ import statistics
 import time
 
 import bcrypt
+import pytest
 
 from celery_signal_exporter.server.webconfig import BasicAuth
+
+#: Timing-sensitive: .ci/run runs it alone, after the parallel tests.
+pytestmark = pytest.mark.serial
 
 RIGHT = "correct horse"
 

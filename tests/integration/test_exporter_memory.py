@@ -18,12 +18,16 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
 from tests.harness import exporter
 from tests.http_support import rss_mb
+
+#: Timing-sensitive: .ci/run runs it alone, after the parallel tests.
+pytestmark = pytest.mark.serial
 
 SECONDS = 30.0
 MAX_GROWTH_MB = 2.0

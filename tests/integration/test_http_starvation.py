@@ -21,6 +21,9 @@ import pytest
 from tests.harness import exporter
 from tests.http_support import closed_by_server, connect, fill, rss_mb
 
+#: Timing-sensitive: .ci/run runs it alone, after the parallel tests.
+pytestmark = pytest.mark.serial
+
 GET_METRICS = b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
 

@@ -16,10 +16,15 @@ import statistics
 import time
 from pathlib import Path
 
+import pytest
+
 from celery_signal_exporter.server.config import ServeConfig
 from celery_signal_exporter.server.service import Exporter
 from tests.harness import make_junk, settle
 from tests.http_support import fill
+
+#: Timing-sensitive: .ci/run runs it alone, after the parallel tests.
+pytestmark = pytest.mark.serial
 
 SCRAPES = 40
 ROUNDS = 3

@@ -239,6 +239,7 @@ def _run(redis_url: str, tmp: str, junk: int) -> tuple[float, Samples, int]:
     return cpu, s, len(names)
 
 
+@pytest.mark.serial  # compares tick costs: run alone
 def test_junk_in_the_directory_does_not_slow_the_worker_main(redis_url: str, tmp_path: Any) -> None:
     """Idle CPU of a real worker main with 50 000 junk files stays near a clean directory's.
 

@@ -14,12 +14,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from celery_signal_exporter.mixin.config import PRODUCTION, scaled
 from celery_signal_exporter.mixin.rules import rule_groups
 from tests.harness import ROOT, env_for, exporter, has, value, wait_until, worker
 from tests.stack import Prometheus, Webhook, alertmanager, prometheus
+
+#: Timing-sensitive: .ci/run runs it alone, after the parallel tests.
+pytestmark = pytest.mark.serial
 
 ONE_OK = """
 from tests.workload_app import ok

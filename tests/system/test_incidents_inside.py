@@ -41,7 +41,7 @@ from tests.incident_stack import (
 )
 from tests.stack import redis_server
 
-pytestmark = pytest.mark.incident
+pytestmark = [pytest.mark.incident, pytest.mark.serial]  # pages timed at K x speed: run alone
 
 # The production flapping of issue 17: set and cleared 6 times in 60 s, each alarm 2-6 s long.
 FLAP_BURSTS_S = (3, 2, 5, 4, 6, 2)

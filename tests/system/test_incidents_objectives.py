@@ -37,7 +37,7 @@ from tests.incident_queues import APP, LATE, Poller, Rig, anchor_page, first_pag
 from tests.incident_stack import PROFILE, K, Measure, Stack, incident_stack, probe, report, sidecar
 from tests.stack import redis_server
 
-pytestmark = pytest.mark.incident
+pytestmark = [pytest.mark.incident, pytest.mark.serial]  # pages timed at K x speed: run alone
 
 BREACH = "CeleryQueueWaitWillBreach"
 PAGES = (BREACH, "CeleryQueueWaitBudgetBurn")

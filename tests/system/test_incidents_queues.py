@@ -73,7 +73,7 @@ from tests.incident_stack import (
 )
 from tests.stack import redis_server
 
-pytestmark = pytest.mark.incident
+pytestmark = [pytest.mark.incident, pytest.mark.serial]  # pages timed at K x speed: run alone
 
 #: Our alerts that page for an overload (growth, a coming breach, a drain too slow): the first to
 #: reach the pager is the overload's page, and none of them may page for a queue that drains in time.
