@@ -13,6 +13,7 @@ import yaml
 
 from celery_signal_exporter.mixin.config import PRODUCTION
 from celery_signal_exporter.mixin.dashboards import DASHBOARDS
+from celery_signal_exporter.mixin.generate import main as generate_main
 from celery_signal_exporter.mixin.rules import rule_groups
 from celery_signal_exporter.mixin.usage import expand_name_regex
 from tests.catalogue_support import documented
@@ -138,3 +139,10 @@ grafana_url: https://grafana.example.com/
 
 #: Prometheus duration literals, e.g. 5m, 1h30m is not used by the rules.
 DURATION = re.compile(r"(?<![\w.])(\d+)(ms|s|m|h|d|w)(?![\w])")
+
+
+def generate_mine(root: Path) -> Path:
+    """The flat layout generated from MINE under `root`, as a user would run it; returns its folder."""
+    (root / "mine.yaml").write_text(MINE)
+    assert generate_main(["--config", str(root / "mine.yaml"), "--out", str(root / "out")]) == 0
+    return root / "out"

@@ -471,8 +471,8 @@ def test_credentials_from_the_aws_chain_web_identity_as_irsa_gives_them(tmp_path
         env.update({"PYTHONPATH": PYTHONPATH, "AWS_ROLE_ARN": role, "AWS_WEB_IDENTITY_TOKEN_FILE": str(token),
                     "AWS_ENDPOINT_URL_STS": server.endpoint, "AWS_DEFAULT_REGION": REGION,
                     "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"})
-        with exporter(str(tmp_path), "--broker-url", f"sqs://127.0.0.1:{server.port}", "--probe-interval", "1",
-                      "--probe-timeout", "1", env=env) as ex:
+        with exporter(str(tmp_path), "--broker-url", f"sqs://127.0.0.1:{server.port}", "--probe-interval", "5",
+                      "--probe-timeout", "5", env=env) as ex:  # STS then SQS on a busy machine: no timeout
             s = wait_until(scrape_when(ex, lambda r: has(r, "celery_queue_length", queue_name="irsa-work")),
                            30, "the queue read with the role's credentials")
             assert value(s, "celery_queue_length", queue_name="irsa-work") == 2

@@ -75,6 +75,7 @@ def near(got: float, want: float, within: float = 0.10) -> bool:
     return want > 0 and abs(got - want) <= within * want
 
 
+@pytest.mark.serial  # waits measured against the tasks' own durations: run alone
 def test_held_running_and_memory_on_every_pool(redis_url: str, tmp_path: Path) -> None:
     metrics_dir = str(tmp_path / "metrics")
     env = env_for(redis_url, metrics_dir)

@@ -19,9 +19,16 @@ from tests.mixin_support import (
     ROOT,
     RULES,
     all_exprs,
+    generate_mine,
 )
 
 # Generation
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The flat layout generated from tests/mixin_support.py's MINE, as a user would run it."""
+    return generate_mine(tmp_path_factory.mktemp("mine"))
 
 
 def test_users_regenerate_with_their_own_thresholds(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from celery_signal_exporter.mixin.config import PRODUCTION, Config, load
 from celery_signal_exporter.mixin.generate import LAYOUT, generated, outputs, repository_root
 from celery_signal_exporter.mixin.generate import main as generate_main
 from celery_signal_exporter.mixin.rules import alerts, rule_groups
-from tests.mixin_support import MINE, ROOT, substitute, vector_selectors
+from tests.mixin_support import ROOT, generate_mine, substitute, vector_selectors
 
 SELECTOR = {'job="celery-prod"', 'env="eu"'}
 # As the parser prints them: the regexes themselves, unquoted.
@@ -31,10 +31,7 @@ GROUPS = {'cluster=~".*"', 'namespace=~".*"'}
 @pytest.fixture(scope="module")
 def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The flat layout generated from MINE, as a user would run it."""
-    root = tmp_path_factory.mktemp("mine")
-    (root / "mine.yaml").write_text(MINE)
-    assert generate_main(["--config", str(root / "mine.yaml"), "--out", str(root / "out")]) == 0
-    return root / "out"
+    return generate_mine(tmp_path_factory.mktemp("mine"))
 
 
 @pytest.fixture(scope="module")
