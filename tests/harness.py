@@ -270,57 +270,86 @@ def sqs_client(endpoint: str) -> Any:
                         aws_secret_access_key=SECRET)
 
 
+def redis_server_binary() -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (the tests start their own Redis); "
+                    "bash .ci/services.sh installs it", pytrace=False)
+    return binary
 
 
 class RedisServer:
-    """A private redis-server that a test may kill and start again."""
+    """A private redis-server on a free port, so no test writes into a Redis it did not start: no
+    persistence, its log in `workdir`. `kill` and `start` again give an empty Redis on the same port,
+    as after a crash. A context manager too: started on entry, killed on exit."""
 
-    def __init__(self, *args: str) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed; bash .ci/services.sh installs it", pytrace=False)
-        self.binary = binary
-        self.args = args
+    def __init__(self, workdir: str | os.PathLike[str], *, password: str | None = None,
+                 maxmemory: str | None = None, databases: int | None = None) -> None:
+        self.binary = redis_server_binary()
+        self.workdir = os.fspath(workdir)
         self.port = free_port()
+        self.log_path = os.path.join(self.workdir, f"redis-{self.port}.log")
+        self.options: list[str] = []
+        if password is not None:
+            self.options += ["--requirepass", password]
+        if maxmemory is not None:
+            self.options += ["--maxmemory", maxmemory]
+        if databases is not None:
+            self.options += ["--databases", str(databases)]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """`redis://127.0.0.1:<port>`, no database index and no password."""
+        return f"redis://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        """Start it and return once it answers PING (NOAUTH counts: it is serving)."""
         self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                *self.args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.workdir, "--logfile", self.log_path, *self.options],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                pytest.fail(f"private redis-server exited with {self.proc.returncode}", pytrace=False)
+                pytest.fail(f"private redis-server exited with {self.proc.returncode}:\n{self.log()}", pytrace=False)
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
+                        return
             except OSError:
-                time.sleep(0.1)
-        pytest.fail(f"private redis-server did not listen on {self.port}", pytrace=False)
+                pass
+            time.sleep(0.05)
+        self.kill()
+        pytest.fail(f"private redis-server did not answer PING on port {self.port} within 30 s", pytrace=False)
 
     def kill(self) -> None:
+        """SIGKILL: nothing is persisted, so there is nothing a gentler stop would save."""
         if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(30)
             self.proc = None
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()[-2000:]
+        except OSError:
+            return ""
+
+    def __enter__(self) -> RedisServer:
+        try:
+            self.start()
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
 
 
 def promtool() -> str:

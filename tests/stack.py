@@ -1,5 +1,5 @@
-"""Real Prometheus, Alertmanager, a private Redis and a webhook receiver, each
-started on a free port for one test and stopped after it.
+"""Real Prometheus, Alertmanager and a webhook receiver, each started on a free port for one test
+and stopped after it.
 """
 
 from __future__ import annotations
@@ -53,35 +53,6 @@ def _process(argv: list[str], log_path: str, ready_url: str, what: str) -> Itera
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-@contextmanager
-def redis_server(tmp: str, maxmemory: str = "1gb") -> Iterator[str]:
-    """A Redis of our own, so its memory limit and keys are ours alone."""
-    import redis
-
-    port = free_port()
-    log_path = os.path.join(tmp, f"redis-{port}.log")
-    argv = [program("redis-server", "redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--maxmemory", maxmemory, "--dir", tmp, "--logfile", log_path]
-    proc = subprocess.Popen(argv)
-    client = redis.Redis(port=port)
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"redis-server exited {proc.returncode}")
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-
-    try:
-        wait_until(up, 30, "the private redis-server to answer PING")
-        yield f"redis://127.0.0.1:{port}"
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(timeout=15)
 
 
 class Webhook:

@@ -165,9 +165,7 @@ def broker_up(s: Serve, label: str) -> float:
 
 def test_password_never_appears_in_any_output(tmp_path: Path, rabbit_user: str, amqp_vhost: str) -> None:
     outputs = Outputs()
-    redis = RedisServer("--requirepass", PASSWORD)
-    redis.start()
-    try:
+    with RedisServer(tmp_path, password=PASSWORD) as redis:
         redis_url = f"redis://:{quote(PASSWORD, safe='')}@127.0.0.1:{redis.port}/0"
         redis_label = f"redis://127.0.0.1:{redis.port}/0"
         rabbit_label = f"amqp://{AMQP_HOST}:{AMQP_PORT}/{amqp_vhost}"
@@ -222,8 +220,6 @@ def test_password_never_appears_in_any_output(tmp_path: Path, rabbit_user: str, 
             outputs.add(f"check #{len(outputs.texts)}", text)
             assert code == expected, f"check exited {code}, not {expected}"
             assert len(text.strip().splitlines()) == 1, "check printed more than one line"
-    finally:
-        redis.kill()
 
     # One-line startup errors that involve the URL.
     for url in (f"kafka://u:{quote(PASSWORD, safe='')}@h:9092",

@@ -198,13 +198,10 @@ def assert_logged_once(log: str, label: str, reason: str) -> None:
 
 
 def test_redis_outage_mid_run(tmp_path: Path, metrics_dir: str) -> None:
-    redis = RedisServer()  # fails loudly when redis-server is missing
-    redis.start()
-    try:
-        log = run_outage(str(tmp_path), metrics_dir, redis.url, redis.url, (), redis.kill, redis.start)
-    finally:
-        redis.kill()
-    assert_logged_once(log, redis.url, "connection")
+    with RedisServer(tmp_path) as redis:  # fails loudly when redis-server is missing
+        url = f"{redis.url}/0"
+        log = run_outage(str(tmp_path), metrics_dir, url, url, (), redis.kill, redis.start)
+    assert_logged_once(log, url, "connection")
 
 
 # -- RabbitMQ ------------------------------------------------------------------

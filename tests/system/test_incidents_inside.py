@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
-from tests.harness import ROOT, env_for, exporter, wait_until, worker
+from tests.harness import ROOT, RedisServer, env_for, exporter, wait_until, worker
 from tests.incident_plan_inside import PERIODIC_QUEUE, PRODUCTION_INTERVAL
 from tests.incident_proxy_inside import delay_proxy
 from tests.incident_rabbit_inside import RabbitNode, rabbit_node
@@ -39,7 +39,6 @@ from tests.incident_stack import (
     report,
     sidecar,
 )
-from tests.stack import redis_server
 
 pytestmark = pytest.mark.incident
 
@@ -188,7 +187,8 @@ def test_inside_the_workers(tmp_path: Path) -> None:
     worker_dir.mkdir()
     beat_dir.mkdir()
     with ExitStack() as stack_:
-        redis_url = stack_.enter_context(redis_server(tmp))
+        redis = stack_.enter_context(RedisServer(tmp, maxmemory="1gb"))
+        redis_url = redis.url
         env = env_for(redis_url, str(worker_dir))
         beat_env = env_for(redis_url, str(beat_dir))
         stack_.enter_context(worker(env, tmp, app="tests.incident_app", queues="inside"))
@@ -209,7 +209,7 @@ def test_inside_the_workers(tmp_path: Path) -> None:
                    "Prometheus to scrape the workers' sidecar")
         assert stack.prom.query(f'celery_task_runtime_seconds_count{{name="inside.steady"}} offset {DAY:g}s'), \
             "the backfilled baseline of the day before is not in Prometheus"
-        delay_port = stack_.enter_context(delay_proxy(int(redis_url.rsplit(":", 1)[1]), PUBLISH_DELAY))
+        delay_port = stack_.enter_context(delay_proxy(redis.port, PUBLISH_DELAY))
 
         # Slower than yesterday: from now on every run takes double its baseline.
         runs = int(SLOWER_TARGET / K / RUNS_EVERY)

@@ -32,9 +32,20 @@ from celery_signal_exporter.mixin.config import short_profile
 from celery_signal_exporter.mixin.dashboards import DASHBOARDS
 from celery_signal_exporter.mixin.rules import rule_groups
 from tests.conftest import MotoServer
-from tests.harness import REGION, ROOT, broker_url, env_for, exporter, produce, sqs_client, wait_until, worker
+from tests.harness import (
+    REGION,
+    ROOT,
+    RedisServer,
+    broker_url,
+    env_for,
+    exporter,
+    produce,
+    sqs_client,
+    wait_until,
+    worker,
+)
 from tests.mixin_support import PERIODIC_DASHBOARD, dashboards, panels, substitute
-from tests.stack import Prometheus, Webhook, alertmanager, prometheus, redis_server
+from tests.stack import Prometheus, Webhook, alertmanager, prometheus
 
 # The three alerts of danihodovic/celery-exporter's mixin, with its default
 # selector and windows; `for` is shortened from 1m/20m/15m so the test ends.
@@ -163,11 +174,11 @@ def test_dashboards_have_data_and_backlog_alert_pages_then_resolves(
         q.close()
 
     with (
-        redis_server(tmp) as redis_url,
+        RedisServer(tmp, maxmemory="1gb") as redis,
         Webhook() as hook,
         alertmanager(tmp, hook.url) as am_url,
     ):
-        broker = f"{redis_url}/0"
+        broker = f"{redis.url}/0"
         # CSX_TEST_LATE: pool processes forget t.late, so the outcomes scenario has a pre-start failure.
         env = env_for(broker, str(metrics_dir), CSX_TEST_LATE="1")
         with (

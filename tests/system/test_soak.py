@@ -281,9 +281,9 @@ def test_soak_with_chaos(tmp_path: Path) -> None:
     metrics_dir.mkdir()
     log_dir = tmp_path / "runs"
     log_dir.mkdir()
-    redis = RedisServer()  # fails loudly when redis-server is missing
+    redis = RedisServer(tmp_path)  # fails loudly when redis-server is missing
     redis.start()
-    broker = redis.url
+    broker = f"{redis.url}/0"
     env = env_for(broker, str(metrics_dir), CSX_SOAK_LOG_DIR=str(log_dir))
     ex = Exporter(tmp_path, free_port(), ["--metrics-dir", str(metrics_dir), "--compact-interval", "0.2",
                                           "--broker-url", broker, "--probe-interval", "1", "--probe-timeout", "1"])
