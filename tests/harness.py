@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -93,13 +94,86 @@ def has(samples: Samples, metric: str, /, **labels: str) -> bool:
     return any(n == metric and want <= ls for (n, ls) in samples)
 
 
+def exporter_env() -> dict[str, str]:
+    """This environment without anything that would configure the exporter behind the test's back
+    (CELERY_EXPORTER_*, PROMETHEUS_MULTIPROC_DIR), and with this checkout's code first."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CELERY_EXPORTER_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["PYTHONPATH"] = PYTHONPATH
+    return env
+
+
 class ExporterProcess:
-    def __init__(self, proc: subprocess.Popen[str], port: int, log_path: str) -> None:
-        self.proc, self.port, self.log_path = proc, port, log_path
-        self.url = f"http://127.0.0.1:{port}"
+    """`celery-signal-exporter serve ARGS` as a real process on a free port (or `port`: a replacement
+    sidecar on the address Prometheus scrapes). It may be killed and started again on the same port;
+    a context manager too: started on entry, stopped on exit.
+
+    `env`: exporter_env() unless told; `host`, `scheme`, `verify`: where and how to reach it (an IPv6
+    or wildcard address, TLS with the test's CA); `show_log=False` keeps its log out of a failure
+    message, where the log may hold the very secret a test looks for."""
+
+    def __init__(self, tmp: str | os.PathLike[str], *args: str, env: dict[str, str] | None = None,
+                 port: int | None = None, host: str = "127.0.0.1", scheme: str = "http",
+                 verify: ssl.SSLContext | bool = True, show_log: bool = True) -> None:
+        self.tmp, self.args = os.fspath(tmp), args
+        self.env = env if env is not None else exporter_env()
+        self.port = port or free_port()
+        self.host, self.verify, self.show_log = host, verify, show_log
+        netloc = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        self.url = f"{scheme}://{netloc}:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_paths: list[str] = []  # one a start
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> float:
+        """Start it and wait for /healthz (never protected); returns the time it answered."""
+        log_path = os.path.join(self.tmp, f"exporter-{self.port}-{uuid.uuid4().hex[:6]}.log")
+        self.log_paths.append(log_path)
+        with open(log_path, "wb") as log:
+            self.proc = proc = subprocess.Popen(
+                [sys.executable, "-m", "celery_signal_exporter.cli",
+                 "serve", "--host", self.host, "--port", str(self.port), *self.args],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                shown = f":\n{self.log()}" if self.show_log else " (its log is not shown)"
+                raise AssertionError(f"exporter exited {proc.returncode}{shown}")
+            try:
+                return self.get("/healthz", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, 60, "the exporter to answer /healthz", interval=0.05)
+        return time.time()
+
+    def stop(self) -> None:
+        """SIGTERM, and SIGKILL after 10 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> float:
+        """SIGKILL, as a crash or an OOM kill would; returns when it was killed."""
+        assert self.proc is not None
+        self.proc.kill()
+        killed = time.time()
+        self.proc.wait(30)
+        return killed
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=10, **kwargs)
+        kwargs.setdefault("timeout", 10)
+        kwargs.setdefault("verify", self.verify)
+        return httpx.get(self.url + path, **kwargs)
 
     def scrape(self) -> Samples:
         r = self.get("/metrics")
@@ -107,43 +181,31 @@ class ExporterProcess:
         return parse(r.text)
 
     def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
+        """What every start of it wrote, in order."""
+        out = []
+        for path in self.log_paths:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                out.append(f.read())
+        return "".join(out)
 
-
-@contextmanager
-def exporter(tmp: str, *args: str, env: dict[str, str] | None = None,
-             port: int | None = None) -> Iterator[ExporterProcess]:
-    """`celery-signal-exporter serve` as a real process on a free port (or `port`: a replacement sidecar)."""
-    port = port or free_port()
-    log_path = os.path.join(tmp, f"exporter-{port}-{uuid.uuid4().hex[:6]}.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery_signal_exporter.cli",
-             "serve", "--host", "127.0.0.1", "--port", str(port), *args],
-            cwd=ROOT, env=env or dict(os.environ, PYTHONPATH=PYTHONPATH), stdout=log, stderr=subprocess.STDOUT,
-            text=True,
-        )
-    ex = ExporterProcess(proc, port, log_path)
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"exporter exited {proc.returncode}:\n{ex.log()}")
+    def __enter__(self) -> ExporterProcess:
         try:
-            return ex.get("/healthz").status_code == 200
-        except httpx.HTTPError:
-            return False
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
-    try:
-        wait_until(healthy, 30, "the exporter to answer /healthz")
-        yield ex
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def exporter(tmp: str | os.PathLike[str], *args: str, env: dict[str, str] | None = None, port: int | None = None,
+             host: str = "127.0.0.1", scheme: str = "http", verify: ssl.SSLContext | bool = True,
+             show_log: bool = True) -> ExporterProcess:
+    """The exporter for a `with` block: `with exporter(tmp, "--metrics-dir", d) as ex:` (see ExporterProcess)."""
+    return ExporterProcess(tmp, *args, env=env, port=port, host=host, scheme=scheme, verify=verify,
+                           show_log=show_log)
 
 
 class WorkerProcess:
