@@ -24,11 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import RedisServer, free_port
+from tests.harness import AMQP_HOST, AMQP_PORT, RABBIT_MGMT_PORT, RedisServer, free_port, rabbit_vhost
 
-AMQP_HOST = os.environ.get("TEST_AMQP_HOST", "127.0.0.1")
-AMQP_PORT = int(os.environ.get("TEST_AMQP_PORT", "5672"))
-RABBIT_MGMT_PORT = int(os.environ.get("TEST_RABBIT_MGMT_PORT", "15672"))
 #: Databases of the session's redis-server; `redis_url` hands them out in turn.
 REDIS_DATABASES = 64
 
@@ -88,14 +85,8 @@ def amqp_base_url() -> str:
 @pytest.fixture
 def amqp_vhost(amqp_base_url: str) -> Iterator[str]:
     """A fresh RabbitMQ vhost (guest has full rights on it), deleted after."""
-    from pyrabbit2.api import Client
-
-    client = Client(f"{AMQP_HOST}:{RABBIT_MGMT_PORT}", "guest", "guest")
-    vhost = f"csx-test-{uuid.uuid4().hex[:8]}"
-    client.create_vhost(vhost)
-    client.set_vhost_permissions(vhost, "guest", ".*", ".*", ".*")
-    yield vhost
-    client.delete_vhost(vhost)
+    with rabbit_vhost() as vhost:
+        yield vhost
 
 
 @pytest.fixture

@@ -35,6 +35,11 @@ T = TypeVar("T")
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
+#: The machine's RabbitMQ (bash .ci/services.sh), shared: each test gets a vhost of its own on it.
+AMQP_HOST = os.environ.get("TEST_AMQP_HOST", "127.0.0.1")
+AMQP_PORT = int(os.environ.get("TEST_AMQP_PORT", "5672"))
+RABBIT_MGMT_PORT = int(os.environ.get("TEST_RABBIT_MGMT_PORT", "15672"))
+
 
 def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
     """Poll `check` until it returns something truthy; fail with `what` after `timeout`."""
@@ -239,11 +244,7 @@ def worker(env: dict[str, str], tmp: str, *args: str, concurrency: int = 2, pool
     def up() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"worker exited {proc.returncode}:\n{w.log()[-4000:]}")
-        for family in collector.collect():
-            for s in family.samples:
-                if s.name == "celery_worker_up" and s.labels.get("hostname") == hostname and s.value == 1:
-                    return True
-        return False
+        return _is_up(collector, "celery_worker_up", hostname=hostname)
 
     try:
         wait_until(up, 60, f"worker {hostname} to write its heartbeat")
@@ -259,6 +260,53 @@ def worker(env: dict[str, str], tmp: str, *args: str, concurrency: int = 2, pool
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        proc.wait()
+
+
+def _is_up(collector: DirectoryCollector, metric: str, **labels: str) -> bool:
+    """Whether the directory serves `metric` at 1 with `labels`: a heartbeat is on disk."""
+    return any(s.name == metric and s.value == 1 and all(s.labels.get(k) == v for k, v in labels.items())
+               for family in collector.collect() for s in family.samples)
+
+
+class BeatProcess:
+    def __init__(self, proc: subprocess.Popen[bytes], log_path: str) -> None:
+        self.proc, self.log_path = proc, log_path
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+
+@contextmanager
+def beat(env: dict[str, str], tmp: str, *args: str, app: str = "tests.beat_app") -> Iterator[BeatProcess]:
+    """A real `celery beat` on `app` with its schedule file in `tmp`, ready once its heartbeat is in the
+    metrics directory of `env`; stopped with SIGTERM (SIGKILL after 20 s) unless the test killed it."""
+    log_path = os.path.join(tmp, f"beat-{uuid.uuid4().hex[:6]}.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", app, "beat", "-s", os.path.join(tmp, "schedule"), *args,
+             "--loglevel", "INFO"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    b = BeatProcess(proc, log_path)
+    collector = DirectoryCollector(env["CELERY_EXPORTER_METRICS_DIR"], worker_timeout=3)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"beat exited {proc.returncode}:\n{b.log()[-4000:]}")
+        return _is_up(collector, "celery_beat_up")
+
+    try:
+        wait_until(up, 60, "beat to write its heartbeat")
+        yield b
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         proc.wait()
 
 
@@ -412,6 +460,22 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+@contextmanager
+def rabbit_vhost(prefix: str = "csx-test") -> Iterator[str]:
+    """A fresh vhost on the shared RabbitMQ (guest has full rights on it), deleted after: what a test
+    publishes there is nobody else's, and nothing of it stays."""
+    from pyrabbit2.api import Client
+
+    client = Client(f"{AMQP_HOST}:{RABBIT_MGMT_PORT}", "guest", "guest")
+    vhost = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    client.create_vhost(vhost)
+    client.set_vhost_permissions(vhost, "guest", ".*", ".*", ".*")
+    try:
+        yield vhost
+    finally:
+        client.delete_vhost(vhost)
 
 
 def promtool() -> str:

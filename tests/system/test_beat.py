@@ -15,8 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from celery_signal_exporter.mixin.config import short_profile
 from celery_signal_exporter.mixin.rules import rule_groups
 from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
 from tests.catalogue_support import BEAT, documented, exposed
-from tests.harness import ROOT, env_for, exporter, free_port, has, value, wait_until, worker
+from tests.harness import ROOT, beat, env_for, exporter, free_port, has, value, wait_until, worker
 from tests.mixin_support import PERIODIC_DASHBOARD, dashboards, panels, substitute
 from tests.stack import Prometheus, prometheus
 
@@ -34,48 +33,13 @@ from tests.stack import Prometheus, prometheus
 NO_ALERTMANAGER = "http://127.0.0.1:9"
 
 
-class BeatProcess:
-    def __init__(self, proc: subprocess.Popen[bytes], log_path: str) -> None:
-        self.proc, self.log_path = proc, log_path
-
-    def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-
 def beat_up(directory: str) -> bool:
     samples = merged_samples(DirectoryCollector(directory, worker_timeout=3))
     return any(k.startswith("celery_beat_up{") and v == 1 for k, v in samples.items())
 
 
-@contextmanager
-def beat(env: dict[str, str], tmp: str) -> Iterator[BeatProcess]:
-    """A real `celery beat` on tests.beat_app's changing scheduler, ready once its heartbeat is on disk."""
-    log_path = os.path.join(tmp, "beat.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.beat_app", "beat", "-s", os.path.join(tmp, "schedule"),
-             "-S", "tests.beat_app:ChangingScheduler", "--max-interval", "1", "--loglevel", "INFO"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    b = BeatProcess(proc, log_path)
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"beat exited {proc.returncode}:\n{b.log()[-4000:]}")
-        return beat_up(env["CELERY_EXPORTER_METRICS_DIR"])
-
-    try:
-        wait_until(up, 60, "beat to write its heartbeat")
-        yield b
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.wait()
+#: tests.beat_app's scheduler, whose schedule changes at run time, checked every second.
+CHANGING = ("-S", "tests.beat_app:ChangingScheduler", "--max-interval", "1")
 
 
 def publish_blocker(env: dict[str, str], seconds: float) -> None:
@@ -126,7 +90,7 @@ def test_beat_schedule_runs_alerts_and_a_dead_beat(tmp_path: Path, redis_url: st
                    [rules_file(tmp_path)], NO_ALERTMANAGER) as prom,
     ):
         worker_exporter = worker_sidecar.enter_context(exporter(tmp, *sidecar_args, port=worker_port))
-        with beat(beat_env, tmp) as beat_proc:
+        with beat(beat_env, tmp, *CHANGING) as beat_proc:
             started = time.time()
             # The schedule as beat reads it: intervals exact, crontab-style ones too.
             def schedule_read() -> Any:
@@ -250,7 +214,7 @@ def test_expiring_on_rabbitmq_where_the_broker_drops_expired_runs(tmp_path: Path
         worker(env, tmp, concurrency=1, queues="late", app="tests.beat_app"),
         exporter(tmp, "--metrics-dir", str(metrics_dir), "--worker-timeout", "3") as ex,
         prometheus(tmp, {"celery-worker": f"127.0.0.1:{ex.port}"}, [rules_file(tmp_path)], NO_ALERTMANAGER) as prom,
-        beat(env, tmp),
+        beat(env, tmp, *CHANGING),
     ):
         wait_until(lambda: "late" in entries_firing(prom, "CeleryPeriodicTaskExpiring"), 40,
                    "CeleryPeriodicTaskExpiring for late on RabbitMQ")
@@ -272,11 +236,11 @@ def test_a_restarted_beat_drops_entries_it_no_longer_has(tmp_path: Path, redis_u
         return any(k.startswith("celery_beat_entry_next_due_timestamp_seconds{") and f'entry="{entry}"' in k
                    for k in merged())
 
-    with beat(env_for(redis_url, metrics_dir, CSX_TEST_BEAT_EXTRA="1"), tmp) as first:
+    with beat(env_for(redis_url, metrics_dir, CSX_TEST_BEAT_EXTRA="1"), tmp, *CHANGING) as first:
         wait_until(lambda: shows("gone-later"), 20, "the first beat to write gone-later")
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait()
-    with beat(env_for(redis_url, metrics_dir), tmp):
+    with beat(env_for(redis_url, metrics_dir), tmp, *CHANGING):
         restarted = time.time()
 
         def dispatched_again() -> bool:
