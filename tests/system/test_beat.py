@@ -19,18 +19,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from celery_signal_exporter.mixin.config import short_profile
 from celery_signal_exporter.mixin.rules import rule_groups
 from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
 from tests.catalogue_support import BEAT, documented, exposed
 from tests.harness import ROOT, beat, env_for, exporter, free_port, has, value, wait_until, worker
 from tests.mixin_support import PERIODIC_DASHBOARD, dashboards, panels, substitute
-from tests.stack import Prometheus, prometheus
-
-#: No Alertmanager: these tests read alert states from Prometheus itself.
-NO_ALERTMANAGER = "http://127.0.0.1:9"
+from tests.stack import Prometheus, monitoring
 
 
 def beat_up(directory: str) -> bool:
@@ -63,10 +58,8 @@ def empty_periodic_panels(prom: Prometheus) -> list[str]:
             for t in p["targets"] if not prom.query(substitute(t["expr"]))]
 
 
-def rules_file(tmp_path: Path) -> str:
-    path = tmp_path / "celery-rules.yml"
-    path.write_text(yaml.safe_dump(rule_groups(short_profile())))
-    return str(path)
+def rules() -> dict[str, Any]:
+    return {"celery-rules.yml": rule_groups(short_profile())}
 
 
 def test_beat_schedule_runs_alerts_and_a_dead_beat(tmp_path: Path, redis_url: str) -> None:
@@ -85,10 +78,11 @@ def test_beat_schedule_runs_alerts_and_a_dead_beat(tmp_path: Path, redis_url: st
         worker(worker_env, tmp, concurrency=1, queues="late", app="tests.beat_app"),
         ExitStack() as worker_sidecar,
         exporter(tmp, "--metrics-dir", str(beat_dir), "--worker-timeout", "3") as beat_exporter,
-        prometheus(tmp, {"celery-worker": f"127.0.0.1:{worker_port}",
-                         "celery-beat": f"127.0.0.1:{beat_exporter.port}"},
-                   [rules_file(tmp_path)], NO_ALERTMANAGER) as prom,
+        # No Alertmanager: these tests read alert states from Prometheus itself.
+        monitoring(tmp, {"celery-worker": f"127.0.0.1:{worker_port}", "celery-beat": f"127.0.0.1:{beat_exporter.port}"},
+                   rules(), alerting=False) as mon,
     ):
+        prom = mon.prom
         worker_exporter = worker_sidecar.enter_context(exporter(tmp, *sidecar_args, port=worker_port))
         with beat(beat_env, tmp, *CHANGING) as beat_proc:
             started = time.time()
@@ -213,9 +207,10 @@ def test_expiring_on_rabbitmq_where_the_broker_drops_expired_runs(tmp_path: Path
     with (
         worker(env, tmp, concurrency=1, queues="late", app="tests.beat_app"),
         exporter(tmp, "--metrics-dir", str(metrics_dir), "--worker-timeout", "3") as ex,
-        prometheus(tmp, {"celery-worker": f"127.0.0.1:{ex.port}"}, [rules_file(tmp_path)], NO_ALERTMANAGER) as prom,
+        monitoring(tmp, {"celery-worker": f"127.0.0.1:{ex.port}"}, rules(), alerting=False) as mon,
         beat(env, tmp, *CHANGING),
     ):
+        prom = mon.prom
         wait_until(lambda: "late" in entries_firing(prom, "CeleryPeriodicTaskExpiring"), 40,
                    "CeleryPeriodicTaskExpiring for late on RabbitMQ")
         s = ex.scrape()
