@@ -1,4 +1,6 @@
-"""Real processes for the integration tests: workers, producers, the exporter."""
+"""The harness: the one way each to start what the integration and system tests run for real: a
+private Redis (RedisServer), a RabbitMQ vhost (rabbit_vhost), a worker (worker), beat (beat), the
+exporter (exporter, ExporterProcess) and producers (produce). Prometheus and Alertmanager: tests/stack.py."""
 
 from __future__ import annotations
 
