@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +33,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from celery_signal_exporter import catalogue
-from tests.harness import ROOT, ExporterProcess, env_for, exporter, wait_until, worker
+from tests.harness import ROOT, ExporterProcess, RedisServer, env_for, exporter, wait_until, worker
 
 DOC_PATH = Path(ROOT) / "docs" / "cardinality.md"
 DATA_MARK = "<!-- cardinality-data "
@@ -265,18 +265,6 @@ def recorded(text: str) -> dict[str, Any]:
     return dict(json.loads(text[start:text.rindex(" -->")]))
 
 
-def private_redis(tmp: Path) -> Generator[str, None, None]:
-    """A redis-server of the generator's own, as the test session has (tests/conftest.py)."""
-    from tests.conftest import SessionRedis
-
-    server = SessionRedis(tmp)
-    server.start()
-    try:
-        yield server.url + "/1"
-    finally:
-        server.stop()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure and write docs/cardinality.md, or with --check re-render it from its own figures."""
     parser = argparse.ArgumentParser(prog="python -m tests.cardinality", description=__doc__.splitlines()[0])
@@ -291,13 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{out} is stale: run python -m tests.cardinality", file=sys.stderr)
             return 1
         return 0
-    with tempfile.TemporaryDirectory(prefix="cardinality-") as tmp:
-        redis_gen = private_redis(Path(tmp))
-        url = next(redis_gen)
-        try:
-            data = measure(url, Path(tmp) / "runs")
-        finally:
-            redis_gen.close()
+    with tempfile.TemporaryDirectory(prefix="cardinality-") as tmp, RedisServer(tmp) as redis:
+        data = measure(f"{redis.url}/1", Path(tmp) / "runs")
     out.write_text(render(data), encoding="utf-8")
     print(f"wrote {out}")
     return 0

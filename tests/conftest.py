@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,9 +24,8 @@ from pathlib import Path
 
 import pytest
 
-AMQP_HOST = os.environ.get("TEST_AMQP_HOST", "127.0.0.1")
-AMQP_PORT = int(os.environ.get("TEST_AMQP_PORT", "5672"))
-RABBIT_MGMT_PORT = int(os.environ.get("TEST_RABBIT_MGMT_PORT", "15672"))
+from tests.harness import AMQP_HOST, AMQP_PORT, RABBIT_MGMT_PORT, RedisServer, free_port, rabbit_vhost
+
 #: Databases of the session's redis-server; `redis_url` hands them out in turn.
 REDIS_DATABASES = 64
 
@@ -44,80 +42,15 @@ def _require_port(host: str, port: int, what: str) -> None:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _ServerProcess:
-    """A server the test session starts for itself (started by the subclass) and kills at the end."""
-
-    proc: subprocess.Popen[bytes] | None = None
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-        self.proc = None
-
-
-class SessionRedis(_ServerProcess):
-    """The test session's own redis-server: no persistence, its own directory."""
-
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed (the tests start their own Redis); "
-                        "bash .ci/services.sh installs it", pytrace=False)
-        self.binary = binary
-        self.workdir = workdir
-        self.port = _free_port()
-        self.log_path = workdir / "redis.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--logfile", str(self.log_path), "--databases", str(REDIS_DATABASES)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                log = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
-                pytest.fail(f"the session's redis-server exited with {self.proc.returncode}:\n{log}", pytrace=False)
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        pytest.fail(f"the session's redis-server did not answer PING on port {self.port} within 30 s", pytrace=False)
-
-
-
 @pytest.fixture(scope="session")
-def session_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SessionRedis]:
-    server = SessionRedis(tmp_path_factory.mktemp("session-redis"))
-    server.start()
-    try:
+def session_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """The test session's own redis-server, with databases enough for `redis_url` to hand out."""
+    with RedisServer(tmp_path_factory.mktemp("session-redis"), databases=REDIS_DATABASES) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
-def redis_base_url(session_redis: SessionRedis) -> str:
+def redis_base_url(session_redis: RedisServer) -> str:
     """`redis://127.0.0.1:<port>` of the session's private redis-server (no database index)."""
     return session_redis.url
 
@@ -152,14 +85,8 @@ def amqp_base_url() -> str:
 @pytest.fixture
 def amqp_vhost(amqp_base_url: str) -> Iterator[str]:
     """A fresh RabbitMQ vhost (guest has full rights on it), deleted after."""
-    from pyrabbit2.api import Client
-
-    client = Client(f"{AMQP_HOST}:{RABBIT_MGMT_PORT}", "guest", "guest")
-    vhost = f"csx-test-{uuid.uuid4().hex[:8]}"
-    client.create_vhost(vhost)
-    client.set_vhost_permissions(vhost, "guest", ".*", ".*", ".*")
-    yield vhost
-    client.delete_vhost(vhost)
+    with rabbit_vhost() as vhost:
+        yield vhost
 
 
 @pytest.fixture
@@ -167,7 +94,7 @@ def amqp_url(amqp_base_url: str, amqp_vhost: str) -> str:
     return f"{amqp_base_url}/{amqp_vhost}"
 
 
-class MotoServer(_ServerProcess):
+class MotoServer:
     """moto in server mode (`python -m moto.server`) on loopback and a free port: a real HTTP SQS
     endpoint for the SQS probe and for kombu's SQS transport in real workers. moto keeps everything in
     memory, so its state ends with the process; `env` adds settings (INITIAL_NO_AUTH_ACTION_COUNT)."""
@@ -180,7 +107,7 @@ class MotoServer(_ServerProcess):
             pytest.fail("moto[server] is not installed (the SQS tests run moto in server mode); "
                         "pip install -e '.[test]' installs it", pytrace=False)
         self.python = sys.executable
-        self.port = _free_port()
+        self.port = free_port()
         self.log_path = workdir / f"moto-{self.port}.log"
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -205,6 +132,14 @@ class MotoServer(_ServerProcess):
                 time.sleep(0.1)
         self.stop()
         pytest.fail(f"moto server did not listen on port {self.port} within 60 s", pytrace=False)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self.proc = None
 
 
 

@@ -1,4 +1,6 @@
-"""Real processes for the integration tests: workers, producers, the exporter."""
+"""The harness: the one way each to start what the integration and system tests run for real: a
+private Redis (RedisServer), a RabbitMQ vhost (rabbit_vhost), a worker (worker), beat (beat), the
+exporter (exporter, ExporterProcess) and producers (produce). Prometheus and Alertmanager: tests/stack.py."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -33,6 +36,11 @@ PYTHONPATH = os.pathsep.join((ROOT, os.path.join(ROOT, "exporter")))
 T = TypeVar("T")
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+#: The machine's RabbitMQ (bash .ci/services.sh), shared: each test gets a vhost of its own on it.
+AMQP_HOST = os.environ.get("TEST_AMQP_HOST", "127.0.0.1")
+AMQP_PORT = int(os.environ.get("TEST_AMQP_PORT", "5672"))
+RABBIT_MGMT_PORT = int(os.environ.get("TEST_RABBIT_MGMT_PORT", "15672"))
 
 
 def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
@@ -93,13 +101,86 @@ def has(samples: Samples, metric: str, /, **labels: str) -> bool:
     return any(n == metric and want <= ls for (n, ls) in samples)
 
 
+def exporter_env() -> dict[str, str]:
+    """This environment without anything that would configure the exporter behind the test's back
+    (CELERY_EXPORTER_*, PROMETHEUS_MULTIPROC_DIR), and with this checkout's code first."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CELERY_EXPORTER_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["PYTHONPATH"] = PYTHONPATH
+    return env
+
+
 class ExporterProcess:
-    def __init__(self, proc: subprocess.Popen[str], port: int, log_path: str) -> None:
-        self.proc, self.port, self.log_path = proc, port, log_path
-        self.url = f"http://127.0.0.1:{port}"
+    """`celery-signal-exporter serve ARGS` as a real process on a free port (or `port`: a replacement
+    sidecar on the address Prometheus scrapes). It may be killed and started again on the same port;
+    a context manager too: started on entry, stopped on exit.
+
+    `env`: exporter_env() unless told; `host`, `scheme`, `verify`: where and how to reach it (an IPv6
+    or wildcard address, TLS with the test's CA); `show_log=False` keeps its log out of a failure
+    message, where the log may hold the very secret a test looks for."""
+
+    def __init__(self, tmp: str | os.PathLike[str], *args: str, env: dict[str, str] | None = None,
+                 port: int | None = None, host: str = "127.0.0.1", scheme: str = "http",
+                 verify: ssl.SSLContext | bool = True, show_log: bool = True) -> None:
+        self.tmp, self.args = os.fspath(tmp), args
+        self.env = env if env is not None else exporter_env()
+        self.port = port or free_port()
+        self.host, self.verify, self.show_log = host, verify, show_log
+        netloc = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        self.url = f"{scheme}://{netloc}:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_paths: list[str] = []  # one a start
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> float:
+        """Start it and wait for /healthz (never protected); returns the time it answered."""
+        log_path = os.path.join(self.tmp, f"exporter-{self.port}-{uuid.uuid4().hex[:6]}.log")
+        self.log_paths.append(log_path)
+        with open(log_path, "wb") as log:
+            self.proc = proc = subprocess.Popen(
+                [sys.executable, "-m", "celery_signal_exporter.cli",
+                 "serve", "--host", self.host, "--port", str(self.port), *self.args],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                shown = f":\n{self.log()}" if self.show_log else " (its log is not shown)"
+                raise AssertionError(f"exporter exited {proc.returncode}{shown}")
+            try:
+                return self.get("/healthz", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, 60, "the exporter to answer /healthz", interval=0.05)
+        return time.time()
+
+    def stop(self) -> None:
+        """SIGTERM, and SIGKILL after 10 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> float:
+        """SIGKILL, as a crash or an OOM kill would; returns when it was killed."""
+        assert self.proc is not None
+        self.proc.kill()
+        killed = time.time()
+        self.proc.wait(30)
+        return killed
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=10, **kwargs)
+        kwargs.setdefault("timeout", 10)
+        kwargs.setdefault("verify", self.verify)
+        return httpx.get(self.url + path, **kwargs)
 
     def scrape(self) -> Samples:
         r = self.get("/metrics")
@@ -107,43 +188,31 @@ class ExporterProcess:
         return parse(r.text)
 
     def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
+        """What every start of it wrote, in order."""
+        out = []
+        for path in self.log_paths:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                out.append(f.read())
+        return "".join(out)
 
-
-@contextmanager
-def exporter(tmp: str, *args: str, env: dict[str, str] | None = None,
-             port: int | None = None) -> Iterator[ExporterProcess]:
-    """`celery-signal-exporter serve` as a real process on a free port (or `port`: a replacement sidecar)."""
-    port = port or free_port()
-    log_path = os.path.join(tmp, f"exporter-{port}-{uuid.uuid4().hex[:6]}.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery_signal_exporter.cli",
-             "serve", "--host", "127.0.0.1", "--port", str(port), *args],
-            cwd=ROOT, env=env or dict(os.environ, PYTHONPATH=PYTHONPATH), stdout=log, stderr=subprocess.STDOUT,
-            text=True,
-        )
-    ex = ExporterProcess(proc, port, log_path)
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"exporter exited {proc.returncode}:\n{ex.log()}")
+    def __enter__(self) -> ExporterProcess:
         try:
-            return ex.get("/healthz").status_code == 200
-        except httpx.HTTPError:
-            return False
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
-    try:
-        wait_until(healthy, 30, "the exporter to answer /healthz")
-        yield ex
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def exporter(tmp: str | os.PathLike[str], *args: str, env: dict[str, str] | None = None, port: int | None = None,
+             host: str = "127.0.0.1", scheme: str = "http", verify: ssl.SSLContext | bool = True,
+             show_log: bool = True) -> ExporterProcess:
+    """The exporter for a `with` block: `with exporter(tmp, "--metrics-dir", d) as ex:` (see ExporterProcess)."""
+    return ExporterProcess(tmp, *args, env=env, port=port, host=host, scheme=scheme, verify=verify,
+                           show_log=show_log)
 
 
 class WorkerProcess:
@@ -177,11 +246,7 @@ def worker(env: dict[str, str], tmp: str, *args: str, concurrency: int = 2, pool
     def up() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"worker exited {proc.returncode}:\n{w.log()[-4000:]}")
-        for family in collector.collect():
-            for s in family.samples:
-                if s.name == "celery_worker_up" and s.labels.get("hostname") == hostname and s.value == 1:
-                    return True
-        return False
+        return _is_up(collector, "celery_worker_up", hostname=hostname)
 
     try:
         wait_until(up, 60, f"worker {hostname} to write its heartbeat")
@@ -197,6 +262,53 @@ def worker(env: dict[str, str], tmp: str, *args: str, concurrency: int = 2, pool
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        proc.wait()
+
+
+def _is_up(collector: DirectoryCollector, metric: str, **labels: str) -> bool:
+    """Whether the directory serves `metric` at 1 with `labels`: a heartbeat is on disk."""
+    return any(s.name == metric and s.value == 1 and all(s.labels.get(k) == v for k, v in labels.items())
+               for family in collector.collect() for s in family.samples)
+
+
+class BeatProcess:
+    def __init__(self, proc: subprocess.Popen[bytes], log_path: str) -> None:
+        self.proc, self.log_path = proc, log_path
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+
+@contextmanager
+def beat(env: dict[str, str], tmp: str, *args: str, app: str = "tests.beat_app") -> Iterator[BeatProcess]:
+    """A real `celery beat` on `app` with its schedule file in `tmp`, ready once its heartbeat is in the
+    metrics directory of `env`; stopped with SIGTERM (SIGKILL after 20 s) unless the test killed it."""
+    log_path = os.path.join(tmp, f"beat-{uuid.uuid4().hex[:6]}.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", app, "beat", "-s", os.path.join(tmp, "schedule"), *args,
+             "--loglevel", "INFO"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    b = BeatProcess(proc, log_path)
+    collector = DirectoryCollector(env["CELERY_EXPORTER_METRICS_DIR"], worker_timeout=3)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"beat exited {proc.returncode}:\n{b.log()[-4000:]}")
+        return _is_up(collector, "celery_beat_up")
+
+    try:
+        wait_until(up, 60, "beat to write its heartbeat")
+        yield b
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         proc.wait()
 
 
@@ -270,57 +382,102 @@ def sqs_client(endpoint: str) -> Any:
                         aws_secret_access_key=SECRET)
 
 
+def redis_server_binary() -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (the tests start their own Redis); "
+                    "bash .ci/services.sh installs it", pytrace=False)
+    return binary
 
 
 class RedisServer:
-    """A private redis-server that a test may kill and start again."""
+    """A private redis-server on a free port, so no test writes into a Redis it did not start: no
+    persistence, its log in `workdir`. `kill` and `start` again give an empty Redis on the same port,
+    as after a crash. A context manager too: started on entry, killed on exit."""
 
-    def __init__(self, *args: str) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed; bash .ci/services.sh installs it", pytrace=False)
-        self.binary = binary
-        self.args = args
+    def __init__(self, workdir: str | os.PathLike[str], *, password: str | None = None,
+                 maxmemory: str | None = None, databases: int | None = None) -> None:
+        self.binary = redis_server_binary()
+        self.workdir = os.fspath(workdir)
         self.port = free_port()
+        self.log_path = os.path.join(self.workdir, f"redis-{self.port}.log")
+        self.options: list[str] = []
+        if password is not None:
+            self.options += ["--requirepass", password]
+        if maxmemory is not None:
+            self.options += ["--maxmemory", maxmemory]
+        if databases is not None:
+            self.options += ["--databases", str(databases)]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """`redis://127.0.0.1:<port>`, no database index and no password."""
+        return f"redis://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        """Start it and return once it answers PING (NOAUTH counts: it is serving)."""
         self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                *self.args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.workdir, "--logfile", self.log_path, *self.options],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                pytest.fail(f"private redis-server exited with {self.proc.returncode}", pytrace=False)
+                pytest.fail(f"private redis-server exited with {self.proc.returncode}:\n{self.log()}", pytrace=False)
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
+                        return
             except OSError:
-                time.sleep(0.1)
-        pytest.fail(f"private redis-server did not listen on {self.port}", pytrace=False)
+                pass
+            time.sleep(0.05)
+        self.kill()
+        pytest.fail(f"private redis-server did not answer PING on port {self.port} within 30 s", pytrace=False)
 
     def kill(self) -> None:
+        """SIGKILL: nothing is persisted, so there is nothing a gentler stop would save."""
         if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(30)
             self.proc = None
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()[-2000:]
+        except OSError:
+            return ""
+
+    def __enter__(self) -> RedisServer:
+        try:
+            self.start()
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+@contextmanager
+def rabbit_vhost(prefix: str = "csx-test") -> Iterator[str]:
+    """A fresh vhost on the shared RabbitMQ (guest has full rights on it), deleted after: what a test
+    publishes there is nobody else's, and nothing of it stays."""
+    from pyrabbit2.api import Client
+
+    client = Client(f"{AMQP_HOST}:{RABBIT_MGMT_PORT}", "guest", "guest")
+    vhost = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    client.create_vhost(vhost)
+    client.set_vhost_permissions(vhost, "guest", ".*", ".*", ".*")
+    try:
+        yield vhost
+    finally:
+        client.delete_vhost(vhost)
 
 
 def promtool() -> str:

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import select
 import socket
 import ssl
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import bcrypt
-import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,7 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
-from tests.harness import PYTHONPATH, ROOT, ExporterProcess, free_port, wait_until
+from tests.harness import ExporterProcess, exporter
 
 USER = "prometheus"
 
@@ -86,51 +82,15 @@ def web_config(path: Path, *, tls: dict[str, str] | None = None, users: dict[str
     return str(path)
 
 
-class Served:
-    def __init__(self, proc: subprocess.Popen[str], base: str, log_path: str) -> None:
-        self.proc, self.base, self.log_path = proc, base, log_path
-
-    def log(self) -> str:
-        return Path(self.log_path).read_text(errors="replace")
-
-
 @contextmanager
 def serve(tmp: Path, *args: str, host: str = "127.0.0.1", scheme: str = "http",
-          verify: ssl.SSLContext | bool = True) -> Iterator[Served]:
-    """`serve` as a real process, up once /healthz (never protected) answers."""
-    port = free_port()
+          verify: ssl.SSLContext | bool = True) -> Iterator[ExporterProcess]:
+    """The exporter on an empty metrics directory of the test's own (tmp/metrics), reached at `host`
+    over `scheme`, up once /healthz (never protected) answers."""
     metrics = tmp / "metrics"
     metrics.mkdir(exist_ok=True)
-    log_path = str(tmp / f"serve-{port}.log")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_EXPORTER_")}
-    env["PYTHONPATH"] = PYTHONPATH
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "celery_signal_exporter.cli",
-                                 "serve", "--host", host, "--port", str(port),
-                                 "--metrics-dir", str(metrics), *args],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    bracketed = host if host.startswith("[") else f"[{host}]" if ":" in host else host
-    netloc = f"{bracketed}:{port}"
-    served = Served(proc, f"{scheme}://{netloc}", log_path)
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited {proc.returncode}:\n{served.log()}")
-        try:
-            return httpx.get(served.base + "/healthz", verify=verify, timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(up, 30, "serve to answer /healthz")
-        yield served
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with exporter(tmp, "--metrics-dir", str(metrics), *args, host=host, scheme=scheme, verify=verify) as ex:
+        yield ex
 
 
 SLACK = 8.0  # seconds past a timeout before a still-open connection fails a test

@@ -24,16 +24,14 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
-
-import yaml
 
 from celery_signal_exporter.mixin.config import PRODUCTION, Config, scaled
 from celery_signal_exporter.mixin.rules import rule_groups
 from tests.harness import ExporterProcess, exporter
-from tests.stack import Prometheus, Webhook, alertmanager, prometheus
+from tests.stack import Prometheus, Webhook, monitoring
 
 #: The factor: 30 s production scrapes become 1.5 s, 5 minutes become 15 s, a day 72 minutes.
 K = 20
@@ -141,20 +139,11 @@ def incident_stack(tmp: str, targets: dict[str, str], profile: Config = PROFILE,
                    backfill: str | None = None) -> Iterator[Stack]:
     """Alertmanager, the pager and a Prometheus scraping `targets` (job -> host:port, each labelled
     namespace="e2e", as tests/stack.py does) with `profile`'s rules and the anchor's, at the scaled cadences."""
-    rules = os.path.join(tmp, "celery-rules.yml")
-    with open(rules, "w") as f:
-        yaml.safe_dump(rule_groups(profile), f)
-    anchor = os.path.join(tmp, "anchor-rules.yml")
-    with open(anchor, "w") as f:
-        yaml.safe_dump(_anchor_rules(), f)
-    with ExitStack() as stack:
-        pager = stack.enter_context(Webhook())
-        am_url = stack.enter_context(alertmanager(
-            tmp, pager.url, group_wait=_ms(PRODUCTION_GROUP_WAIT / K),
-            group_interval=_ms(PRODUCTION_GROUP_INTERVAL / K), repeat_interval=_ms(PRODUCTION_REPEAT_INTERVAL / K)))
-        prom = stack.enter_context(prometheus(tmp, targets, [rules, anchor], am_url, interval=_ms(SCRAPE),
-                                              backfill=backfill))
-        yield Stack(tmp, prom, pager)
+    rules = {"celery-rules.yml": rule_groups(profile), "anchor-rules.yml": _anchor_rules()}
+    with monitoring(tmp, targets, rules, interval=_ms(SCRAPE), group_wait=_ms(PRODUCTION_GROUP_WAIT / K),
+                    group_interval=_ms(PRODUCTION_GROUP_INTERVAL / K),
+                    repeat_interval=_ms(PRODUCTION_REPEAT_INTERVAL / K), backfill=backfill) as mon:
+        yield Stack(tmp, mon.prom, mon.pager)
 
 
 @contextmanager

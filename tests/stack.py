@@ -1,5 +1,5 @@
-"""Real Prometheus, Alertmanager, a private Redis and a webhook receiver, each
-started on a free port for one test and stopped after it.
+"""Real Prometheus, Alertmanager and a webhook receiver, each started on a free port for one test
+and stopped after it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -53,35 +54,6 @@ def _process(argv: list[str], log_path: str, ready_url: str, what: str) -> Itera
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-@contextmanager
-def redis_server(tmp: str, maxmemory: str = "1gb") -> Iterator[str]:
-    """A Redis of our own, so its memory limit and keys are ours alone."""
-    import redis
-
-    port = free_port()
-    log_path = os.path.join(tmp, f"redis-{port}.log")
-    argv = [program("redis-server", "redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--maxmemory", maxmemory, "--dir", tmp, "--logfile", log_path]
-    proc = subprocess.Popen(argv)
-    client = redis.Redis(port=port)
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"redis-server exited {proc.returncode}")
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-
-    try:
-        wait_until(up, 30, "the private redis-server to answer PING")
-        yield f"redis://127.0.0.1:{port}"
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(timeout=15)
 
 
 class Webhook:
@@ -176,11 +148,12 @@ class Prometheus:
 
 
 @contextmanager
-def prometheus(tmp: str, targets: dict[str, str], rule_files: list[str], alertmanager_url: str,
+def prometheus(tmp: str, targets: dict[str, str], rule_files: list[str], alertmanager_url: str | None,
                interval: str = "1s", backfill: str | None = None) -> Iterator[Prometheus]:
     """Scrapes and evaluates rules every `interval` (a second unless told), labelling targets as a
-    namespace would. `backfill`: OpenMetrics text written into the TSDB before Prometheus starts
-    (`promtool tsdb create-blocks-from openmetrics`), for history older than the test."""
+    namespace would, and sends alerts to `alertmanager_url` (None: nowhere). `backfill`: OpenMetrics
+    text written into the TSDB before Prometheus starts (`promtool tsdb create-blocks-from
+    openmetrics`), for history older than the test."""
     port = free_port()
     data = os.path.join(tmp, "prom-data")
     if backfill is not None:
@@ -190,15 +163,17 @@ def prometheus(tmp: str, targets: dict[str, str], rule_files: list[str], alertma
         out = subprocess.run([program("promtool", "prometheus"), "tsdb", "create-blocks-from", "openmetrics",
                               source, data], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, f"promtool backfill failed:\n{out.stdout}\n{out.stderr}"
-    config = {
+    config: dict[str, Any] = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": interval},
         "rule_files": rule_files,
-        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager_url.split("//", 1)[1]]}]}]},
         "scrape_configs": [
             {"job_name": job, "static_configs": [{"targets": [target], "labels": {"namespace": "e2e"}}]}
             for job, target in targets.items()
         ],
     }
+    if alertmanager_url is not None:
+        address = alertmanager_url.split("//", 1)[1]
+        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [address]}]}]}
     path = os.path.join(tmp, "prometheus.yml")
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
@@ -207,3 +182,33 @@ def prometheus(tmp: str, targets: dict[str, str], rule_files: list[str], alertma
     url = f"http://127.0.0.1:{port}"
     with _process(argv, os.path.join(tmp, "prometheus.log"), f"{url}/-/ready", "prometheus"):
         yield Prometheus(url)
+
+
+@dataclass
+class Monitoring:
+    """What a test reads: Prometheus, and the pager (the webhook Alertmanager posts to)."""
+
+    prom: Prometheus
+    pager: Webhook
+
+
+@contextmanager
+def monitoring(tmp: str, targets: dict[str, str], rules: dict[str, Any], *, alerting: bool = True,
+               interval: str = "1s", group_wait: str = "1s", group_interval: str = "1s",
+               repeat_interval: str = "1h", backfill: str | None = None) -> Iterator[Monitoring]:
+    """The monitoring stack: a Prometheus scraping `targets` (job -> host:port) every `interval` and
+    evaluating `rules` (file name -> rule groups, written into `tmp`), alerting through an Alertmanager
+    to the pager. `alerting=False`: no Alertmanager, for tests that read alert states from Prometheus
+    itself (the pager then stays empty). `backfill`: see prometheus()."""
+    rule_files = []
+    for name, groups in rules.items():
+        path = os.path.join(tmp, name)
+        with open(path, "w") as f:
+            yaml.safe_dump(groups, f)
+        rule_files.append(path)
+    with ExitStack() as stack:
+        pager = stack.enter_context(Webhook())
+        am_url = stack.enter_context(alertmanager(tmp, pager.url, group_wait=group_wait, group_interval=group_interval,
+                                                  repeat_interval=repeat_interval)) if alerting else None
+        prom = stack.enter_context(prometheus(tmp, targets, rule_files, am_url, interval=interval, backfill=backfill))
+        yield Monitoring(prom, pager)

@@ -21,7 +21,6 @@ index, never the secret itself.
 from __future__ import annotations
 
 import base64
-import os
 import re
 import subprocess
 import sys
@@ -29,13 +28,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
 
 from tests.conftest import AMQP_HOST, AMQP_PORT, RABBIT_MGMT_PORT
-from tests.harness import PYTHONPATH, ROOT, RedisServer, free_port, parse, value, wait_until
+from tests.harness import ROOT, ExporterProcess, RedisServer, exporter_env, free_port, parse, value, wait_until
 
 #: Fragments chosen not to occur in normal output; the separators are the
 #: characters that break URL parsing.
@@ -85,49 +85,23 @@ class Outputs:
         assert not problems, "the broker password leaked into:\n" + "\n".join(problems)
 
 
-def quiet_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_EXPORTER_")}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    env["PYTHONPATH"] = PYTHONPATH
-    return env
-
-
 def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     out = subprocess.run([sys.executable, "-m", "celery_signal_exporter.cli",
                           *args], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60, env=env or quiet_env())
+                         timeout=60, env=env or exporter_env())
     return out.returncode, out.stdout + out.stderr
 
 
-class Serve:
-    """`serve --log-level debug` whose every byte of output is kept."""
+class Serve(ExporterProcess):
+    """`serve --log-level debug` whose every byte of output is kept: each response, and its log at the
+    end. Its log is never shown on failure: it may hold the very leak under test."""
 
     def __init__(self, tmp: Path, outputs: Outputs, name: str, *args: str) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / f"{name}.log"
+        super().__init__(tmp, "--log-level", "debug", "--metrics-dir", str(tmp), *args, show_log=False)
         self.outputs, self.name = outputs, name
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery_signal_exporter.cli",
-                 "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--log-level", "debug", "--metrics-dir", str(tmp), *args],
-                cwd=ROOT, env=quiet_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
 
-    def __enter__(self) -> Serve:
-        def up() -> bool:
-            # Its log is not shown on failure: it may hold the very leak under test.
-            assert self.proc.poll() is None, f"serve {self.name} exited {self.proc.returncode}"
-            try:
-                return httpx.get(self.base + "/healthz", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, 30, f"serve {self.name} to answer")
-        return self
-
-    def get(self, path: str) -> httpx.Response:
-        response = httpx.get(self.base + path, timeout=5)
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        response = super().get(path, **kwargs)
         self.outputs.add(f"{self.name} {path}", response.text + str(dict(response.headers)))
         return response
 
@@ -136,13 +110,8 @@ class Serve:
             self.get(path)
 
     def __exit__(self, *exc: object) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.outputs.add(f"{self.name} log", self.log_path.read_text(errors="replace"))
+        super().__exit__(*exc)
+        self.outputs.add(f"{self.name} log", self.log())
 
 
 @pytest.fixture
@@ -165,9 +134,7 @@ def broker_up(s: Serve, label: str) -> float:
 
 def test_password_never_appears_in_any_output(tmp_path: Path, rabbit_user: str, amqp_vhost: str) -> None:
     outputs = Outputs()
-    redis = RedisServer("--requirepass", PASSWORD)
-    redis.start()
-    try:
+    with RedisServer(tmp_path, password=PASSWORD) as redis:
         redis_url = f"redis://:{quote(PASSWORD, safe='')}@127.0.0.1:{redis.port}/0"
         redis_label = f"redis://127.0.0.1:{redis.port}/0"
         rabbit_label = f"amqp://{AMQP_HOST}:{AMQP_PORT}/{amqp_vhost}"
@@ -222,8 +189,6 @@ def test_password_never_appears_in_any_output(tmp_path: Path, rabbit_user: str, 
             outputs.add(f"check #{len(outputs.texts)}", text)
             assert code == expected, f"check exited {code}, not {expected}"
             assert len(text.strip().splitlines()) == 1, "check printed more than one line"
-    finally:
-        redis.kill()
 
     # One-line startup errors that involve the URL.
     for url in (f"kafka://u:{quote(PASSWORD, safe='')}@h:9092",
@@ -236,7 +201,7 @@ def test_password_never_appears_in_any_output(tmp_path: Path, rabbit_user: str, 
         assert code == 2 and len(text.strip().splitlines()) == 1, f"exit {code} with {len(text.splitlines())} lines"
 
     # --help, with the URL where an operator would put it.
-    env = {**quiet_env(), "CELERY_EXPORTER_BROKER_URL": redis_url,
+    env = {**exporter_env(), "CELERY_EXPORTER_BROKER_URL": redis_url,
            "CELERY_EXPORTER_RABBITMQ_MANAGEMENT_PASSWORD": PASSWORD}
     for args in (["--help"], ["serve", "--help"], ["check", "--help"], ["demo", "--help"]):
         code, text = cli(*args, env=env)

@@ -67,9 +67,9 @@ def hostile_metrics(directory: Path) -> None:
 def test_fuzz_open_service_never_answers_5xx(tmp_path: Path, redis_url: str) -> None:
     hostile_metrics(tmp_path / "metrics")
     with serve(tmp_path, "--broker-url", redis_url, "--probe-interval", "1", "--probe-timeout", "1") as s:
-        report = st_run(tmp_path, s.base + "/openapi.json")
+        report = st_run(tmp_path, s.url + "/openapi.json")
         assert s.proc.poll() is None, s.log()
-        assert httpx.get(s.base + "/metrics", timeout=5).status_code == 200
+        assert httpx.get(s.url + "/metrics", timeout=5).status_code == 200
     assert "Traceback" not in s.log(), s.log()[-3000:]
     assert "4 passed" in report or "Tested: 4" in report, report[-2000:]
 
@@ -81,17 +81,17 @@ def test_fuzz_behind_tls_and_basic_auth(tmp_path: Path) -> None:
                         users={USER: PASSWORD})
     ca = ssl.create_default_context(cafile=pki["ca"])
     with serve(tmp_path, "--web-config-file", config, scheme="https", verify=ca) as s:
-        schema = httpx.get(s.base + "/openapi.json", verify=ca, auth=(USER, PASSWORD), timeout=5)
+        schema = httpx.get(s.url + "/openapi.json", verify=ca, auth=(USER, PASSWORD), timeout=5)
         assert schema.status_code == 200
         schema_file = tmp_path / "openapi.json"
         schema_file.write_text(json.dumps(schema.json()))
         # Unauthenticated: the three protected operations only ever answer 401
         # (schemathesis warns about exactly that), /healthz 200, never a 5xx.
-        st_run(tmp_path, str(schema_file), "--url", s.base, "--tls-verify", pki["ca"],
+        st_run(tmp_path, str(schema_file), "--url", s.url, "--tls-verify", pki["ca"],
                summary="Authentication failed: 3 operations returned only 401/403 responses")
         # Authenticated: the real handlers behind the middleware.
         token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-        st_run(tmp_path, str(schema_file), "--url", s.base, "--tls-verify", pki["ca"],
+        st_run(tmp_path, str(schema_file), "--url", s.url, "--tls-verify", pki["ca"],
                "--header", f"Authorization: Basic {token}")
         assert s.proc.poll() is None, s.log()
     assert "Traceback" not in s.log(), s.log()[-3000:]

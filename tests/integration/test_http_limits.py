@@ -122,13 +122,13 @@ def test_header_timeout_behind_tls(tmp_path: Path) -> None:
     config = web_config(tmp_path / "web.yml", tls={"cert_file": "server.crt", "key_file": "server.key"})
     ca = ssl.create_default_context(cafile=pki["ca"])
     with serve(tmp_path, "--web-config-file", config, "--header-timeout", "2", scheme="https", verify=ca) as s:
-        port = int(s.base.rsplit(":", 1)[1])
+        port = s.port
         with ca.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost") as tls:
             start = time.monotonic()
             tls.settimeout(2 + SLACK)
             assert tls.recv(4096) == b""
             assert 1.0 <= time.monotonic() - start < 2 + SLACK
-        assert httpx.get(s.base + "/healthz", verify=ca, timeout=5).status_code == 200
+        assert httpx.get(s.url + "/healthz", verify=ca, timeout=5).status_code == 200
 
 
 # --- slow readers and the connection limit: tests/integration/test_http_starvation.py -------------------------------

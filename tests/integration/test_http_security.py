@@ -35,7 +35,7 @@ def test_tls_and_basic_auth_guard_every_endpoint_but_healthz(tmp_path: Path) -> 
                         users={USER: PASSWORD, "other": "x"})
     ca = ssl.create_default_context(cafile=pki["ca"])
     with serve(tmp_path, "--web-config-file", config, scheme="https", verify=ca) as s:
-        with httpx.Client(base_url=s.base, verify=ca, timeout=5) as client:
+        with httpx.Client(base_url=s.url, verify=ca, timeout=5) as client:
             assert client.get("/healthz").status_code == 200
             for path in PROTECTED:
                 r = client.get(path)
@@ -67,9 +67,9 @@ def test_tls_and_basic_auth_guard_every_endpoint_but_healthz(tmp_path: Path) -> 
             assert "celery_exporter_build_info" in client.get("/metrics", headers=basic(USER, PASSWORD)).text
         # Plain HTTP to the TLS port gets no HTTP answer, and no unverified TLS either.
         with pytest.raises(httpx.HTTPError):
-            httpx.get(s.base.replace("https://", "http://") + "/healthz", timeout=5)
+            httpx.get(s.url.replace("https://", "http://") + "/healthz", timeout=5)
         with pytest.raises(httpx.ConnectError):
-            httpx.get(s.base + "/healthz", timeout=5)  # the system CAs do not trust our test CA
+            httpx.get(s.url + "/healthz", timeout=5)  # the system CAs do not trust our test CA
     assert PASSWORD not in s.log()
 
 
@@ -81,24 +81,24 @@ def test_mutual_tls_requires_a_client_certificate(tmp_path: Path) -> None:
     with_cert = ssl.create_default_context(cafile=pki["ca"])
     with_cert.load_cert_chain(pki["client_cert"], pki["client_key"])
     with serve(tmp_path, "--web-config-file", config, scheme="https", verify=with_cert) as s:
-        assert httpx.get(s.base + "/metrics", verify=with_cert, timeout=5).status_code == 200
+        assert httpx.get(s.url + "/metrics", verify=with_cert, timeout=5).status_code == 200
         without = ssl.create_default_context(cafile=pki["ca"])
         with pytest.raises(httpx.HTTPError):
-            httpx.get(s.base + "/metrics", verify=without, timeout=5)
+            httpx.get(s.url + "/metrics", verify=without, timeout=5)
 
 
 def test_basic_auth_without_tls(tmp_path: Path) -> None:
     config = web_config(tmp_path / "web.yml", users={USER: PASSWORD})
     with serve(tmp_path, "--web.config.file", config) as s:
-        assert httpx.get(s.base + "/healthz", timeout=5).status_code == 200
-        assert httpx.get(s.base + "/metrics", timeout=5).status_code == 401
-        assert httpx.get(s.base + "/metrics", auth=(USER, PASSWORD), timeout=5).status_code == 200
+        assert httpx.get(s.url + "/healthz", timeout=5).status_code == 200
+        assert httpx.get(s.url + "/metrics", timeout=5).status_code == 401
+        assert httpx.get(s.url + "/metrics", auth=(USER, PASSWORD), timeout=5).status_code == 200
 
 
 def test_no_web_config_means_open_endpoints(tmp_path: Path) -> None:
     with serve(tmp_path) as s:
         for path in [*PROTECTED, "/healthz"]:
-            assert httpx.get(s.base + path, timeout=5).status_code == 200, path
+            assert httpx.get(s.url + path, timeout=5).status_code == 200, path
 
 
 def ipv6_loopback_works() -> bool:
@@ -118,9 +118,9 @@ def test_ipv6_bind_address(tmp_path: Path) -> None:
     if ipv6_loopback_works():
         for host in ("::1", "[::1]"):
             with serve(tmp_path, host=host) as s:
-                assert httpx.get(s.base + "/metrics", timeout=5).status_code == 200
+                assert httpx.get(s.url + "/metrics", timeout=5).status_code == 200
         with serve(tmp_path, host="::") as s:  # dual stack: IPv4 clients too
-            port = s.base.rsplit(":", 1)[1]
+            port = s.port
             assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
     else:
         port = str(free_port())

@@ -1,4 +1,5 @@
-"""The merge under long, messy operation: files growing while read, children recycling for hours.
+"""The merge under long, messy operation: children recycling for hours (a file growing while it is
+read: tests/unit/test_merge.py).
 
 Writers here are real processes (forked, writing through the product's own
 Store), and the reader is the exporter's own DirectoryCollector.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
-import time
 import tracemalloc
 from typing import Any
 
@@ -18,49 +18,6 @@ from celery_signal_exporter.compact import compact
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
 from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
-
-STARTED = 'celery_task_started_total{name="steady",queue_name="q"}'
-
-
-def _grow(directory: str, ready: Any, done: Any) -> None:
-    """Count 1000 starts of one task, then add 4000 new histogram series: the file grows (past the
-    reader's first 4 KB read and past its 64 KB preallocation) while the reader reads it."""
-    store = Store(directory)
-    m.Recorder(store, c.STARTED).labels("steady", "q").inc(1000)
-    runtime = m.Recorder(store, c.RUNTIME, m.DEFAULT_RUNTIME_BUCKETS)
-    ready.set()
-    for n in range(4000):
-        runtime.labels(f"young-{n}", "q").observe(0.1)
-    done.set()
-    time.sleep(60)  # stay alive (the file stays live) until the test is done
-
-
-def test_a_file_growing_under_the_reader_is_never_damaged_and_never_goes_backwards(tmp_path: Any) -> None:
-    directory = str(tmp_path)
-    ctx = multiprocessing.get_context("fork")
-    ready, done = ctx.Event(), ctx.Event()
-    writer = ctx.Process(target=_grow, args=(directory, ready, done))
-    writer.start()
-    try:
-        assert ready.wait(30), "the writer did not start"
-        collector = DirectoryCollector(directory)
-        counts: list[int] = []
-        while not done.is_set() or len(counts) < 5:
-            samples = merged_samples(collector)
-            assert collector.last.files_unreadable == 0, collector.last.unreadable
-            assert samples.get(STARTED) == 1000, "the whole file was dropped from this scrape"
-            counts.append(int(sum(v for k, v in samples.items()
-                                  if k.startswith("celery_task_runtime_seconds_count"))))
-        samples = merged_samples(collector)  # one more, after the writer is done
-        counts.append(int(sum(v for k, v in samples.items() if k.startswith("celery_task_runtime_seconds_count"))))
-        assert counts == sorted(counts), "a counter went backwards between two scrapes"
-        assert len(set(counts)) >= 3, f"too few scrapes caught the file growing: {counts}"
-        assert counts[-1] == 4000
-        assert os.path.getsize(os.path.join(directory, f"histogram_{writer.pid}.db")) > 1 << 16
-    finally:
-        writer.kill()
-        writer.join(30)
-
 
 NAMES = [f"task.{i}" for i in range(30)]
 

@@ -39,7 +39,6 @@ import httpx
 import pytest
 
 from tests.harness import (
-    PYTHONPATH,
     ROOT,
     ExporterProcess,
     RedisServer,
@@ -94,14 +93,6 @@ class Scraper:
         return value(self.scrape(), "celery_exporter_probe_errors_total", broker=broker)
 
 
-def exporter_env() -> dict[str, str]:
-    """This environment without anything that would reconfigure the exporter."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CELERY_EXPORTER_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env["PYTHONPATH"] = PYTHONPATH
-    return env
-
-
 @pytest.fixture
 def metrics_dir(tmp_path: Path) -> str:
     path = tmp_path / "metrics"
@@ -131,7 +122,7 @@ def run_outage(tmp: str, metrics_dir: str, broker_url: str, label: str, serve_ex
     """The whole scenario on one broker; returns the exporter's log."""
     env = env_for(broker_url, metrics_dir)
     with worker(env, tmp, concurrency=2) as w, \
-            exporter(tmp, *serve_args(broker_url, metrics_dir, *serve_extra), env=exporter_env()) as ex:
+            exporter(tmp, *serve_args(broker_url, metrics_dir, *serve_extra)) as ex:
         scraper = Scraper(ex)
         wait_until(lambda: scraper.up(label) == 1.0, 30, f"celery_broker_up 1 for {label} before the outage")
         produce(env, "many", BEFORE)
@@ -198,13 +189,10 @@ def assert_logged_once(log: str, label: str, reason: str) -> None:
 
 
 def test_redis_outage_mid_run(tmp_path: Path, metrics_dir: str) -> None:
-    redis = RedisServer()  # fails loudly when redis-server is missing
-    redis.start()
-    try:
-        log = run_outage(str(tmp_path), metrics_dir, redis.url, redis.url, (), redis.kill, redis.start)
-    finally:
-        redis.kill()
-    assert_logged_once(log, redis.url, "connection")
+    with RedisServer(tmp_path) as redis:  # fails loudly when redis-server is missing
+        url = f"{redis.url}/0"
+        log = run_outage(str(tmp_path), metrics_dir, url, url, (), redis.kill, redis.start)
+    assert_logged_once(log, url, "connection")
 
 
 # -- RabbitMQ ------------------------------------------------------------------

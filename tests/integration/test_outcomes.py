@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,8 +27,18 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import AMQP_HOST, RABBIT_MGMT_PORT
-from tests.harness import ROOT, Samples, env_for, exporter, running_children, value, wait_until, worker
+from tests.harness import (
+    AMQP_HOST,
+    ROOT,
+    Samples,
+    env_for,
+    exporter,
+    rabbit_vhost,
+    running_children,
+    value,
+    wait_until,
+    worker,
+)
 
 #: The counters a started run can end in: (family, the labels that pick the outcome).
 OUTCOMES_OF_STARTED: tuple[tuple[str, dict[str, str]], ...] = (
@@ -164,16 +173,8 @@ def broker_url(broker: str, redis_base_url: str) -> Iterator[str]:
             client.flushdb()
             client.close()
         return
-    from pyrabbit2.api import Client
-
-    client = Client(f"{AMQP_HOST}:{RABBIT_MGMT_PORT}", "guest", "guest")
-    vhost = f"csx-outcomes-{uuid.uuid4().hex[:8]}"
-    client.create_vhost(vhost)
-    client.set_vhost_permissions(vhost, "guest", ".*", ".*", ".*")
-    try:
+    with rabbit_vhost("csx-outcomes") as vhost:
         yield f"amqp://guest:guest@{AMQP_HOST}:5672/{vhost}"
-    finally:
-        client.delete_vhost(vhost)
 
 
 def scenario(env: dict[str, str], *args: str) -> Any:

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,11 +43,9 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.kill()
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path) as server:
+        yield server
 
 
 @pytest.fixture
@@ -260,7 +259,8 @@ def test_rabbitmq_loop_and_exposition(amqp_url: str, amqp_vhost: str, redis_url:
 
 def test_redis_outage_flips_up_and_recovers(private_redis: RedisServer) -> None:
     interval = 1.0
-    loop = redis_loop(private_redis.url, ServeConfig(probe_interval=interval, probe_timeout=0.5, queues=("q",)))
+    url = f"{private_redis.url}/0"
+    loop = redis_loop(url, ServeConfig(probe_interval=interval, probe_timeout=0.5, queues=("q",)))
     slowest_collect = 0.0
 
     def up() -> float | None:
@@ -268,7 +268,7 @@ def test_redis_outage_flips_up_and_recovers(private_redis: RedisServer) -> None:
         start = time.monotonic()
         families = list(loop.collect())
         slowest_collect = max(slowest_collect, time.monotonic() - start)
-        return value(families, "celery_broker_up", broker=private_redis.url)
+        return value(families, "celery_broker_up", broker=url)
 
     loop.start()
     try:
@@ -280,7 +280,7 @@ def test_redis_outage_flips_up_and_recovers(private_redis: RedisServer) -> None:
         families = list(loop.collect())
         assert "celery_queue_length" not in samples(families)  # no stale depths while down
         assert (
-            value(families, "celery_exporter_probe_errors_total", broker=private_redis.url, reason="connection") or 0
+            value(families, "celery_exporter_probe_errors_total", broker=url, reason="connection") or 0
         ) >= 1
         private_redis.start()  # same port
         wait_for(lambda: up() == 1.0, 3 * interval + 5, "broker_up 1 after the restart")
@@ -354,8 +354,8 @@ def test_hung_redis_times_out_in_the_probe(silent_port: int) -> None:
 # -- secrets ---------------------------------------------------------------------
 
 
-def test_password_never_reaches_logs_errors_or_metrics(caplog: pytest.LogCaptureFixture) -> None:
-    server = RedisServer("--requirepass", "the-real-one")
+def test_password_never_reaches_logs_errors_or_metrics(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, password="the-real-one")
     server.start()
     secret = "S3cr@t:p/ss%#?"
     url = f"redis://admin:{secret}@127.0.0.1:{server.port}/0"

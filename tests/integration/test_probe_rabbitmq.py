@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -20,15 +19,13 @@ import pytest
 from celery import Celery
 from kombu.connection import Connection
 from kombu.messaging import Consumer, Queue
-from pyrabbit2.api import Client
 
 from celery_signal_exporter.probes import ProbeOptions, probe_for_url
 from celery_signal_exporter.probes.base import BrokerSnapshot, OptionError, ProbeError
 from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe, RabbitMQSettings
 from celery_signal_exporter.server.config import ServeConfig
 from celery_signal_exporter.server.probe_loop import ProbeLoop
-from tests.conftest import AMQP_HOST, RABBIT_MGMT_PORT
-from tests.harness import PYTHONPATH, Samples, exporter, has, value, wait_until
+from tests.harness import PYTHONPATH, Samples, exporter, has, rabbit_vhost, value, wait_until
 from tests.incident_rabbit_inside import RabbitNode, rabbit_node
 
 T = TypeVar("T")
@@ -108,11 +105,7 @@ def test_ready_unacked_and_consumers_per_queue(amqp_url: str, amqp_vhost: str, a
 
 def test_only_the_url_vhost_plus_extra_vhosts(amqp_base_url: str, amqp_url: str, amqp_vhost: str, app: Celery) -> None:
     publish(app, "mine", 2)
-    admin = Client(f"{AMQP_HOST}:{RABBIT_MGMT_PORT}", "guest", "guest")
-    other = f"csx-test-{uuid.uuid4().hex[:8]}"
-    admin.create_vhost(other)
-    admin.set_vhost_permissions(other, "guest", ".*", ".*", ".*")
-    try:
+    with rabbit_vhost() as other:
         other_app = Celery("other", broker=f"{amqp_base_url}/{other}", set_as_current=False)
         publish(other_app, "theirs", 4)
         other_app.close()
@@ -127,8 +120,6 @@ def test_only_the_url_vhost_plus_extra_vhosts(amqp_base_url: str, amqp_url: str,
             lambda got: got == {(amqp_vhost, "mine"): (2, 0, 0), (other, "theirs"): (4, 0, 0)},
             "extra vhost",
         )
-    finally:
-        admin.delete_vhost(other)
 
 
 class CountingGets:

@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +20,7 @@ from kombu.connection import Connection
 from celery_signal_exporter.probes import ProbeOptions, probe_for_url
 from celery_signal_exporter.probes.base import ProbeError
 from celery_signal_exporter.probes.redis import DUE_HEADER, RedisProbe, RedisSettings, due_time
+from tests.harness import RedisServer, free_port, redis_server_binary
 
 MakeApp = Callable[..., Celery]
 
@@ -349,12 +348,6 @@ def test_sentinel_without_master_name_is_a_config_error() -> None:
 # -- a private Redis + Sentinel, to probe through kombu-style sentinel URLs --
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -368,33 +361,10 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
     pytest.fail(f"{what} did not listen on {port}", pytrace=False)
 
 
-def _redis_server_binary() -> str:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed; bash .ci/services.sh installs it", pytrace=False)
-    return binary
-
-
-@contextlib.contextmanager
-def private_redis(*args: str) -> Iterator[int]:
-    """A throwaway redis-server on a free port (the shared one stays untouched)."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [_redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_port(port, proc, "private redis-server")
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def test_wrong_password_is_an_auth_error() -> None:
+def test_wrong_password_is_an_auth_error(tmp_path: Path) -> None:
     password = "Right-Pa:ss@/#?%"
-    with private_redis("--requirepass", password) as port:
+    with RedisServer(tmp_path, password=password) as server:
+        port = server.port
         p = probe_for_url(f"redis://:Wr0ng-Secret@127.0.0.1:{port}/0", ProbeOptions(timeout=2))
         with pytest.raises(ProbeError) as err:
             p.snapshot({"q"})
@@ -406,33 +376,24 @@ def test_wrong_password_is_an_auth_error() -> None:
 
 
 @pytest.fixture
-def sentinel_url() -> Iterator[str]:
-    binary = _redis_server_binary()
-    workdir = tempfile.mkdtemp(prefix="csx-sentinel-")
-    redis_port, sentinel_port = _free_port(), _free_port()
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        server = subprocess.Popen(
-            [binary, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        procs.append(server)
-        _wait_port(redis_port, server, "private redis-server")
-        conf = os.path.join(workdir, "sentinel.conf")
+def sentinel_url(tmp_path: Path) -> Iterator[str]:
+    """A private Redis and a Sentinel watching it (the Sentinel is redis-server in sentinel mode, with a
+    config file it rewrites: not a Redis the harness starts)."""
+    sentinel_port = free_port()
+    with RedisServer(tmp_path) as server:
+        conf = os.path.join(tmp_path, "sentinel.conf")
         with open(conf, "w") as f:
-            f.write(f"port {sentinel_port}\nbind 127.0.0.1\ndir {workdir}\n")
-            f.write(f"sentinel monitor csxmaster 127.0.0.1 {redis_port} 1\n")
-        sentinel = subprocess.Popen([binary, conf, "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(sentinel)
-        _wait_port(sentinel_port, sentinel, "redis sentinel")
-        # A dead first sentinel in the list: the probe must move on to the live one.
-        yield f"sentinel://127.0.0.1:{_free_port()}/3;sentinel://127.0.0.1:{sentinel_port}/3"
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
+            f.write(f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n")
+            f.write(f"sentinel monitor csxmaster 127.0.0.1 {server.port} 1\n")
+        sentinel = subprocess.Popen([redis_server_binary(), conf, "--sentinel"], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        try:
+            _wait_port(sentinel_port, sentinel, "redis sentinel")
+            # A dead first sentinel in the list: the probe must move on to the live one.
+            yield f"sentinel://127.0.0.1:{free_port()}/3;sentinel://127.0.0.1:{sentinel_port}/3"
+        finally:
+            sentinel.terminate()
+            sentinel.wait(10)
 
 
 def test_sentinel_url(sentinel_url: str) -> None:
@@ -486,8 +447,9 @@ def test_script_and_plain_pipeline_give_the_same_snapshot(redis_url: str) -> Non
     assert scripted._scripted, "a healthy server must keep the scripted path"
 
 
-def test_script_is_loaded_again_after_script_flush() -> None:
-    with private_redis() as port:
+def test_script_is_loaded_again_after_script_flush(tmp_path: Path) -> None:
+    with RedisServer(tmp_path) as server:
+        port = server.port
         url = f"redis://127.0.0.1:{port}/0"
         redis.Redis.from_url(url).lpush("q", json.dumps({"headers": {DUE_HEADER: time.time() - 3}}))
         p = probe(url)
@@ -502,8 +464,9 @@ def test_script_is_loaded_again_after_script_flush() -> None:
         assert trips.sends == 1
 
 
-def test_without_scripting_rights_the_probe_falls_back_to_plain_commands() -> None:
-    with private_redis() as port:
+def test_without_scripting_rights_the_probe_falls_back_to_plain_commands(tmp_path: Path) -> None:
+    with RedisServer(tmp_path) as server:
+        port = server.port
         admin = redis.Redis(port=port)
         admin.execute_command("ACL", "SETUSER", "noscript", "on", ">pw", "~*", "+@all", "-@scripting")
         admin.lpush("q\x06\x163", json.dumps({"headers": {DUE_HEADER: time.time() - 4}}))

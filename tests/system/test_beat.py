@@ -15,32 +15,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from celery_signal_exporter.mixin.config import short_profile
 from celery_signal_exporter.mixin.rules import rule_groups
 from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
 from tests.catalogue_support import BEAT, documented, exposed
-from tests.harness import ROOT, env_for, exporter, free_port, has, value, wait_until, worker
+from tests.harness import ROOT, beat, env_for, exporter, free_port, has, value, wait_until, worker
 from tests.mixin_support import PERIODIC_DASHBOARD, dashboards, panels, substitute
-from tests.stack import Prometheus, prometheus
-
-#: No Alertmanager: these tests read alert states from Prometheus itself.
-NO_ALERTMANAGER = "http://127.0.0.1:9"
-
-
-class BeatProcess:
-    def __init__(self, proc: subprocess.Popen[bytes], log_path: str) -> None:
-        self.proc, self.log_path = proc, log_path
-
-    def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
+from tests.stack import Prometheus, monitoring
 
 
 def beat_up(directory: str) -> bool:
@@ -48,34 +33,8 @@ def beat_up(directory: str) -> bool:
     return any(k.startswith("celery_beat_up{") and v == 1 for k, v in samples.items())
 
 
-@contextmanager
-def beat(env: dict[str, str], tmp: str) -> Iterator[BeatProcess]:
-    """A real `celery beat` on tests.beat_app's changing scheduler, ready once its heartbeat is on disk."""
-    log_path = os.path.join(tmp, "beat.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.beat_app", "beat", "-s", os.path.join(tmp, "schedule"),
-             "-S", "tests.beat_app:ChangingScheduler", "--max-interval", "1", "--loglevel", "INFO"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    b = BeatProcess(proc, log_path)
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"beat exited {proc.returncode}:\n{b.log()[-4000:]}")
-        return beat_up(env["CELERY_EXPORTER_METRICS_DIR"])
-
-    try:
-        wait_until(up, 60, "beat to write its heartbeat")
-        yield b
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.wait()
+#: tests.beat_app's scheduler, whose schedule changes at run time, checked every second.
+CHANGING = ("-S", "tests.beat_app:ChangingScheduler", "--max-interval", "1")
 
 
 def publish_blocker(env: dict[str, str], seconds: float) -> None:
@@ -99,10 +58,8 @@ def empty_periodic_panels(prom: Prometheus) -> list[str]:
             for t in p["targets"] if not prom.query(substitute(t["expr"]))]
 
 
-def rules_file(tmp_path: Path) -> str:
-    path = tmp_path / "celery-rules.yml"
-    path.write_text(yaml.safe_dump(rule_groups(short_profile())))
-    return str(path)
+def rules() -> dict[str, Any]:
+    return {"celery-rules.yml": rule_groups(short_profile())}
 
 
 def test_beat_schedule_runs_alerts_and_a_dead_beat(tmp_path: Path, redis_url: str) -> None:
@@ -121,12 +78,13 @@ def test_beat_schedule_runs_alerts_and_a_dead_beat(tmp_path: Path, redis_url: st
         worker(worker_env, tmp, concurrency=1, queues="late", app="tests.beat_app"),
         ExitStack() as worker_sidecar,
         exporter(tmp, "--metrics-dir", str(beat_dir), "--worker-timeout", "3") as beat_exporter,
-        prometheus(tmp, {"celery-worker": f"127.0.0.1:{worker_port}",
-                         "celery-beat": f"127.0.0.1:{beat_exporter.port}"},
-                   [rules_file(tmp_path)], NO_ALERTMANAGER) as prom,
+        # No Alertmanager: these tests read alert states from Prometheus itself.
+        monitoring(tmp, {"celery-worker": f"127.0.0.1:{worker_port}", "celery-beat": f"127.0.0.1:{beat_exporter.port}"},
+                   rules(), alerting=False) as mon,
     ):
+        prom = mon.prom
         worker_exporter = worker_sidecar.enter_context(exporter(tmp, *sidecar_args, port=worker_port))
-        with beat(beat_env, tmp) as beat_proc:
+        with beat(beat_env, tmp, *CHANGING) as beat_proc:
             started = time.time()
             # The schedule as beat reads it: intervals exact, crontab-style ones too.
             def schedule_read() -> Any:
@@ -249,9 +207,10 @@ def test_expiring_on_rabbitmq_where_the_broker_drops_expired_runs(tmp_path: Path
     with (
         worker(env, tmp, concurrency=1, queues="late", app="tests.beat_app"),
         exporter(tmp, "--metrics-dir", str(metrics_dir), "--worker-timeout", "3") as ex,
-        prometheus(tmp, {"celery-worker": f"127.0.0.1:{ex.port}"}, [rules_file(tmp_path)], NO_ALERTMANAGER) as prom,
-        beat(env, tmp),
+        monitoring(tmp, {"celery-worker": f"127.0.0.1:{ex.port}"}, rules(), alerting=False) as mon,
+        beat(env, tmp, *CHANGING),
     ):
+        prom = mon.prom
         wait_until(lambda: "late" in entries_firing(prom, "CeleryPeriodicTaskExpiring"), 40,
                    "CeleryPeriodicTaskExpiring for late on RabbitMQ")
         s = ex.scrape()
@@ -272,11 +231,11 @@ def test_a_restarted_beat_drops_entries_it_no_longer_has(tmp_path: Path, redis_u
         return any(k.startswith("celery_beat_entry_next_due_timestamp_seconds{") and f'entry="{entry}"' in k
                    for k in merged())
 
-    with beat(env_for(redis_url, metrics_dir, CSX_TEST_BEAT_EXTRA="1"), tmp) as first:
+    with beat(env_for(redis_url, metrics_dir, CSX_TEST_BEAT_EXTRA="1"), tmp, *CHANGING) as first:
         wait_until(lambda: shows("gone-later"), 20, "the first beat to write gone-later")
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait()
-    with beat(env_for(redis_url, metrics_dir), tmp):
+    with beat(env_for(redis_url, metrics_dir), tmp, *CHANGING):
         restarted = time.time()
 
         def dispatched_again() -> bool:

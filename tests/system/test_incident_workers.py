@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from celery_signal_exporter.mixin.config import PRODUCTION, scaled
 from celery_signal_exporter.mixin.rules import rule_groups
 from tests.harness import ROOT, env_for, exporter, has, value, wait_until, worker
-from tests.stack import Prometheus, Webhook, alertmanager, prometheus
+from tests.stack import Prometheus, monitoring
 
 #: Timing-sensitive: .ci/run runs it alone, after the parallel tests.
 pytestmark = pytest.mark.serial
@@ -67,12 +66,11 @@ def test_the_first_expiry_of_a_task_is_an_increase(redis_url: str, tmp_path: Pat
     env = env_for(redis_url, metrics_dir)
     expired = 'celery_task_revoked_total{reason="expired", name="t.ok", queue_name="alpha"}'
     with (
-        Webhook() as hook,
-        alertmanager(tmp, hook.url) as am_url,
         worker(env, tmp, concurrency=1),
         exporter(tmp, "--metrics-dir", metrics_dir, "--worker-timeout", "5") as sidecar,
-        prometheus(tmp, {"celery-worker": f"127.0.0.1:{sidecar.port}"}, [], am_url) as prom,
+        monitoring(tmp, {"celery-worker": f"127.0.0.1:{sidecar.port}"}, {}) as mon,
     ):
+        prom = mon.prom
         publish(env, ONE_OK)
         wait_until(lambda: value(sidecar.scrape(), "celery_task_succeeded_total", name="t.ok") == 1, 30,
                    "the first run of t.ok")
@@ -100,18 +98,16 @@ def test_tasks_a_rabbitmq_message_ttl_drops_page(amqp_url: str, tmp_path: Path) 
     metrics_dir = str(tmp_path / "metrics")
     env = env_for(amqp_url, metrics_dir)
     k = 20  # 10m window -> 30 s, for 2m -> 6 s; the count floor 3 -> 0.15
-    rules = tmp_path / "celery-rules.yml"
-    rules.write_text(yaml.safe_dump(rule_groups(scaled(PRODUCTION, k))))
+    rules = {"celery-rules.yml": rule_groups(scaled(PRODUCTION, k))}
     with (
-        Webhook() as hook,
-        alertmanager(tmp, hook.url) as am_url,
         worker(env, tmp, concurrency=1, queues="alpha"),
         exporter(tmp, "--metrics-dir", metrics_dir, "--worker-timeout", "5") as sidecar,
         exporter(tmp, "--broker-url", amqp_url, "--queue", "alpha", "--queue", "beta",
                  "--probe-interval", "1", "--probe-timeout", "1") as probe,
-        prometheus(tmp, {"celery-worker": f"127.0.0.1:{sidecar.port}", "celery-probe": f"127.0.0.1:{probe.port}"},
-                   [str(rules)], am_url) as prom,
+        monitoring(tmp, {"celery-worker": f"127.0.0.1:{sidecar.port}", "celery-probe": f"127.0.0.1:{probe.port}"},
+                   rules) as mon,
     ):
+        prom = mon.prom
         publish(env, TO_ALPHA)
         # A recurring task's sent series exists before the runs we count expire (increase() of a series born
         # at 10 reads 0): one expiring run first. RabbitMQ drops an expired message only at the head of its

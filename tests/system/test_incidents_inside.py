@@ -16,14 +16,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
-from tests.harness import ROOT, env_for, exporter, wait_until, worker
+from celery_signal_exporter.server.collect import DirectoryCollector
+from tests.harness import ROOT, RedisServer, beat, env_for, exporter, wait_until, worker
 from tests.incident_plan_inside import PERIODIC_QUEUE, PRODUCTION_INTERVAL
 from tests.incident_proxy_inside import delay_proxy
 from tests.incident_rabbit_inside import RabbitNode, rabbit_node
@@ -39,7 +38,6 @@ from tests.incident_stack import (
     report,
     sidecar,
 )
-from tests.stack import redis_server
 
 pytestmark = [pytest.mark.incident, pytest.mark.serial]  # pages timed at K x speed: run alone
 
@@ -150,33 +148,6 @@ def _producer(env: dict[str, str], tmp: str, plan: list[dict[str, object]], name
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-@contextmanager
-def _beat(env: dict[str, str], tmp: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A real `celery beat` on tests.incident_beat_inside, ready once its heartbeat is on disk."""
-    log_path = os.path.join(tmp, "beat.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.incident_beat_inside", "beat",
-             "-s", os.path.join(tmp, "schedule"), "--max-interval", f"{PRODUCTION_INTERVAL / K:g}",
-             "--loglevel", "INFO"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            with open(log_path, encoding="utf-8", errors="replace") as f:
-                raise AssertionError(f"beat exited {proc.returncode}:\n{f.read()[-3000:]}")
-        samples = merged_samples(DirectoryCollector(env["CELERY_EXPORTER_METRICS_DIR"], worker_timeout=3))
-        return any(k.startswith("celery_beat_up{") and v == 1 for k, v in samples.items())
-
-    try:
-        wait_until(up, 60, "beat to write its heartbeat")
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
 def _one(stack: Stack, expr: str) -> float | None:
     found = stack.prom.query(expr)
     return max(float(s["value"][1]) for s in found) if found else None
@@ -188,7 +159,8 @@ def test_inside_the_workers(tmp_path: Path) -> None:
     worker_dir.mkdir()
     beat_dir.mkdir()
     with ExitStack() as stack_:
-        redis_url = stack_.enter_context(redis_server(tmp))
+        redis = stack_.enter_context(RedisServer(tmp, maxmemory="1gb"))
+        redis_url = redis.url
         env = env_for(redis_url, str(worker_dir))
         beat_env = env_for(redis_url, str(beat_dir))
         stack_.enter_context(worker(env, tmp, app="tests.incident_app", queues="inside"))
@@ -209,7 +181,7 @@ def test_inside_the_workers(tmp_path: Path) -> None:
                    "Prometheus to scrape the workers' sidecar")
         assert stack.prom.query(f'celery_task_runtime_seconds_count{{name="inside.steady"}} offset {DAY:g}s'), \
             "the backfilled baseline of the day before is not in Prometheus"
-        delay_port = stack_.enter_context(delay_proxy(int(redis_url.rsplit(":", 1)[1]), PUBLISH_DELAY))
+        delay_port = stack_.enter_context(delay_proxy(redis.port, PUBLISH_DELAY))
 
         # Slower than yesterday: from now on every run takes double its baseline.
         runs = int(SLOWER_TARGET / K / RUNS_EVERY)
@@ -228,13 +200,14 @@ def test_inside_the_workers(tmp_path: Path) -> None:
         producers.append(_producer(slow_env, tmp, [{"task": "i.ok", "queue": "inside", "count": runs,
                                                     "every": 2 / K}], "slow"))
         # Periodic overlap: beat sends a 50 s job every 20 s; the second run is due while the first runs.
-        beat_proc = stack_.enter_context(_beat(beat_env, tmp))
+        beat_proc = stack_.enter_context(beat(beat_env, tmp, "--max-interval", f"{PRODUCTION_INTERVAL / K:g}",
+                                                   app="tests.incident_beat_inside"))
         overlap_onset = time.time() + PRODUCTION_INTERVAL / K
         try:
             overlap = stack.wait_page("CeleryPeriodicTaskOverlapping", overlap_onset, within=300)
             stuck = stack.wait_page("CeleryTaskStuck", stuck_onset, within=600, name="inside.stuck")
             beat_onset = time.time()
-            beat_proc.kill()  # beat stopped: its pod gone, no graceful shutdown
+            beat_proc.proc.kill()  # beat stopped: its pod gone, no graceful shutdown
             beat_down = stack.wait_page("CeleryBeatDown", beat_onset, within=600)
             # The worker is fresh, so its cumulative buckets hold exactly the four runs. Not increase(): the
             # runs can all end before Prometheus first sees the series, and increase() over a series whose

@@ -32,10 +32,9 @@ from typing import Any
 import pytest
 
 from celery_signal_exporter.mixin.config import PRODUCTION, Config, QueueObjective, scaled, seconds
-from tests.harness import env_for, worker
+from tests.harness import RedisServer, env_for, worker
 from tests.incident_queues import APP, LATE, Poller, Rig, anchor_page, first_page, poller, prod, suite
 from tests.incident_stack import PROFILE, K, Measure, Stack, incident_stack, probe, report, sidecar
-from tests.stack import redis_server
 
 pytestmark = [pytest.mark.incident, pytest.mark.serial]  # pages timed at K x speed: run alone
 
@@ -62,13 +61,13 @@ def objective_rig(tmp: str, queues: tuple[str, ...], profile: Config) -> Iterato
     metrics = os.path.join(tmp, "metrics")
     os.makedirs(metrics, exist_ok=True)
     with (
-        redis_server(tmp) as url,
+        RedisServer(tmp, maxmemory="1gb") as redis,
         sidecar(tmp, metrics) as side,
-        probe(tmp, f"{url}/0", queues=queues) as prb,
+        probe(tmp, f"{redis.url}/0", queues=queues) as prb,
         incident_stack(tmp, {"celery-worker": f"127.0.0.1:{side.port}", "celery-probe": f"127.0.0.1:{prb.port}"},
                        profile=profile) as stack,
     ):
-        yield Rig(tmp, env_for(f"{url}/0", metrics, CELERY_EXPORTER_QUEUE_WAIT_BUCKETS=buckets(profile)), stack)
+        yield Rig(tmp, env_for(f"{redis.url}/0", metrics, CELERY_EXPORTER_QUEUE_WAIT_BUCKETS=buckets(profile)), stack)
 
 
 def timed(log: str, rate: float, duration: float | None = None) -> dict[str, Any]:

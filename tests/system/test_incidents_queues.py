@@ -40,7 +40,7 @@ import pytest
 from celery_signal_exporter.mixin.config import PRODUCTION, seconds
 from celery_signal_exporter.mixin.rules import rule_groups
 from tests.conftest import AMQP_HOST, RABBIT_MGMT_PORT
-from tests.harness import ROOT, WorkerProcess, env_for, wait_until, worker
+from tests.harness import ROOT, RedisServer, WorkerProcess, env_for, wait_until, worker
 from tests.incident_queues import (
     APP,
     LATE,
@@ -71,7 +71,6 @@ from tests.incident_stack import (
     report,
     sidecar,
 )
-from tests.stack import redis_server
 
 pytestmark = [pytest.mark.incident, pytest.mark.serial]  # pages timed at K x speed: run alone
 
@@ -121,7 +120,7 @@ def rig(tmp: str, broker_url: str, queues: tuple[str, ...], **env: str) -> Itera
 def redis_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     """One private Redis and one stack for every Redis incident: each has its own queue and tasks."""
     tmp = str(tmp_path_factory.mktemp("incidents-queues-redis"))
-    with redis_server(tmp) as url, rig(tmp, f"{url}/0", REDIS_QUEUES) as r:
+    with RedisServer(tmp, maxmemory="1gb") as redis, rig(tmp, f"{redis.url}/0", REDIS_QUEUES) as r:
         yield r
 
 

@@ -25,16 +25,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from kombu import Connection
 
 from celery_signal_exporter.mixin.config import short_profile
 from celery_signal_exporter.mixin.dashboards import DASHBOARDS
 from celery_signal_exporter.mixin.rules import rule_groups
 from tests.conftest import MotoServer
-from tests.harness import REGION, ROOT, broker_url, env_for, exporter, produce, sqs_client, wait_until, worker
+from tests.harness import (
+    REGION,
+    ROOT,
+    RedisServer,
+    broker_url,
+    env_for,
+    exporter,
+    produce,
+    sqs_client,
+    wait_until,
+    worker,
+)
 from tests.mixin_support import PERIODIC_DASHBOARD, dashboards, panels, substitute
-from tests.stack import Prometheus, Webhook, alertmanager, prometheus, redis_server
+from tests.stack import Prometheus, monitoring
 
 # The three alerts of danihodovic/celery-exporter's mixin, with its default
 # selector and windows; `for` is shortened from 1m/20m/15m so the test ends.
@@ -151,10 +161,7 @@ def test_dashboards_have_data_and_backlog_alert_pages_then_resolves(
     sqs_url = broker_url(moto_server.endpoint)
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
-    rules = tmp_path / "celery-rules.yml"
-    rules.write_text(yaml.safe_dump(rule_groups(short_profile())))
-    compat = tmp_path / "compat.yml"
-    compat.write_text(yaml.safe_dump(COMPAT_RULES))
+    rules = {"celery-rules.yml": rule_groups(short_profile()), "compat.yml": COMPAT_RULES}
     # A RabbitMQ queue with waiting messages, for the panels only RabbitMQ can fill.
     with Connection(amqp_url) as conn:
         q = conn.SimpleQueue("e2e-rabbit")
@@ -162,12 +169,8 @@ def test_dashboards_have_data_and_backlog_alert_pages_then_resolves(
             q.put({"n": i})
         q.close()
 
-    with (
-        redis_server(tmp) as redis_url,
-        Webhook() as hook,
-        alertmanager(tmp, hook.url) as am_url,
-    ):
-        broker = f"{redis_url}/0"
+    with RedisServer(tmp, maxmemory="1gb") as redis:
+        broker = f"{redis.url}/0"
         # CSX_TEST_LATE: pool processes forget t.late, so the outcomes scenario has a pre-start failure.
         env = env_for(broker, str(metrics_dir), CSX_TEST_LATE="1")
         with (
@@ -182,14 +185,14 @@ def test_dashboards_have_data_and_backlog_alert_pages_then_resolves(
             exporter(tmp, "--broker-url", sqs_url, "--transport-options",
                      json.dumps({"region": REGION, "queue_name_prefix": sqs_prefix}),
                      "--probe-interval", "1", "--probe-timeout", "1") as sqs_probe,
-            prometheus(
+            monitoring(
                 tmp,
                 {"celery-worker": f"127.0.0.1:{sidecar.port}", "celery-probe": f"127.0.0.1:{probe.port}",
                  "celery-sqs-probe": f"127.0.0.1:{sqs_probe.port}"},
-                [str(rules), str(compat)],
-                am_url,
-            ) as prom,
+                rules,
+            ) as mon,
         ):
+            prom, hook = mon.prom, mon.pager
             produce(env, "counts")
             produce(env, "outcomes")  # ignored, replaced, rejected by the run, failed before start
             wait_until(

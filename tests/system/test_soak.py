@@ -53,11 +53,11 @@ import pytest
 from tests.harness import (
     PYTHONPATH,
     ROOT,
+    ExporterProcess,
     RedisServer,
     Samples,
     WorkerProcess,
     env_for,
-    free_port,
     parse,
     value,
     wait_until,
@@ -79,18 +79,13 @@ MAX_FILES = 200
 NAMES = [f"soak.t{i:02d}" for i in range(30)]
 
 
-class Exporter:
-    """`serve` on a fixed port, so it can be SIGKILLed and started again where the scrapers look."""
+class Exporter(ExporterProcess):
+    """The soak's exporter, which also adds up the CPU time of its incarnations (utime + stime)."""
 
-    def __init__(self, tmp: Path, port: int, args: list[str]) -> None:
-        self.tmp, self.port, self.args = tmp, port, args
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.logs: list[Path] = []
-        self.cpu_seconds = 0.0  # of the incarnations gone
+    cpu_seconds = 0.0  # of the incarnations gone
 
     def _add_cpu(self) -> None:
-        """Add this incarnation's CPU time (utime + stime) before it goes."""
+        """Add this incarnation's CPU time before it goes."""
         try:
             with open(f"/proc/{self.pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
@@ -98,56 +93,14 @@ class Exporter:
         except (OSError, IndexError, ValueError):
             pass
 
-    def start(self) -> float:
-        """Start, wait for /healthz; returns the time it answered."""
-        log_path = self.tmp / f"exporter-{len(self.logs)}.log"
-        self.logs.append(log_path)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("CELERY_EXPORTER_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-        env["PYTHONPATH"] = PYTHONPATH
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery_signal_exporter.cli",
-                 "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                 *self.args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        proc = self.proc
-
-        def healthy() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"exporter exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                return httpx.get(self.url + "/healthz", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, 60, "the exporter to answer /healthz", interval=0.05)
-        return time.time()
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
     def kill(self) -> float:
-        assert self.proc is not None
         self._add_cpu()
-        self.proc.send_signal(signal.SIGKILL)
-        killed = time.time()
-        self.proc.wait(30)
-        return killed
+        return super().kill()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self._add_cpu()
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def log(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in self.logs)
+        super().stop()
 
 
 def children(pid: int) -> list[int]:
@@ -281,12 +234,12 @@ def test_soak_with_chaos(tmp_path: Path) -> None:
     metrics_dir.mkdir()
     log_dir = tmp_path / "runs"
     log_dir.mkdir()
-    redis = RedisServer()  # fails loudly when redis-server is missing
+    redis = RedisServer(tmp_path)  # fails loudly when redis-server is missing
     redis.start()
-    broker = redis.url
+    broker = f"{redis.url}/0"
     env = env_for(broker, str(metrics_dir), CSX_SOAK_LOG_DIR=str(log_dir))
-    ex = Exporter(tmp_path, free_port(), ["--metrics-dir", str(metrics_dir), "--compact-interval", "0.2",
-                                          "--broker-url", broker, "--probe-interval", "1", "--probe-timeout", "1"])
+    ex = Exporter(tmp_path, "--metrics-dir", str(metrics_dir), "--compact-interval", "0.2",
+                  "--broker-url", broker, "--probe-interval", "1", "--probe-timeout", "1")
     down: list[tuple[float, float]] = []  # deliberate exporter outages: (killed, answering again), wall clock
     figures: dict[str, Any] = {}
     failures: list[str] = []
@@ -340,10 +293,7 @@ def test_soak_with_chaos(tmp_path: Path) -> None:
                     mode = flock_holder(lock, pid)
                     # An exclusive hold (a compaction) is what we want; after 20 s a shared one (a read) will do.
                     if mode == "WRITE" or (mode == "READ" and time.monotonic() > deadline - 40):
-                        ex._add_cpu()
-                        ex.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
-                        killed = time.time()
-                        ex.proc.wait(30)  # type: ignore[union-attr]
+                        killed = ex.kill()
                         time.sleep(1.0)
                         back = ex.start()
                         down.append((killed, back))

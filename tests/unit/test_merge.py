@@ -1,18 +1,35 @@
-"""The per-process store and the directory merge, on real files and real forks."""
+"""The per-process store and the directory merge, on real files written by real (forked, some then
+dead) processes, read by the exporter's own DirectoryCollector:
+
+- the store's files: prometheus-client compatible, one per forked child, growing, damaged, capped;
+- the merge's part in issue 17's targets: `celery_task_revoked_total{reason="expired"}` (and exhausted
+  retries) served at 0 beside each task's counters until a real one takes over, never twice, never
+  going back, and only where a task counter exists; a worker's stopped mark (heartbeat 0, written at
+  graceful shutdown) ends its `celery_worker_up` series, through compaction and against older or newer
+  words of the same hostname;
+- a file growing while it is read is never damaged and never goes backwards (children recycling for
+  hours: tests/integration/test_merge_trust.py).
+"""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from celery_signal_exporter import catalogue as c
+from celery_signal_exporter import compact as compaction
 from celery_signal_exporter.directory import read_entries, series_key
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import MetricFile, Store
 from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
+from tests.harness import write_as_dead_process
 
 
 def test_files_are_prometheus_client_compatible(tmp_path: pytest.TempPathFactory) -> None:
@@ -341,3 +358,138 @@ def test_float_sums_never_step_back_by_a_rounding_error(tmp_path: pytest.TempPat
     cpu.inc(-0.1)
     dropped = merged_samples(collector)
     assert dropped[key_sum] < 0.5 + 1e-9 and dropped[key_cpu] < 0.4 + 1e-9
+
+
+# --- Issue 17's targets: made-up zeros beside real counters, and a worker's stopped mark -------------------
+
+EXPIRED = 'celery_task_revoked_total{name="%s",queue_name="%s",reason="expired"}'
+
+
+def revoked(samples: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in samples.items() if k.startswith("celery_task_revoked_total")}
+
+
+def test_expired_is_served_at_zero_beside_task_counters_until_a_real_expiry(tmp_path: Path) -> None:
+    d = str(tmp_path)
+    collector = DirectoryCollector(d)
+    assert revoked(merged_samples(collector)) == {}, "no task counter, no made-up series"
+    write_as_dead_process(d, lambda s: m.Recorder(s, c.SENT).labels("a", "q").inc())
+    write_as_dead_process(d, lambda s: m.Recorder(s, c.RECEIVED).labels("b", "q").inc())
+    write_as_dead_process(d, lambda s: m.Recorder(s, c.STARTED).labels("b", "r").inc())
+    # A revoke for another reason is no expiry: the 0 stays beside it.
+    write_as_dead_process(d, lambda s: m.Recorder(s, c.REVOKED).labels("b", "q", "revoked").inc())
+    # Other task metrics (failures, runtime) do not add a pair of their own.
+    write_as_dead_process(d, lambda s: m.Recorder(s, c.FAILED).labels("c", "q", "ValueError").inc())
+    first = revoked(merged_samples(collector))
+    assert first == {
+        EXPIRED % ("a", "q"): 0, EXPIRED % ("b", "q"): 0, EXPIRED % ("b", "r"): 0,
+        'celery_task_revoked_total{name="b",queue_name="q",reason="revoked"}': 1,
+    }
+    write_as_dead_process(d, lambda s: m.Recorder(s, c.REVOKED).labels("a", "q", "expired").inc())
+    second = revoked(merged_samples(collector))
+    assert second[EXPIRED % ("a", "q")] == 1, "the real series takes over, once"
+    assert set(second) == set(first)
+    compaction.compact(d)
+    assert revoked(merged_samples(collector)) == second, "compaction changes nothing"
+
+
+def test_expired_zero_is_rendered_on_the_metrics_page(tmp_path: Path) -> None:
+    from celery_signal_exporter.server.config import ServeConfig
+    from celery_signal_exporter.server.service import Exporter
+
+    write_as_dead_process(str(tmp_path), lambda s: m.Recorder(s, c.RECEIVED).labels("a", "q").inc())
+    body, _ = Exporter(ServeConfig(metrics_dir=str(tmp_path))).render(None)
+    text = body.decode()
+    assert 'celery_task_revoked_total{name="a",queue_name="q",reason="expired"} 0.0\n' in text
+    assert text.count("# TYPE celery_task_revoked") == 1, "one family, whoever made it"
+
+
+def test_retries_exhausted_is_served_at_zero_beside_started_until_a_run_gives_up(tmp_path: Path) -> None:
+    """A task's first exhausted retries must be an increase: 0 beside every started (name, queue)."""
+    d = str(tmp_path)
+    collector = DirectoryCollector(d)
+
+    def exhausted() -> dict[str, float]:
+        return {k: v for k, v in merged_samples(collector).items()
+                if k.startswith("celery_task_retries_exhausted_total")}
+
+    write_as_dead_process(d, lambda s: m.Recorder(s, c.SENT).labels("only-sent", "q").inc())
+    write_as_dead_process(d, lambda s: m.Recorder(s, c.STARTED).labels("a", "q").inc())
+    write_as_dead_process(d, lambda s: m.Recorder(s, c.STARTED).labels("b", "q").inc())
+    key = 'celery_task_retries_exhausted_total{name="%s",queue_name="q"}'
+    assert exhausted() == {key % "a": 0, key % "b": 0}, "a started task only; a sent one has no runs"
+    write_as_dead_process(d, lambda s: m.Recorder(s, c.RETRIES_EXHAUSTED).labels("a", "q").inc())
+    assert exhausted() == {key % "a": 1, key % "b": 0}, "the real series takes over, once"
+    compaction.compact(d)
+    assert exhausted() == {key % "a": 1, key % "b": 0}, "compaction changes nothing"
+
+
+def test_a_stopped_mark_ends_the_up_series_and_a_vanished_worker_reads_0(tmp_path: Path) -> None:
+    d = str(tmp_path)
+    now = time.time()
+
+    def beat(host: str, value: float, stamp: float) -> None:
+        write_as_dead_process(d, lambda s: (m.Recorder(s, c.HEARTBEAT).labels(host).set(value, stamp),
+                                            m.Recorder(s, c.POOL_PROCESSES).labels(host).set(2)))
+
+    beat("retired@h", now - 30, now - 30)  # its last beat, then its graceful stop
+    beat("retired@h", 0.0, now - 29)
+    beat("killed@h", now - 30, now - 30)  # SIGKILL: the last beat is all there is
+    beat("back@h", 0.0, now - 60)  # stopped once, then came back and vanished
+    beat("back@h", now - 30, now - 30)
+    store = Store(d)
+    m.Recorder(store, c.HEARTBEAT).labels("live@h").set(now, now)
+    collector = DirectoryCollector(d, worker_timeout=10)
+    for when in ("before compaction", "after compaction"):
+        ours = {k: v for k, v in merged_samples(collector).items() if k.startswith("celery_worker_")}
+        assert ours == {
+            'celery_worker_up{hostname="killed@h"}': 0, 'celery_worker_up{hostname="back@h"}': 0,
+            'celery_worker_up{hostname="live@h"}': 1,
+        }, when
+        compaction.compact(d)
+    store.close()
+
+
+# --- A file growing under the reader ------------------------------------------------------------------------
+
+STARTED = 'celery_task_started_total{name="steady",queue_name="q"}'
+
+
+def _grow(directory: str, ready: Any, done: Any) -> None:
+    """Count 1000 starts of one task, then add 4000 new histogram series: the file grows (past the
+    reader's first 4 KB read and past its 64 KB preallocation) while the reader reads it."""
+    store = Store(directory)
+    m.Recorder(store, c.STARTED).labels("steady", "q").inc(1000)
+    runtime = m.Recorder(store, c.RUNTIME, m.DEFAULT_RUNTIME_BUCKETS)
+    ready.set()
+    for n in range(4000):
+        runtime.labels(f"young-{n}", "q").observe(0.1)
+    done.set()
+    time.sleep(60)  # stay alive (the file stays live) until the test is done
+
+
+def test_a_file_growing_under_the_reader_is_never_damaged_and_never_goes_backwards(tmp_path: Any) -> None:
+    directory = str(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    writer = ctx.Process(target=_grow, args=(directory, ready, done))
+    writer.start()
+    try:
+        assert ready.wait(30), "the writer did not start"
+        collector = DirectoryCollector(directory)
+        counts: list[int] = []
+        while not done.is_set() or len(counts) < 5:
+            samples = merged_samples(collector)
+            assert collector.last.files_unreadable == 0, collector.last.unreadable
+            assert samples.get(STARTED) == 1000, "the whole file was dropped from this scrape"
+            counts.append(int(sum(v for k, v in samples.items()
+                                  if k.startswith("celery_task_runtime_seconds_count"))))
+        samples = merged_samples(collector)  # one more, after the writer is done
+        counts.append(int(sum(v for k, v in samples.items() if k.startswith("celery_task_runtime_seconds_count"))))
+        assert counts == sorted(counts), "a counter went backwards between two scrapes"
+        assert len(set(counts)) >= 3, f"too few scrapes caught the file growing: {counts}"
+        assert counts[-1] == 4000
+        assert os.path.getsize(os.path.join(directory, f"histogram_{writer.pid}.db")) > 1 << 16
+    finally:
+        writer.kill()
+        writer.join(30)
