@@ -20,7 +20,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import compact as compaction
-from celery_signal_exporter.directory import read_entries
+from celery_signal_exporter.directory import LOCK_NAME, read_entries
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import MetricFile, Store, open_owned
 from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
@@ -323,7 +323,7 @@ def test_a_first_compaction_during_an_unlocked_read_is_read_again(tmp_path: Any,
     d = str(tmp_path)
     for i in range(3):
         write_as_dead_process(d, one_task(i))
-    assert not os.path.exists(os.path.join(d, compaction.LOCK_NAME))
+    assert not os.path.exists(os.path.join(d, LOCK_NAME))
     collector = DirectoryCollector(d)
     plan = collector._plan
     calls = []
