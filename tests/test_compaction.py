@@ -23,7 +23,8 @@ from celery_signal_exporter import compact as compaction
 from celery_signal_exporter.directory import LOCK_NAME, read_entries
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import MetricFile, Store, open_owned
-from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
+from celery_signal_exporter.server.collect import DirectoryCollector
+from tests.recorded import merged_samples, observe
 
 SENT = 'celery_task_sent_total{name="a",queue_name="q"}'
 RUNTIME_COUNT = 'celery_task_runtime_seconds_count{name="a",queue_name="q"}'
@@ -51,7 +52,7 @@ def write_as_dead_process(directory: str, body: Callable[[Store], None]) -> int:
 def one_task(i: int) -> Callable[[Store], None]:
     def body(store: Store) -> None:
         m.Recorder(store, c.SENT).labels("a", "q").inc()
-        m.Recorder(store, c.RUNTIME, (0.1, 1)).labels("a", "q").observe(0.5)
+        observe(store, m.Recorder(store, c.RUNTIME, (0.1, 1)).labels("a", "q"), 0.5)
         m.Recorder(store, c.IN_PROGRESS).labels("a", "q").inc()  # died mid-task: must not be counted
         m.Recorder(store, c.LAST_SUCCESS).labels("a").set(1000.0 + i)
     return body

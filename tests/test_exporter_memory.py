@@ -23,6 +23,7 @@ from celery_signal_exporter import catalogue as c
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
 from tests.harness import exporter
+from tests.recorded import observe
 from tests.test_http_limits import rss_mb
 
 SECONDS = 30.0
@@ -40,7 +41,7 @@ def test_rss_is_flat_while_values_keep_changing(tmp_path: Path) -> None:
         series = [runtime.labels(f"app.tasks.t{i:03d}", "default") for i in range(400)]
         while not stop.is_set():
             for one in series:
-                one.observe(random.random())
+                observe(store, one, random.random())
             time.sleep(0.1)
         store.close()
 

@@ -24,6 +24,7 @@ import httpx
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
+from tests.recorded import observe
 from tests.test_http_security import PASSWORD, USER, make_pki, serve, web_config
 
 MAX_EXAMPLES = "150"
@@ -61,7 +62,7 @@ def hostile_metrics(directory: Path) -> None:
     store = Store(str(directory))
     for name in ['quote"d', "back\\slash", "new\nline", "snow\u2603man", "x" * 2000]:
         m.Recorder(store, c.SENT).labels(name, "q").inc()
-        m.Recorder(store, c.RUNTIME, (0.1, 1)).labels(name, "q").observe(0.5)
+        observe(store, m.Recorder(store, c.RUNTIME, (0.1, 1)).labels(name, "q"), 0.5)
 
 
 def test_fuzz_open_service_never_answers_5xx(tmp_path: Path, redis_url: str) -> None:

@@ -27,6 +27,7 @@ from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
 from celery_signal_exporter.server._http import choose_encoding
 from tests.harness import ExporterProcess, exporter, parse, wait_until
+from tests.recorded import observe
 from tests.test_http_security import make_pki, serve, web_config
 
 SLACK = 8.0  # seconds past a timeout before a still-open connection fails a test
@@ -42,7 +43,7 @@ def fill(directory: Path, names: int) -> None:
     for i in range(names):
         name = f"app.tasks.some_module.task_number_{i:05d}"
         for queue in ("default", "priority"):
-            runtime.labels(name, queue).observe(0.5)
+            observe(store, runtime.labels(name, queue), 0.5)
             sent.labels(name, queue).inc()
     store.close()
 

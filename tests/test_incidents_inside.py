@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
+from celery_signal_exporter.server.collect import DirectoryCollector
 from tests.harness import ROOT, env_for, exporter, wait_until, worker
 from tests.incident_plan_inside import PERIODIC_QUEUE, PRODUCTION_INTERVAL
 from tests.incident_proxy_inside import delay_proxy
@@ -39,6 +39,7 @@ from tests.incident_stack import (
     report,
     sidecar,
 )
+from tests.recorded import merged_samples
 from tests.stack import redis_server
 
 pytestmark = pytest.mark.incident

@@ -22,8 +22,9 @@ from celery_signal_exporter import compact as compaction
 from celery_signal_exporter.directory import is_lost_runs, pid_alive, read_entries
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
-from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
+from celery_signal_exporter.server.collect import DirectoryCollector
 from tests.harness import ROOT, Samples, env_for, exporter, produce, value, wait_until, worker
+from tests.recorded import merged_samples
 
 LOST = 'celery_task_failed_total{exception="WorkerLostError",name="a",queue_name="q"}'
 

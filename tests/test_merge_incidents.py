@@ -15,7 +15,8 @@ from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import compact as compaction
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
-from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
+from celery_signal_exporter.server.collect import DirectoryCollector
+from tests.recorded import merged_samples
 from tests.test_compaction import write_as_dead_process
 
 EXPIRED = 'celery_task_revoked_total{name="%s",queue_name="%s",reason="expired"}'

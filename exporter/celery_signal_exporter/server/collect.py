@@ -41,7 +41,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
 from prometheus_client.core import Metric
 from prometheus_client.samples import Sample
@@ -950,12 +950,3 @@ class DirectoryCollector:
         families, _ = self.merge()
         yield from families
 
-
-def merged_samples(collector: Any) -> dict[str, float]:
-    """Flatten a collector's output to 'name{a="b"}' -> value, for tests and tools."""
-    out: dict[str, float] = {}
-    for family in collector.collect():
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}"] = s.value
-    return out
