@@ -155,21 +155,13 @@ class _Planned(NamedTuple):
     settled: bool  # an archive or a staged file: its writers are gone, nobody to ask whether they live
 
 
-class _Key(NamedTuple):
-    """A file key, parsed: its series (labels sorted, values cut and capped) and its family's help."""
-
-    metric: str
-    sample: str
-    labels: tuple[tuple[str, str], ...]
-    help: str
-
-
-class _Series(NamedTuple):
-    """One series across every file: the merge adds or picks every file's value of it into one slot."""
-
-    metric: str
-    sample: str
-    labels: tuple[tuple[str, str], ...]
+#: Labels as the merge keys them: (name, value) pairs, sorted.
+_Labels = tuple[tuple[str, str], ...]
+#: One series across every file, (metric, sample name, labels): every file's value of it is added or
+#: picked into one slot. Plain tuples, not named ones: a first scrape makes one per series in the directory.
+_Series = tuple[str, str, _Labels]
+#: A file key, parsed: its series (label values cut and capped) and its family's help text.
+_Key = tuple[str, str, _Labels, str]
 
 
 @dataclass
@@ -512,7 +504,7 @@ class DirectoryCollector:
         self._folded: set[int] = set()  # hashes of the names beyond the cap, for the count
         self._folded_queues: set[int] = set()
         self._index: dict[_Series, int] = {}
-        self._meta: list[_Series] = [_Series("", "", ())]  # 0: discard
+        self._meta: list[_Series] = [("", "", ())]  # 0: discard
         self._types: dict[str, str] = {}
         self._helps: dict[str, str] = {}
         self._settled: dict[int, float] = {}  # float sums as last served, by index (see _settle)
@@ -542,7 +534,7 @@ class DirectoryCollector:
                 if "queue_name" in label_map:
                     label_map["queue_name"] = self._admit(label_map["queue_name"], self._queues,
                                                           self.max_queue_names, self._folded_queues)
-            parsed = _Key(str(metric), str(sample), tuple(sorted(label_map.items())), str(help_text))
+            parsed = (str(metric), str(sample), tuple(sorted(label_map.items())), str(help_text))
             if len(key) < 2048:  # hostile 10 KB names are parsed each time
                 self._keys[key] = parsed
         return parsed
@@ -626,7 +618,7 @@ class DirectoryCollector:
             self._helps.setdefault(metric, help_text)
             if kind == "gauge" and mode in _PER_PROCESS_MODES:
                 labels = (*labels, ("pid", pid))
-            series = _Series(metric, sample, labels)
+            series = (metric, sample, labels)
             index = self._index.get(series)
             if index is None:
                 index = len(self._meta)
@@ -854,11 +846,11 @@ class DirectoryCollector:
         """How to lay the present series out as families; rebuilt only when the set of series changes."""
         meta = self._meta
         self._float_sums = [i for i in present
-                            if meta[i].sample.endswith("_sum") or meta[i].metric in _FLOAT_COUNTERS]
+                            if meta[i][1].endswith("_sum") or meta[i][0] in _FLOAT_COUNTERS]
         self._settled = {i: self._settled[i] for i in self._float_sums if i in self._settled}
         by_metric: dict[str, list[int]] = defaultdict(list)
         for i in present:
-            by_metric[meta[i].metric].append(i)
+            by_metric[meta[i][0]].append(i)
         skeleton: list[_Family] = []
         for metric in sorted(by_metric):
             help_text = self._helps.get(metric, "")
@@ -872,14 +864,17 @@ class DirectoryCollector:
     def _rows(self, indices: list[int]) -> list[_Row]:
         """A counter's or gauge's series, by sample name and labels."""
         meta = self._meta
-        return [_Row(meta[i].sample, dict(meta[i].labels), i)
-                for i in sorted(indices, key=lambda i: (meta[i].sample, meta[i].labels))]
+        rows = []
+        for i in sorted(indices, key=lambda i: meta[i][1:]):
+            _, sample, labels = meta[i]
+            rows.append(_Row(sample, dict(labels), i))
+        return rows
 
     def _histogram_rows(self, indices: list[int]) -> list[_HistogramRow]:
         """A histogram's series by label set: each bound's series and the sum's. Bucket series whose `le`
         is no number are left out."""
-        buckets: dict[tuple[tuple[str, str], ...], dict[float, list[int]]] = defaultdict(dict)
-        sums: dict[tuple[tuple[str, str], ...], int] = {}
+        buckets: dict[_Labels, dict[float, list[int]]] = defaultdict(dict)
+        sums: dict[_Labels, int] = {}
         for i in indices:
             _, sample, labels = self._meta[i]
             if sample.endswith("_sum"):
