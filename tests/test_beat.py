@@ -22,10 +22,10 @@ from typing import Any
 
 import yaml
 
-from celery_signal_exporter.mixin.config import short_profile
 from celery_signal_exporter.mixin.rules import rule_groups
 from celery_signal_exporter.server.collect import DirectoryCollector
 from tests.harness import ROOT, env_for, exporter, free_port, has, value, wait_until, worker
+from tests.profiles import short_profile
 from tests.recorded import merged_samples
 from tests.stack import Prometheus, prometheus
 from tests.test_catalogue import BEAT, documented, exposed

@@ -17,12 +17,13 @@ import promql_parser as pq
 import pytest
 import yaml
 
-from celery_signal_exporter.mixin.config import COUNT_FIELDS, PRODUCTION, load, scaled, seconds, short_profile
+from celery_signal_exporter.mixin.config import COUNT_FIELDS, PRODUCTION, load, scaled, seconds
 from celery_signal_exporter.mixin.dashboards import DASHBOARDS
 from celery_signal_exporter.mixin.generate import main as generate_main
 from celery_signal_exporter.mixin.generate import outputs, stale
 from celery_signal_exporter.mixin.rules import alerts, rule_groups
 from celery_signal_exporter.mixin.usage import expand_name_regex
+from tests.profiles import short_profile
 from tests.test_catalogue import documented
 
 RATE_WINDOW = "$__rate_interval"

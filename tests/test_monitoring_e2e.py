@@ -28,11 +28,11 @@ from typing import Any
 import yaml
 from kombu import Connection
 
-from celery_signal_exporter.mixin.config import short_profile
 from celery_signal_exporter.mixin.dashboards import DASHBOARDS
 from celery_signal_exporter.mixin.rules import rule_groups
 from tests.conftest import MotoServer
 from tests.harness import ROOT, env_for, exporter, produce, wait_until, worker
+from tests.profiles import short_profile
 from tests.stack import Prometheus, Webhook, alertmanager, prometheus, redis_server
 from tests.test_beat import PERIODIC_DASHBOARD
 from tests.test_mixin import dashboards, panels, substitute

@@ -313,38 +313,6 @@ def scaled(base: Config, k: int) -> Config:
     return dataclasses.replace(base, **changes)
 
 
-def short_profile(base: Config = PRODUCTION) -> Config:
-    """Short windows for the end-to-end test: same rules, minutes become seconds."""
-    return dataclasses.replace(
-        base,
-        selector='job=~"celery.*"',
-        rate_window="30s",
-        predict_window="1m",
-        failure_window="1m",
-        backlog_floor=20,
-        backlog_for="20s",
-        backlog_breach_for="20s",
-        drain_for="20s",
-        oldest_message_for="20s",
-        no_consumers_for="30s",
-        broker_memory_for="20s",
-        broker_memory_predict_for="20s",
-        broker_alarm_for="0s",
-        broker_down_for="20s",
-        exporter_down_for="20s",
-        worker_down_for="20s",
-        failure_for="20s",
-        expiring_for="0s",
-        beat_down_for="3s",
-        beat_seen_window="10m",
-        periodic_missed_grace="3s",
-        periodic_lookback="10m",
-        periodic_window="10s",
-        periodic_start_lag="3s",
-        stuck_for="0s",
-    )
-
-
 def load(path: Path | None, base: Config = PRODUCTION) -> Config:
     """Defaults overridden by a YAML mapping of field names; unknown keys are an error."""
     if path is None:
