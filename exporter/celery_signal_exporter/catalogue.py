@@ -3,10 +3,11 @@ and the words `docs/metrics.md` shows for it.
 
 The recorders (`recording/receivers.py`, `recording/worker.py`, through
 `recording/metrics.py`), the merge (`server/collect.py`), the probe loop
-(`server/probe_loop.py`) and the service (`server/service.py`) take names, help texts and labels from here, so the page and
-`/metrics` cannot drift apart. `python -m celery_signal_exporter.catalogue`
-writes `docs/metrics.md` from this module; a test fails when the committed
-page differs, and another holds what the real collectors serve to `SERVED`.
+(`server/probe_loop.py`) and the service (`server/service.py`) take names,
+help texts and labels from here, so the page and `/metrics` cannot drift apart.
+`python -m celery_signal_exporter.catalogue` writes `docs/metrics.md` from this
+module; a test fails when the committed page differs, and another holds what
+the real collectors serve to `SERVED`.
 
 This module imports nothing heavy: pool processes load it through `recording/metrics.py`.
 """
