@@ -202,9 +202,10 @@ def test_a_task_slower_than_yesterday_pages(tmp_path: Path) -> None:
     }])
 
 
-#: Cases for the two new alerts in the form of `tests/test_alert_rules.py` (1 m interval, exact values and
-#: annotations), so that its one-case-per-alert list can take them in.
-NEW_ALERT_CASES: list[dict[str, Any]] = [
+#: Cases for CeleryTasksDroppedByBroker and CeleryTaskSlowerThanYesterday in the form of
+#: `tests/test_alert_rules.py` (1 m interval, exact values and annotations), so that its one-case-per-alert
+#: list can take them in.
+DROPPED_AND_SLOWER_CASES: list[dict[str, Any]] = [
     case(
         "CeleryTasksDroppedByBroker",
         [
@@ -233,9 +234,9 @@ NEW_ALERT_CASES: list[dict[str, Any]] = [
 ]
 
 
-def test_the_new_alerts_cases_pass_as_test_alert_rules_runs_them(tmp_path: Path) -> None:
-    tests = tmp_path / "new.test.yml"
+def test_the_dropped_and_slower_cases_pass_as_test_alert_rules_runs_them(tmp_path: Path) -> None:
+    tests = tmp_path / "dropped-and-slower.test.yml"
     tests.write_text(yaml.safe_dump({"rule_files": [str(RULES)], "evaluation_interval": "1m",
-                                     "tests": NEW_ALERT_CASES}))
+                                     "tests": DROPPED_AND_SLOWER_CASES}))
     run = subprocess.run([promtool(), "test", "rules", str(tests)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr

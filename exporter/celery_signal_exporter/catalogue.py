@@ -155,7 +155,7 @@ QUEUE_WAIT = Spec(
 )
 IN_PROGRESS = Spec(
     "celery_task_in_progress", "gauge", "Tasks executing right now.", TASK, mode="livesum",
-    recorded_by="prerun +1, postrun −1",  # noqa: RUF001 - a true minus sign, as the page always had
+    recorded_by="prerun +1, postrun −1",  # noqa: RUF001 - a true minus sign, for docs/metrics.md
     notes="live sum: a dead process's share disappears",
 )
 LAST_SUCCESS = Spec(

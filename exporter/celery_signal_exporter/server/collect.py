@@ -25,8 +25,8 @@ a sidecar runs for months while children recycle and names come and go.
 Foreign files cost a scrape nothing: the directory is listed again only when
 its mtime changes (names are parsed once each), and a file under our names
 that cannot be read is not opened again while it keeps its inode, for
-`UNREADABLE_RECHECK` seconds (it is still counted and reported). 50 000 junk
-files once took a scrape from 23 to 247 ms.
+`UNREADABLE_RECHECK` seconds (it is still counted and reported). Read at
+every scrape, 50 000 junk files would take a scrape from 23 to 247 ms.
 """
 
 from __future__ import annotations
@@ -772,8 +772,8 @@ class DirectoryCollector:
             log.error(message, self.directory)
 
     def _log_unreadable(self, stats: MergeStats) -> None:
-        """One summary line whenever the set of unreadable files changes, never one line per file per scrape:
-        50 000 junk files once made 30 000 log lines. The gauge counts them on every scrape."""
+        """One summary line whenever the set of unreadable files changes, never one line per file per scrape,
+        which a directory of junk files would flood the log with. The gauge counts them on every scrape."""
         if not stats.unreadable and len(stats.judged) == len(self._unreadable_logged):
             return  # judged files are a subset of what was logged: nothing new (the cheap, usual case)
         why = {name: judged[1] for name, judged in stats.judged.items()} | stats.unreadable
