@@ -88,7 +88,7 @@ from celery_signal_exporter.directory import (
     staging_dirs,
     walk_entries,
 )
-from celery_signal_exporter.labels import cut
+from celery_signal_exporter.labels import OVERFLOW, cut
 from celery_signal_exporter.server.exposition import line_prefix
 
 log = logging.getLogger("celery_signal_exporter")
@@ -99,7 +99,6 @@ log = logging.getLogger("celery_signal_exporter")
 DEFAULT_MAX_TASK_NAMES = 2000
 #: The same for queue names: a producer that publishes to made-up routing keys must not add a series each.
 DEFAULT_MAX_QUEUE_NAMES = 1000
-OVERFLOW = "__overflow__"
 #: Parsed series and keys kept beyond those in the directory now before every cache is rebuilt.
 _CACHE_SLACK = 4096
 #: Seconds an unreadable file (keeping its inode) is left unopened; then every such file is read once more.
