@@ -150,8 +150,10 @@ def measure(calls: int) -> dict[str, list[float]]:
         for sig, uid in ours:
             sig.receivers.extend(saved[uid])
             getattr(sig, "sender_receivers_cache", {}).clear()
-    collect = celery_signal_exporter.server.collect
-    errors = sum(v for k, v in collect.merged_samples(collect.DirectoryCollector(tmp)).items()
+    from celery_signal_exporter.server.collect import DirectoryCollector
+    from tests.recorded import merged_samples
+
+    errors = sum(v for k, v in merged_samples(DirectoryCollector(tmp)).items()
                  if k.startswith("celery_exporter_handler_errors_total"))
     shutil.rmtree(tmp, ignore_errors=True)
     result["child_signals"] = [s for s in ("task_prerun", "task_success", "task_postrun") if s in guarded]
@@ -190,6 +192,4 @@ def run(size: Size) -> Section:
 
 
 if __name__ == "__main__":
-    import celery_signal_exporter.server.collect  # noqa: F401 - used through the package in measure()
-
     print(json.dumps(measure(int(sys.argv[1]))))

@@ -98,6 +98,7 @@ def _write_pool_series(store: Any, pairs: list[tuple[str, str]], finished: bool)
     """What a pool process records for each pair it ran (finished: its in-progress is back to 0)."""
     from celery_signal_exporter import catalogue as c
     from celery_signal_exporter.recording import metrics as m
+    from tests.recorded import observe
 
     metrics = {spec.name: m.Recorder(store, spec, m.DEFAULT_RUNTIME_BUCKETS if spec.kind == "histogram" else ())
                for spec in (c.RECEIVED, c.STARTED, c.SUCCEEDED, c.RUNTIME, c.QUEUE_WAIT, c.IN_PROGRESS,
@@ -106,8 +107,8 @@ def _write_pool_series(store: Any, pairs: list[tuple[str, str]], finished: bool)
         metrics[c.RECEIVED.name].labels(name, queue).inc(3)
         metrics[c.STARTED.name].labels(name, queue).inc(3)
         metrics[c.SUCCEEDED.name].labels(name, queue).inc(3)
-        metrics[c.RUNTIME.name].labels(name, queue).observe(0.001 * (i % 500))
-        metrics[c.QUEUE_WAIT.name].labels(name, queue).observe(0.01 * (i % 300))
+        observe(store, metrics[c.RUNTIME.name].labels(name, queue), 0.001 * (i % 500))
+        observe(store, metrics[c.QUEUE_WAIT.name].labels(name, queue), 0.01 * (i % 300))
         if not finished:
             metrics[c.IN_PROGRESS.name].labels(name, queue).inc(0)
         metrics[c.LAST_SUCCESS.name].labels(name).set(1.7e9 + i)

@@ -28,6 +28,7 @@ from celery_signal_exporter.directory import read_entries
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
 from celery_signal_exporter.server.collect import DirectoryCollector
+from tests.recorded import observe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: PYTHONPATH for child processes: this checkout's tests and its package source, ahead of any
@@ -494,7 +495,7 @@ def files(directory: str) -> list[str]:
 def one_task(i: int) -> Callable[[Store], None]:
     def body(store: Store) -> None:
         m.Recorder(store, c.SENT).labels("a", "q").inc()
-        m.Recorder(store, c.RUNTIME, (0.1, 1)).labels("a", "q").observe(0.5)
+        observe(store, m.Recorder(store, c.RUNTIME, (0.1, 1)).labels("a", "q"), 0.5)
         m.Recorder(store, c.IN_PROGRESS).labels("a", "q").inc()  # died mid-task: must not be counted
         m.Recorder(store, c.LAST_SUCCESS).labels("a").set(1000.0 + i)
     return body

@@ -21,6 +21,7 @@ from celery_signal_exporter import catalogue as c
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
 from tests.harness import ExporterProcess, exporter
+from tests.recorded import observe
 
 USER = "prometheus"
 
@@ -108,7 +109,7 @@ def fill(directory: Path, names: int) -> None:
     for i in range(names):
         name = f"app.tasks.some_module.task_number_{i:05d}"
         for queue in ("default", "priority"):
-            runtime.labels(name, queue).observe(0.5)
+            observe(store, runtime.labels(name, queue), 0.5)
             sent.labels(name, queue).inc()
     store.close()
 

@@ -63,3 +63,35 @@ def case(
 
 def ql(metric: str, labels: str) -> str:
     return f"{metric}{{{labels}}}"
+
+
+#: Cases for CeleryTasksDroppedByBroker and CeleryTaskSlowerThanYesterday in the form of
+#: `tests/system/test_alert_rules.py` (1 m interval, exact values and
+#: annotations), so that its one-case-per-alert list can take them in.
+DROPPED_AND_SLOWER_CASES: list[dict[str, Any]] = [
+    case(
+        "CeleryTasksDroppedByBroker",
+        [
+            (ql("celery_task_sent_total", f'{WORKER}, name="t.tick", queue_name="q"'), "0+10x30"),
+            (ql("celery_task_received_total", f'{WORKER}, name="t.tick", queue_name="q"'), "0+5x30"),
+            (ql("celery_task_sent_total", f'{WORKER}, name="t.ok", queue_name="q"'), "0+10x30"),
+            (ql("celery_task_received_total", f'{WORKER}, name="t.ok", queue_name="q"'), "0+10x30"),
+            (ql("celery_queue_length", f'{PROBE}, queue_name="q", vhost="/"'), "0x30"),
+        ],
+        "20m",
+        [expected("CeleryTasksDroppedByBroker", {"namespace": "prod", "name": "t.tick", "queue_name": "q"},
+                              "50")],
+    ),
+    case(
+        "CeleryTaskSlowerThanYesterday",
+        [
+            (ql("celery_task_runtime_seconds_count", f'{WORKER}, name="t.slow", queue_name="q"'), "0+10x1600"),
+            (ql("celery_task_runtime_seconds_sum", f'{WORKER}, name="t.slow", queue_name="q"'),
+             "0+2x1499 3002+4x100"),
+            (ql("celery_task_runtime_seconds_count", f'{WORKER}, name="t.same", queue_name="q"'), "0+10x1600"),
+            (ql("celery_task_runtime_seconds_sum", f'{WORKER}, name="t.same", queue_name="q"'), "0+2x1600"),
+        ],
+        "1590m",
+        [expected("CeleryTaskSlowerThanYesterday", {"namespace": "prod", "name": "t.slow"}, "2")],
+    ),
+]

@@ -4,10 +4,10 @@ and the words `docs/metrics.md` shows for it.
 The recorders (`recording/receivers.py`, `recording/worker.py`, through
 `recording/metrics.py`), the merge (`server/collect.py`), the probe loop
 (`server/probe_loop.py`) and the service (`server/service.py`) take names,
-help texts and labels from here, so the page and `/metrics` cannot drift
-apart. `python -m celery_signal_exporter.catalogue` writes `docs/metrics.md`
-from this module; a test fails when the committed page differs, and another
-holds what the real collectors serve to `SERVED`.
+help texts and labels from here, so the page and `/metrics` cannot drift apart.
+`python -m celery_signal_exporter.catalogue` writes `docs/metrics.md` from this
+module; a test fails when the committed page differs, and another holds what
+the real collectors serve to `SERVED`.
 
 This module imports nothing heavy: pool processes load it through `recording/metrics.py`.
 """
@@ -155,7 +155,7 @@ QUEUE_WAIT = Spec(
 )
 IN_PROGRESS = Spec(
     "celery_task_in_progress", "gauge", "Tasks executing right now.", TASK, mode="livesum",
-    recorded_by="prerun +1, postrun −1",  # noqa: RUF001 - a true minus sign, as the page always had
+    recorded_by="prerun +1, postrun −1",  # noqa: RUF001 - a true minus sign, for docs/metrics.md
     notes="live sum: a dead process's share disappears",
 )
 LAST_SUCCESS = Spec(

@@ -108,9 +108,6 @@ VERDICT_TTL = 1800.0
 LISTING_SETTLE_NS = 2_000_000_000
 LOST_EXCEPTION = "WorkerLostError"
 
-#: For tests only: "reap_link", "stage" or "archive" makes `compact()` stop there, as a crash would.
-_crash_after = ""
-
 Entries = dict[str, tuple[float, float]]
 COMPACTED_KEY = series_key(COMPACTED.name, COMPACTED.name + "_total", {}, COMPACTED.help)
 
@@ -335,17 +332,16 @@ def compact(directory: str, max_files: int = 5000, by_pid: bool = False) -> Comp
             return result
         # Live gauges first, in a pass of their own: no lost-run file is staged while its live file exists.
         _reap_pass(directory, view, result, by_pid)
-        if _crash_after == "reap_link":
-            return result
-        archives = _Archives(directory, view.staging, result)
-        staged = _stage_dead(directory, view, archives, result, max_files)
-        if _crash_after == "stage":
-            return result
-        kept = _fold_staged(directory, staged, archives, result)
-        if _crash_after == "archive":
-            return result
-        _remove_absorbed(directory, staged, archives, kept)
+        _fold_dead(directory, view, result, max_files)
     return result
+
+
+def _fold_dead(directory: str, view: _View, result: CompactResult, max_files: int) -> None:
+    """Steps 1 to 3 of the module docstring: stage dead files, rewrite the archives, remove what they hold."""
+    archives = _Archives(directory, view.staging, result)
+    staged = _stage_dead(directory, view, archives, result, max_files)
+    unread = _fold_staged(directory, staged, archives, result)
+    _remove_absorbed(directory, staged, archives, unread)
 
 
 class _Archives:
@@ -585,7 +581,7 @@ def _reap_live(directory: str, name: str, file_id: str, by_pid: bool,
             return st.st_ino
         counted = _count_lost_runs(directory, name, lost_runs_file(file_id, st.st_ino, st.st_mtime_ns), lost,
                                    result) if lost else ""
-        if counted is None or (counted and _crash_after == "reap_link"):
+        if counted is None:
             return "alive"  # the live file stays, so its runs are counted (once) on a later tick
         return _unlink_reaped(path, counted, lost, result)
     except FileNotFoundError:

@@ -1,9 +1,9 @@
 """Label values made from outside input are capped in length.
 
 A task name, queue name or exception class name comes from our users' code or
-from whoever publishes to the broker. One 100 KB name once made every scrape
-4.8 MiB and every child's histogram file 4 MiB, so every label value made from
-outside input goes through `cut` once, when it is first seen.
+from whoever publishes to the broker. Uncapped, one 100 KB name makes every
+scrape 4.8 MiB and every child's histogram file 4 MiB, so every label value made
+from outside input goes through `cut` once, when it is first seen.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from celery_signal_exporter.server.service import Exporter
 from tests.catalogue_support import BEAT, documented, exposed, families
 from tests.conftest import MotoServer
 from tests.harness import ROOT, env_for, exporter, has, produce, value, wait_until, worker
+from tests.recorded import observe
 
 PACKAGE = Path(ROOT) / "exporter" / "celery_signal_exporter"
 STALE = "docs/metrics.md is stale: run python -m celery_signal_exporter.catalogue"
@@ -129,7 +130,7 @@ def write_every_recorded_metric(directory: str) -> Store:
     for spec in catalogue.RECORDED:
         series = Recorder(store, spec, (0.1, 1.0)).labels(*("x" for _ in spec.labels))
         if spec.kind == "histogram":
-            series.observe(0.5)
+            observe(store, series, 0.5)
         elif spec.kind == "counter":
             series.inc()
         else:

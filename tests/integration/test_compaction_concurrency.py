@@ -12,8 +12,9 @@ import os
 from typing import Any
 
 from celery_signal_exporter import compact as compaction
-from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
+from celery_signal_exporter.server.collect import DirectoryCollector
 from tests.harness import files, one_task, write_as_dead_process
+from tests.recorded import merged_samples
 
 SENT = 'celery_task_sent_total{name="a",queue_name="q"}'
 RUNTIME_COUNT = 'celery_task_runtime_seconds_count{name="a",queue_name="q"}'

@@ -25,6 +25,7 @@ from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
 from tests.harness import exporter
 from tests.http_support import rss_mb
+from tests.recorded import observe
 
 #: Timing-sensitive: .ci/run runs it alone, after the parallel tests.
 pytestmark = pytest.mark.serial
@@ -44,7 +45,7 @@ def test_rss_is_flat_while_values_keep_changing(tmp_path: Path) -> None:
         series = [runtime.labels(f"app.tasks.t{i:03d}", "default") for i in range(400)]
         while not stop.is_set():
             for one in series:
-                one.observe(random.random())
+                observe(store, one, random.random())
             time.sleep(0.1)
         store.close()
 

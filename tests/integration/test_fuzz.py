@@ -25,6 +25,7 @@ from celery_signal_exporter import catalogue as c
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
 from tests.http_support import PASSWORD, USER, make_pki, serve, web_config
+from tests.recorded import observe
 
 MAX_EXAMPLES = "150"
 SEED = "20261121"
@@ -61,7 +62,7 @@ def hostile_metrics(directory: Path) -> None:
     store = Store(str(directory))
     for name in ['quote"d', "back\\slash", "new\nline", "snow\u2603man", "x" * 2000]:
         m.Recorder(store, c.SENT).labels(name, "q").inc()
-        m.Recorder(store, c.RUNTIME, (0.1, 1)).labels(name, "q").observe(0.5)
+        observe(store, m.Recorder(store, c.RUNTIME, (0.1, 1)).labels(name, "q"), 0.5)
 
 
 def test_fuzz_open_service_never_answers_5xx(tmp_path: Path, redis_url: str) -> None:

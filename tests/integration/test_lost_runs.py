@@ -15,15 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter import compact as compaction
 from celery_signal_exporter.directory import is_lost_runs, pid_alive
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
-from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
+from celery_signal_exporter.server.collect import DirectoryCollector
+from tests.compaction_crash import crashing_after
 from tests.harness import ROOT, Samples, env_for, exporter, produce, running_children, value, wait_until, worker
+from tests.recorded import merged_samples
 
 LOST = 'celery_task_failed_total{exception="WorkerLostError",name="a",queue_name="q"}'
 
@@ -134,14 +134,12 @@ def _dead_mid_task(directory: str, runs: int) -> int:
     return pid
 
 
-def test_a_reaper_that_crashes_between_link_and_unlink_counts_once(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_reaper_that_crashes_between_link_and_unlink_counts_once(tmp_path: Path) -> None:
     """Crash after the lost runs' counter file is linked and before the live file is removed."""
     d = str(tmp_path)
     pid = _dead_mid_task(d, 2)
-    monkeypatch.setattr(compaction, "_crash_after", "reap_link")
-    crashed = compaction.compact(d)
-    monkeypatch.setattr(compaction, "_crash_after", "")
+    with crashing_after("reap_link"):
+        crashed = compaction.compact(d)
     assert crashed.lost_runs == 2 and os.path.exists(os.path.join(d, f"gauge_livesum_{pid}.db"))
     assert len(lost_run_files(d)) == 1
     assert merged_samples(DirectoryCollector(d))[LOST] == 2

@@ -17,7 +17,8 @@ from celery_signal_exporter import catalogue as c
 from celery_signal_exporter.compact import compact
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
-from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
+from celery_signal_exporter.server.collect import DirectoryCollector
+from tests.recorded import merged_samples, observe
 
 NAMES = [f"task.{i}" for i in range(30)]
 
@@ -34,7 +35,7 @@ def _recycled_child(directory: str, seed: int) -> None:
     runtime = m.Recorder(store, c.RUNTIME, m.DEFAULT_RUNTIME_BUCKETS)
     for name in names:
         started.labels(name, "q").inc()
-        runtime.labels(name, "q").observe(0.01)
+        observe(store, runtime.labels(name, "q"), 0.01)
     store.close()
     os._exit(0)
 

@@ -16,7 +16,8 @@ def test_every_receiver_survives_garbage_and_counts_it(tmp_path: os.PathLike[str
         import sys
         from celery import Celery
         import celery_signal_exporter
-        from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
+        from celery_signal_exporter.server.collect import DirectoryCollector
+        from tests.recorded import merged_samples
 
         app = Celery("guard", broker="memory://", set_as_current=False)
         inst = celery_signal_exporter.instrument(app, metrics_dir=sys.argv[1])

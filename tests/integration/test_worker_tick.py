@@ -123,7 +123,8 @@ def test_a_tick_opens_only_what_may_have_changed(tmp_path: Any) -> None:
     assert not any(name in view.verdicts for name in gone)
 
     assert junk <= set(os.listdir(d)) and fingerprint(d, junk) == before, "junk is never touched"
-    from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
+    from celery_signal_exporter.server.collect import DirectoryCollector
+    from tests.recorded import merged_samples
 
     s = merged_samples(DirectoryCollector(d))
     assert s['celery_task_sent_total{name="a",queue_name="q"}'] == 8
@@ -173,7 +174,8 @@ def test_a_tick_reaps_a_dead_writers_live_file_once(tmp_path: Any, monkeypatch: 
     assert judged.count(live_name) == 1, judged
     assert opened.count(live_name) == 1, f"the dead live file opened {opened.count(live_name)} times in one tick"
     assert live_name not in os.listdir(d)
-    from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
+    from celery_signal_exporter.server.collect import DirectoryCollector
+    from tests.recorded import merged_samples
 
     s = merged_samples(DirectoryCollector(d))
     assert s['celery_task_failed_total{exception="WorkerLostError",name="a",queue_name="q"}'] == 1
@@ -198,7 +200,8 @@ def test_a_foreign_file_adopted_in_place_is_compacted_once_its_verdict_expires(
     adopted.close()  # and it dies
     wait_until(lambda: compaction.compact(d).absorbed == 1, 10, "the adopted file to be compacted")
     assert f"counter_{pid}.db" not in os.listdir(d)
-    from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
+    from celery_signal_exporter.server.collect import DirectoryCollector
+    from tests.recorded import merged_samples
 
     assert merged_samples(DirectoryCollector(d))['celery_task_sent_total{name="a",queue_name="q"}'] == 7
 

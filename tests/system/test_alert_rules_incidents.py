@@ -16,9 +16,8 @@ from typing import Any
 import yaml
 
 from celery_signal_exporter.mixin.config import PRODUCTION, seconds
-from tests import rules_support as alert_rules
 from tests.harness import promtool
-from tests.rules_support import RULES, case, ql
+from tests.rules_support import DROPPED_AND_SLOWER_CASES, RULES
 
 STEP = 30  # seconds: the production scrape and evaluation interval (deploy/examples/prometheus.yml)
 NS = 'namespace="prod"'
@@ -203,40 +202,9 @@ def test_a_task_slower_than_yesterday_pages(tmp_path: Path) -> None:
     }])
 
 
-#: Cases for the two new alerts in the form of `tests/system/test_alert_rules.py` (1 m interval, exact values and
-#: annotations), so that its one-case-per-alert list can take them in.
-NEW_ALERT_CASES: list[dict[str, Any]] = [
-    case(
-        "CeleryTasksDroppedByBroker",
-        [
-            (ql("celery_task_sent_total", f'{WORKER}, name="t.tick", queue_name="q"'), "0+10x30"),
-            (ql("celery_task_received_total", f'{WORKER}, name="t.tick", queue_name="q"'), "0+5x30"),
-            (ql("celery_task_sent_total", f'{WORKER}, name="t.ok", queue_name="q"'), "0+10x30"),
-            (ql("celery_task_received_total", f'{WORKER}, name="t.ok", queue_name="q"'), "0+10x30"),
-            (ql("celery_queue_length", f'{PROBE}, queue_name="q", vhost="/"'), "0x30"),
-        ],
-        "20m",
-        [alert_rules.expected("CeleryTasksDroppedByBroker", {"namespace": "prod", "name": "t.tick", "queue_name": "q"},
-                              "50")],
-    ),
-    case(
-        "CeleryTaskSlowerThanYesterday",
-        [
-            (ql("celery_task_runtime_seconds_count", f'{WORKER}, name="t.slow", queue_name="q"'), "0+10x1600"),
-            (ql("celery_task_runtime_seconds_sum", f'{WORKER}, name="t.slow", queue_name="q"'),
-             "0+2x1499 3002+4x100"),
-            (ql("celery_task_runtime_seconds_count", f'{WORKER}, name="t.same", queue_name="q"'), "0+10x1600"),
-            (ql("celery_task_runtime_seconds_sum", f'{WORKER}, name="t.same", queue_name="q"'), "0+2x1600"),
-        ],
-        "1590m",
-        [alert_rules.expected("CeleryTaskSlowerThanYesterday", {"namespace": "prod", "name": "t.slow"}, "2")],
-    ),
-]
-
-
-def test_the_new_alerts_cases_pass_as_test_alert_rules_runs_them(tmp_path: Path) -> None:
-    tests = tmp_path / "new.test.yml"
+def test_the_dropped_and_slower_cases_pass_as_test_alert_rules_runs_them(tmp_path: Path) -> None:
+    tests = tmp_path / "dropped-and-slower.test.yml"
     tests.write_text(yaml.safe_dump({"rule_files": [str(RULES)], "evaluation_interval": "1m",
-                                     "tests": NEW_ALERT_CASES}))
+                                     "tests": DROPPED_AND_SLOWER_CASES}))
     run = subprocess.run([promtool(), "test", "rules", str(tests)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -19,12 +19,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from celery_signal_exporter.mixin.config import short_profile
 from celery_signal_exporter.mixin.rules import rule_groups
-from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
+from celery_signal_exporter.server.collect import DirectoryCollector
 from tests.catalogue_support import BEAT, documented, exposed
 from tests.harness import ROOT, beat, env_for, exporter, free_port, has, value, wait_until, worker
 from tests.mixin_support import PERIODIC_DASHBOARD, dashboards, panels, substitute
+from tests.profiles import short_profile
+from tests.recorded import merged_samples
 from tests.stack import Prometheus, monitoring
 
 

@@ -27,7 +27,6 @@ from typing import Any
 
 from kombu import Connection
 
-from celery_signal_exporter.mixin.config import short_profile
 from celery_signal_exporter.mixin.dashboards import DASHBOARDS
 from celery_signal_exporter.mixin.rules import rule_groups
 from tests.conftest import MotoServer
@@ -44,6 +43,7 @@ from tests.harness import (
     worker,
 )
 from tests.mixin_support import PERIODIC_DASHBOARD, dashboards, panels, substitute
+from tests.profiles import short_profile
 from tests.stack import Prometheus, monitoring
 
 # The three alerts of danihodovic/celery-exporter's mixin, with its default

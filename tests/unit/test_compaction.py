@@ -20,8 +20,10 @@ from celery_signal_exporter import compact as compaction
 from celery_signal_exporter.directory import LOCK_NAME, read_entries
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import MetricFile, Store, open_owned
-from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
+from celery_signal_exporter.server.collect import DirectoryCollector
+from tests.compaction_crash import crashing_after
 from tests.harness import files, one_task, write_as_dead_process
+from tests.recorded import merged_samples
 
 SENT = 'celery_task_sent_total{name="a",queue_name="q"}'
 RUNTIME_COUNT = 'celery_task_runtime_seconds_count{name="a",queue_name="q"}'
@@ -89,8 +91,7 @@ def test_mostrecent_gauges_keep_the_newest_timestamp(tmp_path: Any) -> None:
 
 
 @pytest.mark.parametrize("crash_after", ["stage", "archive"])
-def test_a_crash_mid_compaction_counts_nothing_twice_and_loses_nothing(
-        tmp_path: Any, crash_after: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_crash_mid_compaction_counts_nothing_twice_and_loses_nothing(tmp_path: Any, crash_after: str) -> None:
     d = str(tmp_path)
     for i in range(10):
         write_as_dead_process(d, one_task(i))
@@ -98,9 +99,8 @@ def test_a_crash_mid_compaction_counts_nothing_twice_and_loses_nothing(
     for i in range(10, 15):
         write_as_dead_process(d, one_task(i))
 
-    monkeypatch.setattr(compaction, "_crash_after", crash_after)
-    compaction.compact(d)
-    monkeypatch.setattr(compaction, "_crash_after", "")
+    with crashing_after(crash_after):
+        compaction.compact(d)
 
     staged = [f for f in os.listdir(d) if f.startswith(".compact-")]
     assert staged == [".compact-2"], "the crash left its staging directory behind"
@@ -218,13 +218,11 @@ def test_abandoned_temporary_files_are_removed_only_when_old(tmp_path: Any) -> N
     assert young.exists() and not old.exists()
 
 
-def test_staged_files_are_never_deleted_on_the_word_of_a_damaged_archive(
-        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_staged_files_are_never_deleted_on_the_word_of_a_damaged_archive(tmp_path: Any) -> None:
     d = str(tmp_path)
     write_as_dead_process(d, one_task(0))
-    monkeypatch.setattr(compaction, "_crash_after", "stage")
-    compaction.compact(d)  # a crash left .compact-1 behind
-    monkeypatch.setattr(compaction, "_crash_after", "")
+    with crashing_after("stage"):
+        compaction.compact(d)  # a crash left .compact-1 behind
     staged = os.listdir(os.path.join(d, ".compact-1"))
     assert len(staged) == 4  # counter, histogram, gauge_max, and the reaper's file of the lost run
     # Then the counter archive is damaged, with a header claiming a generation far beyond 1.

@@ -17,6 +17,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 
 from celery_signal_exporter.server.exposition import Encoder
+from tests.recorded import observe
 
 HOSTILE = 'a"b\\c\nd é☃ ' + "x" * 10_000
 
@@ -113,7 +114,7 @@ def test_laid_out_families_from_a_real_merge_encode_like_prometheus_client(tmp_p
     def body(store: Store) -> None:
         for name in ("t.ok", HOSTILE, "ünï"):
             m.Recorder(store, c.SENT).labels(name, 'q"1').inc(3)
-            m.Recorder(store, c.RUNTIME, (0.1, 1.0)).labels(name, "q").observe(0.5)
+            observe(store, m.Recorder(store, c.RUNTIME, (0.1, 1.0)).labels(name, "q"), 0.5)
             m.Recorder(store, c.LAST_SUCCESS).labels(name).set(1700000000.25)
 
     directory = str(tmp_path)

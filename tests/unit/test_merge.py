@@ -28,14 +28,15 @@ from celery_signal_exporter import compact as compaction
 from celery_signal_exporter.directory import read_entries, series_key
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import MetricFile, Store
-from celery_signal_exporter.server.collect import DirectoryCollector, merged_samples
+from celery_signal_exporter.server.collect import DirectoryCollector
 from tests.harness import write_as_dead_process
+from tests.recorded import merged_samples, observe
 
 
 def test_files_are_prometheus_client_compatible(tmp_path: pytest.TempPathFactory) -> None:
     store = Store(str(tmp_path))
     m.Recorder(store, c.SENT).labels("a", "q").inc(3)
-    m.Recorder(store, c.RUNTIME, (0.1, 1)).labels("a", "q").observe(0.5)
+    observe(store, m.Recorder(store, c.RUNTIME, (0.1, 1)).labels("a", "q"), 0.5)
     m.Recorder(store, c.IN_PROGRESS).labels("a", "q").inc(2)
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))
@@ -275,7 +276,7 @@ def test_a_bound_spelled_two_ways_and_a_garbage_key_still_add_up(tmp_path: pytes
     path, and a garbage key in the middle of a file leaves the series around it intact."""
     d = str(tmp_path)
     store = Store(d)
-    m.Recorder(store, c.RUNTIME, (0.1, 1)).labels("a", "q").observe(0.5)
+    observe(store, m.Recorder(store, c.RUNTIME, (0.1, 1)).labels("a", "q"), 0.5)
     m.Recorder(store, c.SENT).labels("a", "q").inc(2)
     labels = {"name": "a", "queue_name": "q"}
     other = MetricFile(os.path.join(d, "histogram_77.db"))  # a foreign writer: prometheus-client spellings
@@ -343,18 +344,18 @@ def test_float_sums_never_step_back_by_a_rounding_error(tmp_path: pytest.TempPat
     store = Store(str(tmp_path))
     runtime = m.Recorder(store, c.RUNTIME, (1.0,)).labels("a", "q")
     cpu = m.Recorder(store, c.CPU).labels("a", "q")
-    runtime.observe(0.6)
+    observe(store, runtime, 0.6)
     cpu.inc(0.5)
     collector = DirectoryCollector(str(tmp_path))
     key_sum, key_cpu = 'celery_task_runtime_seconds_sum{name="a",queue_name="q"}', \
         'celery_task_cpu_seconds_total{name="a",queue_name="q"}'
     first = merged_samples(collector)
     assert (first[key_sum], first[key_cpu]) == (0.6, 0.5)
-    runtime.observe(-1e-12)  # the stand-in for a rounding wobble: the stored total is now a hair lower
+    observe(store, runtime, -1e-12)  # the stand-in for a rounding wobble: the stored total is now a hair lower
     cpu.inc(-1e-12)
     wobbled = merged_samples(collector)
     assert (wobbled[key_sum], wobbled[key_cpu]) == (0.6, 0.5)
-    runtime.observe(-0.1)  # a real drop (lost data) is not hidden
+    observe(store, runtime, -0.1)  # a real drop (lost data) is not hidden
     cpu.inc(-0.1)
     dropped = merged_samples(collector)
     assert dropped[key_sum] < 0.5 + 1e-9 and dropped[key_cpu] < 0.4 + 1e-9
@@ -463,7 +464,7 @@ def _grow(directory: str, ready: Any, done: Any) -> None:
     runtime = m.Recorder(store, c.RUNTIME, m.DEFAULT_RUNTIME_BUCKETS)
     ready.set()
     for n in range(4000):
-        runtime.labels(f"young-{n}", "q").observe(0.1)
+        observe(store, runtime.labels(f"young-{n}", "q"), 0.1)
     done.set()
     time.sleep(60)  # stay alive (the file stays live) until the test is done
 

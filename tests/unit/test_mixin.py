@@ -12,7 +12,7 @@ import promql_parser as pq
 import pytest
 import yaml
 
-from celery_signal_exporter.mixin.config import PRODUCTION, load, short_profile
+from celery_signal_exporter.mixin.config import PRODUCTION, load
 from celery_signal_exporter.mixin.dashboards import DASHBOARDS
 from celery_signal_exporter.mixin.generate import main as generate_main
 from celery_signal_exporter.mixin.generate import outputs, stale
@@ -32,6 +32,7 @@ from tests.mixin_support import (
     substitute,
     vector_selectors,
 )
+from tests.profiles import short_profile
 
 # Generation
 

@@ -834,7 +834,7 @@ def queues(c: Config) -> Dashboard:
 
 
 def _writes_lost(c: Config) -> PanelBuilder:
-    """Issue 27: what a full or read-only metrics volume made the instrumentation lose, by signal."""
+    """What a full or read-only metrics volume made the instrumentation lose, by signal."""
     return _ts(
         c,
         "Writes lost",

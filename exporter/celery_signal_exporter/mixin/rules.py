@@ -72,7 +72,7 @@ def recording_rules(c: Config) -> list[dict[str, Any]]:
                 ")\n/\n(\n  "
                 f"sum by ({g}name) (rate({{{finished}}}"
                 f"[{c.failure_window}]))"
-                # Runs that replaced themselves or raised Ignore are runs, not failures (issue 28). Added
+                # Runs that replaced themselves or raised Ignore are runs, not failures. Added
                 # family by family: without the metric name their series would clash with succeeded's.
                 + "".join(
                     f"\n+\n(\n  sum by ({g}name) (rate(celery_task_{o}_total{{{c.sel()}}}[{c.failure_window}]))\n"
@@ -170,9 +170,9 @@ def _waiting_rule(c: Config) -> dict[str, Any]:
     }
 
 
-def incident_rules(c: Config) -> list[dict[str, Any]]:
-    """Recorded series of the incident alerts (issue 17): a task's mean runtime now and its baseline,
-    and messages a broker dropped unseen."""
+def dropped_and_slower_rules(c: Config) -> list[dict[str, Any]]:
+    """Recorded series of CeleryTasksDroppedByBroker and CeleryTaskSlowerThanYesterday: messages a broker
+    dropped unseen, and a task's mean runtime now and its baseline."""
     g = c.by
     seconds(c.slower_baseline)  # a bad duration fails here, with its value named
     runtime = f"celery_task_runtime_seconds_{{part}}{{{{{c.sel()}}}}}[{c.slower_window}]"
@@ -204,8 +204,8 @@ def incident_rules(c: Config) -> list[dict[str, Any]]:
     ]
 
 
-def _incident_alerts(c: Config) -> list[Alert]:
-    """Messages dropped by the broker, and tasks slower than the day before (issue 17)."""
+def _dropped_and_slower_alerts(c: Config) -> list[Alert]:
+    """Messages dropped by the broker, and tasks slower than the day before."""
     g = c.by
     task = "".join(f"{{{{ $labels.{label} }}}}/" for label in c.group_labels) + "{{ $labels.name }}"
     runs = f"sum by ({g}name) (increase(celery_task_runtime_seconds_count{{{c.sel()}}}[{c.slower_window}]"
@@ -262,7 +262,7 @@ def _stuck(c: Config) -> str:
 
 def alerts(c: Config) -> list[Alert]:
     """Every alert the config leaves on, in the order of docs/runbooks.md."""
-    every = (objectives.alerts(c) + _all_alerts(c) + _worker_state_alerts(c) + _incident_alerts(c)
+    every = (objectives.alerts(c) + _all_alerts(c) + _worker_state_alerts(c) + _dropped_and_slower_alerts(c)
              + _volume_alerts(c))
     check_objectives(c)
     unknown = sorted(set(c.disabled_alerts) - {a.name for a in every})
@@ -562,7 +562,7 @@ def _beat_alerts(c: Config) -> list[Alert]:
 
 
 def _worker_state_alerts(c: Config) -> list[Alert]:
-    """Alerts on what the worker mains report of their runs (issue 15)."""
+    """Alerts on what the worker mains report of their runs."""
     task = "".join(f"{{{{ $labels.{label} }}}}/" for label in c.group_labels) + "{{ $labels.name }}"
     return [
         Alert(
@@ -579,7 +579,7 @@ def _worker_state_alerts(c: Config) -> list[Alert]:
 
 
 def _volume_alerts(c: Config) -> list[Alert]:
-    """Counts the metrics volume refused (issue 27): a full or read-only volume loses runs, never silently.
+    """Counts the metrics volume refused: a full or read-only volume loses runs, never silently.
     Its window is `failure_window`, the one the other counts of lost work use."""
     where = "".join(f"{{{{ $labels.{label} }}}}/" for label in c.group_labels)
     return [
@@ -616,7 +616,7 @@ def rule_groups(c: Config) -> dict[str, Any]:
     # One group: Prometheus runs the rules of a group in order at one evaluation time, so every
     # alert sees the recorded series of the same cycle. In two groups (run concurrently) an alert
     # could read the previous cycle's recording, and its $value would lag by an interval.
-    recorded = recording_rules(c) + incident_rules(c) + objectives.recording_rules(c)
+    recorded = recording_rules(c) + dropped_and_slower_rules(c) + objectives.recording_rules(c)
     return {"groups": [{"name": "celery", "rules": recorded + alert_rules}]}
 
 

@@ -47,7 +47,6 @@ __all__ = [
     "kinds",
     "probe_for_url",
     "probe_settings",
-    "redact_url",
     "register",
     "schemes",
 ]
@@ -56,7 +55,7 @@ __all__ = [
 #: broker of your own without touching the installed package.
 PATH_ENV = "CELERY_EXPORTER_PROBE_PATH"
 #: Modules of this package that are not probes.
-_NOT_PROBES = frozenset({"base", "loop"})
+_NOT_PROBES = frozenset({"base"})
 
 _kinds: dict[str, ProbeKind] = {}
 

@@ -184,7 +184,6 @@ class RabbitMQProbe:
         username = opts.mgmt_username or url_user or "guest"
         self._password = opts.mgmt_password if opts.mgmt_password is not None else url_password or "guest"
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.api_url = f"{'https' if https else 'http'}://{netloc}/api/"
         self.page_size = max(1, min(opts.page_size, MAX_PAGE_SIZE))
         self.alarm_interval = opts.alarm_interval
         #: Running nodes named by the last /api/nodes answer, even before their first statistics.

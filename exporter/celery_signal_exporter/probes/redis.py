@@ -437,13 +437,13 @@ _DUE_KEY = b'"csx_due"'
 def _oldest_due(heads: list[object]) -> float | None:
     """min(due_time(h) for h in heads), decoding one message instead of all of them.
 
-    Why: json.loads of every head was most of the client's time at 1000
+    Why: json.loads of every head would be most of the client's time at 1000
     queues. Each head's value is read with a regex, and only the smallest is
     confirmed by a real decode. That is exact: a head whose key occurs once
     has either that value in its headers or no due at all, so it cannot hide
     a smaller one; anything else (the key twice, NaN, a non-number, bytes
     that are not a number the regex reads, a confirmation that disagrees)
-    decodes every head as before.
+    decodes every head.
     """
     best: tuple[float, bytes] | None = None
     for head in heads:

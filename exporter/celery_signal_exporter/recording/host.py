@@ -31,7 +31,8 @@ class Options:
     heartbeat_interval: float = 2.0
     schedule_refresh: float = 30.0
     #: Opt-in per-run CPU seconds and memory growth: two clock reads and a getrusage per run cost more than
-    #: the per-task budget of issue 18, so they are off unless asked for (`task_resources`).
+    #: the per-task budget (docs/design.md, *Overhead in instructions*), so they are off unless asked for
+    #: (`task_resources`).
     task_resources: bool = False
     #: Opt-in publish latency: a clock read in each publish signal and a histogram write (`publish_timing`).
     publish_timing: bool = False

@@ -104,10 +104,6 @@ class Series:
         with self._store.lock:
             write_gauge(self._current().values, self._index[0], value, timestamp)
 
-    def observe(self, value: float) -> None:
-        with self._store.lock:
-            write_observation(self._current().values, self._index, self._bounds, value)
-
 
 def write_observation(values: Doubles, index: list[int], bounds: list[float], value: float) -> None:
     """One histogram observation: its (non-cumulative) bucket and the sum. The caller holds the store lock."""
