@@ -187,6 +187,10 @@ LONG_TASK = 300
 EXIT_BOUND = 10.0
 
 
+def _hang_up_at_default() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_demo_stops_everything_it_started_on_each_signal(signum: signal.Signals, tmp_path: Path) -> None:
     """Ctrl-C, SIGTERM (a process manager, `timeout`) and SIGHUP (a closed terminal) each stop the demo within
@@ -196,8 +200,11 @@ def test_demo_stops_everything_it_started_on_each_signal(signum: signal.Signals,
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "TMPDIR": str(tmp_path)}
     # A session of its own, like a terminal's job: the signal goes to the demo's whole process group, as
     # Ctrl-C and a hang-up do, and not to pytest's.
+    # And SIGHUP at its default, as in a terminal: under `nohup` (a CI runner may use it) the demo inherits
+    # it ignored and rightly keeps it so.
     proc = subprocess.Popen([*CMD, "demo", "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+                            preexec_fn=_hang_up_at_default)
     assert proc.stdout is not None
     tree: dict[int, str] = {}
     try:
