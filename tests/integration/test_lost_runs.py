@@ -22,7 +22,18 @@ from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store
 from celery_signal_exporter.server.collect import DirectoryCollector
 from tests.compaction_crash import crashing_after
-from tests.harness import ROOT, Samples, env_for, exporter, produce, running_children, value, wait_until, worker
+from tests.harness import (
+    ROOT,
+    Samples,
+    env_for,
+    exporter,
+    produce,
+    running_children,
+    value,
+    wait_until,
+    worker,
+    write_as_dead_process,
+)
 from tests.recorded import merged_samples
 
 LOST = 'celery_task_failed_total{exception="WorkerLostError",name="a",queue_name="q"}'
@@ -120,18 +131,12 @@ def test_a_killed_solo_worker_s_run_is_counted_once_by_the_next_worker(redis_url
 
 def _dead_mid_task(directory: str, runs: int) -> int:
     """A real process that started `runs` runs of task a and died before any finished."""
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            store = Store(directory)
-            m.Recorder(store, c.STARTED).labels("a", "q").inc(runs)
-            m.Recorder(store, c.IN_PROGRESS).labels("a", "q").inc(runs)
-        except BaseException:  # noqa: BLE001 - reported through the exit code
-            code = 1
-        os._exit(code)
-    assert os.waitpid(pid, 0)[1] == 0
-    return pid
+
+    def body(store: Store) -> None:
+        m.Recorder(store, c.STARTED).labels("a", "q").inc(runs)
+        m.Recorder(store, c.IN_PROGRESS).labels("a", "q").inc(runs)
+
+    return write_as_dead_process(directory, body)
 
 
 def test_a_reaper_that_crashes_between_link_and_unlink_counts_once(tmp_path: Path) -> None:

@@ -15,7 +15,19 @@ from celery_signal_exporter import compact as compaction
 from celery_signal_exporter.directory import series_key
 from celery_signal_exporter.recording import metrics as m
 from celery_signal_exporter.recording.store import Store, open_owned
-from tests.harness import JUNK, Samples, env_for, exporter, make_junk, produce, settle, value, wait_until, worker
+from tests.harness import (
+    JUNK,
+    Samples,
+    env_for,
+    exporter,
+    make_junk,
+    produce,
+    settle,
+    value,
+    wait_until,
+    worker,
+    write_as_dead_process,
+)
 
 
 def test_a_solo_worker_busy_with_a_long_task_reads_up(redis_url: str, tmp_path: Path) -> None:
@@ -71,18 +83,12 @@ def fingerprint(directory: str, names: set[str]) -> str:
 
 def write_dead(directory: str, sent: int) -> int:
     """A real process that counts `sent` publishes, dies mid-task (in progress 1), and exits."""
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            store = Store(directory)
-            m.Recorder(store, c.SENT).labels("a", "q").inc(sent)
-            m.Recorder(store, c.IN_PROGRESS).labels("a", "q").inc()
-        except BaseException:  # noqa: BLE001 - reported through the exit code
-            code = 1
-        os._exit(code)
-    assert os.waitpid(pid, 0)[1] == 0
-    return pid
+
+    def body(store: Store) -> None:
+        m.Recorder(store, c.SENT).labels("a", "q").inc(sent)
+        m.Recorder(store, c.IN_PROGRESS).labels("a", "q").inc()
+
+    return write_as_dead_process(directory, body)
 
 
 def test_a_tick_opens_only_what_may_have_changed(tmp_path: Any) -> None:
