@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -111,9 +112,9 @@ def tiny_tmpfs(path: str, size: str) -> Iterator[str]:
         subprocess.run(["umount", "-l", path], check=True)
 
 
-def _fill(directory: str) -> str:
+def _fill(directory: str, name: str = "filler.bin") -> str:
     """Fill the filesystem to the last byte; returns the filler's path."""
-    filler = os.path.join(directory, "filler.bin")
+    filler = os.path.join(directory, name)
     with open(filler, "wb", buffering=0) as f:
         chunk = b"\0" * 4096
         try:
@@ -127,6 +128,31 @@ def _fill(directory: str) -> str:
         except OSError:
             pass
     return filler
+
+
+@contextmanager
+def kept_full(directory: str) -> Iterator[None]:
+    """Keep the filesystem full: whatever room is freed (a compaction folding a dead child's files)
+    is taken again within a few milliseconds, so a new child finds none however slow the machine."""
+    stop = threading.Event()
+
+    def refill() -> None:
+        n = 0
+        while not stop.wait(0.005):
+            if os.statvfs(directory).f_bavail:
+                n += 1
+                _fill(directory, f"refill-{n}.bin")
+
+    thread = threading.Thread(target=refill, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        for name in os.listdir(directory):
+            if name.startswith("refill-"):
+                os.unlink(os.path.join(directory, name))
 
 
 def test_full_disk_never_reaches_a_task(redis_url: str, tmp_path: pytest.TempPathFactory) -> None:
@@ -184,8 +210,9 @@ def test_full_disk_with_recycled_children_counts_every_run_or_its_loss(
             wait_until(lambda: (r := ex.scrape()) and value(r, "celery_task_succeeded_total") == 3
                        and _compactions(r) >= 2, 60, "3 tasks and their children compacted")
             filler = _fill(metrics_dir)
-            produce(env, "many", 10)
-            wait_until(lambda: w.log().count("succeeded in") == 13, 60, "the 10 tasks to succeed")
+            with kept_full(metrics_dir):
+                produce(env, "many", 10)
+                wait_until(lambda: w.log().count("succeeded in") == 13, 60, "the 10 tasks to succeed")
             s = wait_until(lambda: (r := ex.scrape()) and value(r, "celery_task_received_total") == 13 and r,
                            30, "the received messages to be counted")
             started = value(s, "celery_task_started_total", name="t.ok")
