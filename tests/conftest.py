@@ -185,6 +185,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         brokers = BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
         if tier == "unit" and brokers:
             raise pytest.UsageError(f"{item.nodeid}: a unit test uses {sorted(brokers)}; move it to tests/integration")
+    # Files holding a `long` test first (pytest-xdist hands out files in this order), the rest as collected.
+    long_files = {item.path for item in items if item.get_closest_marker("long")}
+    items.sort(key=lambda item: item.path not in long_files)
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.harness import PYTHONPATH, ROOT
 
 SECTIONS = (
@@ -22,6 +24,7 @@ SECTIONS = (
 )
 
 
+@pytest.mark.long
 def test_every_benchmark_runs_at_tiny_size(tmp_path: os.PathLike[str], redis_base_url: str) -> None:
     out = os.path.join(tmp_path, "results.md")
     # The benchmarks' Redis (TEST_REDIS_HOST/PORT) is the session's private redis-server, never the machine's.

@@ -13,6 +13,8 @@ import random
 import tracemalloc
 from typing import Any
 
+import pytest
+
 from celery_signal_exporter import catalogue as c
 from celery_signal_exporter.compact import compact
 from celery_signal_exporter.recording import metrics as m
@@ -40,6 +42,7 @@ def _recycled_child(directory: str, seed: int) -> None:
     os._exit(0)
 
 
+@pytest.mark.long
 def test_caches_are_bounded_by_the_directory_not_by_how_many_children_came_and_went(tmp_path: Any) -> None:
     """Each recycled child lays its file out in its own order; the collector once kept every layout
     it had seen (about 62 KB a child). After the first few hundred children, memory must be flat."""

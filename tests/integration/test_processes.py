@@ -13,6 +13,7 @@ from celery_signal_exporter.recording.store import LEDGER_N
 from tests.harness import Samples, env_for, exporter, has, produce, value, wait_until, worker
 
 
+@pytest.mark.long
 def test_recycled_children_lose_no_count(redis_url: str, tmp_path: pytest.TempPathFactory) -> None:
     """5 000 tasks with --max-tasks-per-child 1: 5 000 children, every count exact, files bounded.
 

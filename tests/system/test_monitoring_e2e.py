@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from kombu import Connection
 
 from celery_signal_exporter.mixin.dashboards import DASHBOARDS
@@ -154,6 +155,7 @@ def sqs_queues(endpoint: str, prefix: str) -> None:
     client.close()
 
 
+@pytest.mark.long
 def test_dashboards_have_data_and_backlog_alert_pages_then_resolves(
         tmp_path: Path, amqp_url: str, moto_server: MotoServer, sqs_prefix: str) -> None:
     tmp = str(tmp_path)

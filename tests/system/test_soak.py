@@ -64,7 +64,7 @@ from tests.harness import (
     worker,
 )
 
-pytestmark = [pytest.mark.soak, pytest.mark.timeout(480)]
+pytestmark = [pytest.mark.soak, pytest.mark.long, pytest.mark.timeout(480)]
 
 FEED_SECONDS = float(os.environ.get("CSX_SOAK_SECONDS", "180"))
 PRODUCERS = 4
