@@ -19,6 +19,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -185,9 +186,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         brokers = BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
         if tier == "unit" and brokers:
             raise pytest.UsageError(f"{item.nodeid}: a unit test uses {sorted(brokers)}; move it to tests/integration")
-    # Files holding a `long` test first (pytest-xdist hands out files in this order), the rest as collected.
+    # The order pytest-xdist hands out files in (.ci/run passes --no-loadscope-reorder): files holding a
+    # `long` test first, as collected, then the files with the most tests (xdist's own guess at the longest).
     long_files = {item.path for item in items if item.get_closest_marker("long")}
-    items.sort(key=lambda item: item.path not in long_files)
+    tests_in = Counter(item.path for item in items)
+    items.sort(key=lambda item: (0, 0) if item.path in long_files else (1, -tests_in[item.path]))
 
 
 @pytest.fixture(autouse=True)
