@@ -130,7 +130,8 @@ def test_demo_serves_task_metrics_and_stops_cleanly_on_sigint(installed: str, re
                 and value(s, "celery_task_retried_total") and value(s, "celery_task_sent_total")
 
         started = time.monotonic()
-        wait_until(tasks_done, 60, "the demo's task metrics")
+        # A budget, not a target: .ci/run runs this at nice 19 beside the timed tests (quiet: about 10 s).
+        wait_until(tasks_done, 180, "the demo's task metrics")
         print(f"demo served task metrics after {time.monotonic() - started:.1f}s")
         proc.send_signal(signal.SIGINT)
         rest = proc.communicate(timeout=60)[0]
@@ -224,7 +225,7 @@ def test_demo_stops_everything_it_started_on_each_signal(signum: signal.Signals,
             s = scrape()
             return value(s, metric, **labels) if s else 0
 
-        wait_until(lambda: scraped("celery_task_succeeded_total"), 60, "the demo's task metrics")
+        wait_until(lambda: scraped("celery_task_succeeded_total"), 180, "the demo's task metrics")
         send = f"from celery_signal_exporter import demo_app; demo_app.slow.delay({LONG_TASK})"
         subprocess.run([sys.executable, "-c", send], cwd=ROOT, check=True, timeout=60,
                        env={**env, "CELERY_EXPORTER_DEMO_DIR": workdir,

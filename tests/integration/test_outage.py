@@ -24,14 +24,9 @@ boot and 6 s to stop and restart on the development VM.
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -51,6 +46,7 @@ from tests.harness import (
     wait_until,
     worker,
 )
+from tests.rabbit_node import RabbitNode, rabbit_node
 
 #: Seconds between probes (and the probe timeout) given to the exporter.
 INTERVAL = 1.0
@@ -198,129 +194,15 @@ def test_redis_outage_mid_run(tmp_path: Path, metrics_dir: str) -> None:
 # -- RabbitMQ ------------------------------------------------------------------
 
 
-def _rabbit_binary(name: str) -> str:
-    """The real script, not Debian's /usr/sbin wrapper, which switches to the
-    `rabbitmq` user (and its Erlang cookie) when run as root."""
-    lib = os.path.join("/usr/lib/rabbitmq/bin", name)
-    found = lib if os.path.exists(lib) else shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} is not installed; bash .ci/services.sh installs RabbitMQ", pytrace=False)
-    return found
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-class PrivateRabbitMQ:
-    """A RabbitMQ node of this test's own, so stopping it disturbs nobody."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.node = f"csx-outage-{uuid.uuid4().hex[:8]}@localhost"
-        self.amqp_port, self.mgmt_port, self.dist_port = _free_ports(3)
-        (base / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}\n"
-            f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.mgmt_port}\n"
-        )
-        (base / "enabled_plugins").write_text("[rabbitmq_management].\n")
-        self.env = {
-            **os.environ,
-            "HOME": str(base),  # its own Erlang cookie, shared by server and rabbitmqctl
-            "RABBITMQ_NODENAME": self.node,
-            "RABBITMQ_NODE_PORT": str(self.amqp_port),
-            "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
-            "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(base / "log"),
-            "RABBITMQ_PID_FILE": str(base / "rabbit.pid"),
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}//"
-
-    @property
-    def label(self) -> str:
-        return f"amqp://127.0.0.1:{self.amqp_port}//"
-
-    @property
-    def management_url(self) -> str:
-        return f"http://127.0.0.1:{self.mgmt_port}"
-
-    def ctl(self, *args: str, timeout: float = 120) -> None:
-        try:
-            out = subprocess.run([_rabbit_binary("rabbitmqctl"), "-n", self.node, *args], env=self.env,
-                                 capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"rabbitmqctl {' '.join(args)} did not finish within {timeout:.0f}s", pytrace=False)
-        if out.returncode != 0:
-            pytest.fail(f"rabbitmqctl {' '.join(args)} failed ({out.returncode}):\n{out.stdout[-2000:]}\n"
-                        f"{out.stderr[-2000:]}\n{self.server_log()}", pytrace=False)
-
-    def server_log(self) -> str:
-        path = self.base / "server.out"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
-
-    def management_answers(self) -> bool:
-        try:
-            return httpx.get(self.management_url + "/api/overview", auth=("guest", "guest"), timeout=5) \
-                .status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def start(self) -> None:
-        with open(self.base / "server.out", "wb") as out:
-            self.proc = subprocess.Popen([_rabbit_binary("rabbitmq-server")], env=self.env, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        self.ctl("wait", "--timeout", "120", str(self.base / "rabbit.pid"), timeout=150)
-        wait_until(self.management_answers, 60, "the private node's management API")
-
-    def stop_app(self) -> None:
-        self.ctl("stop_app")
-
-    def start_app(self) -> None:
-        self.ctl("start_app")
-        self.ctl("await_startup")
-        wait_until(self.management_answers, 60, "the private node's management API after start_app")
-
-    def kill(self) -> None:
-        """SIGKILL the node's whole process group (the node and its helpers)."""
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(30)
-        self.proc = None
-
-
 @pytest.fixture
-def private_rabbitmq(tmp_path: Path) -> Iterator[PrivateRabbitMQ]:
-    base = tmp_path / "rabbitmq"
-    base.mkdir()
-    node = PrivateRabbitMQ(base)
-    try:
-        node.start()
+def private_rabbitmq(tmp_path: Path) -> Iterator[RabbitNode]:
+    with rabbit_node(str(tmp_path)) as node:
         yield node
-    finally:
-        node.kill()
 
 
-def test_rabbitmq_outage_mid_run(tmp_path: Path, metrics_dir: str, private_rabbitmq: PrivateRabbitMQ) -> None:
+def test_rabbitmq_outage_mid_run(tmp_path: Path, metrics_dir: str, private_rabbitmq: RabbitNode) -> None:
     node = private_rabbitmq
-    log = run_outage(str(tmp_path), metrics_dir, node.url, node.label,
+    log = run_outage(str(tmp_path), metrics_dir, node.amqp_url, node.label,
                      ("--rabbitmq-management-url", node.management_url), node.stop_app, node.start_app)
     assert_logged_once(log, node.label, "connection")
     for secret in ("guest:guest", ":guest@", "guest@"):

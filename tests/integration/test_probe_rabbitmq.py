@@ -26,7 +26,7 @@ from celery_signal_exporter.probes.rabbitmq import RabbitMQProbe, RabbitMQSettin
 from celery_signal_exporter.server.config import ServeConfig
 from celery_signal_exporter.server.probe_loop import ProbeLoop
 from tests.harness import PYTHONPATH, Samples, exporter, has, rabbit_vhost, value, wait_until
-from tests.incident_rabbit_inside import RabbitNode, rabbit_node
+from tests.rabbit_node import RabbitNode, rabbit_node
 
 T = TypeVar("T")
 STATS_LAG = 30.0  # seconds to wait for the management API to catch up
@@ -320,7 +320,7 @@ def test_a_due_header_alone_gives_no_age(amqp_url: str, app: Celery) -> None:
     assert p.discover() == set()
 
 
-# --- Resource alarms, watched live. Raised ONLY on a private node (tests/incident_rabbit_inside.py): an alarm on
+# --- Resource alarms, watched live. Raised ONLY on a private node (tests/rabbit_node.py): an alarm on
 # the shared broker at :5672 would block every other test's publishers.
 
 MEM_RAISED = "celery_broker_memory_alarm_raised_checks_total"
@@ -332,24 +332,6 @@ CHECKS = "celery_broker_alarm_checks_total"
 def private_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
     with rabbit_node(str(tmp_path_factory.mktemp("rabbit"))) as node:
         yield node
-
-
-def set_alarm(node: RabbitNode, resource: str) -> None:
-    """Raise the private node's `memory` or `disk` alarm as rabbit_alarm itself does."""
-    node.eval(f"rabbit_alarm:set_alarm({{{{resource_limit, {resource}, node()}}, []}}).")
-
-
-def clear_alarm(node: RabbitNode, resource: str) -> None:
-    node.eval(f"rabbit_alarm:clear_alarm({{resource_limit, {resource}, node()}}).")
-
-
-def flapper(bursts_ms: list[int], gaps_ms: list[int]) -> str:
-    """Erlang for ONE `rabbitmqctl eval`: a process inside the node that raises and clears the memory
-    alarm on the given schedule, so the bursts are as short as asked (an eval alone costs a second)."""
-    steps = ", ".join(f"{{{b}, {g}}}" for b, g in zip(bursts_ms, gaps_ms, strict=True))
-    return ("Alarm = {resource_limit, memory, node()}, spawn(fun() -> lists:foreach(fun({B, G}) -> "
-            "rabbit_alarm:set_alarm({Alarm, []}), timer:sleep(B), rabbit_alarm:clear_alarm(Alarm), timer:sleep(G) "
-            f"end, [{steps}]) end), ok.")
 
 
 def node_probe(node: RabbitNode, **settings: Any) -> RabbitMQProbe:
@@ -365,16 +347,16 @@ def test_alarms_are_read_live(private_node: RabbitNode) -> None:
     node = private_node.node
     assert probe.alarm_interval == 1.0
     assert probe.alarms().raised == set()
-    set_alarm(private_node, "memory")
+    private_node.set_alarm("memory")
     try:
         assert probe.alarms().raised == {(node, "memory")}
-        set_alarm(private_node, "disk")
+        private_node.set_alarm("disk")
         assert probe.alarms().raised == {(node, "memory"), (node, "disk")}
-        clear_alarm(private_node, "memory")
+        private_node.clear_alarm("memory")
         assert probe.alarms().raised == {(node, "disk")}
     finally:
-        clear_alarm(private_node, "memory")
-        clear_alarm(private_node, "disk")
+        private_node.clear_alarm("memory")
+        private_node.clear_alarm("disk")
     assert probe.alarms().raised == set()
 
 
@@ -392,12 +374,12 @@ def test_a_flapping_alarm_is_counted_by_the_loop(private_node: RabbitNode) -> No
         assert quiet[(DISK_RAISED, (("node", node),))] == 0
         assert quiet[("celery_broker_memory_alarm", (("node", node),))] == 0
         bursts = 6
-        private_node.eval(flapper([1000] * bursts, [1000] * bursts))
+        private_node.flap_memory_alarm([1000] * bursts, [1000] * bursts)
         time.sleep(2 * bursts + 1)  # the flapper runs inside the node for 12 s from the eval's return
         after = samples_of(loop)
     finally:
         loop.stop()
-        clear_alarm(private_node, "memory")
+        private_node.clear_alarm("memory")
     raised = after[(MEM_RAISED, (("node", node),))]
     checks = after[(CHECKS, ())] - quiet[(CHECKS, ())]
     print(f"flapping alarm: {raised:g} of {checks:g} checks found it raised ({bursts} bursts of 1 s)")
@@ -420,14 +402,14 @@ def test_alarm_counters_through_the_exporter(private_node: RabbitNode, tmp_path:
     with exporter(str(tmp_path), *args) as ex:
         s = eventually(ex.scrape, lambda s: value(s, CHECKS) >= 3, "three alarm checks")
         assert has(s, MEM_RAISED, node=node) and value(s, MEM_RAISED, node=node) == 0
-        set_alarm(private_node, "memory")
+        private_node.set_alarm("memory")
         try:
             s = eventually(ex.scrape, lambda s: value(s, MEM_RAISED, node=node) >= 5,
                            "five checks that found the memory alarm raised")
             assert value(s, "celery_broker_memory_alarm", node=node) == 1.0  # the live state, not /api/nodes's
             assert value(s, DISK_RAISED, node=node) == 0
         finally:
-            clear_alarm(private_node, "memory")
+            private_node.clear_alarm("memory")
 
 
 def test_alarm_check_failures_are_probe_errors(amqp_url: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -25,7 +25,6 @@ from celery_signal_exporter.server.collect import DirectoryCollector
 from tests.harness import ROOT, RedisServer, beat, env_for, exporter, wait_until, worker
 from tests.incident_plan_inside import PERIODIC_QUEUE, PRODUCTION_INTERVAL
 from tests.incident_proxy_inside import delay_proxy
-from tests.incident_rabbit_inside import RabbitNode, rabbit_node
 from tests.incident_stack import (
     ALARM_INTERVAL,
     PROBE_INTERVAL,
@@ -38,25 +37,16 @@ from tests.incident_stack import (
     report,
     sidecar,
 )
+from tests.rabbit_node import RabbitNode, rabbit_node
 
 pytestmark = [pytest.mark.incident, pytest.mark.serial]  # pages timed at K x speed: run alone
 
 # The production flapping of issue 17: set and cleared 6 times in 60 s, each alarm 2-6 s long.
 FLAP_BURSTS_S = (3, 2, 5, 4, 6, 2)
 FLAP_GAPS_S = (7, 8, 5, 6, 4, 8)  # each burst and its gap make 10 s: 6 in a minute
-
-
-def _flapper(bursts_ms: list[int], gaps_ms: list[int]) -> str:
-    """Erlang for ONE `rabbitmqctl eval`: a process inside the node that raises and clears the
-    memory alarm on the given schedule (one eval costs about a second, an alarm lasts 0.1 s)."""
-    steps = ", ".join(f"{{{b}, {g}}}" for b, g in zip(bursts_ms, gaps_ms, strict=True))
-    return (
-        "Alarm = {resource_limit, memory, node()}, "
-        "spawn(fun() -> lists:foreach(fun({B, G}) -> "
-        "rabbit_alarm:set_alarm({Alarm, []}), timer:sleep(B), "
-        "rabbit_alarm:clear_alarm(Alarm), timer:sleep(G) end, "
-        f"[{steps}]) end), ok."
-    )
+#: RabbitMQ's default collect_statistics_interval: the private node's is this / K, so its management
+#: statistics (mem_alarm in /api/nodes) lag the alarm as much, relatively, as in production.
+PRODUCTION_STATS_INTERVAL_MS = 5000
 
 
 def _node_probe_args(node: RabbitNode) -> list[str]:
@@ -80,7 +70,8 @@ def test_flapping_memory_alarm_pages_within_two_minutes(tmp_path: Path) -> None:
     in 3 of 9 runs; on the counted checks, 9 of 9 (pages at 59-83 production s).
     """
     tmp = str(tmp_path)
-    with rabbit_node(tmp) as node, exporter(tmp, *_node_probe_args(node)) as probe, \
+    with rabbit_node(tmp, stats_interval_ms=PRODUCTION_STATS_INTERVAL_MS // K) as node, \
+            exporter(tmp, *_node_probe_args(node)) as probe, \
             incident_stack(tmp, {"celery-probe": f"127.0.0.1:{probe.port}"}) as stack:
         wait_until(lambda: stack.prom.query("celery_broker_memory_alarm == 0"), 60,
                    "Prometheus to scrape the private node's memory alarm at 0")
@@ -89,7 +80,7 @@ def test_flapping_memory_alarm_pages_within_two_minutes(tmp_path: Path) -> None:
         bursts = [round(b * 1000 / K) for b in FLAP_BURSTS_S] * cycles
         gaps = [round(g * 1000 / K) for g in FLAP_GAPS_S] * cycles
         onset = time.time()
-        node.eval(_flapper(bursts, gaps))
+        node.flap_memory_alarm(bursts, gaps)
         ours = stack.wait_page("CeleryBrokerMemoryAlarm", onset, within=target)
         window = f"{time.time() - onset + 1:.0f}s"
         seen = _one(stack, f"sum(increase(celery_broker_memory_alarm_raised_checks_total[{window}]))")
