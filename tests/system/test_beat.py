@@ -19,6 +19,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from celery_signal_exporter.mixin.rules import rule_groups
 from celery_signal_exporter.server.collect import DirectoryCollector
 from tests.catalogue_support import BEAT, documented, exposed
@@ -63,6 +65,7 @@ def rules() -> dict[str, Any]:
     return {"celery-rules.yml": rule_groups(short_profile())}
 
 
+@pytest.mark.serial  # alerts awaited within 40 s of a short-profile Prometheus: run at normal priority
 def test_beat_schedule_runs_alerts_and_a_dead_beat(tmp_path: Path, redis_url: str) -> None:
     tmp = str(tmp_path)
     beat_dir, worker_dir = tmp_path / "beat-metrics", tmp_path / "worker-metrics"
@@ -197,6 +200,7 @@ def test_beat_schedule_runs_alerts_and_a_dead_beat(tmp_path: Path, redis_url: st
             assert value(beat_exporter.scrape(), "celery_beat_up") == 0.0
 
 
+@pytest.mark.serial  # alerts awaited within 40 s of a short-profile Prometheus: run at normal priority
 def test_expiring_on_rabbitmq_where_the_broker_drops_expired_runs(tmp_path: Path, amqp_url: str) -> None:
     """On RabbitMQ `expires` is a message TTL: the broker drops the runs, no worker sees them,
     and the alert fires from dispatched runs that never started."""
